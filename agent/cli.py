@@ -1,0 +1,148 @@
+"""Adapter: the ``edgefleet-agent`` command line (run, check, bench, status)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import EdgefleetError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.service import Agent
+
+    cfg = load_config(args.config, env=os.environ)
+    agent = Agent(cfg)
+    return agent.run_forever(duration_s=args.duration)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from agent.service import check_report
+
+    report = check_report(args.config, env=os.environ)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_check(report)
+    return 0 if report["ok"] else 1
+
+
+def _print_check(r: dict[str, Any]) -> None:
+    mark = {True: "ok  ", False: "FAIL"}
+    print(f"edgefleet-agent {r['agent_version']}")
+    print(f"[{mark[r['config']['ok']]}] config {r['config']['path']}: {r['config']['detail']}")
+    p = r["profile"]
+    print(f"[{mark[p['ok']]}] profile {p.get('name')}: {p['detail']}")
+    for name, b in r["backends"].items():
+        print(f"[{'ok  ' if b['available'] else 'no  '}] backend {name}: {b['detail']}")
+    print(f"[{'ok  ' if r['gstreamer']['available'] else 'no  '}] GStreamer sources: {r['gstreamer']['detail']}")
+    for pipe in r.get("pipelines", []):
+        print(f"[{mark[pipe['ok']]}] pipeline {pipe['name']}: {pipe['detail']}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import format_report, run_bench
+    from agent.service import open_local_model
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(f"… {msg}", file=sys.stderr)
+
+    model = open_local_model(
+        Path(args.model), task=args.task, input_size=args.input_size, engine=args.backend,
+        progress=progress,
+    )
+    try:
+        report = run_bench(model, source=args.source, frames=args.frames, progress=progress)
+    finally:
+        model.close()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.service import read_status
+
+    cfg = load_config(args.config, env=os.environ)
+    status = read_status(cfg.data_dir)
+    if status is None:
+        print(f"no status in {cfg.data_dir}: is the agent running?", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"device {status['device_id']}  profile {status['profile']}  updated {status['time']}")
+    for p in status["pipelines"]:
+        lat = p["latency_ms"].get("infer", {})
+        print(
+            f"  {p['name']:<12} {p['source_state']:<10} model {p['model']}  "
+            f"fps {p['fps_out']:.1f}/{p['fps_in']:.1f}  dropped {p['frames_dropped']}  "
+            f"infer p95 {lat.get('p95', '-')} ms  errors {p['errors']}"
+            + (f"  last error: {p['last_error']}" if p.get("last_error") else "")
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgefleet-agent", description="edgefleet device agent")
+    ap.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the pipelines from a config file")
+    r.add_argument("--config", required=True, help="agent TOML config")
+    r.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("check", help="validate config, show the profile and available backends")
+    c.add_argument("--config", default=None, help="agent TOML config (optional)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_check)
+
+    b = sub.add_parser("bench", help="backend vs full-pipeline throughput, same run")
+    b.add_argument("--model", required=True, help="ONNX file (card.json beside it is used)")
+    b.add_argument("--source", default=None, help="video source; default a synthetic video")
+    b.add_argument("--frames", type=int, default=300, help="frames to infer per phase")
+    b.add_argument("--input-size", default=None, help="WxH for dynamic model inputs")
+    b.add_argument("--task", default=None, choices=["classification", "detection", "heatmap", "raw"])
+    b.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("status", help="what the running agent reports")
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.fn(args))
+    except EdgefleetError as e:
+        print(f"edgefleet-agent: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

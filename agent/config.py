@@ -1,0 +1,158 @@
+"""Pure: the agent's configuration (TOML validated by pydantic), with environment overrides.
+
+Read once at start-up by ``load_config``; nothing reads the environment at import time.
+Environment variables ``EDGEFLEET_DEVICE_ID``, ``EDGEFLEET_DATA_DIR`` and ``EDGEFLEET_PROFILE``
+override the file (secrets added by later sections follow the same ``EDGEFLEET_`` scheme).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+Task = Literal["classification", "detection", "heatmap", "raw"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SinkConfig(_Strict):
+    """Where a pipeline's results go."""
+
+    jsonl: Path | None = Field(None, description="Append one JSON line per inferred frame here")
+    jsonl_max_mb: int = Field(64, ge=1, le=100_000, description="Rotate the JSONL file past this size")
+
+
+class PipelineConfig(_Strict):
+    """One camera or stream and the model that watches it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="Pipeline name")
+    source: str | int = Field(
+        description="Camera index, /dev/videoN, file path, rtsp/udp/http URL or GStreamer pipeline"
+    )
+    model: str = Field(min_length=1, description="Registry model name, or a path to a local .onnx")
+    task: Task | None = Field(None, description="Task when the model has no card")
+    input_size: str | None = Field(
+        None, pattern=r"^\d+x\d+$", description="WxH when the model's input is dynamic"
+    )
+    loop: bool = Field(False, description="Restart a file source at its end")
+    pace: Literal["realtime", "none"] = Field(
+        "realtime",
+        description="File sources: 'realtime' plays at the file's fps and drops frames the model "
+        "cannot keep up with; 'none' reads as fast as the model takes frames, dropping none",
+    )
+    open_timeout_s: float = Field(5.0, gt=0, le=300, description="Per-attempt open/read timeout")
+    sink: SinkConfig = Field(default_factory=SinkConfig, description="Result destinations")
+
+
+class OnnxRuntimeEngine(_Strict):
+    """ONNX Runtime with the best execution provider available."""
+
+    type: Literal["onnxruntime"] = "onnxruntime"
+    providers: list[str] | None = Field(None, description="Execution providers, preferred first")
+    threads: int = Field(0, ge=0, le=256, description="Intra-op threads, 0 = one per core")
+
+
+class TensorRTEngine(_Strict):
+    """Native TensorRT 10 engines built on the device."""
+
+    type: Literal["tensorrt"] = "tensorrt"
+    workspace_mb: int | None = Field(None, ge=16, le=65536, description="Builder workspace; None = profile's")
+    dla_core: int | None = Field(None, ge=0, le=7, description="Run on this DLA core (GPU fallback on)")
+
+
+class AutoEngine(_Strict):
+    """The first backend of the device profile's preference list that is available."""
+
+    type: Literal["auto"] = "auto"
+
+
+EngineConfig = Annotated[AutoEngine | OnnxRuntimeEngine | TensorRTEngine, Field(discriminator="type")]
+
+
+class AgentConfig(_Strict):
+    """The device agent's whole configuration."""
+
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Unique device id")
+    data_dir: Path = Field(Path("/var/lib/edgefleet"), description="The one writable state dir")
+    profile: str = Field("auto", description="'auto', a builtin profile name or a .toml path")
+    tags: dict[str, str] = Field(default_factory=dict, description="Free-form tags for targeting")
+    engine: EngineConfig = Field(default_factory=AutoEngine, description="Inference backend choice")
+    build_timeout_s: float = Field(1800, gt=0, le=86400, description="Kill an engine build after this")
+    pipelines: list[PipelineConfig] = Field(default_factory=list, description="Cameras/streams")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not k or not all(c.isalnum() or c in "_-." for c in k):
+                raise ValueError(f"tag key {k!r} may hold only letters, digits, '_', '-', '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> AgentConfig:
+        names = [p.name for p in self.pipelines]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pipeline names must be unique; repeated: {sorted(dup)}")
+        return self
+
+
+ENV_OVERRIDES = {
+    "EDGEFLEET_DEVICE_ID": "device_id",
+    "EDGEFLEET_DATA_DIR": "data_dir",
+    "EDGEFLEET_PROFILE": "profile",
+}
+
+
+def _format_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"field '{loc}': {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Mapping[str, Any], *, path: str = "<memory>", env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Validate a config mapping, applying environment overrides.
+
+    Raises:
+        ConfigError: naming the file and the first offending field.
+    """
+    merged = dict(data)
+    for var, key in ENV_OVERRIDES.items():
+        if env and env.get(var):
+            merged[key] = env[var]
+    try:
+        return AgentConfig.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]["loc"] if e.errors() else ()
+        raise ConfigError(f"{path}: {_format_error(e)}", path=path, field=".".join(map(str, first))) from e
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and validate an agent TOML file.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or does not validate.
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {p} does not exist", path=str(p)) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}", path=str(p)) from e
+    return parse_config(data, path=str(p), env=env)

@@ -1,0 +1,99 @@
+"""Pure: per-pipeline counters and per-stage latency percentiles.
+
+A fixed-size ring of recent samples per stage (default 2048) keeps memory flat for a device
+that runs for months and makes percentiles reflect recent behaviour. ``snapshot`` is cheap
+enough to call every telemetry interval.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+STAGES = ("capture_wait", "preprocess", "infer", "postprocess", "sink", "overhead", "age")
+COUNTERS = (
+    "frames_read",
+    "frames_inferred",
+    "frames_dropped",
+    "reconnects",
+    "errors",
+    "source_failures",
+)
+
+
+class LatencyRing:
+    """The last ``size`` latency samples of one stage, in milliseconds."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._buf = np.zeros(size, dtype=np.float64)
+        self._n = 0
+
+    def add(self, ms: float) -> None:
+        self._buf[self._n % self._buf.size] = ms
+        self._n += 1
+
+    def values(self) -> np.ndarray:
+        return self._buf[: min(self._n, self._buf.size)].copy()
+
+    def percentiles(self) -> dict[str, float]:
+        """p50/p95/p99/max/mean of what the ring holds; empty dict when it holds nothing."""
+        v = self.values()
+        if v.size == 0:
+            return {}
+        p50, p95, p99 = np.percentile(v, (50, 95, 99))
+        return {
+            "p50": round(float(p50), 3),
+            "p95": round(float(p95), 3),
+            "p99": round(float(p99), 3),
+            "max": round(float(v.max()), 3),
+            "mean": round(float(v.mean()), 3),
+            "n": int(v.size),
+        }
+
+
+@dataclass
+class PipelineMetrics:
+    """Counters and latency rings of one pipeline; thread-safe."""
+
+    ring_size: int = 2048
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    _rings: dict[str, LatencyRing] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _fps_mark: tuple[float, int, int] | None = None
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def observe(self, stage: str, ms: float) -> None:
+        with self._lock:
+            ring = self._rings.get(stage)
+            if ring is None:
+                ring = self._rings[stage] = LatencyRing(self.ring_size)
+            ring.add(ms)
+
+    def latency(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {k: r.percentiles() for k, r in self._rings.items()}
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Counters, fps in/out since the previous snapshot, and stage percentiles."""
+        with self._lock:
+            counters = dict(self.counters)
+            rings = {k: r.percentiles() for k, r in self._rings.items()}
+            mark = self._fps_mark
+            self._fps_mark = (now, counters["frames_read"], counters["frames_inferred"])
+        fps_in = fps_out = 0.0
+        if mark is not None and now > mark[0]:
+            dt = now - mark[0]
+            fps_in = (counters["frames_read"] - mark[1]) / dt
+            fps_out = (counters["frames_inferred"] - mark[2]) / dt
+        return {
+            **counters,
+            "fps_in": round(fps_in, 2),
+            "fps_out": round(fps_out, 2),
+            "latency_ms": rings,
+        }

@@ -1,0 +1,148 @@
+"""Adapter: a model ready to serve frames — backend, card, pre- and post-processing in one.
+
+Pipelines, the benchmark and (later) the local HTTP API all infer through ``RunnableModel``,
+so there is one code path from a BGR frame to a ``Result``. A pipeline holds a reference to
+one and swaps it between frames for a hot update.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.engine.base import Backend
+from agent.errors import ModelError
+from agent.pipeline.postprocess import Postprocessor, Result, make_postprocessor
+from agent.pipeline.preprocess import Preprocessor, input_spec_from_shape
+from agent.protocol.card import ModelCard, PostprocessSpec, Task
+
+
+@dataclass
+class StageTimes:
+    """Milliseconds spent in each stage of one inference."""
+
+    preprocess: float = 0.0
+    infer: float = 0.0
+    postprocess: float = 0.0
+
+
+@dataclass
+class RunnableModel:
+    """One loaded model version: call ``infer(frame)``."""
+
+    card: ModelCard
+    backend: Backend
+    preprocessor: Preprocessor = field(init=False)
+    postprocessor: Postprocessor = field(init=False)
+    input_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.backend.inputs) != 1:
+            raise ModelError(
+                f"model has {len(self.backend.inputs)} inputs "
+                f"({[i.name for i in self.backend.inputs]}); image pipelines need exactly 1",
+                model=self.ref,
+                reason="inputs",
+            )
+        self.input_name = self.backend.inputs[0].name
+        self.preprocessor = Preprocessor(self.card.input)
+        self.postprocessor = make_postprocessor(
+            self.card.task, self.card.postprocess, self.card.labels, self.card.input
+        )
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.card.name}@{self.card.version}"
+
+    def infer(self, image: np.ndarray) -> tuple[Result, StageTimes]:
+        """Pre-process a BGR frame, run the backend, post-process.
+
+        Raises:
+            BadDataError: the frame is unusable.
+            ModelError: the backend failed or produced NaN/inf.
+        """
+        t0 = time.perf_counter()
+        tensor, transform = self.preprocessor(image)
+        t1 = time.perf_counter()
+        outputs = self.backend.run({self.input_name: tensor})
+        t2 = time.perf_counter()
+        result = self.postprocessor(outputs, transform)
+        t3 = time.perf_counter()
+        return result, StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"640x480"`` → ``(640, 480)``.
+
+    Raises:
+        ValueError: not ``WxH`` with positive integers.
+    """
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"size must look like 640x480, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def card_for_local_model(
+    model_path: Path,
+    backend: Backend,
+    *,
+    task: Task | None = None,
+    input_size: tuple[int, int] | None = None,
+    labels: Sequence[str] | None = None,
+) -> ModelCard:
+    """The card for a local ONNX file: ``card.json`` beside it, else one derived from the model.
+
+    A card found on disk wins for everything it says; ``task`` overrides its task only when
+    given. Labels come from ``labels.txt`` beside the model when present.
+
+    Raises:
+        ModelError: the card is invalid, or a dynamic input has no ``input_size``.
+    """
+    card_file = model_path.parent / "card.json"
+    if card_file.is_file() and (model_path.parent / "model.onnx").exists():
+        try:
+            card = ModelCard.model_validate_json(card_file.read_text())
+        except ValueError as e:
+            raise ModelError(f"{card_file} is not a valid model card: {e}", model=str(model_path), reason="card") from e
+        if task is not None and task != card.task:
+            card = card.model_copy(update={"task": task})
+        return card
+    if labels is None:
+        lf = model_path.parent / "labels.txt"
+        labels = [s.strip() for s in lf.read_text().splitlines() if s.strip()] if lf.is_file() else []
+    spec = backend.inputs[0]
+    input_spec = input_spec_from_shape(spec.shape, input_size=input_size, dtype=spec.dtype)
+    name = model_path.stem if model_path.stem != "model" else model_path.parent.name
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).lstrip("._-") or "model"
+    return ModelCard(
+        name=safe,
+        version="0.0.0",
+        task=task or "raw",
+        input=input_spec,
+        postprocess=PostprocessSpec(),
+        labels=tuple(labels),
+    )
+
+
+def load_golden(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Golden inputs and outputs from ``golden.npz`` (keys ``input_N`` / ``output_N``)."""
+    with np.load(path) as z:
+        ins = [z[k] for k in sorted(k for k in z.files if k.startswith("input_"))]
+        outs = [z[k] for k in sorted(k for k in z.files if k.startswith("output_"))]
+    return ins, outs
+
+
+def card_json(card: ModelCard) -> str:
+    return json.dumps(card.model_dump(mode="json"), indent=2)

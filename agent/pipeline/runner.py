@@ -1,0 +1,155 @@
+"""Adapter: one pipeline — a reader thread feeding an inference thread, with hot swap.
+
+The inference thread takes the newest frame from the slot, runs the current
+``RunnableModel`` and hands the event to the sinks. The model reference is read once per
+frame, so ``swap_model`` takes effect between two frames and the stream never stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from agent.errors import BadDataError, ModelError
+from agent.pipeline.metrics import PipelineMetrics
+from agent.pipeline.model import RunnableModel
+from agent.pipeline.sinks import Sink
+from agent.pipeline.sources import FrameReader, LatestFrameSlot, SourceSpec
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Source → latest-frame slot → model → sinks, on two threads."""
+
+    def __init__(
+        self,
+        name: str,
+        source: SourceSpec,
+        model: RunnableModel | None,
+        sinks: Sequence[Sink] = (),
+        *,
+        loop: bool = False,
+        pace: Literal["realtime", "none"] = "realtime",
+        open_timeout_s: float = 5.0,
+        metrics: PipelineMetrics | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.metrics = metrics or PipelineMetrics()
+        self.sinks = list(sinks)
+        self.slot = LatestFrameSlot(blocking=(pace == "none" and source.kind == "file"))
+        self.reader = FrameReader(
+            source, self.slot, self.metrics, loop=loop, pace=pace,
+            open_timeout_s=open_timeout_s, name=name,
+        )
+        self._model = model
+        self._wall = wall_clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error = ""
+        self.last_progress = time.monotonic()
+        self.finished = threading.Event()
+
+    @property
+    def model(self) -> RunnableModel | None:
+        return self._model
+
+    def swap_model(self, model: RunnableModel | None) -> RunnableModel | None:
+        """Replace the model between frames; returns the previous one (caller closes it)."""
+        old, self._model = self._model, model
+        log.info("pipeline=%s swapped model %s -> %s", self.name,
+                 old.ref if old else None, model.ref if model else None)
+        return old
+
+    def start(self) -> None:
+        self.reader.start()
+        self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.reader.stop(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for s in self.sinks:
+            s.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a non-looping file source has been fully processed."""
+        return self.finished.wait(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                t_wait = time.perf_counter()
+                frame = self.slot.take(timeout=0.5)
+                waited = (time.perf_counter() - t_wait) * 1e3
+                self.last_progress = time.monotonic()
+                if frame is None:
+                    if self.reader.ended.is_set():
+                        break
+                    continue
+                model = self._model  # read once: a swap lands between frames
+                if model is None:
+                    continue
+                self.metrics.observe("capture_wait", waited)
+                self._infer_one(model, frame)
+        finally:
+            self.finished.set()
+
+    def _infer_one(self, model: RunnableModel, frame: Any) -> None:
+        try:
+            result, times = model.infer(frame.image)
+        except (ModelError, BadDataError) as e:
+            self.metrics.count("errors")
+            if str(e) != self.last_error:
+                log.error("pipeline=%s model=%s error=%r", self.name, model.ref, str(e))
+            self.last_error = str(e)
+            return
+        t_sink = time.perf_counter()
+        event = {
+            "pipeline": self.name,
+            "model": model.card.name,
+            "version": model.card.version,
+            "frame_seq": frame.seq,
+            "frame_time": round(self._wall() - (time.monotonic() - frame.t_capture), 3),
+            "latency_ms": round(times.preprocess + times.infer + times.postprocess, 3),
+            **result.to_dict(),
+        }
+        for sink in self.sinks:
+            try:
+                sink.emit(event)
+            except Exception as e:  # a broken sink must not stop inference
+                self.metrics.count("errors")
+                self.last_error = f"sink {type(sink).__name__} failed: {e}"
+                log.error("pipeline=%s sink=%s error=%r", self.name, type(sink).__name__, str(e))
+        done = time.monotonic()
+        m = self.metrics
+        m.observe("preprocess", times.preprocess)
+        m.observe("infer", times.infer)
+        m.observe("postprocess", times.postprocess)
+        sink_ms = (time.perf_counter() - t_sink) * 1e3
+        m.observe("sink", sink_ms)
+        # agent overhead outside inference and capture wait: what the agent adds per frame
+        m.observe("overhead", times.preprocess + times.postprocess + sink_ms)
+        m.observe("age", (done - frame.t_capture) * 1e3)
+        m.count("frames_inferred")
+
+    def status(self, now: float) -> dict[str, Any]:
+        """Everything telemetry and ``status`` show about this pipeline."""
+        model = self._model
+        return {
+            "name": self.name,
+            "source": self.source.display,
+            "source_state": self.reader.state,
+            "model": model.ref if model else None,
+            "backend": model.backend.info.name if model else None,
+            "precision": model.backend.info.precision if model else None,
+            "last_error": self.last_error or self.reader.last_error or None,
+            **self.metrics.snapshot(now),
+        }

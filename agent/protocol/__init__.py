@@ -1,0 +1,3 @@
+"""The wire contract: topics, message models and their version (one place for both sides)."""
+
+CONTRACT_VERSION = "1.0"

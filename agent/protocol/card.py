@@ -1,0 +1,99 @@
+"""Pure: the model card, the description of a model version that rides with it.
+
+A card says what the model does (task), what it eats (input spec: size, layout, colour order,
+scaling) and how to read its outputs (post-processing parameters). It is written at publish time
+and signed with the model in the registry; a bare local ONNX file gets a card derived from the
+model's own input shape and the pipeline's config.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["classification", "detection", "heatmap", "raw"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class InputSpec(BaseModel):
+    """How a camera frame becomes the model's input tensor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int = Field(ge=1, le=8192, description="Model input width in pixels")
+    height: int = Field(ge=1, le=8192, description="Model input height in pixels")
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = colour")
+    color: Literal["rgb", "bgr", "gray"] = Field("rgb", description="Channel order the model expects")
+    layout: Literal["nchw", "nhwc"] = Field("nchw", description="Tensor layout")
+    resize: Literal["letterbox", "stretch"] = Field(
+        "letterbox", description="letterbox keeps aspect ratio and pads; stretch distorts"
+    )
+    pad_value: int = Field(114, ge=0, le=255, description="Letterbox padding grey level")
+    scale: float = Field(1.0 / 255.0, gt=0, description="Pixel value multiplier applied first")
+    mean: tuple[float, ...] = Field((0.0,), description="Subtracted after scaling, per channel")
+    std: tuple[float, ...] = Field((1.0,), description="Divided after mean, per channel")
+    dtype: Literal["float32", "float16", "uint8"] = Field("float32", description="Input dtype")
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if (self.color == "gray") != (self.channels == 1):
+            raise ValueError(f"color={self.color!r} does not match channels={self.channels}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if len(v) not in (1, self.channels):
+                raise ValueError(f"{name} has {len(v)} values, expected 1 or {self.channels}")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must not contain 0")
+        return self
+
+
+class PostprocessSpec(BaseModel):
+    """Parameters for reading outputs, by task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: int = Field(5, ge=1, le=1000, description="classification: results to keep")
+    softmax: bool = Field(
+        False, description="classification: apply softmax (set when the model outputs logits)"
+    )
+    score_threshold: float = Field(0.25, ge=0.0, le=1.0, description="detection/heatmap: min score")
+    iou_threshold: float = Field(0.45, ge=0.0, le=1.0, description="detection: NMS IoU threshold")
+    max_detections: int = Field(100, ge=1, le=10000, description="detection: results to keep")
+    box_format: Literal["cxcywh", "xyxy"] = Field("cxcywh", description="detection: box encoding")
+    has_objectness: bool = Field(
+        True, description="detection: rows are [box, obj, cls...] (YOLOv5) vs [box, cls...] (v8)"
+    )
+    heatmap_threshold: float = Field(0.3, ge=0.0, le=1.0, description="heatmap: pixel threshold")
+    min_area: int = Field(4, ge=0, description="heatmap: smallest region kept, in map pixels")
+
+
+class VariantSpec(BaseModel):
+    """One precision variant of a model version (a target file in the registry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    precision: Precision
+    file: str = Field(description="Target file name, e.g. model.int8.onnx")
+    sha256: str = Field("", description="Hex sha256 of the file")
+    accuracy: float | None = Field(
+        None, description="Top-1 agreement (classification) or 1 - relative error vs FP32"
+    )
+
+
+class ModelCard(BaseModel):
+    """Everything the device needs to run a model version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field("0.0.0", description="Semantic version")
+    task: Task = "raw"
+    input: InputSpec
+    postprocess: PostprocessSpec = PostprocessSpec()
+    labels: tuple[str, ...] = Field((), description="Class names, index order")
+    variants: tuple[VariantSpec, ...] = ()
+    golden_atol: dict[str, float] = Field(
+        default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1},
+        description="Golden-output absolute tolerance per precision",
+    )

@@ -1,0 +1,280 @@
+"""Adapter: wiring — config → profile → models → pipelines; the run loop; status and check.
+
+Everything here is glue around the pure modules: it picks the backend from the device profile,
+opens models (through the engine cache and a child-process build), starts one ``Pipeline``
+per configured camera (one shared backend per model), writes ``status.json`` atomically for
+``edgefleet-agent status``, and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig, EngineConfig, OnnxRuntimeEngine, PipelineConfig, load_config
+from agent.errors import ConfigError, EdgefleetError, ModelError
+from agent.fsutil import atomic_write_json
+from agent.pipeline.model import RunnableModel, card_for_local_model, parse_size
+from agent.pipeline.runner import Pipeline
+from agent.pipeline.sinks import JsonlSink, Sink
+from agent.pipeline.sources import gstreamer_support, parse_source
+from agent.profiles import DeviceProfile, detect_profile, get_profile
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+def resolve_profile(setting: str) -> tuple[str, DeviceProfile, str]:
+    """The device profile: detected (``"auto"``) or named/pathed in config.
+
+    Raises:
+        ConfigError: an unknown profile name or a bad profile file.
+    """
+    if setting == "auto":
+        return detect_profile()
+    prof = get_profile(setting)
+    return prof.name, prof, f"set in config: {setting}"
+
+
+def backend_availability() -> dict[str, dict[str, Any]]:
+    """Which backends this machine can run, and why not."""
+    from agent.engine.onnxrt import available_providers
+    from agent.engine.tensorrt import tensorrt_available
+
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        import onnxruntime as ort
+
+        provs = available_providers()
+        out["onnxruntime"] = {"available": True, "detail": f"onnxruntime {ort.__version__}, providers {provs}"}
+    except ImportError as e:  # pragma: no cover - onnxruntime is a hard dependency
+        out["onnxruntime"] = {"available": False, "detail": f"cannot import onnxruntime: {e}"}
+    ok, why = tensorrt_available()
+    out["tensorrt"] = {"available": ok, "detail": why}
+    return out
+
+
+def choose_backend(engine: EngineConfig | str, profile: DeviceProfile | None) -> str:
+    """The backend to use: the configured one, or the profile's first available.
+
+    Raises:
+        ConfigError: the configured backend is not available here.
+    """
+    kind = engine if isinstance(engine, str) else engine.type
+    avail = backend_availability()
+    if kind != "auto":
+        if not avail[kind]["available"]:
+            raise ConfigError(f"backend {kind} is configured but not available: {avail[kind]['detail']}", field="engine.type")
+        return kind
+    prefs = list(profile.backends) if profile is not None else ["tensorrt", "onnxruntime"]
+    for name in prefs:
+        if avail.get(name, {}).get("available"):
+            return name
+    return "onnxruntime"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgefleet" / "engines"
+
+
+def open_local_model(
+    path: Path,
+    *,
+    task: str | None = None,
+    input_size: str | None = None,
+    engine: EngineConfig | str = "auto",
+    profile: DeviceProfile | None = None,
+    cache_dir: Path | None = None,
+    build_timeout_s: float = 1800,
+    progress: Callable[[str], None] = lambda s: None,
+) -> RunnableModel:
+    """Open a local ONNX model ready to serve frames.
+
+    Raises:
+        ModelError: the model cannot be loaded or built, or its card is invalid.
+        ConfigError: the configured backend is unavailable.
+    """
+    from agent.engine.build import load_backend
+
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist", model=str(path), reason="load")
+    backend_name = choose_backend(engine, profile)
+    threads = engine.threads if isinstance(engine, OnnxRuntimeEngine) else 0
+    providers = engine.providers if isinstance(engine, OnnxRuntimeEngine) else None
+    progress(f"opening {path} on {backend_name}")
+    backend = load_backend(
+        path,
+        backend=backend_name,
+        precision="fp32",
+        cache_dir=cache_dir or default_cache_dir(),
+        timeout_s=build_timeout_s,
+        progress=lambda phase, frac: progress(f"build {phase} {frac:.0%}"),
+        threads=threads,
+        providers=providers,
+        workspace_bytes=(profile.tensorrt_workspace_mb << 20) if profile is not None else 1 << 30,
+    )
+    try:
+        card = card_for_local_model(
+            path, backend, task=task, input_size=parse_size(input_size)  # type: ignore[arg-type]
+        )
+        return RunnableModel(card, backend)
+    except BaseException:
+        backend.close()
+        raise
+
+
+class Agent:
+    """The daemon: pipelines from config, status file, signal handling."""
+
+    def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.profile_name, self.profile, self.profile_reason = resolve_profile(cfg.profile)
+        self.pipelines: list[Pipeline] = []
+        self.models: dict[str, RunnableModel] = {}
+        self._stop = threading.Event()
+
+    def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
+        path = Path(p.model)
+        if path.suffix != ".onnx":
+            log.warning("pipeline=%s model=%s is a registry name; waiting for delivery", p.name, p.model)
+            return None
+        key = f"{path.resolve()}|{p.task}|{p.input_size}"
+        if key not in self.models:
+            self.models[key] = open_local_model(
+                path, task=p.task, input_size=p.input_size, engine=self.cfg.engine,
+                profile=self.profile, cache_dir=self.cfg.data_dir / "engines",
+                build_timeout_s=self.cfg.build_timeout_s,
+                progress=lambda s: log.info("pipeline=%s %s", p.name, s),
+            )
+        return self.models[key]
+
+    def start(self) -> None:
+        """Open every model and start every pipeline.
+
+        Raises:
+            EdgefleetError: a model or source is unusable (nothing is left running).
+        """
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for p in self.cfg.pipelines:
+                sinks: list[Sink] = []
+                if p.sink.jsonl is not None:
+                    sinks.append(JsonlSink(p.sink.jsonl, max_bytes=p.sink.jsonl_max_mb << 20))
+                pipe = Pipeline(
+                    p.name, parse_source(p.source), self._model_for(p), sinks,
+                    loop=p.loop, pace=p.pace, open_timeout_s=p.open_timeout_s,
+                )
+                self.pipelines.append(pipe)
+            for pipe in self.pipelines:
+                pipe.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("device=%s profile=%s (%s) pipelines=%d started", self.cfg.device_id,
+                 self.profile_name, self.profile_reason, len(self.pipelines))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for pipe in self.pipelines:
+            pipe.stop()
+        for m in self.models.values():
+            m.close()
+        self.models.clear()
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "device_id": self.cfg.device_id,
+            "agent_version": __version__,
+            "profile": self.profile_name,
+            "tags": self.cfg.tags,
+            "time": round(time.time(), 3),
+            "pipelines": [p.status(now) for p in self.pipelines],
+        }
+
+    def write_status(self) -> None:
+        atomic_write_json(self.cfg.data_dir / STATUS_FILE, self.status())
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run_forever(self, *, duration_s: float | None = None, status_every_s: float = 2.0) -> int:
+        """Run until SIGTERM/SIGINT, ``duration_s``, or every file source has ended."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        deadline = None if duration_s is None else self.clock() + duration_s
+        try:
+            while not self._stop.is_set():
+                self.write_status()
+                if self.pipelines and all(p.finished.is_set() for p in self.pipelines):
+                    break
+                wait = status_every_s if deadline is None else min(status_every_s, deadline - self.clock())
+                if wait <= 0 or self._stop.wait(wait):
+                    break
+        finally:
+            self.write_status()
+            self.stop()
+        return 0
+
+
+def read_status(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / STATUS_FILE
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+
+
+def check_report(config_path: str | None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Everything ``edgefleet-agent check`` shows; ``ok`` is False on any hard failure."""
+    report: dict[str, Any] = {"agent_version": __version__, "ok": True}
+    cfg: AgentConfig | None = None
+    if config_path is None:
+        report["config"] = {"ok": True, "path": None, "detail": "no config given (profile auto-detected)"}
+    else:
+        try:
+            cfg = load_config(config_path, env=env)
+            report["config"] = {"ok": True, "path": config_path,
+                                "detail": f"device {cfg.device_id}, {len(cfg.pipelines)} pipeline(s)"}
+        except ConfigError as e:
+            report["config"] = {"ok": False, "path": config_path, "detail": str(e)}
+            report["ok"] = False
+    try:
+        name, prof, why = resolve_profile(cfg.profile if cfg else "auto")
+        report["profile"] = {"ok": True, "name": name, "detail": why,
+                             "precisions": list(prof.precisions), "backends": list(prof.backends)}
+    except EdgefleetError as e:
+        report["profile"] = {"ok": False, "name": None, "detail": str(e)}
+        report["ok"] = False
+    report["backends"] = backend_availability()
+    gst_ok, gst_why = gstreamer_support()
+    report["gstreamer"] = {"available": gst_ok, "detail": gst_why}
+    pipes = []
+    for p in cfg.pipelines if cfg else []:
+        src = parse_source(p.source)
+        problems = []
+        if src.kind == "gstreamer" and not gst_ok:
+            problems.append(f"GStreamer source but {gst_why}")
+        if src.kind == "file" and not Path(str(src.target)).is_file():
+            problems.append(f"video file {src.target} does not exist")
+        if Path(p.model).suffix == ".onnx" and not Path(p.model).is_file():
+            problems.append(f"model file {p.model} does not exist")
+        detail = "; ".join(problems) or f"{src.kind} source {src.display}, model {p.model}"
+        pipes.append({"name": p.name, "ok": not problems, "detail": detail})
+        if problems:
+            report["ok"] = False
+    report["pipelines"] = pipes
+    return report

@@ -1,0 +1,114 @@
+"""Shared fixtures: the project's test models, videos made with OpenCV/ffmpeg, live streams."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_SCRIPT = ROOT / "scripts" / "make_test_models.py"
+
+
+def load_model_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_test_models", MODEL_SCRIPT)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import {MODEL_SCRIPT}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["make_test_models"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def model_script() -> ModuleType:
+    return load_model_script()
+
+
+@pytest.fixture(scope="session")
+def test_models(model_script: ModuleType) -> dict[str, Path]:
+    """Models built by scripts/make_test_models.py, cached in .models/<hash of the script>."""
+    digest = hashlib.sha256(MODEL_SCRIPT.read_bytes()).hexdigest()[:16]
+    out = ROOT / ".models" / digest
+    done = out / ".complete"
+    if not done.exists():
+        if out.exists():
+            shutil.rmtree(out)
+        built = model_script.build_all(out)
+        done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
+    return {line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()}
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; scripts/test installs it (apt-get install {name})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from agent.pipeline.synthetic import write_synthetic_video
+
+    return write_synthetic_video(tmp_path_factory.mktemp("video") / "synthetic.avi", frames=90)
+
+
+class UdpStream:
+    """An ffmpeg process streaming a file as MPEG-TS to a UDP port on loopback."""
+
+    def __init__(self, video: Path, port: int) -> None:
+        self.video = video
+        self.port = port
+        self.url = f"udp://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        ffmpeg = require_binary("ffmpeg")
+        self.proc = subprocess.Popen(
+            [ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1",
+             "-i", str(self.video), "-c:v", "mpeg2video", "-q:v", "5", "-g", "10",
+             "-f", "mpegts", f"{self.url}?pkt_size=1316"],
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def udp_stream(synthetic_video: Path) -> Iterator[UdpStream]:
+    stream = UdpStream(synthetic_video, free_port(socket.SOCK_DGRAM))
+    yield stream
+    stream.stop()
+
+
+def wait_for(cond: object, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``cond()`` until true or timeout; returns the last value's truth."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(cond())  # type: ignore[operator]
