@@ -90,7 +90,7 @@ class ModelCard(BaseModel):
     version: str = Field("0.0.0", description="Semantic version")
     task: Task = "raw"
     input: InputSpec
-    postprocess: PostprocessSpec = PostprocessSpec()
+    postprocess: PostprocessSpec = Field(default_factory=PostprocessSpec)
     labels: tuple[str, ...] = Field((), description="Class names, index order")
     variants: tuple[VariantSpec, ...] = ()
     golden_atol: dict[str, float] = Field(
