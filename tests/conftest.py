@@ -36,8 +36,11 @@ def model_script() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def test_models(model_script: ModuleType) -> dict[str, Path]:
-    """Models built by scripts/make_test_models.py, cached in .models/<hash of the script>."""
-    digest = hashlib.sha256(MODEL_SCRIPT.read_bytes()).hexdigest()[:16]
+    """Models built by scripts/make_test_models.py, cached in .models/<hash of their code>."""
+    h = hashlib.sha256(MODEL_SCRIPT.read_bytes())
+    for f in sorted((ROOT / "cloud_sync" / "samples").glob("*.py")):
+        h.update(f.read_bytes())
+    digest = h.hexdigest()[:16]
     out = ROOT / ".models" / digest
     done = out / ".complete"
     if not done.exists():
