@@ -47,7 +47,11 @@ class _Counter:
             self.done.set()
 
     def fps(self) -> float:
-        return (self.n - 1) / (self.last - self.first) if self.n > 1 and self.last > self.first else 0.0
+        return (
+            (self.n - 1) / (self.last - self.first)
+            if self.n > 1 and self.last > self.first
+            else 0.0
+        )
 
 
 def _first_frame(source: str) -> Any:
@@ -152,7 +156,9 @@ def run_bench(
                 "dropped": over["dropped"],
                 "age_p99_ms": age.get("p99"),
                 "infer_p50_ms": infer.get("p50"),
-                "age_p99_over_infer": round(age["p99"] / infer["p50"], 3) if age and infer else None,
+                "age_p99_over_infer": round(age["p99"] / infer["p50"], 3)
+                if age and infer
+                else None,
             }
     return report
 

@@ -50,7 +50,8 @@ def _print_check(r: dict[str, Any]) -> None:
     print(f"[{mark[p['ok']]}] profile {p.get('name')}: {p['detail']}")
     for name, b in r["backends"].items():
         print(f"[{'ok  ' if b['available'] else 'no  '}] backend {name}: {b['detail']}")
-    print(f"[{'ok  ' if r['gstreamer']['available'] else 'no  '}] GStreamer sources: {r['gstreamer']['detail']}")
+    gst = r["gstreamer"]
+    print(f"[{'ok  ' if gst['available'] else 'no  '}] GStreamer sources: {gst['detail']}")
     for pipe in r.get("pipelines", []):
         print(f"[{mark[pipe['ok']]}] pipeline {pipe['name']}: {pipe['detail']}")
 
@@ -64,7 +65,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"… {msg}", file=sys.stderr)
 
     model = open_local_model(
-        Path(args.model), task=args.task, input_size=args.input_size, engine=args.backend,
+        Path(args.model),
+        task=args.task,
+        input_size=args.input_size,
+        engine=args.backend,
         progress=progress,
     )
     try:
@@ -120,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", default=None, help="video source; default a synthetic video")
     b.add_argument("--frames", type=int, default=300, help="frames to infer per phase")
     b.add_argument("--input-size", default=None, help="WxH for dynamic model inputs")
-    b.add_argument("--task", default=None, choices=["classification", "detection", "heatmap", "raw"])
+    b.add_argument(
+        "--task", default=None, choices=["classification", "detection", "heatmap", "raw"]
+    )
     b.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(fn=cmd_bench)

@@ -32,7 +32,9 @@ class SinkConfig(_Strict):
     """Where a pipeline's results go."""
 
     jsonl: Path | None = Field(None, description="Append one JSON line per inferred frame here")
-    jsonl_max_mb: int = Field(64, ge=1, le=100_000, description="Rotate the JSONL file past this size")
+    jsonl_max_mb: int = Field(
+        64, ge=1, le=100_000, description="Rotate the JSONL file past this size"
+    )
 
 
 class PipelineConfig(_Strict):
@@ -69,8 +71,12 @@ class TensorRTEngine(_Strict):
     """Native TensorRT 10 engines built on the device."""
 
     type: Literal["tensorrt"] = "tensorrt"
-    workspace_mb: int | None = Field(None, ge=16, le=65536, description="Builder workspace; None = profile's")
-    dla_core: int | None = Field(None, ge=0, le=7, description="Run on this DLA core (GPU fallback on)")
+    workspace_mb: int | None = Field(
+        None, ge=16, le=65536, description="Builder workspace; None = profile's"
+    )
+    dla_core: int | None = Field(
+        None, ge=0, le=7, description="Run on this DLA core (GPU fallback on)"
+    )
 
 
 class AutoEngine(_Strict):
@@ -79,18 +85,24 @@ class AutoEngine(_Strict):
     type: Literal["auto"] = "auto"
 
 
-EngineConfig = Annotated[AutoEngine | OnnxRuntimeEngine | TensorRTEngine, Field(discriminator="type")]
+EngineConfig = Annotated[
+    AutoEngine | OnnxRuntimeEngine | TensorRTEngine, Field(discriminator="type")
+]
 
 
 class AgentConfig(_Strict):
     """The device agent's whole configuration."""
 
-    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Unique device id")
+    device_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Unique device id"
+    )
     data_dir: Path = Field(Path("/var/lib/edgefleet"), description="The one writable state dir")
     profile: str = Field("auto", description="'auto', a builtin profile name or a .toml path")
     tags: dict[str, str] = Field(default_factory=dict, description="Free-form tags for targeting")
     engine: EngineConfig = Field(default_factory=AutoEngine, description="Inference backend choice")
-    build_timeout_s: float = Field(1800, gt=0, le=86400, description="Kill an engine build after this")
+    build_timeout_s: float = Field(
+        1800, gt=0, le=86400, description="Kill an engine build after this"
+    )
     pipelines: list[PipelineConfig] = Field(default_factory=list, description="Cameras/streams")
 
     @field_validator("tags")
@@ -125,7 +137,9 @@ def _format_error(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_config(data: Mapping[str, Any], *, path: str = "<memory>", env: Mapping[str, str] | None = None) -> AgentConfig:
+def parse_config(
+    data: Mapping[str, Any], *, path: str = "<memory>", env: Mapping[str, str] | None = None
+) -> AgentConfig:
     """Validate a config mapping, applying environment overrides.
 
     Raises:
@@ -139,7 +153,9 @@ def parse_config(data: Mapping[str, Any], *, path: str = "<memory>", env: Mappin
         return AgentConfig.model_validate(merged)
     except ValidationError as e:
         first = e.errors()[0]["loc"] if e.errors() else ()
-        raise ConfigError(f"{path}: {_format_error(e)}", path=path, field=".".join(map(str, first))) from e
+        raise ConfigError(
+            f"{path}: {_format_error(e)}", path=path, field=".".join(map(str, first))
+        ) from e
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:

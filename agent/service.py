@@ -20,9 +20,10 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, EngineConfig, OnnxRuntimeEngine, PipelineConfig, load_config
+from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json
-from agent.pipeline.model import RunnableModel, card_for_local_model, parse_size
+from agent.pipeline.model import RunnableModel, card_for_local_model, load_golden, parse_size
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import JsonlSink, Sink
 from agent.pipeline.sources import gstreamer_support, parse_source
@@ -31,6 +32,7 @@ from agent.profiles import DeviceProfile, detect_profile, get_profile
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+TASKS = ("classification", "detection", "heatmap", "raw")
 
 
 def resolve_profile(setting: str) -> tuple[str, DeviceProfile, str]:
@@ -55,7 +57,10 @@ def backend_availability() -> dict[str, dict[str, Any]]:
         import onnxruntime as ort
 
         provs = available_providers()
-        out["onnxruntime"] = {"available": True, "detail": f"onnxruntime {ort.__version__}, providers {provs}"}
+        out["onnxruntime"] = {
+            "available": True,
+            "detail": f"onnxruntime {ort.__version__}, providers {provs}",
+        }
     except ImportError as e:  # pragma: no cover - onnxruntime is a hard dependency
         out["onnxruntime"] = {"available": False, "detail": f"cannot import onnxruntime: {e}"}
     ok, why = tensorrt_available()
@@ -73,7 +78,10 @@ def choose_backend(engine: EngineConfig | str, profile: DeviceProfile | None) ->
     avail = backend_availability()
     if kind != "auto":
         if not avail[kind]["available"]:
-            raise ConfigError(f"backend {kind} is configured but not available: {avail[kind]['detail']}", field="engine.type")
+            raise ConfigError(
+                f"backend {kind} is configured but not available: {avail[kind]['detail']}",
+                field="engine.type",
+            )
         return kind
     prefs = list(profile.backends) if profile is not None else ["tensorrt", "onnxruntime"]
     for name in prefs:
@@ -100,37 +108,97 @@ def open_local_model(
 ) -> RunnableModel:
     """Open a local ONNX model ready to serve frames.
 
+    Where the model's card lists several precision variants that the profile allows, each is
+    built, measured on this device and checked against ``golden.npz``; the fastest that passes
+    is kept (``agent.engine.precision``).
+
     Raises:
-        ModelError: the model cannot be loaded or built, or its card is invalid.
+        ModelError: the model cannot be loaded or built, no variant passes, or its card is
+            invalid.
         ConfigError: the configured backend is unavailable.
     """
     from agent.engine.build import load_backend
+    from agent.engine.precision import (
+        Measurement,
+        candidate_precisions,
+        choose_precision,
+        measure_variant,
+    )
 
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist", model=str(path), reason="load")
+    if task is not None and task not in TASKS:
+        raise ModelError(f"task {task!r} is not one of {TASKS}", model=str(path), reason="card")
     backend_name = choose_backend(engine, profile)
     threads = engine.threads if isinstance(engine, OnnxRuntimeEngine) else 0
+    if not threads and profile is not None:
+        threads = profile.cpu_threads
     providers = engine.providers if isinstance(engine, OnnxRuntimeEngine) else None
-    progress(f"opening {path} on {backend_name}")
-    backend = load_backend(
-        path,
-        backend=backend_name,
-        precision="fp32",
-        cache_dir=cache_dir or default_cache_dir(),
-        timeout_s=build_timeout_s,
-        progress=lambda phase, frac: progress(f"build {phase} {frac:.0%}"),
-        threads=threads,
-        providers=providers,
-        workspace_bytes=(profile.tensorrt_workspace_mb << 20) if profile is not None else 1 << 30,
-    )
+    workspace = (profile.tensorrt.workspace_mb << 20) if profile and profile.tensorrt else 1 << 30
+
+    def load(file: Path, precision: str) -> Backend:
+        progress(f"opening {file.name} ({precision}) on {backend_name}")
+        return load_backend(
+            file,
+            backend=backend_name,
+            precision=precision,
+            cache_dir=cache_dir or default_cache_dir(),
+            timeout_s=build_timeout_s,
+            progress=lambda phase, frac: progress(f"build {phase} {frac:.0%}"),
+            threads=threads,
+            providers=providers,
+            workspace_bytes=workspace,
+        )
+
+    first = load(path, "fp32")
     try:
         card = card_for_local_model(
-            path, backend, task=task, input_size=parse_size(input_size)  # type: ignore[arg-type]
+            path,
+            first,
+            task=task,  # type: ignore[arg-type]  # checked against TASKS above
+            input_size=parse_size(input_size),
         )
-        return RunnableModel(card, backend)
     except BaseException:
-        backend.close()
+        first.close()
         raise
+    variants: dict[str, str] = {
+        v.precision: v.file for v in card.variants if (path.parent / v.file).is_file()
+    }
+    golden = path.parent / "golden.npz"
+    allowed = list(profile.precisions) if profile is not None else ["fp32"]
+    cands = candidate_precisions(allowed, variants, backend_name) if variants else []
+    if len(cands) <= 1 or not golden.is_file():
+        return RunnableModel(card, first)
+    # Several variants: measure each on this device, on the golden inputs.
+    ins, outs = load_golden(golden)
+    feeds = {first.inputs[0].name: ins[0]}
+    backends: dict[str, Backend] = {}
+    measurements = []
+    try:
+        for prec in cands:
+            try:
+                b = (
+                    first
+                    if variants[prec] == path.name
+                    else load(path.parent / variants[prec], prec)
+                )
+            except EdgefleetError as e:
+                measurements.append(Measurement(prec, None, None, error=str(e)))
+                continue
+            backends[prec] = b
+            atol = card.golden_atol.get(prec, 1e-1)
+            measurements.append(measure_variant(b, feeds, outs[:1], atol=atol))
+        choice = choose_precision(measurements)
+    except BaseException:
+        for b in {id(b): b for b in [first, *backends.values()]}.values():
+            b.close()
+        raise
+    progress(f"precision {choice.precision}: {choice.reason}")
+    keep = backends[choice.precision]
+    for b in {id(b): b for b in [first, *backends.values()]}.values():
+        if b is not keep:
+            b.close()
+    return RunnableModel(card, keep)
 
 
 class Agent:
@@ -147,13 +215,19 @@ class Agent:
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
         path = Path(p.model)
         if path.suffix != ".onnx":
-            log.warning("pipeline=%s model=%s is a registry name; waiting for delivery", p.name, p.model)
+            log.warning(
+                "pipeline=%s model=%s is a registry name; waiting for delivery", p.name, p.model
+            )
             return None
         key = f"{path.resolve()}|{p.task}|{p.input_size}"
         if key not in self.models:
             self.models[key] = open_local_model(
-                path, task=p.task, input_size=p.input_size, engine=self.cfg.engine,
-                profile=self.profile, cache_dir=self.cfg.data_dir / "engines",
+                path,
+                task=p.task,
+                input_size=p.input_size,
+                engine=self.cfg.engine,
+                profile=self.profile,
+                cache_dir=self.cfg.data_dir / "engines",
                 build_timeout_s=self.cfg.build_timeout_s,
                 progress=lambda s: log.info("pipeline=%s %s", p.name, s),
             )
@@ -172,8 +246,13 @@ class Agent:
                 if p.sink.jsonl is not None:
                     sinks.append(JsonlSink(p.sink.jsonl, max_bytes=p.sink.jsonl_max_mb << 20))
                 pipe = Pipeline(
-                    p.name, parse_source(p.source), self._model_for(p), sinks,
-                    loop=p.loop, pace=p.pace, open_timeout_s=p.open_timeout_s,
+                    p.name,
+                    parse_source(p.source),
+                    self._model_for(p),
+                    sinks,
+                    loop=p.loop,
+                    pace=p.pace,
+                    open_timeout_s=p.open_timeout_s,
                 )
                 self.pipelines.append(pipe)
             for pipe in self.pipelines:
@@ -181,8 +260,13 @@ class Agent:
         except BaseException:
             self.stop()
             raise
-        log.info("device=%s profile=%s (%s) pipelines=%d started", self.cfg.device_id,
-                 self.profile_name, self.profile_reason, len(self.pipelines))
+        log.info(
+            "device=%s profile=%s (%s) pipelines=%d started",
+            self.cfg.device_id,
+            self.profile_name,
+            self.profile_reason,
+            len(self.pipelines),
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -221,7 +305,11 @@ class Agent:
                 self.write_status()
                 if self.pipelines and all(p.finished.is_set() for p in self.pipelines):
                     break
-                wait = status_every_s if deadline is None else min(status_every_s, deadline - self.clock())
+                wait = (
+                    status_every_s
+                    if deadline is None
+                    else min(status_every_s, deadline - self.clock())
+                )
                 if wait <= 0 or self._stop.wait(wait):
                     break
         finally:
@@ -243,19 +331,31 @@ def check_report(config_path: str | None, env: Mapping[str, str] | None = None) 
     report: dict[str, Any] = {"agent_version": __version__, "ok": True}
     cfg: AgentConfig | None = None
     if config_path is None:
-        report["config"] = {"ok": True, "path": None, "detail": "no config given (profile auto-detected)"}
+        report["config"] = {
+            "ok": True,
+            "path": None,
+            "detail": "no config given (profile auto-detected)",
+        }
     else:
         try:
             cfg = load_config(config_path, env=env)
-            report["config"] = {"ok": True, "path": config_path,
-                                "detail": f"device {cfg.device_id}, {len(cfg.pipelines)} pipeline(s)"}
+            report["config"] = {
+                "ok": True,
+                "path": config_path,
+                "detail": f"device {cfg.device_id}, {len(cfg.pipelines)} pipeline(s)",
+            }
         except ConfigError as e:
             report["config"] = {"ok": False, "path": config_path, "detail": str(e)}
             report["ok"] = False
     try:
         name, prof, why = resolve_profile(cfg.profile if cfg else "auto")
-        report["profile"] = {"ok": True, "name": name, "detail": why,
-                             "precisions": list(prof.precisions), "backends": list(prof.backends)}
+        report["profile"] = {
+            "ok": True,
+            "name": name,
+            "detail": why,
+            "precisions": list(prof.precisions),
+            "backends": list(prof.backends),
+        }
     except EdgefleetError as e:
         report["profile"] = {"ok": False, "name": None, "detail": str(e)}
         report["ok"] = False

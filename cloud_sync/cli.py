@@ -15,9 +15,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="run a model on a generated video end to end, on embedded defaults")
-    d.add_argument("--duration", type=float, default=None, help="stop after S seconds (default: Ctrl-C)")
-    d.add_argument("--workdir", default=None, help="keep models, video and results here (default: a temp dir)")
+    d = sub.add_parser(
+        "demo", help="run a model on a generated video end to end, on embedded defaults"
+    )
+    d.add_argument(
+        "--duration", type=float, default=None, help="stop after S seconds (default: Ctrl-C)"
+    )
+    d.add_argument(
+        "--workdir", default=None, help="keep models, video and results here (default: a temp dir)"
+    )
     d.set_defaults(fn=_demo)
     return ap
 

@@ -48,7 +48,9 @@ def test_models(model_script: ModuleType) -> dict[str, Path]:
             shutil.rmtree(out)
         built = model_script.build_all(out)
         done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
-    return {line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()}
+    return {
+        line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()
+    }
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -83,9 +85,26 @@ class UdpStream:
     def start(self) -> None:
         ffmpeg = require_binary("ffmpeg")
         self.proc = subprocess.Popen(
-            [ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1",
-             "-i", str(self.video), "-c:v", "mpeg2video", "-q:v", "5", "-g", "10",
-             "-f", "mpegts", f"{self.url}?pkt_size=1316"],
+            [
+                ffmpeg,
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-re",
+                "-stream_loop",
+                "-1",
+                "-i",
+                str(self.video),
+                "-c:v",
+                "mpeg2video",
+                "-q:v",
+                "5",
+                "-g",
+                "10",
+                "-f",
+                "mpegts",
+                f"{self.url}?pkt_size=1316",
+            ],
             stdin=subprocess.DEVNULL,
         )
 

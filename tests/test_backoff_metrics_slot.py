@@ -107,8 +107,11 @@ def test_closed_slot_refuses_and_wakes_waiters() -> None:
         ("rtsp://user:pw@10.0.0.5/stream", "url", "rtsp://user:pw@10.0.0.5/stream"),
         ("udp://127.0.0.1:5000", "url", "udp://127.0.0.1:5000"),
         ("HTTP://cam.local/mjpg", "url", "HTTP://cam.local/mjpg"),
-        ("nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink", "gstreamer",
-         "nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink"),
+        (
+            "nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink",
+            "gstreamer",
+            "nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink",
+        ),
         ("/data/clip.mp4", "file", "/data/clip.mp4"),
         ("clip.mkv", "file", "clip.mkv"),
     ],

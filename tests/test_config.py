@@ -61,10 +61,15 @@ def test_engine_is_a_discriminated_union() -> None:
     [
         ('device_id = "cam 01"', "device_id"),
         ('device_id = "d"\nsurprise = 1', "surprise"),
-        ('device_id = "d"\n[[pipelines]]\nname = "a"\nsource = 0\nmodel = "m"\ninput_size = "640"',
-         "pipelines.0.input_size"),
-        ('device_id = "d"\n[[pipelines]]\nname = "a"\nsource = 0\nmodel = "m"\ntask = "segment"',
-         "pipelines.0.task"),
+        (
+            'device_id = "d"\n[[pipelines]]\nname = "a"\nsource = 0\nmodel = "m"\n'
+            'input_size = "640"',
+            "pipelines.0.input_size",
+        ),
+        (
+            'device_id = "d"\n[[pipelines]]\nname = "a"\nsource = 0\nmodel = "m"\ntask = "segment"',
+            "pipelines.0.task",
+        ),
         ('device_id = "d"\nbuild_timeout_s = -1', "build_timeout_s"),
     ],
 )
@@ -102,5 +107,12 @@ def test_every_field_is_described() -> None:
 
     from agent.config import AutoEngine, PipelineConfig, SinkConfig, TensorRTEngine
 
-    for m in (AgentConfig, PipelineConfig, SinkConfig, OnnxRuntimeEngine, TensorRTEngine, AutoEngine):
+    for m in (
+        AgentConfig,
+        PipelineConfig,
+        SinkConfig,
+        OnnxRuntimeEngine,
+        TensorRTEngine,
+        AutoEngine,
+    ):
         walk(m)

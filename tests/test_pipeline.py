@@ -42,8 +42,9 @@ class Collect:
 
 
 @pytest.fixture(scope="module")
-def digit_video(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path],
-                model_script: ModuleType) -> tuple[Path, list[int]]:
+def digit_video(
+    tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path], model_script: ModuleType
+) -> tuple[Path, list[int]]:
     z = np.load(test_models["digits"] / "test_set.npz")
     images, labels = z[z.files[0]], z[z.files[1]]
     for k in z.files:
@@ -70,7 +71,9 @@ def test_classification_accuracy_through_pipeline_equals_direct(
     direct_acc = float((direct == labels).mean())
 
     sink = Collect()
-    pipe = Pipeline("digits", parse_source(str(video)), _model(model_path), [CallbackSink(sink)], pace="none")
+    pipe = Pipeline(
+        "digits", parse_source(str(video)), _model(model_path), [CallbackSink(sink)], pace="none"
+    )
     pipe.start()
     assert pipe.wait(120), "pipeline did not finish the file"
     pipe.stop()
@@ -90,14 +93,19 @@ def test_detection_pipeline_finds_the_moving_square(
     truth = model_script.write_blob_video(video, 20)
     sink = Collect()
     jsonl = tmp_path / "out" / "events.jsonl"
-    pipe = Pipeline("blob", parse_source(str(video)), _model(test_models["blobdet"] / "model.onnx"),
-                    [CallbackSink(sink), JsonlSink(jsonl)], pace="none")
+    pipe = Pipeline(
+        "blob",
+        parse_source(str(video)),
+        _model(test_models["blobdet"] / "model.onnx"),
+        [CallbackSink(sink), JsonlSink(jsonl)],
+        pace="none",
+    )
     pipe.start()
     assert pipe.wait(120)
     pipe.stop()
     assert len(sink.events) == 20
     hits = 0
-    for ev, boxes in zip(sink.events, truth):
+    for ev, boxes in zip(sink.events, truth, strict=True):
         if not ev.get("detections"):
             continue
         best = ev["detections"][0]["box"]
@@ -110,7 +118,9 @@ def test_detection_pipeline_finds_the_moving_square(
     assert len(lines) == 20 and json.loads(lines[0])["pipeline"] == "blob"
 
 
-def test_hot_swap_between_frames_loses_no_frame(test_models: dict[str, Path], digit_video: tuple[Path, list[int]]) -> None:
+def test_hot_swap_between_frames_loses_no_frame(
+    test_models: dict[str, Path], digit_video: tuple[Path, list[int]]
+) -> None:
     video, truth = digit_video
     a = _model(test_models["digits"] / "model.onnx")
     b = _model(test_models["digits"] / "model.onnx")
@@ -139,8 +149,13 @@ def test_overloaded_live_source_drops_frames_instead_of_queueing(
 
     video = write_synthetic_video(tmp_path / "fast.avi", frames=150, fps=300.0)
     sink = Collect()
-    pipe = Pipeline("over", parse_source(str(video)), _model(test_models["blobdet"] / "model.onnx"),
-                    [CallbackSink(sink)], pace="realtime")
+    pipe = Pipeline(
+        "over",
+        parse_source(str(video)),
+        _model(test_models["blobdet"] / "model.onnx"),
+        [CallbackSink(sink)],
+        pace="realtime",
+    )
     pipe.start()
     assert pipe.wait(60)
     pipe.stop()
@@ -156,8 +171,13 @@ def test_udp_stream_reconnects_after_the_sender_restarts(
 ) -> None:
     udp_stream.start()
     sink = Collect()
-    pipe = Pipeline("udp", parse_source(udp_stream.url), _model(test_models["blobdet"] / "model.onnx"),
-                    [CallbackSink(sink)], open_timeout_s=2.0)
+    pipe = Pipeline(
+        "udp",
+        parse_source(udp_stream.url),
+        _model(test_models["blobdet"] / "model.onnx"),
+        [CallbackSink(sink)],
+        open_timeout_s=2.0,
+    )
     pipe.reader.backoff.base_s = 0.2
     pipe.reader.backoff.cap_s = 1.0
     pipe.start()
@@ -168,8 +188,9 @@ def test_udp_stream_reconnects_after_the_sender_restarts(
         assert pipe.reader.state in ("waiting", "connecting", "streaming")
         before = len(sink.events)
         udp_stream.start()
-        assert wait_for(lambda: pipe.metrics.counters["reconnects"] >= 1 and len(sink.events) > before + 10, 40), (
-            pipe.reader.state, pipe.reader.last_error, pipe.metrics.counters)
+        assert wait_for(
+            lambda: pipe.metrics.counters["reconnects"] >= 1 and len(sink.events) > before + 10, 40
+        ), (pipe.reader.state, pipe.reader.last_error, pipe.metrics.counters)
     finally:
         pipe.stop()
 
@@ -194,12 +215,14 @@ def test_gstreamer_source_without_gstreamer_names_the_fix() -> None:
     ok, _ = gstreamer_support()
     if ok:
         pytest.skip("this OpenCV has GStreamer")
-    with pytest.raises(SourceError, match="without GStreamer.*JetPack"):
+    with pytest.raises(SourceError, match=r"without GStreamer.*JetPack"):
         open_capture(parse_source("videotestsrc ! videoconvert ! appsink"))
 
 
 def test_unreachable_stream_is_reported_not_fatal() -> None:
-    pipe = Pipeline("dead", parse_source("udp://127.0.0.1:9?timeout=200000"), None, [], open_timeout_s=0.3)
+    pipe = Pipeline(
+        "dead", parse_source("udp://127.0.0.1:9?timeout=200000"), None, [], open_timeout_s=0.3
+    )
     pipe.reader.backoff.base_s = 0.05
     pipe.start()
     try:

@@ -86,7 +86,7 @@ class Backend(abc.ABC):
                     model=self.model_name,
                     reason="shape",
                 )
-            for got, want in zip(arr.shape, spec.shape):
+            for got, want in zip(arr.shape, spec.shape, strict=True):
                 if isinstance(want, int) and want >= 0 and got != want:
                     raise ModelError(
                         f"input {spec.name!r} has shape {arr.shape}, model expects {spec.shape}",

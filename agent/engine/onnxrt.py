@@ -102,12 +102,20 @@ class OnnxRuntimeBackend(Backend):
         for p in wanted:
             if p == "TensorrtExecutionProvider":
                 provider_args.append(
-                    (p, {"trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"})
+                    (
+                        p,
+                        {
+                            "trt_fp16_enable": precision == "fp16",
+                            "trt_int8_enable": precision == "int8",
+                        },
+                    )
                 )
             else:
                 provider_args.append(p)
         if not Path(model_path).is_file():
-            raise ModelError(f"model file {model_path} does not exist", model=self.model_name, reason="load")
+            raise ModelError(
+                f"model file {model_path} does not exist", model=self.model_name, reason="load"
+            )
         try:
             self._session = ort.InferenceSession(model_to_load, opts, providers=provider_args)
         except Exception as e:

@@ -36,7 +36,8 @@ class LatencyRing:
         self._n += 1
 
     def values(self) -> np.ndarray:
-        return self._buf[: min(self._n, self._buf.size)].copy()
+        out: np.ndarray = self._buf[: min(self._n, self._buf.size)].copy()
+        return out
 
     def percentiles(self) -> dict[str, float]:
         """p50/p95/p99/max/mean of what the ring holds; empty dict when it holds nothing."""

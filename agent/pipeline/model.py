@@ -52,7 +52,12 @@ class RunnableModel:
         self.input_name = self.backend.inputs[0].name
         self.preprocessor = Preprocessor(self.card.input)
         self.postprocessor = make_postprocessor(
-            self.card.task, self.card.postprocess, self.card.labels, self.card.input
+            self.card.task,
+            self.card.postprocess,
+            self.card.labels,
+            self.card.input,
+            model=self.ref,
+            output_names=[o.name for o in self.backend.outputs],
         )
 
     @property
@@ -115,13 +120,17 @@ def card_for_local_model(
         try:
             card = ModelCard.model_validate_json(card_file.read_text())
         except ValueError as e:
-            raise ModelError(f"{card_file} is not a valid model card: {e}", model=str(model_path), reason="card") from e
+            raise ModelError(
+                f"{card_file} is not a valid model card: {e}", model=str(model_path), reason="card"
+            ) from e
         if task is not None and task != card.task:
             card = card.model_copy(update={"task": task})
         return card
     if labels is None:
         lf = model_path.parent / "labels.txt"
-        labels = [s.strip() for s in lf.read_text().splitlines() if s.strip()] if lf.is_file() else []
+        labels = (
+            [s.strip() for s in lf.read_text().splitlines() if s.strip()] if lf.is_file() else []
+        )
     spec = backend.inputs[0]
     input_spec = input_spec_from_shape(spec.shape, input_size=input_size, dtype=spec.dtype)
     name = model_path.stem if model_path.stem != "model" else model_path.parent.name

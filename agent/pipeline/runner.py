@@ -44,8 +44,13 @@ class Pipeline:
         self.sinks = list(sinks)
         self.slot = LatestFrameSlot(blocking=(pace == "none" and source.kind == "file"))
         self.reader = FrameReader(
-            source, self.slot, self.metrics, loop=loop, pace=pace,
-            open_timeout_s=open_timeout_s, name=name,
+            source,
+            self.slot,
+            self.metrics,
+            loop=loop,
+            pace=pace,
+            open_timeout_s=open_timeout_s,
+            name=name,
         )
         self._model = model
         self._wall = wall_clock
@@ -62,8 +67,12 @@ class Pipeline:
     def swap_model(self, model: RunnableModel | None) -> RunnableModel | None:
         """Replace the model between frames; returns the previous one (caller closes it)."""
         old, self._model = self._model, model
-        log.info("pipeline=%s swapped model %s -> %s", self.name,
-                 old.ref if old else None, model.ref if model else None)
+        log.info(
+            "pipeline=%s swapped model %s -> %s",
+            self.name,
+            old.ref if old else None,
+            model.ref if model else None,
+        )
         return old
 
     def start(self) -> None:

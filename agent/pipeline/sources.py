@@ -245,7 +245,13 @@ class FrameReader:
         self.last_error = why
         self.state = "waiting"
         delay = self.backoff.failed(self.clock())
-        log.warning("source=%s pipeline=%s error=%r retry_in_s=%.2f", self.spec.display, self.name, why, delay)
+        log.warning(
+            "source=%s pipeline=%s error=%r retry_in_s=%.2f",
+            self.spec.display,
+            self.name,
+            why,
+            delay,
+        )
         self._stop.wait(delay)
 
     def _pump(self, cap: cv2.VideoCapture) -> bool:

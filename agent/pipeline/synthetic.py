@@ -13,7 +13,11 @@ import numpy as np
 
 
 def write_synthetic_video(
-    path: str | Path, *, frames: int = 300, size: tuple[int, int] = (640, 480), fps: float = 30.0,
+    path: str | Path,
+    *,
+    frames: int = 300,
+    size: tuple[int, int] = (640, 480),
+    fps: float = 30.0,
     seed: int = 0,
 ) -> Path:
     """Write ``frames`` frames of a moving white square; returns the path.
@@ -24,7 +28,7 @@ def write_synthetic_video(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
     if not writer.isOpened():
         raise OSError(f"OpenCV cannot write MJPEG video to {path}")
     rng = np.random.default_rng(seed)

@@ -24,7 +24,9 @@ class InputSpec(BaseModel):
     width: int = Field(ge=1, le=8192, description="Model input width in pixels")
     height: int = Field(ge=1, le=8192, description="Model input height in pixels")
     channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = colour")
-    color: Literal["rgb", "bgr", "gray"] = Field("rgb", description="Channel order the model expects")
+    color: Literal["rgb", "bgr", "gray"] = Field(
+        "rgb", description="Channel order the model expects"
+    )
     layout: Literal["nchw", "nhwc"] = Field("nchw", description="Tensor layout")
     resize: Literal["letterbox", "stretch"] = Field(
         "letterbox", description="letterbox keeps aspect ratio and pads; stretch distorts"

@@ -1,0 +1,1 @@
+"""Inference pipeline: frame sources, pre/post-processing by task, runner and sinks."""
