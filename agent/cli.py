@@ -58,14 +58,17 @@ def _print_check(r: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import format_report, run_bench
-    from agent.service import open_local_model
+    from agent.service import open_local_model, resolve_profile
 
     def progress(msg: str) -> None:
         if not args.json:
             print(f"… {msg}", file=sys.stderr)
 
+    profile_name, profile, why = resolve_profile(args.profile)
+    progress(f"device profile {profile_name} ({why})")
     model = open_local_model(
         Path(args.model),
+        profile=profile,
         task=args.task,
         input_size=args.input_size,
         engine=args.backend,
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default=None, choices=["classification", "detection", "heatmap", "raw"]
     )
     b.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    b.add_argument(
+        "--profile", default="auto", help="profile name or .toml (default: detect)"
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(fn=cmd_bench)
 
