@@ -90,6 +90,56 @@ EngineConfig = Annotated[
 ]
 
 
+class BrokerConfig(_Strict):
+    """The MQTT broker the agent talks to."""
+
+    url: str = Field(
+        pattern=r"^mqtts?://[^/:]+(:\d{1,5})?/?$",
+        description="mqtt://host:port or mqtts://host:port",
+    )
+    topic_root: str = Field(
+        "edgefleet/v1", pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="Topic prefix"
+    )
+    username: str | None = Field(None, max_length=256, description="MQTT user (or env)")
+    password: str | None = Field(
+        None, max_length=1024, description="MQTT password; prefer EDGEFLEET_BROKER_PASSWORD"
+    )
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts://")
+    cert_file: Path | None = Field(None, description="Client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="Client private key (mutual TLS)")
+    keepalive_s: int = Field(30, ge=5, le=1200, description="MQTT keepalive")
+
+    @model_validator(mode="after")
+    def _tls(self) -> BrokerConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class TrustConfig(_Strict):
+    """The TUF trust root the device was provisioned with."""
+
+    root: Path = Field(
+        description="root.json from `edgefleet registry init` (copied at first start)"
+    )
+
+
+class UpdateConfig(_Strict):
+    """How model updates are fetched, tried and committed."""
+
+    chunk_kb: int = Field(
+        64, ge=1, le=256, description="Transfer window size (AWS IoT caps at 128)"
+    )
+    window: int = Field(8, ge=1, le=64, description="Chunks in flight")
+    request_timeout_s: float = Field(5.0, gt=0, le=120, description="Per-chunk timeout")
+    health_window_s: float = Field(30.0, ge=0, le=86400, description="Watch time before commit")
+    health_min_frames: int = Field(20, ge=0, le=1_000_000, description="Frames needed to commit")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="Errors/frames allowed in window")
+    max_latency_ratio: float = Field(
+        2.0, ge=1, le=100, description="p95 latency allowed vs the previous version"
+    )
+
+
 class AgentConfig(_Strict):
     """The device agent's whole configuration."""
 
@@ -104,6 +154,9 @@ class AgentConfig(_Strict):
         1800, gt=0, le=86400, description="Kill an engine build after this"
     )
     pipelines: list[PipelineConfig] = Field(default_factory=list, description="Cameras/streams")
+    broker: BrokerConfig | None = Field(None, description="Cloud connection (none = local only)")
+    trust: TrustConfig | None = Field(None, description="TUF trust root for model delivery")
+    update: UpdateConfig = Field(default_factory=UpdateConfig, description="Update behaviour")
 
     @field_validator("tags")
     @classmethod
@@ -112,6 +165,10 @@ class AgentConfig(_Strict):
             if not k or not all(c.isalnum() or c in "_-." for c in k):
                 raise ValueError(f"tag key {k!r} may hold only letters, digits, '_', '-', '.'")
         return v
+
+    def remote_pipelines(self) -> list[str]:
+        """Pipelines whose model is a registry name (delivered over MQTT)."""
+        return [p.name for p in self.pipelines if not p.model.endswith(".onnx")]
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:
@@ -126,6 +183,10 @@ ENV_OVERRIDES = {
     "EDGEFLEET_DEVICE_ID": "device_id",
     "EDGEFLEET_DATA_DIR": "data_dir",
     "EDGEFLEET_PROFILE": "profile",
+}
+SECRET_OVERRIDES = {
+    "EDGEFLEET_BROKER_USERNAME": "username",
+    "EDGEFLEET_BROKER_PASSWORD": "password",
 }
 
 
@@ -149,6 +210,12 @@ def parse_config(
     for var, key in ENV_OVERRIDES.items():
         if env and env.get(var):
             merged[key] = env[var]
+    if isinstance(merged.get("broker"), dict):
+        broker = dict(merged["broker"])
+        for var, key in SECRET_OVERRIDES.items():
+            if env and env.get(var):
+                broker[key] = env[var]
+        merged["broker"] = broker
     try:
         return AgentConfig.model_validate(merged)
     except ValidationError as e:

@@ -372,6 +372,11 @@ def check_report(config_path: str | None, env: Mapping[str, str] | None = None) 
             problems.append(f"video file {src.target} does not exist")
         if Path(p.model).suffix == ".onnx" and not Path(p.model).is_file():
             problems.append(f"model file {p.model} does not exist")
+        if Path(p.model).suffix != ".onnx" and (cfg.broker is None or cfg.trust is None):
+            problems.append(
+                f"model {p.model!r} is a registry name, but there is no [broker] and [trust] "
+                "section to deliver it: the pipeline would wait forever"
+            )
         detail = "; ".join(problems) or f"{src.kind} source {src.display}, model {p.model}"
         pipes.append({"name": p.name, "ok": not problems, "detail": detail})
         if problems:

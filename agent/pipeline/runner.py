@@ -74,6 +74,9 @@ class Pipeline:
         self.last_error = ""
         self.last_progress = time.monotonic()
         self.finished = threading.Event()
+        # Called after every frame with (model, ok, nan, infer_ms): the update manager's
+        # health window watches a freshly activated model through it.
+        self.observer: Callable[[RunnableModel, bool, bool, float], None] | None = None
 
     @property
     def model(self) -> RunnableModel | None:
@@ -132,6 +135,9 @@ class Pipeline:
             result, times = model.infer(frame.image)
         except (ModelError, BadDataError) as e:
             self.metrics.count("errors")
+            obs = self.observer
+            if obs is not None:
+                obs(model, False, getattr(e, "reason", "") == "nan", 0.0)
             if str(e) != self.last_error:
                 log.error("pipeline=%s model=%s error=%r", self.name, model.ref, str(e))
             self.last_error = str(e)
@@ -164,6 +170,9 @@ class Pipeline:
         m.observe("overhead", times.preprocess + times.postprocess + sink_ms)
         m.observe("age", (done - frame.t_capture) * 1e3)
         m.count("frames_inferred")
+        obs = self.observer
+        if obs is not None:
+            obs(model, True, False, times.infer)
 
     def status(self, now: float) -> dict[str, Any]:
         """Everything telemetry and ``status`` show about this pipeline."""
