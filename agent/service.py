@@ -363,7 +363,9 @@ def check_report(config_path: str | None, env: Mapping[str, str] | None = None) 
     gst_ok, gst_why = gstreamer_support()
     report["gstreamer"] = {"available": gst_ok, "detail": gst_why}
     pipes = []
-    for p in cfg.pipelines if cfg else []:
+    for p in cfg.pipelines if cfg is not None else []:
+        if cfg is None:  # for mypy: the loop runs only with a config
+            break
         src = parse_source(p.source)
         problems = []
         if src.kind == "gstreamer" and not gst_ok:
