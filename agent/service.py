@@ -363,9 +363,8 @@ def check_report(config_path: str | None, env: Mapping[str, str] | None = None) 
     gst_ok, gst_why = gstreamer_support()
     report["gstreamer"] = {"available": gst_ok, "detail": gst_why}
     pipes = []
+    can_deliver = cfg is not None and cfg.broker is not None and cfg.trust is not None
     for p in cfg.pipelines if cfg is not None else []:
-        if cfg is None:  # for mypy: the loop runs only with a config
-            break
         src = parse_source(p.source)
         problems = []
         if src.kind == "gstreamer" and not gst_ok:
@@ -374,7 +373,7 @@ def check_report(config_path: str | None, env: Mapping[str, str] | None = None) 
             problems.append(f"video file {src.target} does not exist")
         if Path(p.model).suffix == ".onnx" and not Path(p.model).is_file():
             problems.append(f"model file {p.model} does not exist")
-        if Path(p.model).suffix != ".onnx" and (cfg.broker is None or cfg.trust is None):
+        if Path(p.model).suffix != ".onnx" and not can_deliver:
             problems.append(
                 f"model {p.model!r} is a registry name, but there is no [broker] and [trust] "
                 "section to deliver it: the pipeline would wait forever"
