@@ -131,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default=None, choices=["classification", "detection", "heatmap", "raw"]
     )
     b.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    b.add_argument(
-        "--profile", default="auto", help="profile name or .toml (default: detect)"
-    )
+    b.add_argument("--profile", default="auto", help="profile name or .toml (default: detect)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(fn=cmd_bench)
 

@@ -211,6 +211,8 @@ class Agent:
         self.pipelines: list[Pipeline] = []
         self.models: dict[str, RunnableModel] = {}
         self._stop = threading.Event()
+        self.session: Any = None  # DeviceSession when [broker] is configured
+        self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
 
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
         path = Path(p.model)
@@ -255,6 +257,8 @@ class Agent:
                     open_timeout_s=p.open_timeout_s,
                 )
                 self.pipelines.append(pipe)
+            if self.cfg.broker is not None and self.cfg.trust is not None:
+                self._start_delivery()
             for pipe in self.pipelines:
                 pipe.start()
         except BaseException:
@@ -268,8 +272,78 @@ class Agent:
             len(self.pipelines),
         )
 
+    def _start_delivery(self) -> None:
+        """MQTT session, TUF client over MQTT, model store and update manager."""
+        from agent.protocol.state import DeviceState
+        from agent.sync.session import DeviceSession
+        from agent.update.fetcher import ChunkClient, MqttFetcher
+        from agent.update.machine import HealthWindow
+        from agent.update.manager import UpdateManager
+        from agent.update.store import ModelStore
+        from agent.update.tuf_client import TufClient
+
+        cfg, broker, trust, upd = self.cfg, self.cfg.broker, self.cfg.trust, self.cfg.update
+        if broker is None or trust is None:
+            return
+        birth = DeviceState(
+            device_id=cfg.device_id,
+            online=True,
+            agent_version=__version__,
+            profile=self.profile_name,
+            pipelines=[p.name for p in cfg.pipelines],
+            tags=cfg.tags,
+        )
+        manager_box: list[UpdateManager] = []
+        self.session = DeviceSession(
+            broker, cfg.device_id, birth, lambda payload: manager_box[0].submit_desired(payload)
+        )
+        chunks = ChunkClient(
+            self.session.client,
+            cfg.device_id,
+            root=broker.topic_root,
+            chunk_size=upd.chunk_kb * 1024,
+            window=upd.window,
+            request_timeout_s=upd.request_timeout_s,
+        )
+        fetcher = MqttFetcher(chunks, resume_dir=cfg.data_dir / "tuf" / "partial")
+        tuf = TufClient(cfg.data_dir, trust.root, fetcher)
+
+        def open_model(path: Path, progress: Callable[[str], None]) -> RunnableModel:
+            return open_local_model(
+                path,
+                engine=cfg.engine,
+                profile=self.profile,
+                cache_dir=cfg.data_dir / "engines",
+                build_timeout_s=cfg.build_timeout_s,
+                progress=progress,
+            )
+
+        self.updates = UpdateManager(
+            device_id=cfg.device_id,
+            profile=self.profile,
+            pipelines={p.name: p for p in self.pipelines},
+            store=ModelStore(cfg.data_dir),
+            tuf=tuf,
+            open_model=open_model,
+            publish_reported=self.session.publish_reported,
+            health=lambda: HealthWindow(
+                duration_s=upd.health_window_s,
+                min_frames=upd.health_min_frames,
+                max_error_rate=upd.max_error_rate,
+                max_latency_ratio=upd.max_latency_ratio,
+            ),
+        )
+        manager_box.append(self.updates)
+        self.updates.recover()
+        self.updates.start()
+        self.session.start()
+
     def stop(self) -> None:
         self._stop.set()
+        if self.updates is not None:
+            self.updates.stop()
+        if self.session is not None:
+            self.session.stop()
         for pipe in self.pipelines:
             pipe.stop()
         for m in self.models.values():
@@ -278,7 +352,16 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
+        extra: dict[str, Any] = {}
+        if self.session is not None:
+            extra["broker"] = {
+                "connected": self.session.connected.is_set(),
+                "last_error": self.session.last_error or None,
+            }
+        if self.updates is not None:
+            extra["reported"] = self.updates.reported().model_dump(mode="json")
         return {
+            **extra,
             "device_id": self.cfg.device_id,
             "agent_version": __version__,
             "profile": self.profile_name,

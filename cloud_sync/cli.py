@@ -25,7 +25,87 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="keep models, video and results here (default: a temp dir)"
     )
     d.set_defaults(fn=_demo)
+
+    from cloud_sync.registry.commands import add_registry_commands
+
+    groups = add_registry_commands(sub)
+    _add_serve(groups["registry"])
+
+    dp = sub.add_parser("deploy", help="set a device's desired model version (signed, retained)")
+    dp.add_argument("ref", metavar="NAME@VERSION")
+    dp.add_argument("--device", required=True, help="device id")
+    dp.add_argument("--pipeline", default=None, help="pipeline (default: all of the device's)")
+    dp.add_argument("--repo", required=True, help="registry directory")
+    dp.add_argument("--broker", required=True, help="mqtt://host:port")
+    dp.add_argument("--topic-root", default="edgefleet/v1")
+    dp.set_defaults(fn=_deploy)
     return ap
+
+
+def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = rsub.add_parser("serve", help="serve the registry's metadata and targets over MQTT")
+    s.add_argument("--repo", required=True, help="registry directory")
+    s.add_argument("--broker", required=True, help="mqtt://host:port")
+    s.add_argument("--topic-root", default="edgefleet/v1")
+    s.add_argument("--replica", default="1", help="replica name (several share the load)")
+    s.add_argument("--workers", type=int, default=4, help="threads answering chunk requests")
+    s.set_defaults(fn=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from datetime import timedelta
+    from pathlib import Path
+
+    from cloud_sync.registry.repo import Repository
+    from cloud_sync.registry.serve import ChunkServer
+
+    repo = Repository(Path(args.repo))
+
+    def tick(now: float) -> None:
+        from datetime import datetime, timezone
+
+        if repo.refresh_timestamp(
+            datetime.fromtimestamp(now, timezone.utc), min_remaining=timedelta(hours=12)
+        ):
+            print("re-signed timestamp.json before it expired", flush=True)
+
+    server = ChunkServer(
+        Path(args.repo),
+        args.broker,
+        root=args.topic_root,
+        client_id=f"edgefleet-registry-{args.replica}",
+        on_tick=tick,
+        workers=args.workers,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    print(
+        f"serving {args.repo} on {args.broker} (replica {args.replica}); Ctrl-C stops", flush=True
+    )
+    server.serve_forever(stop)
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cloud_sync.deploy import deploy
+
+    env = deploy(
+        Path(args.repo),
+        args.broker,
+        args.device,
+        args.ref,
+        pipeline=args.pipeline,
+        topic_root=args.topic_root,
+    )
+    d = env.signed
+    targets = ", ".join(f"{k}={v.model}@{v.version}" for k, v in d.pipelines.items())
+    print(f"device {d.device_id}: desired revision {d.revision}: {targets}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

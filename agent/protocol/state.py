@@ -1,0 +1,322 @@
+"""Pure: the state messages of the wire contract (desired, reported, birth/LWT).
+
+* ``…/devices/D/desired`` (cloud→device, retained) carries a ``SignedDesired``: a
+  ``DesiredState`` body plus TUF-style ``signatures`` over the canonical JSON of the body
+  (see ``agent.update.desired`` for signing and verification).
+* ``…/devices/D/reported`` (device→cloud, retained) carries a ``ReportedState``: per pipeline
+  the running model, the update phase and the last error.
+* ``…/devices/D/state`` (device→cloud, retained) carries a ``DeviceState``: the birth message
+  at connect and, as the broker's last will, the same with ``online: false``.
+
+Every message is parsed from untrusted bytes by ``decode`` and fails with ``BadMessage`` (and
+nothing else) when it is oversized, not JSON or does not validate.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agent.protocol import CONTRACT_VERSION
+from agent.protocol.card import Precision
+from agent.protocol.fetch import BadMessage
+
+MAX_MESSAGE = 64 * 1024  # bytes; far above any real state message, far below broker limits
+MAX_PIPELINES = 64
+MAX_SIGNATURES = 32
+MAX_ERROR_TEXT = 500
+
+# Same rules as agent/protocol/topics.py and agent/config.py, so that every id that is valid in
+# a config is valid on the wire and in a topic.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PIPELINE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# semver.org 2.0.0 (digits spelled [0-9]: the Rust regex engine's \d matches any Unicode digit).
+SEMVER_PATTERN = (
+    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
+)
+CONTRACT_PATTERN = r"^[0-9]{1,4}\.[0-9]{1,4}$"
+MAX_REVISION = 2**53 - 1  # exact in every JSON implementation
+
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+PipelineName = Annotated[str, StringConstraints(pattern=PIPELINE_PATTERN)]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
+Version = Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
+Contract = Annotated[str, StringConstraints(pattern=CONTRACT_PATTERN)]
+
+M = TypeVar("M", bound="WireMessage")
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("timestamp must carry a timezone (UTC expected), got a naive one")
+    return value.astimezone(timezone.utc)
+
+
+def describe_validation_error(e: ValidationError, limit: int = 3) -> str:
+    """One readable line for a pydantic error: ``field 'a.b': message; …``."""
+    errors = e.errors(include_url=False, include_input=False)
+    parts = [
+        f"field '{'.'.join(str(p) for p in err['loc']) or '<root>'}': {err['msg']}"
+        for err in errors[:limit]
+    ]
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
+    return "; ".join(parts) or str(e)[:300]
+
+
+class WireMessage(BaseModel):
+    """Base of the state messages: strict schema, bounded size, ``encode``/``decode``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def encode(self) -> bytes:
+        """Serialize to compact JSON bytes.
+
+        Raises:
+            BadMessage: the message would exceed ``MAX_MESSAGE`` (receivers would drop it).
+        """
+        data = self.model_dump_json().encode()
+        if len(data) > MAX_MESSAGE:
+            raise BadMessage(
+                f"{type(self).__name__} encodes to {len(data)} bytes, more than the"
+                f" {MAX_MESSAGE} a receiver accepts; not sent"
+            )
+        return data
+
+    @classmethod
+    def decode(cls: type[M], payload: bytes) -> M:
+        """Parse and validate untrusted bytes.
+
+        Raises:
+            BadMessage: oversized, not UTF-8 JSON, or not matching the schema.
+        """
+        name = cls.__name__
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise BadMessage(f"{name} payload must be bytes, got {type(payload).__name__}")
+        if len(payload) > MAX_MESSAGE:
+            raise BadMessage(
+                f"{name} payload is {len(payload)} bytes, more than the {MAX_MESSAGE} allowed;"
+                " message dropped"
+            )
+        try:
+            return cls.model_validate_json(bytes(payload))
+        except ValidationError as e:
+            raise BadMessage(f"bad {name}: {describe_validation_error(e)}") from e
+        except (ValueError, RecursionError) as e:  # defensive: parser limits
+            raise BadMessage(f"bad {name}: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+# --- desired ---------------------------------------------------------------------------------
+
+
+class PipelineTarget(BaseModel):
+    """The model version one pipeline should run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelName = Field(description="Registry model name, e.g. 'det'")
+    version: Version = Field(description="Semantic version of the model, e.g. '1.4.0'")
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.version}"
+
+
+class DesiredState(WireMessage):
+    """What the cloud wants a device to run: the body that gets signed."""
+
+    type: Literal["desired"] = Field("desired", description="Message kind, always 'desired'")
+    device_id: DeviceId = Field(description="The one device this state is for")
+    revision: int = Field(
+        ge=1, le=MAX_REVISION, description="Monotonic; a device never goes back to a lower one"
+    )
+    issued_at: datetime = Field(description="When the cloud issued this revision (UTC)")
+    contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version MAJOR.MINOR")
+    pipelines: dict[PipelineName, PipelineTarget] = Field(
+        default_factory=dict,
+        max_length=MAX_PIPELINES,
+        description="Pipeline name → model version it should run",
+    )
+
+    @field_validator("issued_at")
+    @classmethod
+    def _issued_utc(cls, v: datetime) -> datetime:
+        return _utc(v)
+
+
+class SignatureEntry(BaseModel):
+    """One signature of a desired state, as in TUF metadata."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keyid: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$", description="Signing key id"
+    )
+    sig: str = Field(
+        max_length=16384, pattern=r"^[0-9a-fA-F]*$", description="Hex signature over the body"
+    )
+
+
+class SignedDesired(WireMessage):
+    """The retained envelope on ``…/devices/D/desired``: body plus signatures."""
+
+    signed: DesiredState = Field(description="The desired state that was signed")
+    signatures: list[SignatureEntry] = Field(
+        default_factory=list, max_length=MAX_SIGNATURES, description="Signatures over 'signed'"
+    )
+
+
+# --- reported --------------------------------------------------------------------------------
+
+
+class UpdatePhase(str, Enum):
+    """Where a pipeline's model update stands (the allowed moves live in update/machine.py)."""
+
+    WAITING = "waiting"
+    FETCHING = "fetching"
+    VERIFIED = "verified"
+    BUILDING = "building"
+    TRIAL = "trial"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"
+
+
+class Progress(BaseModel):
+    """Work done out of a total (bytes fetched, build steps)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    done: int = Field(ge=0, le=1 << 50, description="Units done")
+    total: int = Field(ge=0, le=1 << 50, description="Units in all (0 = unknown)")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Progress:
+        if self.total and self.done > self.total:
+            raise ValueError(f"progress done={self.done} exceeds total={self.total}")
+        return self
+
+
+class PipelineReport(BaseModel):
+    """What one pipeline runs and where its update stands."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: PipelineName = Field(description="Pipeline name from the agent config")
+    phase: UpdatePhase = Field(description="Update phase of the current or last attempt")
+    active_model: ModelName | None = Field(None, description="Model running now")
+    active_version: Version | None = Field(None, description="Its version")
+    backend: str | None = Field(None, max_length=64, description="e.g. onnxruntime-cuda, tensorrt")
+    precision: Precision | None = Field(None, description="fp32, fp16 or int8")
+    target_model: ModelName | None = Field(None, description="Model being installed, if any")
+    target_version: Version | None = Field(None, description="Its version")
+    progress: Progress | None = Field(None, description="Progress of the current phase")
+    last_error: str | None = Field(
+        None, max_length=MAX_ERROR_TEXT, description="Why the last attempt failed (cut to fit)"
+    )
+    updated_at: datetime = Field(description="When this entry last changed (UTC)")
+
+    @field_validator("last_error", mode="before")
+    @classmethod
+    def _cut_error(cls, v: object) -> object:
+        # a long traceback must not make the whole report too big to send: keep its start
+        if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
+            return v[: MAX_ERROR_TEXT - 1] + "…"
+        return v
+
+    @field_validator("updated_at")
+    @classmethod
+    def _updated_utc(cls, v: datetime) -> datetime:
+        return _utc(v)
+
+
+class ReportedState(WireMessage):
+    """The retained per-device report on ``…/devices/D/reported``."""
+
+    type: Literal["reported"] = Field("reported", description="Message kind, always 'reported'")
+    device_id: DeviceId = Field(description="Reporting device")
+    desired_revision: int | None = Field(
+        None, ge=1, le=MAX_REVISION, description="Last desired revision applied (or seen)"
+    )
+    pipelines: list[PipelineReport] = Field(
+        default_factory=list, max_length=MAX_PIPELINES, description="One entry per pipeline"
+    )
+    contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ReportedState:
+        names = [p.name for p in self.pipelines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline names repeat: {sorted(names)}")
+        return self
+
+
+# --- birth / LWT -----------------------------------------------------------------------------
+
+
+class DeviceState(WireMessage):
+    """Birth message and last will on ``…/devices/D/state``."""
+
+    type: Literal["state"] = Field("state", description="Message kind, always 'state'")
+    device_id: DeviceId = Field(description="The device")
+    online: bool = Field(description="True in the birth message, false in the last will")
+    agent_version: str = Field(max_length=64, description="edgefleet agent version")
+    profile: str = Field(max_length=64, description="Device profile name, e.g. jetson-orin-nano")
+    contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
+    pipelines: list[PipelineName] = Field(
+        default_factory=list, max_length=MAX_PIPELINES, description="Configured pipelines"
+    )
+    tags: dict[Annotated[str, StringConstraints(max_length=64)], str] = Field(
+        default_factory=dict, max_length=64, description="Tags for rollout targeting"
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        # same rule as AgentConfig.tags, values bounded
+        for k, val in v.items():
+            if not k or not all(c.isalnum() or c in "_-." for c in k):
+                raise ValueError(f"tag key {k!r} may hold only letters, digits, '_', '-', '.'")
+            if len(val) > 256:
+                raise ValueError(f"tag {k!r} value is {len(val)} characters, at most 256")
+        return v
+
+
+def contract_major(contract: str) -> int:
+    """``"1.3"`` → 1.
+
+    Raises:
+        ValueError: not MAJOR.MINOR.
+    """
+    major, _, _minor = contract.partition(".")
+    return int(major)
+
+
+__all__ = [
+    "MAX_MESSAGE",
+    "BadMessage",
+    "DesiredState",
+    "DeviceState",
+    "PipelineReport",
+    "PipelineTarget",
+    "Progress",
+    "ReportedState",
+    "SignatureEntry",
+    "SignedDesired",
+    "UpdatePhase",
+    "WireMessage",
+    "contract_major",
+]

@@ -1,0 +1,1 @@
+"""Device to cloud session: MQTT connection, desired and reported state."""

@@ -1,0 +1,126 @@
+"""Adapter: the device's MQTT session — birth/LWT, desired state in, reported state out.
+
+paho runs its network loop in its own thread and reconnects by itself (exponential delay with
+a per-device random floor, so a fleet that lost the broker together does not return in
+lock-step). Incoming desired-state payloads are handed to a callback without any work done in
+paho's thread. The session is connected only after the broker *accepted* the connection
+(Frigate's MQTT client marks itself connected even after a refusal: not here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.config import BrokerConfig
+from agent.protocol.state import DeviceState, ReportedState
+from agent.protocol.topics import Topics
+from agent.sync.mqtt import make_client, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+
+class DeviceSession:
+    """One device's connection to the broker."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        device_id: str,
+        birth: DeviceState,
+        on_desired: Callable[[bytes], None],
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device_id = device_id
+        self.topics = Topics(cfg.topic_root)
+        self.birth = birth
+        self.on_desired = on_desired
+        self.connected = threading.Event()
+        self.last_error = ""
+        self.connects = 0
+        host, port, tls = parse_broker_url(cfg.url)
+        self._host, self._port = host, port
+        self.client = make_client(f"edgefleet-{device_id}", clean=True)
+        floor = (rng or random.Random()).uniform(0.5, 2.0)
+        self.client.reconnect_delay_set(min_delay=max(1, round(floor)), max_delay=30)
+        if cfg.username:
+            self.client.username_pw_set(cfg.username, cfg.password)
+        if tls:
+            self.client.tls_set(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+            )
+        offline = birth.model_copy(update={"online": False})
+        self.client.will_set(
+            self.topics.device(device_id, "state"), offline.encode(), qos=1, retain=True
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.message_callback_add(self.topics.device(device_id, "desired"), self._on_desired)
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting until ``stop``."""
+        self.client.connect_async(self._host, self._port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish the offline state (a clean exit sends no LWT) and disconnect."""
+        if self.connected.is_set():
+            offline = self.birth.model_copy(update={"online": False})
+            info = self.client.publish(
+                self.topics.device(self.device_id, "state"), offline.encode(), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None
+    ) -> None:
+        if rc.is_failure:
+            self.last_error = f"broker {self.cfg.url} refused the connection: {rc}"
+            log.error("device=%s mqtt connect refused: %s", self.device_id, rc)
+            self.connected.clear()
+            return
+        self.connects += 1
+        # Subscribe on every (re)connect: a clean session forgets subscriptions.
+        client.subscribe(self.topics.device(self.device_id, "desired"), qos=1)
+        client.subscribe(self.topics.device(self.device_id, "fetch/resp"), qos=1)
+        client.publish(
+            self.topics.device(self.device_id, "state"), self.birth.encode(), qos=1, retain=True
+        )
+        self.last_error = ""
+        self.connected.set()
+        log.info(
+            "device=%s mqtt connected to %s (connect #%d)",
+            self.device_id,
+            self.cfg.url,
+            self.connects,
+        )
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None
+    ) -> None:
+        self.connected.clear()
+        if rc.is_failure:
+            self.last_error = f"lost broker {self.cfg.url}: {rc}"
+            log.warning("device=%s mqtt disconnected: %s; paho reconnects", self.device_id, rc)
+
+    def _on_desired(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.on_desired(bytes(msg.payload))
+
+    def publish_reported(self, reported: ReportedState) -> None:
+        """Retained, QoS 1: the broker keeps the latest for dashboards and the controller."""
+        self.client.publish(
+            self.topics.device(self.device_id, "reported"), reported.encode(), qos=1, retain=True
+        )

@@ -1,0 +1,138 @@
+"""Adapter: python-tuf's ``ngclient.Updater`` over MQTT, on the device's data dir.
+
+Every check (signatures and thresholds, rollback, freeze, mix-and-match, endless data, root
+rotation) comes from the reference client; this module only wires it: the provisioned trust
+root is the bootstrap, metadata and targets live under ``DATA_DIR/tuf``, and bytes arrive
+through ``MqttFetcher``. An ``Updater`` refreshes once in its life, so each update cycle makes
+a new one (ngclient keeps its verified metadata on disk between them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from agent.errors import BadDataError, TransportError
+
+log = logging.getLogger(__name__)
+
+METADATA_URL = "mqtt://registry/metadata/"
+TARGETS_URL = "mqtt://registry/targets/"
+
+
+class UpdateRejected(BadDataError):
+    """Metadata or a target failed TUF verification (never retried as is)."""
+
+
+class TufClient:
+    """One device's TUF state and the ngclient calls the update manager needs."""
+
+    def __init__(self, data_dir: Path, trust_root: Path, fetcher: FetcherInterface) -> None:
+        """Raises: UpdateRejected when the provisioned trust root cannot be read."""
+        self.metadata_dir = data_dir / "tuf" / "metadata"
+        self.target_dir = data_dir / "tuf" / "targets"
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.target_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.bootstrap = trust_root.read_bytes()
+        except OSError as e:
+            raise UpdateRejected(f"trust root {trust_root} cannot be read: {e}") from e
+        self.fetcher = fetcher
+        self._updater: Updater | None = None
+
+    def refresh(self) -> None:
+        """A new ``Updater`` and its refresh (TUF client workflow 5.1–5.6).
+
+        Raises:
+            UpdateRejected: metadata failed verification (tampered, expired, rolled back…).
+            TransportError: the registry could not be reached.
+        """
+        try:
+            updater = Updater(
+                str(self.metadata_dir),
+                METADATA_URL,
+                str(self.target_dir),
+                TARGETS_URL,
+                fetcher=self.fetcher,
+                bootstrap=self.bootstrap,
+            )
+            updater.refresh()
+        except tuf_exc.DownloadError as e:
+            raise TransportError(f"registry unreachable during TUF refresh: {e}") from e
+        except tuf_exc.RepositoryError as e:
+            raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
+        self._updater = updater
+
+    def trusted_root(self) -> Root:
+        """The newest root ngclient verified (``root.json`` it keeps after a refresh)."""
+        md = Metadata[Root].from_bytes((self.metadata_dir / "root.json").read_bytes())
+        return md.signed
+
+    def target_info(self, path: str) -> TargetFile | None:
+        """Signed info of a target (None when the repository does not list it).
+
+        Raises:
+            UpdateRejected, TransportError: as ``refresh``.
+        """
+        if self._updater is None:
+            self.refresh()
+        updater = self._updater
+        if updater is None:  # refresh raised or set it
+            raise TransportError("TUF refresh did not complete")
+        try:
+            return updater.get_targetinfo(path)
+        except tuf_exc.DownloadError as e:
+            raise TransportError(f"registry unreachable: {e}") from e
+        except tuf_exc.RepositoryError as e:
+            raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
+
+    def download(
+        self, info: TargetFile, dest: Path, progress: Callable[[int, int], None] | None = None
+    ) -> Path:
+        """Download one target to ``dest``, verified against its signed length and hashes.
+
+        ngclient writes the verified file itself (temp file + rename), so nothing partial ever
+        sits under ``dest``.
+
+        Raises:
+            UpdateRejected: length or hash mismatch (tampered or truncated artifact).
+            TransportError: the registry could not be reached.
+        """
+        if self._updater is None:
+            raise TransportError("refresh() first")
+        cached = self._updater.find_cached_target(info, str(dest))
+        if cached is not None:
+            return Path(cached)
+        try:
+            return Path(self._updater.download_target(info, str(dest)))
+        except tuf_exc.DownloadError as e:
+            raise TransportError(f"download of {info.path} failed: {e}") from e
+        except tuf_exc.RepositoryError as e:
+            raise UpdateRejected(
+                f"artifact {info.path} failed verification: {type(e).__name__}: {e}"
+            ) from e
+
+    @staticmethod
+    def card_of(info: TargetFile) -> dict[str, Any] | None:
+        """The model card the registry signed into a target's custom metadata.
+
+        TUF signs canonical JSON, which has no floats, so the card (scales, means,
+        tolerances) rides as JSON text under ``custom.edgefleet.card_json``.
+        """
+        custom = info.custom.get("edgefleet") if isinstance(info.custom, dict) else None
+        text = custom.get("card_json") if isinstance(custom, dict) else None
+        if not isinstance(text, str):
+            return None
+        try:
+            card = json.loads(text)
+        except ValueError:
+            return None
+        return card if isinstance(card, dict) else None

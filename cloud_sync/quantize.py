@@ -1,0 +1,253 @@
+"""Adapter: static INT8 quantization (ONNX Runtime, QDQ) and the FP32-vs-INT8 accuracy gate.
+
+``quantize_int8`` writes the explicit-quantization form TensorRT builds as INT8: QDQ pairs,
+symmetric INT8 activations and weights (TensorRT takes zero points of 0 only), weights per
+output channel (``per_channel``). Calibration is MinMax over the samples given. Soft-max,
+sigmoid and the arithmetic of detection heads stay in float (``DEFAULT_OP_TYPES`` lists what
+is quantized): scores near a threshold are where 8 bits hurt most.
+
+Pre-processing is ``quant_pre_process`` reduced to ONNX shape inference, as in
+``cloud_sync.samples.digits``: ORT's optimiser would only add foreign opset imports, and the
+sympy-based symbolic shape inference is not needed (nor installed) for these graphs.
+
+``accuracy_gate`` runs both models on held-back samples: classification compares top-1
+classes (``drop = 1 - agreement``); other tasks the mean relative L2 error of every output
+(``drop`` = that error).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import ModelError
+from agent.fsutil import atomic_write_bytes
+from cloud_sync.samples.common import ort_session
+
+__all__ = ["DEFAULT_OP_TYPES", "GateResult", "accuracy_gate", "quantize_int8"]
+
+DEFAULT_OP_TYPES: tuple[str, ...] = (
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Add",
+    "Concat",
+    "Resize",
+)
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(uint8)": np.uint8,
+}
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The outcome of comparing an INT8 variant with its FP32 model.
+
+    Attributes:
+        metric_name: ``"top1_agreement"`` (classification) or ``"mean_relative_error"``.
+        value: the metric's value.
+        drop: the accuracy lost: ``1 - agreement`` or the relative error (inf if non-finite).
+        passed: ``drop <= max_drop``.
+        detail: one line for the operator, e.g. "top-1 agreement 0.989 on 90 samples …".
+        samples: how many held-back samples were compared.
+    """
+
+    metric_name: str
+    value: float
+    drop: float
+    passed: bool
+    detail: str
+    samples: int
+
+    @property
+    def accuracy(self) -> float:
+        """``1 - drop`` clipped to 0..1, as a card's ``VariantSpec.accuracy`` states it."""
+        return float(min(1.0, max(0.0, 1.0 - self.drop))) if np.isfinite(self.drop) else 0.0
+
+
+def _input_of(path: Path) -> tuple[Any, str, Any]:
+    """(session, input name, NumPy dtype) of a one-input model."""
+    try:
+        sess = ort_session(path)
+    except Exception as e:  # ORT raises its own pybind error types
+        raise ModelError(
+            f"ONNX Runtime cannot load {path}: {e}", model=str(path), reason="load"
+        ) from e
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(
+            f"{path} has {len(inputs)} inputs, expected exactly 1", model=str(path), reason="shape"
+        )
+    dtype = _ORT_DTYPES.get(inputs[0].type)
+    if dtype is None:
+        raise ModelError(
+            f"{path} input type is {inputs[0].type}, expected one of {sorted(_ORT_DTYPES)}",
+            model=str(path),
+            reason="dtype",
+        )
+    return sess, inputs[0].name, dtype
+
+
+def _check_samples(samples: npt.ArrayLike, what: str, model: Path) -> np.ndarray:
+    arr = np.asarray(samples)
+    if arr.ndim < 2 or len(arr) == 0:
+        raise ModelError(
+            f"{what} must be a non-empty array [N, ...] of model inputs, got shape {arr.shape}",
+            model=str(model),
+            reason="usage",
+        )
+    return arr
+
+
+def quantize_int8(
+    model_path: str | Path,
+    out_path: str | Path,
+    calibration: npt.ArrayLike,
+    *,
+    per_channel: bool = True,
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+) -> Path:
+    """Write a static INT8 QDQ copy of an FP32 model, calibrated on ``calibration``.
+
+    Args:
+        model_path: the FP32 ONNX model (one input).
+        out_path: where to write the INT8 model (atomically).
+        calibration: model inputs stacked on axis 0: ``calibration[i:i+1]`` is one
+            batch-1 input (e.g. [N, C, H, W] for an NCHW model).
+        per_channel: quantize Conv/Gemm/MatMul weights per output channel (what TensorRT
+            does for explicit INT8); False gives one scale per tensor.
+        op_types: the operator types to quantize.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ModelError: the model cannot be loaded (reason ``"load"``), the calibration array is
+            empty or misshapen (``"usage"``), or quantization fails (``"quantize"``).
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(model_path), Path(out_path)
+    _, name, dtype = _input_of(src)
+    data = _check_samples(calibration, "calibration", src).astype(dtype, copy=False)
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._i >= len(data):
+                return None
+            self._i += 1
+            return {name: data[self._i - 1 : self._i]}
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as tmp:
+        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        try:
+            quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+            quantize_static(
+                str(pre),
+                str(out),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                op_types_to_quantize=list(op_types),
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
+            atomic_write_bytes(dst, out.read_bytes())
+        except Exception as e:  # ORT's quantizer raises anything from onnx, numpy and itself
+            raise ModelError(
+                f"INT8 quantization of {src} failed: {type(e).__name__}: {e}",
+                model=str(src),
+                reason="quantize",
+            ) from e
+    return dst
+
+
+def _run(sess: Any, name: str, x: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(o, dtype=np.float64) for o in sess.run(None, {name: x})]
+
+
+def accuracy_gate(
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    samples: npt.ArrayLike,
+    *,
+    task: str,
+    max_drop: float = 0.01,
+) -> GateResult:
+    """Compare an INT8 model with its FP32 original on held-back samples, one at a time.
+
+    Args:
+        fp32_path: the FP32 model.
+        int8_path: its quantized variant.
+        samples: model inputs stacked on axis 0, as ``quantize_int8`` takes them; NOT the
+            calibration samples.
+        task: the card's task; ``"classification"`` compares top-1 classes of the first
+            output, anything else the relative L2 error of every output.
+        max_drop: the largest drop that passes.
+
+    Returns:
+        The metric, the drop and whether it passed.
+
+    Raises:
+        ModelError: a model cannot be loaded or run, or ``samples`` is empty.
+    """
+    p32, p8 = Path(fp32_path), Path(int8_path)
+    s32, name, dtype = _input_of(p32)
+    s8, name8, _ = _input_of(p8)
+    data = _check_samples(samples, "samples", p32).astype(dtype, copy=False)
+    agree, errors, finite = 0, [], True
+    try:
+        for i in range(len(data)):
+            a, b = _run(s32, name, data[i : i + 1]), _run(s8, name8, data[i : i + 1])
+            finite = finite and all(np.isfinite(o).all() for o in b)
+            if task == "classification":
+                agree += int(np.argmax(a[0].reshape(-1)) == np.argmax(b[0].reshape(-1)))
+            else:
+                errors += [
+                    float(np.linalg.norm(y8 - y) / max(float(np.linalg.norm(y)), _EPS))
+                    for y, y8 in zip(a, b, strict=True)
+                ]
+    except Exception as e:  # ORT run errors (shape, type) are foreign types
+        raise ModelError(
+            f"comparing {p8} with {p32} failed on a sample of shape {data.shape[1:]}: {e}",
+            model=str(p8),
+            reason="run",
+        ) from e
+    n = len(data)
+    if task == "classification":
+        metric, value = "top1_agreement", agree / n
+        drop = 1.0 - value if finite else float("inf")
+        what = f"top-1 agreement {value:.4f} on {n} held-back samples ({n - agree} differ)"
+    else:
+        metric, value = "mean_relative_error", float(np.mean(errors)) if finite else float("inf")
+        drop = value
+        what = f"mean relative output error {value:.4f} on {n} held-back samples"
+    if not finite:
+        what += "; the INT8 model gave non-finite outputs"
+    passed = bool(drop <= max_drop)
+    verdict = "<=" if passed else ">"
+    detail = f"{what}: drop {drop:.4f} {verdict} max {max_drop:.4f}"
+    return GateResult(metric, float(value), float(drop), passed, detail, n)

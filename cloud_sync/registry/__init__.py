@@ -1,0 +1,1 @@
+"""The model registry: a TUF repository, publishing, and serving it over MQTT."""

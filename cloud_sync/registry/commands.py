@@ -1,0 +1,219 @@
+"""Adapter: the ``registry`` and ``model`` commands of the ``edgefleet`` operator CLI.
+
+Hook them in with ``add_registry_commands(sub)`` on the CLI's sub-parsers; each command sets
+``fn`` to a handler taking the parsed ``argparse.Namespace`` and returning an exit code, and
+raises ``RegistryError`` (an ``EdgefleetError``) on failure, which the CLI prints as
+``edgefleet: error: …``::
+
+    edgefleet registry init DIR [--expiry-days ROLE=DAYS]... [--threshold ROLE=N]...
+    edgefleet model publish MODEL.onnx --repo DIR --name NAME --version SEMVER [--task T]
+        [--input-size WxH] [--labels FILE] [--calibration DIR] [--quantize int8]
+        [--max-accuracy-drop X] [--force]
+    edgefleet model list --repo DIR [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import IO, Any, get_args
+
+from agent.protocol.card import Task
+from cloud_sync.registry.keys import RegistryError
+
+__all__ = ["ProgressBar", "add_registry_commands", "parse_pairs", "parse_size"]
+
+
+def parse_pairs(items: list[str] | None, what: str, convert: type[Any]) -> dict[str, Any]:
+    """Pure: ``["root=365", "timestamp=1"]`` → ``{"root": 365.0, ...}`` (values converted).
+
+    Raises:
+        RegistryError: (reason ``"usage"``) an item is not ``ROLE=VALUE`` or its value is not
+            a number.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        role, sep, value = item.partition("=")
+        try:
+            if not sep or not role:
+                raise ValueError("missing '='")
+            out[role.strip()] = convert(value)
+        except ValueError as e:
+            raise RegistryError(
+                f"{what} {item!r} is invalid, expected ROLE=VALUE (e.g. timestamp=1): {e}",
+                reason="usage",
+            ) from e
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Pure: ``"640x480"`` → ``(640, 480)``.
+
+    Raises:
+        RegistryError: (reason ``"usage"``) not ``WxH`` with positive integers.
+    """
+    m = re.fullmatch(r"([1-9][0-9]{0,4})[xX]([1-9][0-9]{0,4})", text.strip())
+    if m is not None:
+        return int(m.group(1)), int(m.group(2))
+    raise RegistryError(
+        f"input size {text!r} is invalid, expected WxH (e.g. 640x480)", reason="usage"
+    )
+
+
+class ProgressBar:
+    """A one-line progress bar redrawn in place on a terminal; silent elsewhere."""
+
+    def __init__(self, stream: IO[str], width: int = 24) -> None:
+        """Draw on ``stream`` only when it is a TTY."""
+        self.stream = stream
+        self.width = width
+        self.enabled = stream.isatty()
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        """Redraw: ``[#######.........] 3/8 quantize``; a newline once ``done == total``."""
+        if not self.enabled:
+            return
+        fill = self.width * done // max(total, 1)
+        bar = "#" * fill + "." * (self.width - fill)
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\r[{bar}] {done}/{total} {label:<12}{end}")
+        self.stream.flush()
+
+
+def add_registry_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]:
+    """Add ``registry init``, ``model publish`` and ``model list`` to a CLI.
+
+    Args:
+        subparsers: the CLI's ``add_subparsers()`` result.
+
+    Returns:
+        The ``registry`` and ``model`` sub-parser groups, for more commands under them.
+    """
+    reg = subparsers.add_parser("registry", help="manage the signed model registry (TUF)")
+    reg_sub = reg.add_subparsers(dest="registry_cmd", required=True)
+    init = reg_sub.add_parser("init", help="create keys and version-1 TUF metadata in DIR")
+    init.add_argument("dir", metavar="DIR", help="new registry folder")
+    init.add_argument(
+        "--expiry-days",
+        action="append",
+        metavar="ROLE=DAYS",
+        help="validity of root/targets/snapshot/timestamp metadata (repeatable; defaults "
+        "root=365 targets=90 snapshot=7 timestamp=1)",
+    )
+    init.add_argument(
+        "--threshold",
+        action="append",
+        metavar="ROLE=N",
+        help="signatures needed for root/targets/snapshot/timestamp/desired (repeatable; "
+        "default 1; N keys are made)",
+    )
+    init.set_defaults(fn=_init)
+
+    model = subparsers.add_parser("model", help="publish and list model versions")
+    model_sub = model.add_subparsers(dest="model_cmd", required=True)
+    pub = model_sub.add_parser("publish", help="validate, quantize, gate and sign a model")
+    pub.add_argument("model", metavar="MODEL.onnx", help="the FP32 ONNX model")
+    pub.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    pub.add_argument("--name", required=True, help="model name")
+    pub.add_argument("--version", required=True, metavar="SEMVER", help="e.g. 1.2.0")
+    pub.add_argument("--task", choices=get_args(Task), help="override the card's task")
+    pub.add_argument("--input-size", type=str, metavar="WxH", help="model input size")
+    pub.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    pub.add_argument("--calibration", metavar="DIR", help="jpg/png calibration frames")
+    pub.add_argument("--quantize", choices=["int8"], help="add a static QDQ INT8 variant")
+    pub.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.01,
+        metavar="X",
+        help="largest INT8 accuracy drop vs FP32 (0..1, default 0.01)",
+    )
+    pub.add_argument("--force", action="store_true", help="publish INT8 even if the gate fails")
+    pub.set_defaults(fn=_publish)
+
+    ls = model_sub.add_parser("list", help="list published model versions")
+    ls.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(fn=_list)
+    return {"registry": reg_sub, "model": model_sub}
+
+
+def _init(args: argparse.Namespace) -> int:
+    from cloud_sync.registry.repo import Repository
+
+    repo = Repository.init(
+        args.dir,
+        expiry_days=parse_pairs(args.expiry_days, "--expiry-days", float),
+        thresholds=parse_pairs(args.threshold, "--threshold", int),
+    )
+    trust = repo.desired_trust()
+    print(f"registry created in {repo.path} (root v{repo.versions().root})")
+    print(f"  root keys:    {', '.join(k[:16] for k in repo.root().roles['root'].keyids)}")
+    print(f"  desired keys: {', '.join(k[:16] for k in trust.keys)}")
+    print(f"  provision devices with {repo.path / 'root.json'}")
+    print(f"  private keys in {repo.keys_dir} (mode 0600): keep them off the serving hosts")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from cloud_sync.registry.publish import publish
+    from cloud_sync.registry.repo import Repository
+
+    repo = Repository(args.repo)
+    result = publish(
+        repo,
+        args.model,
+        name=args.name,
+        version=args.version,
+        task=args.task,
+        input_size=parse_size(args.input_size) if args.input_size else None,
+        labels=args.labels,
+        calibration_dir=args.calibration,
+        quantize=args.quantize,
+        max_accuracy_drop=args.max_accuracy_drop,
+        force=args.force,
+        progress=ProgressBar(sys.stderr),
+    )
+    v = result.versions
+    print(
+        f"published {result.name}@{result.version} (targets v{v.targets}, snapshot "
+        f"v{v.snapshot}, timestamp v{v.timestamp})"
+    )
+    for path, size in result.files.items():
+        print(f"  {path}  {size} bytes")
+    if result.gate is not None:
+        forced = " (FORCED past the gate)" if result.forced else ""
+        print(f"  int8 gate: {result.gate.detail}{forced}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from cloud_sync.registry.publish import list_models
+    from cloud_sync.registry.repo import Repository
+
+    models = list_models(Repository(args.repo))
+    if args.json:
+        rows = [
+            {
+                "name": m.name,
+                "version": m.version,
+                "task": m.task,
+                "variants": list(m.variants),
+                "sizes": m.sizes,
+            }
+            for m in models
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not models:
+        print("no models published")
+        return 0
+    print(f"{'NAME':<20} {'VERSION':<14} {'TASK':<15} {'VARIANTS':<12} SIZE")
+    for m in models:
+        size = sum(m.sizes.values())
+        print(f"{m.name:<20} {m.version:<14} {m.task:<15} {','.join(m.variants):<12} {size}")
+    return 0

@@ -1,0 +1,430 @@
+"""Adapter: serves the registry's TUF repository to devices as byte windows over MQTT.
+
+A device publishes a ``FetchRequest`` on ``ROOT/devices/D/fetch/req``; every replica of the
+registry subscribes to the *shared* subscription ``$share/GROUP/ROOT/devices/+/fetch/req``, so
+the broker hands each request to exactly one replica, which answers on
+``ROOT/devices/D/fetch/resp`` (QoS 1) with the window ``[offset, offset + length)`` of
+``repo_dir/<path>`` and the file's total size.
+
+The server trusts nothing in a request: the path must match the contract's pattern, contain no
+``..``, and still lie inside ``repo_dir`` once resolved (symlinks included); anything else is
+answered ``bad_request`` when an id can be recovered, counted and dropped otherwise. Content is
+never checked here: devices verify every byte against signed TUF metadata.
+
+Requests are served on paho's network thread by default: a window is one ``pread`` from the
+page cache, and handing it to a pool only adds a thread switch (``scripts/bench_transfer.py``
+measures both; ``workers=N`` turns the pool on for slow disks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+
+from agent.errors import TransportError
+from agent.protocol.fetch import (
+    MAX_CHUNK,
+    BadMessage,
+    FetchHeader,
+    FetchRequest,
+    encode_response,
+)
+from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics
+from agent.sync.mqtt import make_client, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 4096  # a valid request is < 700 bytes; bigger ones are not even parsed
+MAX_QUEUED_RESPONSES = 1024  # paho's outgoing queue (x 64 KB): bounded memory under a flood
+RESOLVE_TTL_S = 1.0  # how long a resolved request path is reused
+RESOLVE_CACHE = 256  # resolved request paths kept
+MAX_INFLIGHT = 100  # QoS 1 responses awaiting PUBACK (paho's default of 20 throttles windows)
+
+
+@dataclass
+class ServerStats:
+    """Counters since start (a snapshot; ``ChunkServer.stats()`` returns a copy).
+
+    Attributes:
+        requests: request messages received (valid or not).
+        answered: responses handed to paho, any status.
+        bytes_sent: data bytes in ``ok`` responses.
+        not_found: answered ``not_found``.
+        bad_requests: malformed or forbidden requests (answered ``bad_request`` when possible).
+        errors: local read errors (answered ``error``) and responses paho refused to queue.
+        dropped: requests that could not be answered at all (no id, unknown topic).
+        by_device: requests per device id.
+        bytes_by_device: data bytes per device id.
+    """
+
+    requests: int = 0
+    answered: int = 0
+    bytes_sent: int = 0
+    not_found: int = 0
+    bad_requests: int = 0
+    errors: int = 0
+    dropped: int = 0
+    by_device: dict[str, int] = field(default_factory=dict)
+    bytes_by_device: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_repo_path(repo_root: Path, path: str) -> Path | None:
+    """The file ``path`` names inside ``repo_root`` (already resolved), or None if it escapes.
+
+    ``path`` is a validated contract path (``metadata/…`` or ``targets/…``). Symlinks are
+    followed before the check, so a link pointing out of the repository is refused too.
+    """
+    try:
+        candidate = (repo_root / path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError up to Python 3.12)
+        return None
+    if candidate == repo_root or not candidate.is_relative_to(repo_root):
+        return None
+    return candidate
+
+
+def read_window(file: Path, offset: int, length: int) -> tuple[int, bytes]:
+    """``(file size, bytes [offset, offset + length))``; empty data at or past the end.
+
+    Raises:
+        FileNotFoundError: no such file, or not a regular file.
+        OSError: the file cannot be read.
+    """
+    # O_NOFOLLOW: ``file`` is already resolved, so a symlink here was swapped in after the check.
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(f"{file} is not a regular file")
+        total = st.st_size
+        if offset >= total:
+            return total, b""
+        return total, os.pread(fd, min(length, MAX_CHUNK, total - offset), offset)
+    finally:
+        os.close(fd)
+
+
+def _recover_id(payload: bytes) -> tuple[str, str] | None:
+    """``(id, path)`` of a request that failed validation, if the id can be trusted to echo."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
+        return None
+    if not isinstance(obj, dict):
+        return None
+    rid, path = obj.get("id"), obj.get("path")
+    if not isinstance(rid, str) or not 1 <= len(rid) <= 64:
+        return None
+    return rid, path[:600] if isinstance(path, str) else ""
+
+
+class ChunkServer:
+    """One registry replica answering chunk requests for every device.
+
+    Args:
+        repo_dir: the TUF repository (``metadata/`` and ``targets/`` below it).
+        broker_url: ``mqtt://host:port`` or ``mqtts://host:port``.
+        root: topic root.
+        client_id: MQTT client id, unique per replica.
+        share_group: shared-subscription group; replicas in one group split the requests.
+        on_tick: called with ``time.time()`` about every second from ``serve_forever`` (the
+            registry re-signs timestamp metadata there before it expires).
+        workers: 0 serves on paho's thread; N > 0 uses a pool of N threads.
+        tls_context: for ``mqtts://``; default is the system's trust store.
+
+    Raises:
+        ValueError: a bad broker URL or ``workers < 0``.
+    """
+
+    def __init__(
+        self,
+        repo_dir: Path,
+        broker_url: str,
+        *,
+        root: str = DEFAULT_ROOT,
+        client_id: str,
+        share_group: str = REGISTRY_SHARE_GROUP,
+        on_tick: Callable[[float], None] | None = None,
+        workers: int = 0,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.repo_root = Path(repo_dir).resolve()
+        self.host, self.port, tls = parse_broker_url(broker_url)
+        self.topics = Topics(root)
+        self.subscription = self.topics.shared(share_group, "fetch/req")
+        self.client_id = client_id
+        self.on_tick = on_tick
+        self._stats = ServerStats()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._sub_mid: int | None = None
+        self._sub_failure = ""
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunk") if workers else None
+        self._resolved: OrderedDict[str, tuple[Path | None, float]] = OrderedDict()
+        self.client = make_client(client_id, clean=True)
+        self.client.max_inflight_messages_set(MAX_INFLIGHT)
+        self.client.max_queued_messages_set(MAX_QUEUED_RESPONSES)
+        if tls:
+            self.client.tls_set_context(tls_context or ssl.create_default_context())
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.message_callback_add(self.topics.all_devices("fetch/req"), self._on_message)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, *, wait: bool = True, timeout_s: float = 10.0) -> None:
+        """Connect and start paho's thread (it reconnects and resubscribes on its own).
+
+        Args:
+            wait: block until the shared subscription is acknowledged.
+            timeout_s: how long to wait.
+
+        Raises:
+            TransportError: with ``wait``, not subscribed within ``timeout_s`` (broker down or
+                the subscription refused); the client keeps retrying until ``stop()``.
+        """
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if wait and not self._ready.wait(timeout_s):
+            why = self._sub_failure or "no CONNACK/SUBACK"
+            raise TransportError(
+                f"chunk server {self.client_id} not serving {self.subscription} on "
+                f"{self.host}:{self.port} after {timeout_s} s ({why}); still retrying"
+            )
+        log.info(
+            "chunk server %s serving %s from %s", self.client_id, self.subscription, self.repo_root
+        )
+
+    def stop(self) -> None:
+        """Disconnect, stop paho's thread and the pool (pending answers are dropped)."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self.client.socket() is not None:
+            # paho race: a disconnect() while its thread is inside reconnect() is lost
+            # (reconnect() resets the state to CONNECTING). With the thread gone, this one is
+            # written at once and closes the socket.
+            self.client.disconnect()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ready.clear()
+
+    def serve_forever(self, stop_event: threading.Event, *, tick_s: float = 1.0) -> None:
+        """``start()``; ``on_tick(now)`` about every ``tick_s`` until ``stop_event``; ``stop()``.
+
+        Raises:
+            Exception: whatever ``on_tick`` raises, after stopping (a registry that cannot
+                re-sign its timestamp must not keep serving as if it could).
+        """
+        self.start(wait=False)
+        try:
+            next_tick = time.monotonic()
+            while not stop_event.is_set():
+                if self.on_tick is not None and time.monotonic() >= next_tick:
+                    self.on_tick(time.time())
+                    next_tick = time.monotonic() + tick_s
+                stop_event.wait(max(0.0, min(tick_s, next_tick - time.monotonic())))
+        finally:
+            self.stop()
+
+    def ready(self) -> bool:
+        """True while connected with the shared subscription acknowledged."""
+        return self._ready.is_set()
+
+    def stats(self) -> ServerStats:
+        """A copy of the counters."""
+        with self._lock:
+            return replace(
+                self._stats,
+                by_device=dict(self._stats.by_device),
+                bytes_by_device=dict(self._stats.bytes_by_device),
+            )
+
+    # -- paho callbacks (network thread) ------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._sub_failure = f"CONNACK {reason}"
+            log.warning("chunk server %s: broker refused connection: %s", self.client_id, reason)
+            return
+        rc, mid = client.subscribe(self.subscription, qos=1)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._sub_failure = f"subscribe rc={rc}"
+            log.warning("chunk server %s: subscribe failed rc=%s", self.client_id, rc)
+            return
+        self._sub_mid = mid
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _ud: Any, mid: int, reasons: list[Any], _props: Any
+    ) -> None:
+        if mid != self._sub_mid:
+            return
+        if any(r.is_failure for r in reasons):
+            self._sub_failure = f"SUBACK {[str(r) for r in reasons]}"
+            log.error(
+                "chunk server %s: broker refused %s: %s",
+                self.client_id,
+                self.subscription,
+                self._sub_failure,
+            )
+            return
+        self._sub_failure = ""
+        self._ready.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._ready.clear()
+        if reason.is_failure:
+            log.warning(
+                "chunk server %s: disconnected (%s); paho reconnects", self.client_id, reason
+            )
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        if self._pool is None:
+            self._serve(msg.topic, payload)
+        else:
+            self._pool.submit(self._serve, msg.topic, payload)
+
+    # -- serving ------------------------------------------------------------------------
+
+    def _serve(self, topic: str, payload: bytes) -> None:
+        """Answer one request; never raises (a bad request must not stop the server)."""
+        parsed = self.topics.parse(topic)
+        with self._lock:
+            self._stats.requests += 1
+            if parsed is not None:
+                dev = parsed[0]
+                self._stats.by_device[dev] = self._stats.by_device.get(dev, 0) + 1
+        if parsed is None or parsed[1] != "fetch/req":
+            self._count(dropped=1)
+            log.warning("chunk request on unexpected topic %r dropped", topic)
+            return
+        device_id = parsed[0]
+        try:
+            header, data = self.answer(payload)
+        except Exception:  # a bug here must cost one request, not the replica
+            log.exception("chunk request from %s crashed the handler; dropped", device_id)
+            self._count(errors=1, dropped=1)
+            return
+        if header is None:
+            return
+        self._publish(device_id, header, data)
+
+    def answer(self, payload: bytes) -> tuple[FetchHeader | None, bytes]:
+        """The answer to one request payload, or ``(None, b"")`` when none can be sent.
+
+        Counts into ``stats()``; never raises for bad input (malformed, forbidden, missing).
+        """
+        if len(payload) > MAX_REQUEST_BYTES:
+            self._count(bad_requests=1, dropped=1)
+            return None, b""
+        try:
+            req = FetchRequest.decode(payload)
+        except BadMessage as e:
+            self._count(bad_requests=1)
+            recovered = _recover_id(payload)
+            if recovered is None:
+                self._count(dropped=1)
+                return None, b""
+            rid, path = recovered
+            return self._status(rid, path, 0, "bad_request", str(e)), b""
+        file = self._resolve(req.path)
+        if file is None:
+            self._count(bad_requests=1)
+            log.warning("chunk request %s for %r escapes the repository; refused", req.id, req.path)
+            return self._status(
+                req.id,
+                req.path,
+                req.offset,
+                "bad_request",
+                f"path {req.path!r} is outside the repository",
+            ), b""
+        try:
+            total, data = read_window(file, req.offset, req.length)
+        except FileNotFoundError:
+            self._count(not_found=1)
+            return self._status(req.id, req.path, req.offset, "not_found", ""), b""
+        except OSError as e:
+            self._count(errors=1)
+            log.error("chunk request %s: reading %s failed: %s", req.id, file, e)
+            return self._status(
+                req.id,
+                req.path,
+                req.offset,
+                "error",
+                f"registry could not read the file: {e.strerror}",
+            ), b""
+        header = FetchHeader(id=req.id, path=req.path, offset=req.offset, total=total)
+        return header, data
+
+    def _resolve(self, path: str) -> Path | None:
+        """``resolve_repo_path`` with a small cache of recent answers.
+
+        Resolving walks every component with ``lstat`` (5 calls here, ~90 µs on this overlay
+        file system, more than the read itself) and a transfer asks for one path many times.
+        An entry lives ``RESOLVE_TTL_S``: a symlink the operator re-points inside the
+        repository takes effect that much later; the final ``open`` uses ``O_NOFOLLOW`` anyway.
+        """
+        now = time.monotonic()
+        with self._lock:
+            hit = self._resolved.get(path)
+            if hit is not None and now - hit[1] < RESOLVE_TTL_S:
+                return hit[0]
+        file = resolve_repo_path(self.repo_root, path)
+        with self._lock:
+            self._resolved[path] = (file, now)
+            self._resolved.move_to_end(path)
+            while len(self._resolved) > RESOLVE_CACHE:
+                self._resolved.popitem(last=False)
+        return file
+
+    @staticmethod
+    def _status(rid: str, path: str, offset: int, status: Any, error: str) -> FetchHeader:
+        return FetchHeader(
+            id=rid, path=path, offset=offset, total=0, status=status, error=error[:500]
+        )
+
+    def _publish(self, device_id: str, header: FetchHeader, data: bytes) -> None:
+        info = self.client.publish(
+            self.topics.device(device_id, "fetch/resp"), encode_response(header, data), qos=1
+        )
+        # NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._count(errors=1, dropped=1)
+            log.warning(
+                "chunk response %s to %s not queued (rc=%s); the device will retry",
+                header.id,
+                device_id,
+                info.rc,
+            )
+            return
+        with self._lock:
+            self._stats.answered += 1
+            self._stats.bytes_sent += len(data)
+            by = self._stats.bytes_by_device
+            by[device_id] = by.get(device_id, 0) + len(data)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + n)

@@ -1,0 +1,315 @@
+"""Model delivery end to end: registry → Mosquitto → agent, with attacks and faults.
+
+Real parts throughout: a Mosquitto broker, a TUF repository signed with real ed25519 keys,
+the registry's chunk server, the agent's ngclient over MQTT, ONNX Runtime, and OpenCV
+decoding a looping video.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.config import parse_config
+from agent.protocol.state import DesiredState, PipelineTarget, ReportedState, SignedDesired
+from agent.protocol.topics import Topics
+from agent.service import Agent
+from agent.update.desired import sign_desired
+from cloud_sync.deploy import deploy
+from cloud_sync.registry.keys import generate_signer
+from cloud_sync.registry.publish import publish
+from cloud_sync.registry.repo import Repository
+from cloud_sync.registry.serve import ChunkServer
+from tests.conftest import Mosquitto, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.video]
+DEVICE = "cam-01"
+
+
+class Fleet:
+    """One registry, one chunk server and one agent around a broker."""
+
+    def __init__(self, tmp: Path, broker: Mosquitto, video: Path, models: dict[str, Path]) -> None:
+        self.tmp = tmp
+        self.broker = broker
+        self.video = video
+        self.models = models
+        self.repo_dir = tmp / "registry"
+        self.repo = Repository.init(self.repo_dir)
+        self.server = ChunkServer(self.repo_dir, broker.url, client_id="registry-1", workers=2)
+        self.agent: Agent | None = None
+        self.reported: list[ReportedState] = []
+        self.watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
+        self.watcher.on_message = self._on_reported
+        self.watcher.connect(broker.host, broker.port)
+        self.watcher.subscribe(Topics().device(DEVICE, "reported"), qos=1)
+        self.watcher.loop_start()
+
+    def _on_reported(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.payload:
+            self.reported.append(ReportedState.decode(bytes(msg.payload)))
+
+    def publish(self, name: str, version: str, model: str = "digits") -> None:
+        publish(self.repo, self.models[model] / "model.onnx", name=name, version=version)
+
+    def start_agent(self, **update: Any) -> Agent:
+        cfg = parse_config(
+            {
+                "device_id": DEVICE,
+                "data_dir": str(self.tmp / "data"),
+                "profile": "x86-cpu",
+                "pipelines": [
+                    {"name": "front", "source": str(self.video), "model": "digits", "loop": True}
+                ],
+                "broker": {"url": self.broker.url},
+                "trust": {"root": str(self.repo_dir / "root.json")},
+                "update": {"health_window_s": 0.5, "health_min_frames": 5, **update},
+            }
+        )
+        self.agent = Agent(cfg)
+        self.agent.start()
+        assert wait_for(
+            lambda: self.agent is not None and self.agent.session.connected.is_set(), 10
+        )
+        return self.agent
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    def deploy(self, ref: str) -> SignedDesired:
+        return deploy(self.repo_dir, self.broker.url, DEVICE, ref, pipeline="front")
+
+    @property
+    def pipe(self) -> Any:
+        assert self.agent is not None
+        return self.agent.pipelines[0]
+
+    def running(self) -> str | None:
+        m = self.pipe.model
+        return m.ref if m is not None else None
+
+    def last(self) -> Any:
+        assert self.agent is not None and self.agent.updates is not None
+        return self.agent.updates.reported().pipelines[0]
+
+    def wait_phase(self, *phases: str, version: str, timeout: float = 60) -> Any:
+        """Wait until the attempt for ``version`` reached one of ``phases``."""
+        ok = wait_for(
+            lambda: (
+                self.last().phase.value in phases
+                and self.last().target_version == version
+                and self.agent is not None
+                and self.agent.updates.idle.is_set()
+            ),
+            timeout,
+        )
+        assert ok, f"phase {self.last().phase.value}, wanted {phases}: {self.last().last_error}"
+        return self.last()
+
+    def close(self) -> None:
+        self.stop_agent()
+        self.server.stop()
+        self.watcher.loop_stop()
+        self.watcher.disconnect()
+
+
+@pytest.fixture
+def digit_loop(
+    tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path], model_script: ModuleType
+) -> Path:
+    z = np.load(test_models["digits"] / "test_set.npz")
+    images = next(z[k] for k in z.files if z[k].ndim == 3)[:60]
+    labels = next(z[k] for k in z.files if z[k].ndim == 1)[:60]
+    path = tmp_path_factory.mktemp("loop") / "digits.mkv"
+    model_script.write_digit_video(path, images, labels)
+    return path
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path, broker: Mosquitto, digit_loop: Path, test_models: dict[str, Path]
+) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, broker, digit_loop, test_models)
+    f.server.start()
+    yield f
+    f.close()
+
+
+def test_publish_deploy_commit_then_hot_swap_to_a_new_version(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    agent = fleet.start_agent()
+    assert fleet.running() is None and fleet.last().phase.value == "waiting"
+    fleet.deploy("digits@1.0.0")
+    rep = fleet.wait_phase("committed", version="1.0.0")
+    assert fleet.running() == "digits@1.0.0"
+    assert rep.active_version == "1.0.0" and rep.last_error is None
+    # events flow from the delivered model
+    assert wait_for(lambda: fleet.pipe.metrics.counters["frames_inferred"] > 10, 20)
+
+    fleet.publish("digits", "1.1.0")
+    fleet.deploy("digits@1.1.0")
+    rep = fleet.wait_phase("committed", version="1.1.0")
+    assert rep.target_version == "1.1.0" and fleet.running() == "digits@1.1.0"
+    assert agent.updates.state.pipelines["front"].previous == PipelineTarget(
+        model="digits", version="1.0.0"
+    )
+    # the retained reported state a dashboard sees says the same
+    assert wait_for(
+        lambda: any(
+            r.pipelines[0].phase.value == "committed" and r.pipelines[0].active_version == "1.1.0"
+            for r in fleet.reported
+        ),
+        10,
+    )
+    phases = [r.pipelines[0].phase.value for r in fleet.reported]
+    for p in ("fetching", "verified", "building", "trial", "active", "committed"):
+        assert p in phases, phases
+
+
+def test_restart_runs_the_committed_model_without_the_broker(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.start_agent()
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    fleet.stop_agent()
+    fleet.broker.stop()
+    f = fleet  # same data dir and config, broker down: nothing to fetch, nothing to ask
+    cfg = parse_config(
+        {
+            "device_id": DEVICE,
+            "data_dir": str(f.tmp / "data"),
+            "profile": "x86-cpu",
+            "pipelines": [
+                {"name": "front", "source": str(f.video), "model": "digits", "loop": True}
+            ],
+            "broker": {"url": f.broker.url},
+            "trust": {"root": str(f.repo_dir / "root.json")},
+        }
+    )
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        assert agent.pipelines[0].model is not None
+        assert agent.pipelines[0].model.ref == "digits@1.0.0"
+        assert wait_for(lambda: agent.pipelines[0].metrics.counters["frames_inferred"] > 5, 20)
+    finally:
+        agent.stop()
+        f.broker.start()
+
+
+def test_tampered_artifact_is_rejected_and_the_old_model_keeps_running(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.publish("digits", "1.1.0")
+    fleet.start_agent()
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    target = fleet.repo.targets()["models/digits/1.1.0/model.onnx"]
+    stored = fleet.repo.target_path(target)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    fleet.deploy("digits@1.1.0")
+    rep = fleet.wait_phase("rejected", version="1.1.0")
+    assert fleet.running() == "digits@1.0.0"
+    assert "1.1.0" in rep.last_error and "keeping front: digits@1.0.0" in rep.last_error
+    assert "hash" in rep.last_error.lower() or "verification" in rep.last_error.lower()
+    assert not list((fleet.tmp / "data" / "tuf" / "targets").rglob("*model.onnx*")), (
+        "partial file left"
+    )
+
+
+def test_desired_state_signed_by_a_foreign_key_is_refused(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.start_agent()
+    forged = sign_desired(
+        DesiredState(
+            device_id=DEVICE,
+            revision=99,
+            issued_at=datetime.now(timezone.utc),
+            pipelines={"front": PipelineTarget(model="digits", version="1.0.0")},
+        ),
+        [generate_signer()],
+    )
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker")
+    c.connect(fleet.broker.host, fleet.broker.port)
+    c.loop_start()
+    c.publish(
+        Topics().device(DEVICE, "desired"), forged.encode(), qos=1, retain=True
+    ).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+    assert wait_for(
+        lambda: (fleet.last().last_error or "").startswith("desired state rejected"), 20
+    )
+    assert "signature" in fleet.last().last_error
+    assert fleet.running() is None
+
+
+def test_replayed_older_desired_state_is_refused(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.publish("digits", "1.1.0")
+    fleet.start_agent()
+    old = fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    fleet.deploy("digits@1.1.0")
+    fleet.wait_phase("committed", version="1.1.0")
+    assert fleet.running() == "digits@1.1.0"
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="replayer")
+    c.connect(fleet.broker.host, fleet.broker.port)
+    c.loop_start()
+    c.publish(
+        Topics().device(DEVICE, "desired"), old.encode(), qos=1, retain=True
+    ).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+    assert wait_for(lambda: "replay" in (fleet.last().last_error or ""), 20), fleet.last()
+    assert fleet.running() == "digits@1.1.0"
+
+
+def test_expired_timestamp_freezes_nothing_in(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.start_agent()
+    # The registry stops re-signing: its timestamp expired a day ago (a freeze attack).
+    long_ago = datetime.now(timezone.utc) - timedelta(days=3)
+    fleet.repo.refresh_timestamp(long_ago, min_remaining=timedelta(days=3650))
+    fleet.deploy("digits@1.0.0")
+    assert wait_for(lambda: "expired" in (fleet.last().last_error or "").lower(), 30), fleet.last()
+    assert fleet.running() is None
+
+
+def test_golden_mismatch_is_rejected(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.publish("digits", "1.0.0")
+    # A version whose golden outputs do not match its model (a registry-side mistake).
+    fleet.publish("digits", "1.2.0")
+    gold_t = fleet.repo.targets()["models/digits/1.2.0/golden.npz"]
+    z = dict(np.load(fleet.repo.target_path(gold_t)))
+    for k in z:
+        if k.startswith("output_"):
+            z[k] = z[k] + 0.5
+    bad = tmp_path / "golden.npz"
+    np.savez(bad, **z)
+    base = "models/digits/1.2.0"
+    custom = {f"{base}/golden.npz": gold_t.custom}
+    fleet.repo.add_targets({f"{base}/golden.npz": bad}, custom)
+    fleet.start_agent()
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    fleet.deploy("digits@1.2.0")
+    rep = fleet.wait_phase("rejected", version="1.2.0")
+    assert "golden" in rep.last_error and "max abs error" in rep.last_error
+    assert fleet.running() == "digits@1.0.0"
+    # not retried in a loop: the same desired state again changes nothing
+    n = len(fleet.reported)
+    fleet.agent.updates.submit_desired(json.dumps({}).encode())  # junk is reported, not fatal
+    assert wait_for(lambda: "malformed" in (fleet.last().last_error or ""), 10)
+    assert fleet.running() == "digits@1.0.0" and len(fleet.reported) >= n
