@@ -105,6 +105,7 @@ def open_local_model(
     cache_dir: Path | None = None,
     build_timeout_s: float = 1800,
     progress: Callable[[str], None] = lambda s: None,
+    build_test_opts: Mapping[str, Any] | None = None,
 ) -> RunnableModel:
     """Open a local ONNX model ready to serve frames.
 
@@ -148,6 +149,7 @@ def open_local_model(
             threads=threads,
             providers=providers,
             workspace_bytes=workspace,
+            **(build_test_opts or {}),
         )
 
     first = load(path, "fp32")
@@ -211,6 +213,10 @@ class Agent:
         self.pipelines: list[Pipeline] = []
         self.models: dict[str, RunnableModel] = {}
         self._stop = threading.Event()
+        # Test-only: EDGEFLEET_TEST_BUILD_SLEEP_S makes every engine build sleep in its child
+        # process first, so fault tests can kill the agent while it builds. Read once, here.
+        sleep = os.environ.get("EDGEFLEET_TEST_BUILD_SLEEP_S")
+        self.build_test_opts: dict[str, Any] = {"_test_sleep_s": float(sleep)} if sleep else {}
         self.session: Any = None  # DeviceSession when [broker] is configured
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
 
@@ -316,6 +322,7 @@ class Agent:
                 cache_dir=cfg.data_dir / "engines",
                 build_timeout_s=cfg.build_timeout_s,
                 progress=progress,
+                build_test_opts=self.build_test_opts,
             )
 
         self.updates = UpdateManager(

@@ -8,6 +8,7 @@ decoding a looping video.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -58,7 +59,16 @@ class Fleet:
             self.reported.append(ReportedState.decode(bytes(msg.payload)))
 
     def publish(self, name: str, version: str, model: str = "digits") -> None:
-        publish(self.repo, self.models[model] / "model.onnx", name=name, version=version)
+        """Publish a copy of a test model whose bytes differ per version (as real versions'
+        do), so each version has its own engine to build."""
+        import onnx
+
+        d = self.tmp / "src" / f"{name}-{version}"
+        shutil.copytree(self.models[model], d)
+        m = onnx.load(str(d / "model.onnx"))
+        m.doc_string = f"{name} {version}"
+        onnx.save(m, str(d / "model.onnx"))
+        publish(self.repo, d / "model.onnx", name=name, version=version)
 
     def start_agent(self, **update: Any) -> Agent:
         cfg = parse_config(

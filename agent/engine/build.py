@@ -51,8 +51,9 @@ _ORT_OPTS = ("providers", "graph_optimization_level")
 _TRT_OPTS = ("workspace_bytes", "dla_core", "profiles", "timing_cache_path")
 # Test-only hooks honoured by the child (see _apply_test_hooks); never set them in production.
 _TEST_OPTS = ("_test_sleep_s", "_test_crash")
-# Options that change how long a build takes but not the engine: not part of the cache key.
-_NOT_IN_KEY = ("timing_cache_path",)
+# Options that change how long a build takes (or test hooks that make it slow or crash) but
+# not the engine it produces: not part of the cache key.
+_NOT_IN_KEY = ("timing_cache_path", *_TEST_OPTS)
 # Load failures a rebuild can cure (corrupt or incompatible artifact).
 _REBUILDABLE = ("load", "engine")
 

@@ -1,0 +1,162 @@
+"""kill -9 of a real agent process in the middle of an update, then a restart.
+
+The agent is `edgefleet-agent run` in a subprocess; the registry, broker and video are real.
+After each kill the restarted agent must run the last committed model, report the
+interrupted version as failed, and not try it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.protocol.state import ReportedState
+from tests.conftest import Mosquitto, wait_for
+from tests.test_delivery import DEVICE, Fleet, digit_loop  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.broker, pytest.mark.video, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+class AgentProcess:
+    def __init__(self, fleet: Fleet, health_window_s: float) -> None:
+        self.fleet = fleet
+        self.data = fleet.tmp / "data"
+        self.config = fleet.tmp / "agent.toml"
+        self.config.write_text(
+            f'device_id = "{DEVICE}"\n'
+            f'data_dir = "{self.data}"\n'
+            'profile = "x86-cpu"\n'
+            "[[pipelines]]\n"
+            'name = "front"\n'
+            f'source = "{fleet.video}"\n'
+            'model = "digits"\n'
+            "loop = true\n"
+            "[broker]\n"
+            f'url = "{fleet.broker.url}"\n'
+            "[trust]\n"
+            f'root = "{fleet.repo_dir / "root.json"}"\n'
+            "[update]\n"
+            f"health_window_s = {health_window_s}\n"
+            "health_min_frames = 5\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **env: str) -> None:
+        with open(self.fleet.tmp / "agent.log", "ab") as log:  # kept for failure analysis
+            self.proc = subprocess.Popen(
+                [str(BIN / "edgefleet-agent"), "run", "--config", str(self.config)],
+                env={**os.environ, "XDG_CACHE_HOME": str(self.fleet.tmp / "cache"), **env},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.data / "status.json").read_text())  # type: ignore[no-any-return]
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def running(self) -> str | None:
+        pipes = self.status().get("pipelines") or [{}]
+        return pipes[0].get("model")
+
+
+def latest(fleet: Fleet) -> ReportedState | None:
+    return fleet.reported[-1] if fleet.reported else None
+
+
+def phase_of(fleet: Fleet, version: str) -> str | None:
+    r = latest(fleet)
+    if r is None or r.pipelines[0].target_version != version:
+        return None
+    return r.pipelines[0].phase.value
+
+
+@pytest.fixture
+def proc_fleet(
+    tmp_path: Path,
+    broker: Mosquitto,
+    digit_loop: Path,  # noqa: F811
+    test_models: dict[str, Path],
+) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, broker, digit_loop, test_models)
+    f.server.start()
+    yield f
+    f.close()
+
+
+@pytest.mark.parametrize(
+    ("kill_in", "health_window_s", "extra_env", "expected_phase"),
+    [
+        ("building", 0.5, {"EDGEFLEET_TEST_BUILD_SLEEP_S": "60"}, "rejected"),
+        ("active", 120.0, {}, "rolled_back"),
+    ],
+)
+def test_kill_during_update_restarts_on_committed_model(
+    proc_fleet: Fleet,
+    kill_in: str,
+    health_window_s: float,
+    extra_env: dict[str, str],
+    expected_phase: str,
+) -> None:
+    f = proc_fleet
+    f.publish("digits", "1.0.0")
+    f.publish("digits", "1.1.0")
+    agent = AgentProcess(f, health_window_s=0.5)
+    agent.start()
+    try:
+        f.deploy("digits@1.0.0")
+        assert wait_for(lambda: phase_of(f, "1.0.0") == "committed", 60), latest(f)
+        agent.stop()
+        # Second life: this one is killed in the middle of installing 1.1.0.
+        agent = AgentProcess(f, health_window_s=health_window_s)
+        agent.start(**extra_env)
+        assert wait_for(lambda: agent.running() == "digits@1.0.0", 60)
+        f.deploy("digits@1.1.0")
+        assert wait_for(lambda: phase_of(f, "1.1.0") == kill_in, 60), latest(f)
+        agent.kill9()
+        # Third life: no sleep hook, short health window.
+        agent = AgentProcess(f, health_window_s=0.5)
+        agent.start()
+        assert wait_for(lambda: agent.running() == "digits@1.0.0", 60), agent.status()
+        assert wait_for(lambda: phase_of(f, "1.1.0") == expected_phase, 30), latest(f)
+        rep = latest(f)
+        assert rep is not None
+        assert f"interrupted by agent restart during {kill_in}" in (
+            rep.pipelines[0].last_error or ""
+        )
+        # Not retried: the retained desired state still names 1.1.0, the agent stays on 1.0.0.
+        n_before = len(f.reported)
+        assert not wait_for(lambda: agent.running() == "digits@1.1.0", 5)
+        assert all(r.pipelines[0].phase.value != "fetching" for r in f.reported[n_before:])
+        store_state = json.loads((agent.data / "models" / "state.json").read_text())
+        assert store_state["pipelines"]["front"]["committed"] == {
+            "model": "digits",
+            "version": "1.0.0",
+        }
+        assert not list((agent.data / "models").rglob("*.tmp")), "temp files left behind"
+    finally:
+        agent.stop()
