@@ -323,3 +323,75 @@ def test_golden_mismatch_is_rejected(fleet: Fleet, tmp_path: Path) -> None:
     fleet.agent.updates.submit_desired(json.dumps({}).encode())  # junk is reported, not fatal
     assert wait_for(lambda: "malformed" in (fleet.last().last_error or ""), 10)
     assert fleet.running() == "digits@1.0.0" and len(fleet.reported) >= n
+
+
+def test_artifact_longer_than_signed_is_rejected(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.publish("digits", "1.1.0")
+    fleet.start_agent()
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    stored = fleet.repo.target_path(fleet.repo.targets()["models/digits/1.1.0/model.onnx"])
+    with open(stored, "ab") as fh:  # endless-data attack: more bytes than the signed length
+        fh.write(b"\0" * 100_000)
+    fleet.deploy("digits@1.1.0")
+    rep = fleet.wait_phase("rejected", version="1.1.0")
+    assert "length" in rep.last_error.lower() or "larger" in rep.last_error.lower(), rep.last_error
+    assert fleet.running() == "digits@1.0.0"
+
+
+def test_root_key_rotation_is_followed(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    fleet.start_agent()  # provisioned with root v1
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    assert fleet.repo.rotate_root_key("root") == 2
+    assert fleet.repo.rotate_root_key("desired") == 3  # desired-state key rotated too
+    fleet.publish("digits", "1.1.0")
+    fleet.deploy("digits@1.1.0")  # signed with the new desired key only
+    fleet.wait_phase("committed", version="1.1.0")
+    assert fleet.running() == "digits@1.1.0"
+    roots = sorted(p.name for p in (fleet.tmp / "data" / "tuf" / "metadata").rglob("*root.json"))
+    assert any(n.startswith("3.") for n in roots), roots
+
+
+def test_model_with_nan_outputs_is_rejected_at_trial(fleet: Fleet, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    fleet.publish("digits", "1.0.0")
+    # A model that loads and runs but answers NaN: sqrt(-(|x W| + 1)).
+    w = helper.make_tensor("W", TensorProto.FLOAT, [64, 10], [0.01] * 640)
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["f"]),
+        helper.make_node("MatMul", ["f", "W"], ["m"]),
+        helper.make_node("Abs", ["m"], ["a"]),
+        helper.make_node("Add", ["a", "one"], ["b"]),
+        helper.make_node("Neg", ["b"], ["n"]),
+        helper.make_node("Sqrt", ["n"], ["probs"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
+        [w, one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    d = tmp_path / "nanmodel"
+    shutil.copytree(fleet.models["digits"], d)
+    (d / "model.int8.onnx").unlink(missing_ok=True)
+    onnx.save(model, str(d / "model.onnx"))
+    card = json.loads((d / "card.json").read_text())
+    card["variants"] = []
+    (d / "card.json").write_text(json.dumps(card))
+    publish(fleet.repo, d / "model.onnx", name="digits", version="1.3.0")
+    fleet.start_agent()
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    fleet.deploy("digits@1.3.0")
+    rep = fleet.wait_phase("rejected", version="1.3.0")
+    assert "NaN" in rep.last_error, rep.last_error
+    assert fleet.running() == "digits@1.0.0"

@@ -83,6 +83,9 @@ class DeviceSession:
                 info.wait_for_publish(timeout)
         self.client.disconnect()
         self.client.loop_stop()
+        # paho loses a disconnect() issued while its thread is inside reconnect(); repeat it
+        # now that the thread is gone so no connection attempt survives stop().
+        self.client.disconnect()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None

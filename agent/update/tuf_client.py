@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 METADATA_URL = "mqtt://registry/metadata/"
 TARGETS_URL = "mqtt://registry/targets/"
+RESUMABLE_BYTES = 1 << 20
 
 
 class UpdateRejected(BadDataError):
@@ -65,6 +66,8 @@ class TufClient:
                 bootstrap=self.bootstrap,
             )
             updater.refresh()
+        except tuf_exc.DownloadLengthMismatchError as e:
+            raise UpdateRejected(f"TUF metadata longer than allowed: {e}") from e
         except tuf_exc.DownloadError as e:
             raise TransportError(f"registry unreachable during TUF refresh: {e}") from e
         except tuf_exc.RepositoryError as e:
@@ -89,36 +92,58 @@ class TufClient:
             raise TransportError("TUF refresh did not complete")
         try:
             return updater.get_targetinfo(path)
+        except tuf_exc.DownloadLengthMismatchError as e:
+            raise UpdateRejected(f"TUF metadata longer than allowed: {e}") from e
         except tuf_exc.DownloadError as e:
             raise TransportError(f"registry unreachable: {e}") from e
         except tuf_exc.RepositoryError as e:
             raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
 
     def download(
-        self, info: TargetFile, dest: Path, progress: Callable[[int, int], None] | None = None
+        self,
+        info: TargetFile,
+        dest: Path,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Path:
         """Download one target to ``dest``, verified against its signed length and hashes.
 
-        ngclient writes the verified file itself (temp file + rename), so nothing partial ever
-        sits under ``dest``.
+        Targets above ``RESUMABLE_BYTES`` go through the fetcher's resumable path (partial
+        files survive restarts and broker outages) and are then verified by ngclient's
+        ``find_cached_target`` (length and every signed hash), so no TUF check is skipped;
+        smaller ones through ``download_target``. A file that fails verification is deleted.
 
         Raises:
-            UpdateRejected: length or hash mismatch (tampered or truncated artifact).
-            TransportError: the registry could not be reached.
+            UpdateRejected: length or hash mismatch (tampered, truncated or padded artifact).
+            TransportError: the registry could not be reached (partial data is kept).
         """
-        if self._updater is None:
+        updater = self._updater
+        if updater is None:
             raise TransportError("refresh() first")
-        cached = self._updater.find_cached_target(info, str(dest))
+        cached = updater.find_cached_target(info, str(dest))
         if cached is not None:
             return Path(cached)
+        download_to = getattr(self.fetcher, "download_to", None)
         try:
-            return Path(self._updater.download_target(info, str(dest)))
-        except tuf_exc.DownloadError as e:
-            raise TransportError(f"download of {info.path} failed: {e}") from e
-        except tuf_exc.RepositoryError as e:
+            if download_to is not None and info.length > RESUMABLE_BYTES:
+                url = TARGETS_URL + info.get_prefixed_paths()[0]
+                download_to(url, dest, info.length, progress)
+                ok = updater.find_cached_target(info, str(dest))
+                if ok is None:
+                    dest.unlink(missing_ok=True)
+                    raise UpdateRejected(
+                        f"artifact {info.path} does not match its signed length/hashes"
+                    )
+                return Path(ok)
+            return Path(updater.download_target(info, str(dest)))
+        except (tuf_exc.DownloadLengthMismatchError, tuf_exc.RepositoryError, BadDataError) as e:
+            dest.unlink(missing_ok=True)
+            if isinstance(e, UpdateRejected):
+                raise
             raise UpdateRejected(
                 f"artifact {info.path} failed verification: {type(e).__name__}: {e}"
             ) from e
+        except tuf_exc.DownloadError as e:
+            raise TransportError(f"download of {info.path} failed: {e}") from e
 
     @staticmethod
     def card_of(info: TargetFile) -> dict[str, Any] | None:
