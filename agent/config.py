@@ -132,6 +132,9 @@ class UpdateConfig(_Strict):
     )
     window: int = Field(8, ge=1, le=64, description="Chunks in flight")
     request_timeout_s: float = Field(5.0, gt=0, le=120, description="Per-chunk timeout")
+    retry_s: float = Field(
+        10.0, gt=0, le=3600, description="Retry interval after the registry was unreachable"
+    )
     health_window_s: float = Field(30.0, ge=0, le=86400, description="Watch time before commit")
     health_min_frames: int = Field(20, ge=0, le=1_000_000, description="Frames needed to commit")
     max_error_rate: float = Field(0.05, ge=0, le=1, description="Errors/frames allowed in window")

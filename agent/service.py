@@ -333,6 +333,7 @@ class Agent:
             tuf=tuf,
             open_model=open_model,
             publish_reported=self.session.publish_reported,
+            retry_s=upd.retry_s,
             health=lambda: HealthWindow(
                 duration_s=upd.health_window_s,
                 min_frames=upd.health_min_frames,

@@ -395,3 +395,44 @@ def test_model_with_nan_outputs_is_rejected_at_trial(fleet: Fleet, tmp_path: Pat
     rep = fleet.wait_phase("rejected", version="1.3.0")
     assert "NaN" in rep.last_error, rep.last_error
     assert fleet.running() == "digits@1.0.0"
+
+
+def _big_model(src: Path, dest: Path, megabytes: int) -> Path:
+    """The digits model padded with an unused initializer to ``megabytes`` (real transfer size)."""
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dest)
+    m = onnx.load(str(dest / "model.onnx"))
+    pad = np.random.default_rng(0).standard_normal(megabytes * (1 << 18)).astype(np.float32)
+    m.graph.initializer.append(numpy_helper.from_array(pad, "padding"))
+    onnx.save(m, str(dest / "model.onnx"))
+    return dest / "model.onnx"
+
+
+@pytest.mark.slow
+def test_registry_outage_mid_transfer_resumes_without_refetching(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    big = _big_model(fleet.models["digits"], tmp_path / "big", 8)
+    publish(fleet.repo, big, name="digits", version="2.0.0")
+    agent = fleet.start_agent(request_timeout_s=0.5, retry_s=1.0)
+    fleet.deploy("digits@2.0.0")
+    assert wait_for(lambda: fleet.server.stats().bytes_sent > 3 << 20, 60)
+    fleet.server.stop()  # the registry goes away in the middle of model.onnx
+    assert wait_for(lambda: fleet.last().phase.value == "waiting", 60), fleet.last()
+    assert "fetch interrupted" in (fleet.last().last_error or "")
+    fleet.server = ChunkServer(fleet.repo_dir, fleet.broker.url, client_id="registry-2", workers=2)
+    fleet.server.start()
+    fleet.wait_phase("committed", version="2.0.0", timeout=120)
+    assert fleet.running() == "digits@2.0.0"
+    chunks = agent.updates.tuf.fetcher.chunks
+    window_bytes = chunks.window * chunks.chunk_size
+    # Everything needed: the version's targets once, and each metadata file at most once per
+    # refresh (two refreshes: before and after the outage).
+    targets = sum(t.length for p, t in fleet.repo.targets().items() if "/2.0.0/" in p)
+    metadata = sum(f.stat().st_size for f in (fleet.repo_dir / "metadata").iterdir())
+    needed = targets + 2 * metadata
+    again = chunks.bytes_received - needed
+    assert again <= window_bytes, f"{again} bytes received again, more than one window"
+    assert chunks.bytes_received >= targets

@@ -100,6 +100,7 @@ class UpdateManager:
         health: Callable[[], HealthWindow],
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = utcnow,
+        retry_s: float = 10.0,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -121,6 +122,11 @@ class UpdateManager:
         self._lock = threading.Lock()
         self.idle = threading.Event()
         self.idle.set()
+        # Transport trouble is retried: the desired state whose refresh failed, and attempts
+        # left in waiting/fetching/verified (by an outage, or by a restart: crash recovery).
+        self.retry_s = retry_s
+        self._retry_payload: bytes | None = None
+        self._resume: dict[str, PipelineTarget] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -134,6 +140,8 @@ class UpdateManager:
             if action.kind == "rejected":
                 self.errors[action.pipeline] = f"{action.model} {action.reason}"
                 log.warning("pipeline=%s %s: %s", action.pipeline, action.model, action.reason)
+            elif action.kind == "resume" and action.model is not None:
+                self._resume[action.pipeline] = action.model
             elif action.kind == "run" and action.model is not None and pipe is not None:
                 try:
                     model = self._open_version(action.model, lambda s: None)
@@ -165,7 +173,11 @@ class UpdateManager:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            payload = self._inbox.get()
+            try:
+                payload = self._inbox.get(timeout=self.retry_s)
+            except queue.Empty:
+                self._retry()
+                continue
             if payload is None:
                 break
             # Only the newest desired state matters; skip ones already superseded.
@@ -185,6 +197,24 @@ class UpdateManager:
                 self.report()
             if self._inbox.empty():
                 self.idle.set()
+
+    def _retry(self) -> None:
+        """Retry what transport trouble interrupted (runs on the manager's thread)."""
+        try:
+            if self._retry_payload is not None:
+                payload, self._retry_payload = self._retry_payload, None
+                self.handle_desired(payload)
+            for name, target in list(self._resume.items()):
+                del self._resume[name]
+                slot = self.state.pipelines.get(name)
+                attempt = slot.attempt if slot else None
+                if attempt is not None and attempt.target == target and not attempt.terminal:
+                    log.info("pipeline=%s resuming %s (%s)", name, target, attempt.phase.value)
+                    self.update_pipeline(name, target, attempt.revision, resume=True)
+        except Exception as e:  # the update thread must survive anything; say what
+            log.exception("update manager failed while retrying")
+            self.errors["*"] = f"internal error retrying an update: {e}"
+            self.report()
 
     # --- desired state -----------------------------------------------------------------------
 
@@ -210,9 +240,10 @@ class UpdateManager:
             self._fail_all(f"desired state rejected: {e}")
             return
         except TransportError as e:
+            self._retry_payload = payload
             self._fail_all(
-                f"registry unreachable, desired state revision "
-                f"{envelope.signed.revision} not applied yet: {e}; {keep}"
+                f"registry unreachable, desired state revision {envelope.signed.revision} not "
+                f"applied yet (retrying every {self.retry_s:g} s): {e}; {keep}"
             )
             return
         except BadDataError as e:
@@ -259,17 +290,32 @@ class UpdateManager:
         )
         self.report()
 
-    def update_pipeline(self, name: str, target: PipelineTarget, revision: int | None) -> None:
-        """Take ``name`` to ``target``; on failure the running model stays."""
+    def update_pipeline(
+        self, name: str, target: PipelineTarget, revision: int | None, *, resume: bool = False
+    ) -> None:
+        """Take ``name`` to ``target``; on failure the running model stays.
+
+        With ``resume`` the pipeline's unfinished attempt continues from ``waiting`` (its
+        partial downloads are kept by the fetcher and verified again by TUF).
+        """
         pipe = self.pipelines[name]
-        attempt = UpdateAttempt.start(name, target, revision=revision, now=self.wall())
+        slot = self.state.pipelines.get(name)
+        previous = slot.attempt if slot else None
+        if resume and previous is not None and previous.phase is P.WAITING:
+            attempt = previous
+        else:
+            attempt = UpdateAttempt.start(name, target, revision=revision, now=self.wall())
         self.errors.pop(name, None)
         self._advance(attempt, P.FETCHING)
         try:
             files, card = self._fetch(name, target)
         except TransportError as e:
-            self.errors[name] = f"{target} fetch interrupted: {e}; will resume, {self._keeping()}"
+            self.errors[name] = (
+                f"{target} fetch interrupted: {e}; resuming in {self.retry_s:g} s, "
+                f"{self._keeping()}"
+            )
             self._advance(attempt, P.WAITING, str(e))
+            self._resume[name] = target
             return
         except BadDataError as e:
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
