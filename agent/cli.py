@@ -94,8 +94,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"device {status['device_id']}  profile {status['profile']}  updated {status['time']}")
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(status["time"], dt.timezone.utc).isoformat(timespec="seconds")
+    broker = status.get("broker")
+    link = ""
+    if broker is not None:
+        link = "  broker " + ("connected" if broker["connected"] else "DISCONNECTED")
+        if broker.get("last_error"):
+            link += f" ({broker['last_error']})"
+    print(f"device {status['device_id']}  profile {status['profile']}  updated {when}{link}")
+    phases = {r["name"]: r for r in (status.get("reported") or {}).get("pipelines", [])}
     for p in status["pipelines"]:
+        rep = phases.get(p["name"])
+        if rep is not None:
+            target = f"{rep['target_model']}@{rep['target_version']}" if rep["target_model"] else ""
+            print(f"  {p['name']:<12} update {rep['phase']} {target}".rstrip())
+            if rep.get("last_error"):
+                print(f"  {'':<12} {rep['last_error']}")
         lat = p["latency_ms"].get("infer", {})
         print(
             f"  {p['name']:<12} {p['source_state']:<10} model {p['model']}  "
