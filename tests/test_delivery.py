@@ -19,7 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.config import parse_config
+from agent.config import AgentConfig, parse_config
 from agent.protocol.state import DesiredState, PipelineTarget, ReportedState, SignedDesired
 from agent.protocol.topics import Topics
 from agent.service import Agent
@@ -70,8 +70,8 @@ class Fleet:
         onnx.save(m, str(d / "model.onnx"))
         publish(self.repo, d / "model.onnx", name=name, version=version)
 
-    def start_agent(self, **update: Any) -> Agent:
-        cfg = parse_config(
+    def config(self, **update: Any) -> AgentConfig:
+        return parse_config(
             {
                 "device_id": DEVICE,
                 "data_dir": str(self.tmp / "data"),
@@ -84,6 +84,9 @@ class Fleet:
                 "update": {"health_window_s": 0.5, "health_min_frames": 5, **update},
             }
         )
+
+    def start_agent(self, **update: Any) -> Agent:
+        cfg = self.config(**update)
         self.agent = Agent(cfg)
         self.agent.start()
         assert wait_for(
@@ -193,19 +196,8 @@ def test_restart_runs_the_committed_model_without_the_broker(fleet: Fleet) -> No
     fleet.wait_phase("committed", version="1.0.0")
     fleet.stop_agent()
     fleet.broker.stop()
-    f = fleet  # same data dir and config, broker down: nothing to fetch, nothing to ask
-    cfg = parse_config(
-        {
-            "device_id": DEVICE,
-            "data_dir": str(f.tmp / "data"),
-            "profile": "x86-cpu",
-            "pipelines": [
-                {"name": "front", "source": str(f.video), "model": "digits", "loop": True}
-            ],
-            "broker": {"url": f.broker.url},
-            "trust": {"root": str(f.repo_dir / "root.json")},
-        }
-    )
+    f = fleet
+    cfg = f.config()  # same data dir and config, broker down: nothing to fetch
     agent = Agent(cfg)
     agent.start()
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,22 +15,14 @@ import onnxruntime as ort
 import pytest
 
 from agent.protocol.card import ModelCard
+from tests.conftest import load_model_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_test_models.py"
 MODELS = ("digits", "blobdet", "tinyseg")
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_test_models", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def mtm() -> ModuleType:
-    return _load_script()
+    return load_model_script()
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ a new one (ngclient keeps its verified metadata on disk between them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,19 @@ RESUMABLE_BYTES = 1 << 20
 
 class UpdateRejected(BadDataError):
     """Metadata or a target failed TUF verification (never retried as is)."""
+
+
+@contextlib.contextmanager
+def _metadata_errors(what: str) -> Iterator[None]:
+    """Map ngclient's metadata errors onto the two roots (bad data vs transport)."""
+    try:
+        yield
+    except tuf_exc.DownloadLengthMismatchError as e:  # a DownloadError, but bad data
+        raise UpdateRejected(f"TUF metadata longer than allowed: {e}") from e
+    except tuf_exc.DownloadError as e:
+        raise TransportError(f"registry unreachable during {what}: {e}") from e
+    except tuf_exc.RepositoryError as e:
+        raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
 
 
 class TufClient:
@@ -56,7 +70,7 @@ class TufClient:
             UpdateRejected: metadata failed verification (tampered, expired, rolled back…).
             TransportError: the registry could not be reached.
         """
-        try:
+        with _metadata_errors("TUF refresh"):
             updater = Updater(
                 str(self.metadata_dir),
                 METADATA_URL,
@@ -66,12 +80,6 @@ class TufClient:
                 bootstrap=self.bootstrap,
             )
             updater.refresh()
-        except tuf_exc.DownloadLengthMismatchError as e:
-            raise UpdateRejected(f"TUF metadata longer than allowed: {e}") from e
-        except tuf_exc.DownloadError as e:
-            raise TransportError(f"registry unreachable during TUF refresh: {e}") from e
-        except tuf_exc.RepositoryError as e:
-            raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
         self._updater = updater
 
     def trusted_root(self) -> Root:
@@ -90,14 +98,8 @@ class TufClient:
         updater = self._updater
         if updater is None:  # refresh raised or set it
             raise TransportError("TUF refresh did not complete")
-        try:
+        with _metadata_errors(f"lookup of {path}"):
             return updater.get_targetinfo(path)
-        except tuf_exc.DownloadLengthMismatchError as e:
-            raise UpdateRejected(f"TUF metadata longer than allowed: {e}") from e
-        except tuf_exc.DownloadError as e:
-            raise TransportError(f"registry unreachable: {e}") from e
-        except tuf_exc.RepositoryError as e:
-            raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
 
     def download(
         self,
