@@ -99,6 +99,16 @@ class Fleet:
             self.agent.stop()
             self.agent = None
 
+    def inject_desired(self, envelope: SignedDesired) -> None:
+        """Publish a desired-state message straight to the broker (an attacker, or a replay)."""
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="injector")
+        c.connect(self.broker.host, self.broker.port)
+        c.loop_start()
+        topic = Topics().device(DEVICE, "desired")
+        c.publish(topic, envelope.encode(), qos=1, retain=True).wait_for_publish(5)
+        c.loop_stop()
+        c.disconnect()
+
     def deploy(self, ref: str) -> SignedDesired:
         return deploy(self.repo_dir, self.broker.url, DEVICE, ref, pipeline="front")
 
@@ -242,14 +252,7 @@ def test_desired_state_signed_by_a_foreign_key_is_refused(fleet: Fleet) -> None:
         ),
         [generate_signer()],
     )
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker")
-    c.connect(fleet.broker.host, fleet.broker.port)
-    c.loop_start()
-    c.publish(
-        Topics().device(DEVICE, "desired"), forged.encode(), qos=1, retain=True
-    ).wait_for_publish(5)
-    c.loop_stop()
-    c.disconnect()
+    fleet.inject_desired(forged)
     assert wait_for(
         lambda: (fleet.last().last_error or "").startswith("desired state rejected"), 20
     )
@@ -266,14 +269,7 @@ def test_replayed_older_desired_state_is_refused(fleet: Fleet) -> None:
     fleet.deploy("digits@1.1.0")
     fleet.wait_phase("committed", version="1.1.0")
     assert fleet.running() == "digits@1.1.0"
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="replayer")
-    c.connect(fleet.broker.host, fleet.broker.port)
-    c.loop_start()
-    c.publish(
-        Topics().device(DEVICE, "desired"), old.encode(), qos=1, retain=True
-    ).wait_for_publish(5)
-    c.loop_stop()
-    c.disconnect()
+    fleet.inject_desired(old)
     assert wait_for(lambda: "replay" in (fleet.last().last_error or ""), 20), fleet.last()
     assert fleet.running() == "digits@1.1.0"
 
@@ -428,3 +424,61 @@ def test_registry_outage_mid_transfer_resumes_without_refetching(
     again = chunks.bytes_received - needed
     assert again <= window_bytes, f"{again} bytes received again, more than one window"
     assert chunks.bytes_received >= targets
+
+
+def _rollback_timestamp(fleet: Fleet, saved: bytes) -> None:
+    (fleet.repo_dir / "metadata" / "timestamp.json").write_bytes(saved)
+
+
+def _mix_and_match(fleet: Fleet, saved: bytes) -> None:
+    meta = fleet.repo_dir / "metadata"
+    newest = max(int(p.name.split(".")[0]) for p in meta.glob("*.targets.json"))
+    # serve the previous targets metadata under the name the snapshot points to
+    (meta / f"{newest}.targets.json").write_bytes(
+        (meta / f"{newest - 1}.targets.json").read_bytes()
+    )
+
+
+def _foreign_key(fleet: Fleet, saved: bytes) -> None:
+    from tuf.api.metadata import Metadata
+
+    path = fleet.repo_dir / "metadata" / "timestamp.json"
+    md = Metadata.from_bytes(path.read_bytes())
+    md.signed.version += 1
+    md.signatures.clear()
+    md.sign(generate_signer())  # a well-formed signature, by a key the root does not name
+    path.write_bytes(md.to_bytes())
+
+
+@pytest.mark.parametrize(
+    ("attack", "expect"),
+    [
+        (_rollback_timestamp, "BadVersionNumberError"),
+        (_mix_and_match, "LengthOrHashMismatchError"),
+        (_foreign_key, "UnsignedMetadataError"),
+    ],
+)
+def test_tuf_metadata_attacks_are_refused(fleet: Fleet, attack: Any, expect: str) -> None:
+    fleet.publish("digits", "1.0.0")
+    saved_timestamp = (fleet.repo_dir / "metadata" / "timestamp.json").read_bytes()
+    fleet.publish("digits", "1.1.0")
+    fleet.start_agent()
+    fleet.deploy("digits@1.1.0")
+    fleet.wait_phase("committed", version="1.1.0")  # the device has seen the newest metadata
+    fleet.publish("digits", "1.2.0")
+    signer = fleet.repo.desired_signer()
+    attack(fleet, saved_timestamp)
+    # the operator's genuine desired state (the broker-side attack is on the TUF metadata)
+    desired = sign_desired(
+        DesiredState(
+            device_id=DEVICE,
+            revision=2,
+            issued_at=datetime.now(timezone.utc),
+            pipelines={"front": PipelineTarget(model="digits", version="1.2.0")},
+        ),
+        [signer],
+    )
+    fleet.inject_desired(desired)
+    assert wait_for(lambda: expect in (fleet.last().last_error or ""), 30), fleet.last()
+    assert "TUF metadata rejected" in fleet.last().last_error
+    assert fleet.running() == "digits@1.1.0"
