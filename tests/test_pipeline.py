@@ -230,3 +230,43 @@ def test_unreachable_stream_is_reported_not_fatal() -> None:
         assert pipe.reader.last_error
     finally:
         pipe.stop()
+
+
+def test_agent_runs_several_pipelines_sharing_one_backend(
+    test_models: dict[str, Path], synthetic_video: Path, tmp_path: Path
+) -> None:
+    from agent.config import parse_config
+    from agent.service import Agent
+
+    model = str(test_models["blobdet"] / "model.onnx")
+    cfg = parse_config(
+        {
+            "device_id": "multi",
+            "data_dir": str(tmp_path / "data"),
+            "profile": "x86-cpu",
+            "pipelines": [
+                {"name": "left", "source": str(synthetic_video), "model": model, "loop": True},
+                {"name": "right", "source": str(synthetic_video), "model": model, "loop": True},
+                {
+                    "name": "digits",
+                    "source": str(synthetic_video),
+                    "model": str(test_models["digits"] / "model.onnx"),
+                    "loop": True,
+                },
+            ],
+        }
+    )
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        left, right, digits = agent.pipelines
+        assert left.model is right.model, "one backend per model, shared by its pipelines"
+        assert digits.model is not left.model
+        assert len(agent.models) == 2
+        assert wait_for(
+            lambda: all(p.metrics.counters["frames_inferred"] > 5 for p in agent.pipelines), 30
+        )
+        names = [p["name"] for p in agent.status()["pipelines"]]
+        assert names == ["left", "right", "digits"]
+    finally:
+        agent.stop()
