@@ -482,3 +482,21 @@ def test_tuf_metadata_attacks_are_refused(fleet: Fleet, attack: Any, expect: str
     assert wait_for(lambda: expect in (fleet.last().last_error or ""), 30), fleet.last()
     assert "TUF metadata rejected" in fleet.last().last_error
     assert fleet.running() == "digits@1.1.0"
+
+
+def test_engine_build_that_dies_is_rejected(fleet: Fleet) -> None:
+    """The device cannot build the model (as when a TensorRT build is OOM-killed): rejected,
+    reported with the exit code, the running model stays."""
+    fleet.publish("digits", "1.0.0")
+    fleet.publish("digits", "1.1.0")
+    agent = fleet.start_agent()
+    fleet.deploy("digits@1.0.0")
+    fleet.wait_phase("committed", version="1.0.0")
+    agent.build_test_opts["_test_crash"] = "SIGKILL"  # the build's child process is killed
+    fleet.deploy("digits@1.1.0")
+    rep = fleet.wait_phase("rejected", version="1.1.0")
+    assert "1.1.0 rejected" in rep.last_error and "build" in rep.last_error.lower(), rep.last_error
+    assert fleet.running() == "digits@1.0.0"
+    engines = fleet.tmp / "data" / "engines"
+    leftovers = [p for p in engines.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert not leftovers, leftovers
