@@ -40,21 +40,32 @@ def parse_ref(ref: str) -> PipelineTarget:
     return PipelineTarget(model=m["name"], version=m["version"])
 
 
-def _retained(client: mqtt.Client, topics: list[str], wait_s: float) -> dict[str, bytes]:
+def _retained(
+    client: mqtt.Client, topics: list[str], probe: str, wait_s: float
+) -> dict[str, bytes]:
+    """The retained messages on ``topics`` (absent ones are simply missing).
+
+    MQTT gives no "nothing retained" answer, so instead of waiting out a timeout: subscribe to
+    the topics, then to a private probe topic, and publish to it. The broker sends a
+    subscription's retained message in its SUBACK flow and delivers one connection's messages
+    in order, so when the probe comes back nothing retained is still on its way.
+    """
     got: dict[str, bytes] = {}
     done = threading.Event()
 
     def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
-        if msg.retain:
-            got[msg.topic] = bytes(msg.payload)
-        if len(got) == len(topics):
+        if msg.topic == probe:
             done.set()
+        elif msg.retain:
+            got[msg.topic] = bytes(msg.payload)
 
     client.on_message = on_message
     for t in topics:
         client.subscribe(t, qos=1)
+    client.subscribe(probe, qos=1)
+    client.publish(probe, b"probe", qos=1)
     done.wait(wait_s)
-    for t in topics:
+    for t in [*topics, probe]:
         client.unsubscribe(t)
     return got
 
@@ -67,7 +78,7 @@ def deploy(
     *,
     pipeline: str | None = None,
     topic_root: str = DEFAULT_ROOT,
-    retained_wait_s: float = 1.5,
+    retained_wait_s: float = 5.0,
     now: datetime | None = None,
 ) -> SignedDesired:
     """Publish the device's next desired state; returns what was published.
@@ -86,14 +97,16 @@ def deploy(
     desired_topic = topics.device(device_id, "desired")
     state_topic = topics.device(device_id, "state")
     host, port, _tls = parse_broker_url(broker_url)
-    client = make_client(f"edgefleet-deploy-{device_id}-{int(time.time() * 1000) % 10**9}")
+    client_id = f"edgefleet-deploy-{device_id}-{int(time.time() * 1000) % 10**9}"
+    client = make_client(client_id)
     try:
         client.connect(host, port, keepalive=30)
     except OSError as e:
         raise TransportError(f"cannot reach broker {broker_url}: {e}") from e
     client.loop_start()
     try:
-        retained = _retained(client, [desired_topic, state_topic], retained_wait_s)
+        probe = f"{topic_root}/operators/{client_id}/probe"
+        retained = _retained(client, [desired_topic, state_topic], probe, retained_wait_s)
         prev: DesiredState | None = None
         if retained.get(desired_topic):
             try:
