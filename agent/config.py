@@ -130,7 +130,9 @@ class UpdateConfig(_Strict):
     chunk_kb: int = Field(
         64, ge=1, le=256, description="Transfer window size (AWS IoT caps at 128)"
     )
-    window: int = Field(8, ge=1, le=64, description="Chunks in flight")
+    window: int = Field(
+        32, ge=1, le=64, description="Chunks in flight (32 x 64 KiB: 0.51 of raw pub/sub here)"
+    )
     request_timeout_s: float = Field(5.0, gt=0, le=120, description="Per-chunk timeout")
     retry_s: float = Field(
         10.0, gt=0, le=3600, description="Retry interval after the registry was unreachable"

@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import numpy as np  # noqa: E402
 
-from agent.config import parse_config  # noqa: E402
+from agent.config import UpdateConfig, parse_config  # noqa: E402
 from agent.protocol.fetch import decode_response  # noqa: E402
 from agent.protocol.topics import Topics  # noqa: E402
 from agent.service import Agent  # noqa: E402
@@ -59,6 +59,7 @@ from cloud_sync.registry.serve import ChunkServer  # noqa: E402
 
 GOAL_ACTIVE_S = 3.0
 GOAL_RATIO = 0.5
+WINDOW = UpdateConfig().window  # the agent's default, as a device runs it
 HEALTH = {"health_window_s": 0.5, "health_min_frames": 5}  # as tests/test_delivery.py
 PHASE_MSG = "pipeline=%s model=%s phase=%s"
 TERMINAL = ("committed", "rejected", "rolled_back")
@@ -435,7 +436,7 @@ def main() -> None:
             "transfer_runs": args.runs,
             "backend": "onnxruntime CPU (profile x86-cpu)",
             "chunk_bytes": bt.CHUNK,
-            "window": 8,
+            "window": WINDOW,
             "server_workers": 0,
             **HEALTH,
         },
@@ -497,7 +498,7 @@ def main() -> None:
             # One run per call, to keep every run's rate (bench_transfer keeps only the best).
             raws = [bt.bench_raw(broker.port, blob, 1) for _ in range(args.runs)]
             fetches = [
-                bt.bench_fetch(broker.port, xfer_repo, len(blob), 0, 8, 1, tmp)
+                bt.bench_fetch(broker.port, xfer_repo, len(blob), 0, WINDOW, 1, tmp)
                 for _ in range(args.runs)
             ]
             raw, fetch = max(raws), max(f for f, _ in fetches)
