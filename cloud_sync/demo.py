@@ -116,6 +116,11 @@ def run_demo(*, duration_s: float | None = None, workdir: str | None = None) -> 
             agent.stop()
         _step(
             f"done: {final['frames_inferred']} frames inferred, {final['frames_dropped']} dropped, "
-            f"{final['errors']} errors; results in {cfg.pipelines[0].sink.jsonl}"
+            f"{final['errors']} errors; "
+            + (
+                f"results in {cfg.pipelines[0].sink.jsonl}"
+                if workdir is not None
+                else "results were in a temporary dir (pass --workdir DIR to keep them)"
+            )
         )
     return 0
