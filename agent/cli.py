@@ -158,16 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+def dispatch(prog: str, args: argparse.Namespace) -> int:
+    """Run a parsed command: exit 2 with one clear line for edgefleet errors, 130 on Ctrl-C.
+
+    Shared by both console scripts (``edgefleet-agent`` and ``edgefleet``).
+    """
     try:
         return int(args.fn(args))
     except EdgefleetError as e:
-        print(f"edgefleet-agent: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return dispatch("edgefleet-agent", args)
 
 
 if __name__ == "__main__":

@@ -115,20 +115,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent.errors import EdgefleetError
+    from agent.cli import dispatch
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    try:
-        return int(args.fn(args))
-    except EdgefleetError as e:
-        print(f"edgefleet: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return dispatch("edgefleet", args)
 
 
 if __name__ == "__main__":
