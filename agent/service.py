@@ -311,6 +311,7 @@ class Agent:
             window=upd.window,
             request_timeout_s=upd.request_timeout_s,
         )
+        self.session.on_connected.append(chunks.resubscribe)
         fetcher = MqttFetcher(chunks, resume_dir=cfg.data_dir / "tuf" / "partial")
         tuf = TufClient(cfg.data_dir, trust.root, fetcher)
 

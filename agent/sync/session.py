@@ -44,6 +44,8 @@ class DeviceSession:
         self.birth = birth
         self.on_desired = on_desired
         self.connected = threading.Event()
+        # Called from paho's thread after each accepted (re)connect, e.g. to resubscribe.
+        self.on_connected: list[Callable[[], None]] = []
         self.last_error = ""
         self.connects = 0
         host, port, tls = parse_broker_url(cfg.url)
@@ -98,12 +100,13 @@ class DeviceSession:
         self.connects += 1
         # Subscribe on every (re)connect: a clean session forgets subscriptions.
         client.subscribe(self.topics.device(self.device_id, "desired"), qos=1)
-        client.subscribe(self.topics.device(self.device_id, "fetch/resp"), qos=1)
         client.publish(
             self.topics.device(self.device_id, "state"), self.birth.encode(), qos=1, retain=True
         )
         self.last_error = ""
         self.connected.set()
+        for callback in self.on_connected:
+            callback()
         log.info(
             "device=%s mqtt connected to %s (connect #%d)",
             self.device_id,
