@@ -355,7 +355,8 @@ class Agent:
             self.session.stop()
         for pipe in self.pipelines:
             pipe.stop()
-        for m in self.models.values():
+        # local models (shared) and delivered ones (per pipeline); close() is idempotent
+        for m in [*self.models.values(), *(p.model for p in self.pipelines if p.model)]:
             m.close()
         self.models.clear()
 

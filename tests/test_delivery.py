@@ -500,3 +500,27 @@ def test_engine_build_that_dies_is_rejected(fleet: Fleet) -> None:
     engines = fleet.tmp / "data" / "engines"
     leftovers = [p for p in engines.rglob("*") if p.is_file() and ".tmp" in p.name]
     assert not leftovers, leftovers
+
+
+def test_update_of_one_pipeline_keeps_a_shared_local_model_running(fleet: Fleet) -> None:
+    fleet.publish("digits", "1.0.0")
+    local = str(fleet.models["digits"] / "model.onnx")
+    cfg = fleet.config()
+    both = [
+        cfg.pipelines[0].model_copy(update={"model": local}),
+        cfg.pipelines[0].model_copy(update={"name": "back", "model": local}),
+    ]
+    fleet.agent = Agent(cfg.model_copy(update={"pipelines": both}))
+    fleet.agent.start()
+    front, back = fleet.agent.pipelines
+    assert front.model is back.model  # one backend shared by both pipelines
+    # ONNX Runtime frees nothing on close() (a TensorRT engine would): spy on it instead
+    closed: list[int] = []
+    back.model.backend.close = lambda: closed.append(1)  # type: ignore[method-assign]
+    fleet.deploy("digits@1.0.0")  # the desired state moves only "front" to a registry version
+    fleet.wait_phase("committed", version="1.0.0")
+    assert fleet.running() == "digits@1.0.0"
+    before = back.metrics.counters["frames_inferred"]
+    assert wait_for(lambda: back.metrics.counters["frames_inferred"] > before + 10, 20)
+    assert back.metrics.counters["errors"] == 0, back.last_error
+    assert closed == [], "the model 'back' still runs was closed"

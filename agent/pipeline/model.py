@@ -82,7 +82,11 @@ class RunnableModel:
         return result, StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
 
     def close(self) -> None:
-        self.backend.close()
+        """Release the backend; safe to call more than once (a model can be released by an
+        update and again at shutdown)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.backend.close()
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

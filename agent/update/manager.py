@@ -151,9 +151,7 @@ class UpdateManager:
                         "pipeline=%s committed=%s error=%r", action.pipeline, action.model, str(e)
                     )
                     continue
-                old = pipe.swap_model(model)
-                if old is not None:
-                    old.close()
+                self._release(pipe.swap_model(model))
         self.report()
 
     def start(self) -> None:
@@ -396,6 +394,11 @@ class UpdateManager:
                 f"runs {sorted(allowed)}"
             )
 
+    def _release(self, model: RunnableModel | None) -> None:
+        """Close a model no pipeline runs any more (local models can be shared)."""
+        if model is not None and all(p.model is not model for p in self.pipelines.values()):
+            model.close()
+
     def _open_version(self, ref: PipelineTarget, progress: Callable[[str], None]) -> RunnableModel:
         d = self.store.materialize(ref.model, ref.version)
         return self.open_model(d / "model.onnx", progress)
@@ -464,8 +467,7 @@ class UpdateManager:
             pipe.observer = None
         if verdict.outcome == "commit":
             self._advance(attempt, P.COMMITTED, verdict.reason)
-            if old is not None:
-                old.close()
+            self._release(old)
             return
         pipe.swap_model(old)
         model.close()
