@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_sync.registry.commands import add_registry_commands
 
     groups = add_registry_commands(sub)
+    from cloud_sync.schema_cmd import add_schema_command
+
+    add_schema_command(sub)
     _add_serve(groups["registry"])
 
     dp = sub.add_parser("deploy", help="set a device's desired model version (signed, retained)")
