@@ -1,0 +1,1 @@
+"""Device telemetry: stats, aggregation, the outbox."""
