@@ -1,0 +1,1 @@
+"""Cloud ingest: device state, telemetry and events from MQTT into SQLite or PostgreSQL."""

@@ -1,0 +1,372 @@
+"""The ingest store on a real SQLite file and a real PostgreSQL server (same tests, both)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cloud_sync.ingest.store import (
+    DEVICE_TELEMETRY,
+    EVENTS,
+    LATEST,
+    BadRecord,
+    Store,
+    make_engine,
+    migrate,
+    open_store,
+    schema_version,
+)
+from tests.conftest import free_port
+
+PG_BIN = Path(os.environ.get("EDGEFLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
+T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+
+
+class Postgres:
+    """A throw-away PostgreSQL server on a free loopback port (``postgres`` user when root)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.user: str | None = None
+        self._dbs = itertools.count()
+
+    def _cmd(self, *args: str) -> list[str]:
+        return ["runuser", "-u", self.user, "--", *args] if self.user else list(args)
+
+    def start(self) -> None:
+        if not (PG_BIN / "initdb").exists():
+            pytest.skip(
+                f"PostgreSQL tests skipped: no {PG_BIN}/initdb (apt-get install postgresql-15)"
+            )
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("PostgreSQL tests skipped: running as root and no 'postgres' user")
+            self.user = "postgres"
+            shutil.chown(self.dir, "postgres")
+        init = subprocess.run(
+            self._cmd(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "edgefleet",
+                      "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"),
+            capture_output=True, cwd=self.dir, timeout=60, check=False,
+        )  # fmt: skip
+        if init.returncode != 0:
+            pytest.skip(f"PostgreSQL tests skipped: initdb failed: {init.stderr.decode()[-500:]}")
+        self.proc = subprocess.Popen(
+            self._cmd(str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                      "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
+                      "-c", "fsync=off", "-c", "full_page_writes=off"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=self.dir,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with self._admin() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+                return
+            except sa.exc.OperationalError:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode()[-500:] if self.proc.stderr else ""
+                    pytest.skip(f"PostgreSQL tests skipped: postgres exited: {err}")
+                time.sleep(0.1)
+        pytest.skip(f"PostgreSQL tests skipped: postgres did not listen on {self.port} in 20 s")
+
+    def url(self, db: str) -> str:
+        return f"postgresql+psycopg://edgefleet@127.0.0.1:{self.port}/{db}"
+
+    def _admin(self) -> sa.Connection:
+        eng = sa.create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT",
+                               poolclass=sa.pool.NullPool)  # fmt: skip
+        return eng.connect()
+
+    def new_database(self) -> str:
+        name = f"t{next(self._dbs)}"
+        with self._admin() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            # Signal the postmaster itself: runuser does not pass SIGINT on. SIGINT is the
+            # "fast" shutdown (disconnects clients); its pid is line 1 of postmaster.pid.
+            try:
+                pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+                os.kill(pid, signal.SIGINT)
+            except (OSError, ValueError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ingest.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    return pg.new_database()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = open_store(db_url)
+    yield s
+    s.close()
+
+
+def state(device: str = "cam-1", online: bool = True, **tags: str) -> dict[str, Any]:
+    return {
+        "type": "state", "device_id": device, "online": online, "agent_version": "0.1.0",
+        "profile": "jetson-orin-nano", "contract": "1.0", "pipelines": ["front"],
+        "tags": tags or {"site": "berlin"},
+    }  # fmt: skip
+
+
+def reported(device: str = "cam-1", phase: str = "committed") -> dict[str, Any]:
+    return {
+        "type": "reported", "device_id": device, "desired_revision": 7, "contract": "1.0",
+        "pipelines": [{
+            "name": "front", "phase": phase, "active_model": "det", "active_version": "1.4.0",
+            "backend": "tensorrt", "precision": "fp16", "target_model": None,
+            "target_version": None, "progress": None, "last_error": None,
+            "updated_at": "2026-11-23T11:59:00Z",
+        }],
+    }  # fmt: skip
+
+
+def telemetry(device: str = "cam-1", at: datetime = T0, fps: float = 25.0) -> dict[str, Any]:
+    lat = {"p50": 8.0, "p95": 12.5, "p99": 20.0}
+    return {
+        "type": "telemetry", "device_id": device, "ts": at.isoformat().replace("+00:00", "Z"),
+        "interval_s": 10.0, "contract": "1.0",
+        "pipelines": [
+            {"name": "front", "model": "det", "version": "1.4.0", "backend": "tensorrt",
+             "precision": "fp16", "source_state": "streaming", "fps_in": 30.0, "fps_out": fps,
+             "frames_read": 900,
+             "frames_inferred": 750, "frames_dropped": 150, "reconnects": 0, "errors": 2,
+             "latency_ms": {"pre": {"p50": 1.0, "p95": 2.0, "p99": 3.0}, "total": lat}},
+            {"name": "rear", "model": "cls", "version": "2.0.0", "backend": "onnxruntime-cpu",
+             "precision": "fp32", "source_state": "streaming", "fps_in": 10.0, "fps_out": 10.0,
+             "frames_read": 100, "frames_inferred": 100, "frames_dropped": 0, "reconnects": 0,
+             "errors": 0, "latency_ms": {"preprocess": lat, "infer": lat, "age": lat}},
+        ],
+        "device": {"cpu_percent": 41.5, "load1": 1.2, "mem_used_mb": 2100.0,
+                   "mem_total_mb": 7620.0, "disk_used_pct": 33.0,
+                   "temperatures_c": {"cpu": 51.2, "gpu": 49.0}, "gpu_load_pct": 60.0,
+                   "emc_load_pct": 12.0, "power_mw": {"VDD_IN": 5120.0}},
+        "outbox": {"depth": 3, "bytes": 2048, "dropped": 0},
+    }  # fmt: skip
+
+
+def event(seq: int, at: datetime = T0, device: str = "cam-1") -> dict[str, Any]:
+    return {
+        "type": "event", "device_id": device, "pipeline": "front", "model": "det",
+        "version": "1.4.0", "task": "detection", "frame_seq": seq, "frame_time": at.timestamp(),
+        "latency_ms": 11.0,
+        "classifications": [],
+        "detections": [{"label_id": 0, "label": "person", "score": 0.91, "box": [1, 2, 3, 4]},
+                       {"label_id": 2, "label": "car", "score": 0.55, "box": [5, 6, 7, 8]}],
+        "summary": {"count": 2},
+    }  # fmt: skip
+
+
+def test_state_and_reported_round_trip(store: Store) -> None:
+    store.upsert_state(state(), now=T0)
+    store.upsert_reported(reported(), now=T0 + timedelta(seconds=5))
+    [dev] = store.fleet()
+    assert dev["device_id"] == "cam-1" and dev["online"] is True
+    assert dev["tags"] == {"site": "berlin"} and dev["profile"] == "jetson-orin-nano"
+    assert dev["last_seen"] == T0 + timedelta(seconds=5)
+    [p] = dev["pipelines"]
+    assert (p["name"], p["model"], p["version"], p["phase"]) == ("front", "det", "1.4.0",
+                                                                   "committed")  # fmt: skip
+    # the last will flips online, keeps first_seen; a new report replaces the old one
+    store.upsert_state(state(online=False), now=T0 + timedelta(minutes=1))
+    store.upsert_reported(reported(phase="rolled_back"), now=T0 + timedelta(minutes=1))
+    [dev] = store.fleet()
+    assert dev["online"] is False and dev["pipelines"][0]["phase"] == "rolled_back"
+    with store.engine.connect() as c:
+        first = c.execute(sa.text("SELECT first_seen FROM devices")).scalar()
+    assert str(first).startswith("2026-11-23 12:00:00")
+    assert store.counts()["pipeline_state"] == 1
+
+
+def test_reported_before_state_creates_device(store: Store) -> None:
+    store.upsert_reported(reported("cam-9"), now=T0)
+    [dev] = store.fleet()
+    assert dev["device_id"] == "cam-9" and dev["online"] is None
+    assert dev["pipelines"][0]["phase"] == "committed"
+
+
+def test_telemetry_round_trip_and_duplicate_ignored(store: Store) -> None:
+    assert store.add_telemetry(telemetry(), now=T0) == 2
+    assert store.add_telemetry(telemetry(), now=T0) == 0  # MQTT redelivery
+    assert store.counts()["telemetry"] == 2 and store.counts()["device_telemetry"] == 1
+    with store.engine.connect() as c:
+        rows = {r.pipeline: r for r in c.execute(sa.text("SELECT * FROM telemetry"))}
+        dev = c.execute(sa.text("SELECT outbox_depth, cpu_percent FROM device_telemetry")).one()
+    assert rows["front"].p95_ms == 12.5  # the 'total' stage
+    assert rows["rear"].p95_ms == 25.0  # no 'total': preprocess + infer, not 'age'
+    with store.engine.connect() as c:
+        power = c.execute(sa.select(DEVICE_TELEMETRY.c.power, DEVICE_TELEMETRY.c.temperatures))
+        assert tuple(power.one()) == ({"VDD_IN": 5120.0}, {"cpu": 51.2, "gpu": 49.0})
+    assert rows["front"].backend == "tensorrt" and rows["front"].precision == "fp16"
+    assert tuple(dev) == (3, 41.5)
+
+
+def test_events_batch_and_duplicates(store: Store) -> None:
+    assert store.add_events([event(1), event(2), event(3, T0 + timedelta(seconds=1))]) == 3
+    assert store.add_events([event(2), event(4)]) == 1
+    assert store.counts()["events"] == 4
+    with store.engine.connect() as c:
+        r = c.execute(sa.text("SELECT top_label, top_score, n_detections FROM events")).first()
+    assert r is not None and tuple(r) == ("person", 0.91, 2)
+    with store.engine.connect() as c:
+        times = c.execute(sa.select(EVENTS.c.ts).order_by(EVENTS.c.frame_seq)).scalars().all()
+    assert times[:3] == [T0, T0, T0 + timedelta(seconds=1)]  # epoch seconds → aware UTC
+
+
+def test_bad_records_are_typed_and_store_nothing(store: Store) -> None:
+    bad = telemetry()
+    del bad["ts"]
+    with pytest.raises(BadRecord) as e:
+        store.add_telemetry_batch([telemetry(), bad])
+    assert e.value.field == "ts" and e.value.kind == "telemetry"
+    with pytest.raises(BadRecord, match="zone"):
+        store.add_events([{**event(1), "frame_time": "2026-11-23T12:00:00"}])
+    assert store.counts()["telemetry"] == 0 and store.counts()["events"] == 0
+
+
+def test_fleet_view_latest_telemetry_and_tag_filter(store: Store) -> None:
+    store.upsert_state(state("cam-1", site="berlin", tier="canary"), now=T0)
+    store.upsert_state(state("cam-2", site="paris"), now=T0)
+    store.upsert_reported(reported("cam-1"), now=T0)
+    store.add_telemetry(telemetry("cam-1", T0, fps=20.0), now=T0)
+    store.add_telemetry(telemetry("cam-1", T0 + timedelta(seconds=10), fps=24.0), now=T0)
+    store.add_telemetry(telemetry("cam-3"), now=T0)  # telemetry only: still in the fleet
+    fleet = {d["device_id"]: d for d in store.fleet()}
+    assert set(fleet) == {"cam-1", "cam-2", "cam-3"}
+    front, rear = fleet["cam-1"]["pipelines"]
+    latest = (front["name"], front["fps"], front["p95_ms"], front["errors"])
+    assert latest == ("front", 24.0, 12.5, 2)
+    assert front["phase"] == "committed" and rear["phase"] is None and rear["model"] == "cls"
+    assert fleet["cam-2"]["pipelines"] == [{
+        "name": "front", "model": None, "version": None, "phase": None, "last_error": None,
+        "fps": None, "p95_ms": None, "errors": None, "telemetry_ts": None,
+    }]  # fmt: skip
+    assert [d["device_id"] for d in store.fleet({"site": "berlin"})] == ["cam-1"]
+    assert [d["device_id"] for d in store.fleet({"site": "berlin", "tier": "ga"})] == []
+
+
+def test_dead_letters(store: Store) -> None:
+    store.dead_letter("edgefleet/v1/devices/x/telemetry", b"\xff{not json", "not JSON", now=T0)
+    [dl] = store.dead_letters()
+    assert dl["payload"] == b"\xff{not json" and dl["reason"] == "not JSON"
+    assert dl["received_at"] == T0 and dl["topic"].endswith("/telemetry")
+
+
+def test_retention(store: Store) -> None:
+    old, new = T0 - timedelta(days=40), T0
+    store.add_telemetry(telemetry(at=old), now=old)
+    store.add_telemetry(telemetry(at=new), now=new)
+    store.add_events([event(1, old), event(2, new)])
+    store.dead_letter("t", b"x", "r", now=old)
+    counts = store.retention(T0 - timedelta(days=30))
+    assert counts == {"telemetry": 2, "device_telemetry": 1, "events": 1, "dead_letters": 1}
+    c = store.counts()
+    assert (c["telemetry"], c["events"], c["dead_letters"], c["devices"]) == (2, 1, 0, 1)
+
+
+def test_migrations_fresh_and_reopen(db_url: str) -> None:
+    s = open_store(db_url)
+    assert s.version() == LATEST == 2
+    s.add_telemetry(telemetry())
+    s.close()
+    s = open_store(db_url)  # reopen: nothing applied twice
+    with s.engine.connect() as c:
+        rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
+    assert [r[0] for r in rows] == [1, 2] and s.counts()["telemetry"] == 2
+    s.close()
+
+
+def test_upgrade_from_v1(db_url: str) -> None:
+    engine = make_engine(db_url)
+    assert migrate(engine, upto=1) == 1
+    with engine.begin() as c:
+        assert "backend" not in {col["name"] for col in sa.inspect(c).get_columns("telemetry")}
+        c.execute(
+            sa.text(
+                "INSERT INTO telemetry (device_id, ts, pipeline, fps_out)"
+                " VALUES ('old', :ts, 'front', 5.0)"
+            ),
+            {"ts": T0.replace(tzinfo=None)},
+        )
+        assert schema_version(c) == 1
+    engine.dispose()
+    s = open_store(db_url)
+    assert s.version() == 2
+    with s.engine.connect() as c:
+        cols = {col["name"] for col in sa.inspect(c).get_columns("telemetry")}
+        assert {"backend", "precision"} <= cols
+        assert c.execute(sa.text("SELECT fps_out FROM telemetry")).scalar() == 5.0
+    assert s.add_telemetry(telemetry()) == 2
+    s.close()
+
+
+def test_newer_schema_refused(db_url: str) -> None:
+    s = open_store(db_url)
+    with s.engine.begin() as c:
+        c.execute(sa.text("INSERT INTO schema_version VALUES (99, :t)"), {"t": T0})
+    s.close()
+    with pytest.raises(Exception, match="version 99"):
+        open_store(db_url)
+
+
+def test_batch_throughput(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    """10,000 telemetry rows (5,000 messages x 2 pipelines) in batches of 500 messages."""
+    msgs = [telemetry(f"cam-{i % 50}", T0 + timedelta(seconds=i)) for i in range(5000)]
+    start = time.perf_counter()
+    added = sum(store.add_telemetry_batch(msgs[i : i + 500], now=T0) for i in range(0, 5000, 500))
+    batched = time.perf_counter() - start
+    one = [telemetry("cam-x", T0 + timedelta(seconds=i)) for i in range(200)]
+    start = time.perf_counter()
+    for m in one:
+        store.add_telemetry(m, now=T0)
+    single = time.perf_counter() - start
+    assert added == 10_000 and store.counts()["telemetry"] == 10_400
+    with capsys.disabled():
+        print(f"\n[{store.engine.dialect.name}] telemetry rows/s: batched {10_000 / batched:,.0f},"
+              f" one message per transaction {400 / single:,.0f}")  # fmt: skip
