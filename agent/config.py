@@ -145,6 +145,14 @@ class UpdateConfig(_Strict):
     )
 
 
+class TelemetryConfig(_Strict):
+    """Periodic telemetry and the on-disk outbox that carries it across outages."""
+
+    interval_s: float = Field(10.0, ge=0.1, le=3600, description="Seconds between messages")
+    outbox_max_rows: int = Field(100_000, ge=10, le=10_000_000, description="Outbox row bound")
+    outbox_max_mb: int = Field(64, ge=1, le=100_000, description="Outbox size bound (MiB)")
+
+
 class AgentConfig(_Strict):
     """The device agent's whole configuration."""
 
@@ -162,6 +170,9 @@ class AgentConfig(_Strict):
     broker: BrokerConfig | None = Field(None, description="Cloud connection (none = local only)")
     trust: TrustConfig | None = Field(None, description="TUF trust root for model delivery")
     update: UpdateConfig = Field(default_factory=UpdateConfig, description="Update behaviour")
+    telemetry: TelemetryConfig = Field(
+        default_factory=TelemetryConfig, description="Telemetry sent when [broker] is set"
+    )
 
     @field_validator("tags")
     @classmethod

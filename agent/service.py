@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import AgentConfig, EngineConfig, OnnxRuntimeEngine, PipelineConfig, load_config
+from agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    EngineConfig,
+    OnnxRuntimeEngine,
+    PipelineConfig,
+    TrustConfig,
+    load_config,
+)
 from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json
@@ -218,6 +226,9 @@ class Agent:
         sleep = os.environ.get("EDGEFLEET_TEST_BUILD_SLEEP_S")
         self.build_test_opts: dict[str, Any] = {"_test_sleep_s": float(sleep)} if sleep else {}
         self.session: Any = None  # DeviceSession when [broker] is configured
+        self.outbox: Any = None  # Outbox, OutboxSender, TelemetryReporter with [broker]
+        self.outbox_sender: Any = None
+        self.telemetry: Any = None
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
 
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
@@ -263,8 +274,8 @@ class Agent:
                     open_timeout_s=p.open_timeout_s,
                 )
                 self.pipelines.append(pipe)
-            if self.cfg.broker is not None and self.cfg.trust is not None:
-                self._start_delivery()
+            if self.cfg.broker is not None:
+                self._start_cloud()
             for pipe in self.pipelines:
                 pipe.start()
         except BaseException:
@@ -278,18 +289,24 @@ class Agent:
             len(self.pipelines),
         )
 
-    def _start_delivery(self) -> None:
-        """MQTT session, TUF client over MQTT, model store and update manager."""
+    def _on_desired(self, payload: bytes) -> None:
+        if self.updates is not None:
+            self.updates.submit_desired(payload)
+        else:
+            log.warning(
+                "device=%s desired state ignored: no [trust] root configured", self.cfg.device_id
+            )
+
+    def _start_cloud(self) -> None:
+        """MQTT session and telemetry; with [trust] also model delivery (TUF client over MQTT,
+        model store and update manager)."""
         from agent.protocol.state import DeviceState
         from agent.sync.session import DeviceSession
-        from agent.update.fetcher import ChunkClient, MqttFetcher
-        from agent.update.machine import HealthWindow
-        from agent.update.manager import UpdateManager
-        from agent.update.store import ModelStore
-        from agent.update.tuf_client import TufClient
+        from agent.telemetry.outbox import Outbox, OutboxSender
+        from agent.telemetry.reporter import TelemetryReporter
 
-        cfg, broker, trust, upd = self.cfg, self.cfg.broker, self.cfg.trust, self.cfg.update
-        if broker is None or trust is None:
+        cfg, broker, trust = self.cfg, self.cfg.broker, self.cfg.trust
+        if broker is None:
             return
         birth = DeviceState(
             device_id=cfg.device_id,
@@ -299,10 +316,36 @@ class Agent:
             pipelines=[p.name for p in cfg.pipelines],
             tags=cfg.tags,
         )
-        manager_box: list[UpdateManager] = []
-        self.session = DeviceSession(
-            broker, cfg.device_id, birth, lambda payload: manager_box[0].submit_desired(payload)
+        self.session = DeviceSession(broker, cfg.device_id, birth, self._on_desired)
+        tel = cfg.telemetry
+        self.outbox = Outbox(
+            cfg.data_dir / "outbox.db",
+            max_rows=tel.outbox_max_rows,
+            max_bytes=tel.outbox_max_mb << 20,
         )
+        self.outbox_sender = OutboxSender(self.outbox, self.session.client)
+        self.telemetry = TelemetryReporter(
+            cfg.device_id,
+            self.pipelines,
+            self.outbox,
+            self.session.topics.device(cfg.device_id, "telemetry"),
+            interval_s=tel.interval_s,
+            data_dir=cfg.data_dir,
+        )
+        if trust is not None:
+            self._start_delivery(broker, trust)
+        self.outbox_sender.start()
+        self.telemetry.start()
+        self.session.start()
+
+    def _start_delivery(self, broker: BrokerConfig, trust: TrustConfig) -> None:
+        from agent.update.fetcher import ChunkClient, MqttFetcher
+        from agent.update.machine import HealthWindow
+        from agent.update.manager import UpdateManager
+        from agent.update.store import ModelStore
+        from agent.update.tuf_client import TufClient
+
+        cfg, upd = self.cfg, self.cfg.update
         chunks = ChunkClient(
             self.session.client,
             cfg.device_id,
@@ -342,17 +385,22 @@ class Agent:
                 max_latency_ratio=upd.max_latency_ratio,
             ),
         )
-        manager_box.append(self.updates)
         self.updates.recover()
         self.updates.start()
-        self.session.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self.updates is not None:
             self.updates.stop()
+        if self.telemetry is not None:
+            self.telemetry.stop()
+            self.telemetry.tick()  # a last snapshot, sent if the broker is still there
+        if self.outbox_sender is not None:
+            self.outbox_sender.stop()
         if self.session is not None:
             self.session.stop()
+        if self.outbox is not None:
+            self.outbox.close()
         for pipe in self.pipelines:
             pipe.stop()
         # local models (shared) and delivered ones (per pipeline); close() is idempotent
