@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_sync.schema_cmd import add_schema_command
 
     add_schema_command(sub)
+    from cloud_sync.ingest.commands import add_ingest_commands
+
+    add_ingest_commands(sub)
     _add_serve(groups["registry"])
 
     dp = sub.add_parser("deploy", help="set a device's desired model version (signed, retained)")

@@ -1,0 +1,92 @@
+"""Adapter: ``edgefleet ingest`` and ``edgefleet fleet status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from typing import Any
+
+DEFAULT_DB = "sqlite:///edgefleet.db"
+
+
+def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ing = sub.add_parser("ingest", help="store device state, telemetry and events in a database")
+    ing.add_argument("--broker", required=True, help="mqtt://host:port")
+    ing.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
+    ing.add_argument("--topic-root", default="edgefleet/v1")
+    ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
+    ing.set_defaults(fn=_ingest)
+
+    fleet = sub.add_parser("fleet", help="fleet state from the ingest database")
+    fsub = fleet.add_subparsers(dest="fleet_cmd", required=True)
+    st = fsub.add_parser("status", help="one row per device")
+    st.add_argument("--db", default=DEFAULT_DB)
+    st.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="filter")
+    st.add_argument("--json", action="store_true", help="print a JSON list")
+    st.add_argument("--watch", type=float, default=None, metavar="S", help="refresh every S s")
+    st.set_defaults(fn=_fleet_status)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from cloud_sync.ingest.store import open_store
+    from cloud_sync.ingest.worker import IngestWorker
+
+    store = open_store(args.db)
+    worker = IngestWorker(
+        args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}"
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    worker.start()
+    print(f"ingesting from {args.broker} into {args.db}; Ctrl-C stops", flush=True)
+    try:
+        while not stop.wait(10):
+            print(f"ingest counts: {dict(worker.counts)}", flush=True)
+    finally:
+        worker.stop()
+        store.close()
+    return 0
+
+
+def _row(d: dict[str, Any]) -> list[str]:
+    lines = []
+    seen = d.get("last_seen")
+    head = f"{d['device_id']:<16} {'online' if d.get('online') else 'OFFLINE':<8} {seen or '-'}"
+    for p in d.get("pipelines") or [{}]:
+        model = f"{p.get('model')}@{p.get('version')}" if p.get("model") else "-"
+        fps = f"{p['fps']:.1f}" if isinstance(p.get("fps"), (int, float)) else "-"
+        p95 = f"{p['p95_ms']:.1f}" if isinstance(p.get("p95_ms"), (int, float)) else "-"
+        lines.append(
+            f"{head}  {p.get('name', '-'):<10} {model:<20} {p.get('phase') or '-':<11} "
+            f"fps {fps:>6}  p95 {p95:>7} ms  errors {p.get('errors', '-')}"
+        )
+        head = " " * len(head)
+    return lines
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    from cloud_sync.ingest.store import open_store
+
+    tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
+    store = open_store(args.db)
+    try:
+        while True:
+            fleet = store.fleet(tag_filter=tags or None)
+            if args.json:
+                print(json.dumps(fleet, indent=2, default=str))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                for d in fleet:
+                    print("\n".join(_row(d)))
+                if not fleet:
+                    print("no devices yet")
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+    finally:
+        store.close()

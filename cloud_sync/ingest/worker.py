@@ -1,0 +1,146 @@
+"""Adapter: ``edgefleet ingest`` — MQTT → contract validation → the ingest store.
+
+Telemetry and events (the volume) come through shared subscriptions, so several workers split
+them; state and reported (retained, low volume, idempotent upserts) through plain
+subscriptions, because brokers do not send retained messages on shared ones. paho's thread
+only queues; one writer thread validates each payload against the wire contract and writes in
+batches (one transaction per batch). A payload that does not validate goes to the dead-letter
+table with the reason and never stops the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.errors import BadDataError, TransportError
+from agent.protocol.fetch import BadMessage
+from agent.protocol.state import DeviceState, ReportedState
+from agent.protocol.telemetry import InferenceEvent, Telemetry
+from agent.protocol.topics import DEFAULT_ROOT, Topics
+from agent.sync.mqtt import make_client, parse_broker_url
+from cloud_sync.ingest.store import Store
+
+log = logging.getLogger(__name__)
+SHARE_GROUP = "ingest"
+MODELS: dict[str, Any] = {
+    "state": DeviceState,
+    "reported": ReportedState,
+    "telemetry": Telemetry,
+    "events": InferenceEvent,
+}
+
+
+class IngestWorker:
+    """One ingest worker; run several for more throughput."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        store: Store,
+        *,
+        topic_root: str = DEFAULT_ROOT,
+        client_id: str = "edgefleet-ingest-1",
+        batch_size: int = 500,
+        flush_s: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.topics = Topics(topic_root)
+        self.batch_size = batch_size
+        self.flush_s = flush_s
+        self.counts: Counter[str] = Counter()
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.host, self.port, _tls = parse_broker_url(broker_url)
+        self.client = make_client(client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
+
+    def _on_connect(self, client: mqtt.Client, u: Any, flags: Any, rc: Any, p: Any = None) -> None:
+        if rc.is_failure:
+            log.error("ingest: broker refused the connection: %s", rc)
+            return
+        subs = [(self.topics.all_devices(k), 1) for k in ("state", "reported")]
+        subs += [(self.topics.shared(SHARE_GROUP, k), 1) for k in ("telemetry", "events")]
+        client.subscribe(subs)
+        self.subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put((msg.topic, bytes(msg.payload)))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._thread.start()
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.client.disconnect()
+        self._stop.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch: list[tuple[str, bytes]] = []
+            deadline = time.monotonic() + self.flush_s
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._write(batch)
+                    return
+                batch.append(item)
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+        telemetry: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        for topic, payload in batch:
+            parsed = self.topics.parse(topic)
+            kind = parsed[1] if parsed else ""
+            model = MODELS.get(kind)
+            try:
+                if model is None:
+                    raise BadMessage(f"topic {topic!r} is not an ingest topic")
+                msg = model.decode(payload).model_dump(mode="json")
+                if parsed and msg.get("device_id") != parsed[0]:
+                    raise BadMessage(
+                        f"payload says device {msg.get('device_id')!r}, topic says {parsed[0]!r}"
+                    )
+                if kind == "state":
+                    self.store.upsert_state(msg)
+                elif kind == "reported":
+                    self.store.upsert_reported(msg)
+                elif kind == "telemetry":
+                    telemetry.append(msg)
+                else:
+                    events.append(msg)
+                self.counts[kind] += 1
+            except BadDataError as e:
+                self.counts["dead_letters"] += 1
+                self.store.dead_letter(topic, payload, str(e)[:500])
+        try:
+            if telemetry:
+                self.store.add_telemetry_batch(telemetry)
+            if events:
+                self.store.add_events(events)
+        except TransportError as e:  # database gone: keep the batch for the next round
+            log.error("ingest: store unavailable, %d messages requeued: %s", len(batch), e)
+            for item in batch:
+                self._queue.put(item)
+            time.sleep(1.0)

@@ -1,0 +1,119 @@
+"""Agent → Mosquitto → ingest worker → SQLite → `edgefleet fleet status`, all real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.config import parse_config
+from agent.protocol.topics import Topics
+from agent.service import Agent
+from cloud_sync.ingest.store import open_store
+from cloud_sync.ingest.worker import IngestWorker
+from tests.conftest import Mosquitto, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.video]
+
+
+def test_fleet_status_shows_what_the_agent_reports(
+    broker: Mosquitto, synthetic_video: Path, test_models: dict[str, Path], tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    store = open_store(db)
+    worker = IngestWorker(broker.url, store)
+    worker.start()
+    assert worker.subscribed.wait(10)
+    agent = Agent(
+        parse_config(
+            {
+                "device_id": "cam-07",
+                "data_dir": str(tmp_path / "data"),
+                "profile": "x86-cpu",
+                "tags": {"site": "berlin"},
+                "pipelines": [
+                    {
+                        "name": "front",
+                        "source": str(synthetic_video),
+                        "model": str(test_models["blobdet"] / "model.onnx"),
+                        "loop": True,
+                    }
+                ],
+                "broker": {"url": broker.url},
+                "telemetry": {"interval_s": 0.2},
+            }
+        )
+    )
+    agent.start()
+    try:
+
+        def seen() -> bool:
+            fleet = store.fleet()
+            return bool(fleet) and any(
+                (p.get("fps") or 0) > 0 for p in fleet[0].get("pipelines", [])
+            )
+
+        assert wait_for(seen, 30), store.fleet()
+        # a malformed telemetry payload is dead-lettered, the worker keeps going
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="junk")
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        c.publish(
+            Topics().device("cam-07", "telemetry"), b'{"type": "telemetry"}', qos=1
+        ).wait_for_publish(5)
+        c.loop_stop()
+        c.disconnect()
+        assert wait_for(lambda: worker.counts["dead_letters"] == 1, 10)
+        before = worker.counts["telemetry"]
+        assert wait_for(lambda: worker.counts["telemetry"] > before + 2, 10)
+        dead = store.dead_letters(5)
+        assert len(dead) == 1 and dead[0]["topic"].endswith("cam-07/telemetry")
+        assert "field required" in dead[0]["reason"].lower(), dead[0]["reason"]
+    finally:
+        agent.stop()
+        worker.stop()
+        store.close()
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edgefleet"),
+            "fleet",
+            "status",
+            "--db",
+            db,
+            "--json",
+            "--tag",
+            "site=berlin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    fleet = json.loads(out.stdout)
+    assert [d["device_id"] for d in fleet] == ["cam-07"]
+    dev = fleet[0]
+    assert "online" in dev and dev["tags"] == {"site": "berlin"}
+    pipe = dev["pipelines"][0]
+    assert pipe["name"] == "front" and pipe["model"] == "blobdet" and pipe["version"] == "1.0.0"
+    assert "phase" in pipe
+    other = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edgefleet"),
+            "fleet",
+            "status",
+            "--db",
+            db,
+            "--json",
+            "--tag",
+            "site=paris",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(other.stdout) == []
