@@ -37,6 +37,15 @@ class SinkConfig(_Strict):
     )
 
 
+class EventsConfig(_Strict):
+    """Which inference results a pipeline sends to the cloud (with [broker]; never frames)."""
+
+    policy: Literal["every", "change", "rate", "off"] = Field(
+        "rate", description="every frame, on change of what is seen, at most max_per_s, or off"
+    )
+    max_per_s: float = Field(1.0, gt=0, le=1000, description="Events per second for 'rate'")
+
+
 class PipelineConfig(_Strict):
     """One camera or stream and the model that watches it."""
 
@@ -57,6 +66,7 @@ class PipelineConfig(_Strict):
     )
     open_timeout_s: float = Field(5.0, gt=0, le=300, description="Per-attempt open/read timeout")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Result destinations")
+    events: EventsConfig = Field(default_factory=EventsConfig, description="Events to the cloud")
 
 
 class OnnxRuntimeEngine(_Strict):

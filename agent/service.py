@@ -332,6 +332,13 @@ class Agent:
             interval_s=tel.interval_s,
             data_dir=cfg.data_dir,
         )
+        from agent.telemetry.events import EventPolicy, MqttEventSink
+
+        events_topic = self.session.topics.device(cfg.device_id, "events")
+        for pipe, pcfg in zip(self.pipelines, cfg.pipelines, strict=True):
+            if pcfg.events.policy != "off":
+                policy = EventPolicy(pcfg.events.policy, pcfg.events.max_per_s)
+                pipe.sinks.append(MqttEventSink(cfg.device_id, self.outbox, events_topic, policy))
         if trust is not None:
             self._start_delivery(broker, trust)
         self.outbox_sender.start()
@@ -389,9 +396,13 @@ class Agent:
         self.updates.start()
 
     def stop(self) -> None:
+        """Stop in dependency order: updates, pipelines (they write events into the outbox),
+        telemetry, the outbox sender and the session, then close the outbox and the models."""
         self._stop.set()
         if self.updates is not None:
             self.updates.stop()
+        for pipe in self.pipelines:
+            pipe.stop()
         if self.telemetry is not None:
             self.telemetry.stop()
             self.telemetry.tick()  # a last snapshot, sent if the broker is still there
@@ -401,8 +412,6 @@ class Agent:
             self.session.stop()
         if self.outbox is not None:
             self.outbox.close()
-        for pipe in self.pipelines:
-            pipe.stop()
         # local models (shared) and delivered ones (per pipeline); close() is idempotent
         for m in [*self.models.values(), *(p.model for p in self.pipelines if p.model)]:
             m.close()
