@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -18,6 +19,27 @@ from cloud_sync.ingest.worker import IngestWorker
 from tests.conftest import Mosquitto, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
+
+
+def fleet_status(db: str, *args: str) -> list[dict[str, Any]]:
+    """`edgefleet fleet status --json` as an operator runs it."""
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edgefleet"),
+            "fleet",
+            "status",
+            "--db",
+            db,
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: list[dict[str, Any]] = json.loads(out.stdout)
+    return result
 
 
 def test_fleet_status_shows_what_the_agent_reports(
@@ -80,43 +102,11 @@ def test_fleet_status_shows_what_the_agent_reports(
         agent.stop()
         worker.stop()
         store.close()
-    out = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "edgefleet"),
-            "fleet",
-            "status",
-            "--db",
-            db,
-            "--json",
-            "--tag",
-            "site=berlin",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    fleet = json.loads(out.stdout)
+    fleet = fleet_status(db, "--tag", "site=berlin")
     assert [d["device_id"] for d in fleet] == ["cam-07"]
     dev = fleet[0]
     assert "online" in dev and dev["tags"] == {"site": "berlin"}
     pipe = dev["pipelines"][0]
     assert pipe["name"] == "front" and pipe["model"] == "blobdet" and pipe["version"] == "1.0.0"
     assert "phase" in pipe
-    other = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "edgefleet"),
-            "fleet",
-            "status",
-            "--db",
-            db,
-            "--json",
-            "--tag",
-            "site=paris",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert json.loads(other.stdout) == []
+    assert fleet_status(db, "--tag", "site=paris") == []
