@@ -95,6 +95,23 @@ def test_fleet_status_shows_what_the_agent_reports(
         assert wait_for(lambda: worker.counts["dead_letters"] == 1, 10)
         before = worker.counts["telemetry"]
         assert wait_for(lambda: worker.counts["telemetry"] > before + 2, 10)
+        # the same fleet, as Prometheus scrapes it
+        from urllib.request import urlopen
+
+        from cloud_sync.ingest.metrics import serve_metrics
+        from tests.conftest import free_port
+
+        port = free_port()
+        server = serve_metrics(worker, port)
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert 'edgefleet_ingest_messages_total{kind="telemetry"}' in text
+        assert "edgefleet_devices 1.0" in text
+        assert 'edgefleet_pipeline_fps{device_id="cam-07",model="blobdet"' in text
         dead = store.dead_letters(5)
         assert len(dead) == 1 and dead[0]["topic"].endswith("cam-07/telemetry")
         assert "field required" in dead[0]["reason"].lower(), dead[0]["reason"]

@@ -18,6 +18,10 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
     ing.add_argument("--topic-root", default="edgefleet/v1")
     ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
+    ing.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
+    ing.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics port")
     ing.set_defaults(fn=_ingest)
 
     fleet = sub.add_parser("fleet", help="fleet state from the ingest database")
@@ -42,6 +46,11 @@ def _ingest(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     worker.start()
+    if args.metrics_port is not None:
+        from cloud_sync.ingest.metrics import serve_metrics
+
+        serve_metrics(worker, args.metrics_port, args.metrics_addr)
+        print(f"metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics", flush=True)
     print(f"ingesting from {args.broker} into {args.db}; Ctrl-C stops", flush=True)
     try:
         while not stop.wait(10):

@@ -1,0 +1,69 @@
+"""Adapter: Prometheus metrics of an ingest worker — its counters and fleet gauges.
+
+A custom collector reads the worker's counters and the store's fleet view at scrape time, so
+nothing is double-counted and the gauges are always as fresh as the database (prometheus_client
+does the exposition format and the HTTP server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cloud_sync.ingest.worker import IngestWorker
+
+
+class IngestCollector(Collector):
+    """``edgefleet_ingest_messages_total{kind}`` and ``edgefleet_device_*`` gauges."""
+
+    def __init__(self, worker: IngestWorker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[Any]:
+        msgs = CounterMetricFamily(
+            "edgefleet_ingest_messages",
+            "Messages stored (or dead-lettered) by kind",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self.worker.counts.items()):
+            msgs.add_metric([kind], n)
+        yield msgs
+        fleet = self.worker.store.fleet()
+        online = GaugeMetricFamily("edgefleet_devices_online", "Devices whose last state is online")
+        online.add_metric([], sum(1 for d in fleet if d.get("online")))
+        yield online
+        total = GaugeMetricFamily("edgefleet_devices", "Devices known to the ingest database")
+        total.add_metric([], len(fleet))
+        yield total
+        labels = ["device_id", "pipeline", "model", "version"]
+        fps = GaugeMetricFamily("edgefleet_pipeline_fps", "Latest output fps", labels=labels)
+        p95 = GaugeMetricFamily("edgefleet_pipeline_p95_ms", "Latest p95 latency", labels=labels)
+        errors = GaugeMetricFamily("edgefleet_pipeline_errors", "Latest error count", labels=labels)
+        for d in fleet:
+            for p in d.get("pipelines") or []:
+                key = [
+                    d["device_id"],
+                    str(p.get("name")),
+                    str(p.get("model")),
+                    str(p.get("version")),
+                ]
+                for family, field in ((fps, "fps"), (p95, "p95_ms"), (errors, "errors")):
+                    value = p.get(field)
+                    if isinstance(value, (int, float)):
+                        family.add_metric(key, float(value))
+        yield fps
+        yield p95
+        yield errors
+
+
+def serve_metrics(worker: IngestWorker, port: int, addr: str = "127.0.0.1") -> WSGIServer:
+    """Expose the worker's metrics on ``http://addr:port/metrics``; ``shutdown()`` stops it."""
+    registry = CollectorRegistry()
+    registry.register(IngestCollector(worker))
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
