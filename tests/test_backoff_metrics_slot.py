@@ -56,6 +56,18 @@ def test_metrics_snapshot_fps_from_counter_deltas() -> None:
     assert s["latency_ms"]["infer"]["p50"] == 5.0
 
 
+def test_fps_windows_are_per_reader() -> None:
+    m = PipelineMetrics()
+    m.snapshot(now=0.0, reader="status")
+    m.snapshot(now=0.0, reader="telemetry")
+    m.count("frames_inferred", 20)
+    assert m.snapshot(now=2.0, reader="status")["fps_out"] == 10.0
+    m.count("frames_inferred", 20)
+    assert m.snapshot(now=4.0, reader="status")["fps_out"] == 10.0
+    # telemetry's window spans both status reads: 40 frames over 10 s
+    assert m.snapshot(now=10.0, reader="telemetry")["fps_out"] == 4.0
+
+
 def _frame(i: int) -> Frame:
     return Frame(np.zeros((2, 2, 3), np.uint8), i, float(i))
 

@@ -63,7 +63,9 @@ class PipelineMetrics:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _rings: dict[str, LatencyRing] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _fps_mark: tuple[float, int, int] | None = None
+    # One fps window per reader (status file, telemetry…), so readers polling at different
+    # intervals do not shorten each other's window.
+    _fps_marks: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -80,13 +82,13 @@ class PipelineMetrics:
         with self._lock:
             return {k: r.percentiles() for k, r in self._rings.items()}
 
-    def snapshot(self, now: float) -> dict[str, Any]:
-        """Counters, fps in/out since the previous snapshot, and stage percentiles."""
+    def snapshot(self, now: float, reader: str = "status") -> dict[str, Any]:
+        """Counters, fps in/out since ``reader``'s previous snapshot, and stage percentiles."""
         with self._lock:
             counters = dict(self.counters)
             rings = {k: r.percentiles() for k, r in self._rings.items()}
-            mark = self._fps_mark
-            self._fps_mark = (now, counters["frames_read"], counters["frames_inferred"])
+            mark = self._fps_marks.get(reader)
+            self._fps_marks[reader] = (now, counters["frames_read"], counters["frames_inferred"])
         fps_in = fps_out = 0.0
         if mark is not None and now > mark[0]:
             dt = now - mark[0]

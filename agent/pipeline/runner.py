@@ -174,8 +174,9 @@ class Pipeline:
         if obs is not None:
             obs(model, True, False, times.infer)
 
-    def status(self, now: float) -> dict[str, Any]:
-        """Everything telemetry and ``status`` show about this pipeline."""
+    def status(self, now: float, reader: str = "status") -> dict[str, Any]:
+        """Everything telemetry and ``status`` show about this pipeline; fps is over the time
+        since ``reader`` last asked."""
         model = self._model
         return {
             "name": self.name,
@@ -185,5 +186,5 @@ class Pipeline:
             "backend": model.backend.info.name if model else None,
             "precision": model.backend.info.precision if model else None,
             "last_error": self.last_error or self.reader.last_error or None,
-            **self.metrics.snapshot(now),
+            **self.metrics.snapshot(now, reader),
         }

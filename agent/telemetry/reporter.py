@@ -76,7 +76,10 @@ class TelemetryReporter:
             device_id=self.device_id,
             ts=self.wall(),
             interval_s=self.interval_s,
-            pipelines=[pipeline_telemetry_from_status(p.status(now)) for p in self.pipelines],
+            pipelines=[
+                pipeline_telemetry_from_status(p.status(now, reader="telemetry"))
+                for p in self.pipelines
+            ],
             device=DeviceStats(**stats),
             outbox=OutboxStats(**self.outbox.stats()),
         )
