@@ -19,14 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_SCRIPT = ROOT / "scripts" / "make_test_models.py"
 
 
-def load_model_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_test_models", MODEL_SCRIPT)
+def load_module_from_path(name: str, path: Path) -> ModuleType:
+    """Import a file as module ``name`` (scripts/ and test helpers are not packages)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {MODEL_SCRIPT}")
+        raise RuntimeError(f"cannot import {path}")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_test_models"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_model_script() -> ModuleType:
+    return load_module_from_path("make_test_models", MODEL_SCRIPT)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,10 @@ even though no machine in CI has a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
@@ -24,21 +22,9 @@ from agent.engine.base import Backend, TensorSpec
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.engine.tensorrt import TensorRTBackend, build_engine, tensorrt_available
 from agent.errors import ModelError
+from tests.conftest import load_module_from_path
 
-
-def _load_fake() -> ModuleType:
-    # Loaded by path so it works whether or not tests/ is a package.
-    path = Path(__file__).with_name("_fake_tensorrt.py")
-    spec = importlib.util.spec_from_file_location("_fake_tensorrt", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {path}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_fake_tensorrt"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fake_trt = _load_fake()
+fake_trt = load_module_from_path("_fake_tensorrt", Path(__file__).with_name("_fake_tensorrt.py"))
 TRT_OK, TRT_WHY = tensorrt_available()
 
 BACKENDS = [
