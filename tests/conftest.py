@@ -202,3 +202,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+# The PostgreSQL server fixture lives in its own module (it needs free_port above); importing
+# it here makes it available to every test module.
+from tests._postgres import postgres  # noqa: E402, F401
