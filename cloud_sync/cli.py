@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--workdir", default=None, help="keep models, video and results here (default: a temp dir)"
     )
+    d.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="MQTT broker to start (auto: Mosquitto when installed, else amqtt in-process)",
+    )
     d.set_defaults(fn=_demo)
 
     from cloud_sync.registry.commands import add_registry_commands
@@ -117,7 +123,7 @@ def _deploy(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cloud_sync.demo import run_demo
 
-    return run_demo(duration_s=args.duration, workdir=args.workdir)
+    return run_demo(duration_s=args.duration, workdir=args.workdir, broker=args.broker)
 
 
 def main(argv: list[str] | None = None) -> int:

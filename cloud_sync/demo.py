@@ -1,13 +1,16 @@
-"""Adapter: ``edgefleet demo`` — the whole device loop on embedded defaults, no services needed.
+"""Adapter: ``edgefleet demo`` — the whole fleet loop on one machine, no services needed.
 
-Builds the sample blob detector, writes a test video, starts an agent on it and prints live
-results and throughput once a second. (The registry, broker and rollout steps join this demo
-as those parts land; see docs/STATUS.md.)
+Starts an MQTT broker (Mosquitto when installed, else amqtt in-process), a registry in the work
+dir with its chunk server, an ingest worker into SQLite, and an agent on a generated video;
+builds the sample detector, publishes it (signed; INT8 when it passes the accuracy gate),
+deploys it, follows the update to ``committed``, then shows the fleet status and the live
+detections from the ingest database until Ctrl-C or ``--duration``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import tempfile
 import threading
@@ -16,10 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 from agent.config import parse_config
 from agent.pipeline.sinks import CallbackSink
 from agent.pipeline.synthetic import write_synthetic_video
 from agent.service import Agent
+from cloud_sync.localbroker import LocalBroker, local_broker
+
+DEVICE = "demo-01"
+MODEL = "blobdet"
+VERSION = "1.0.0"
+UPDATE_TIMEOUT_S = 300.0
 
 
 @contextlib.contextmanager
@@ -37,90 +48,222 @@ def _step(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-def run_demo(*, duration_s: float | None = None, workdir: str | None = None) -> int:
-    """Run the demo; returns the exit code."""
+def _calibration_frames(video: Path, out: Path, every: int = 10) -> Path:
+    """Every ``every``-th frame of ``video`` as JPEG: calibration frames like the deployment's."""
+    out.mkdir(parents=True, exist_ok=True)
+    cap = cv2.VideoCapture(str(video))
+    try:
+        i = 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if i % every == 0:
+                cv2.imwrite(str(out / f"{i:05d}.jpg"), frame)
+            i += 1
+    finally:
+        cap.release()
+    return out
+
+
+def _publish(wd: Path, video: Path) -> Path:
+    """Init the registry, build and publish the sample model; returns the registry dir."""
+    from cloud_sync.registry.keys import RegistryError
+    from cloud_sync.registry.publish import publish
+    from cloud_sync.registry.repo import Repository
     from cloud_sync.samples import build_model
 
-    with _workdir(workdir) as wd:
-        _step(
-            f"building the sample model 'blobdet' (YOLO-style detector, 640x640) in {wd / 'models'}"
-        )
-        model_dir = build_model("blobdet", wd / "models")
-        _step("writing a 640x480 test video with a moving square")
-        video = write_synthetic_video(wd / "camera.avi", frames=300, fps=30.0)
-        cfg = parse_config(
+    repo_dir = wd / "registry"
+    repo = Repository(repo_dir) if (repo_dir / "root.json").exists() else None
+    if repo is None:
+        repo = Repository.init(repo_dir)
+        _step(f"registry initialised in {repo_dir} (TUF root, targets, snapshot, timestamp keys)")
+    published = {f"models/{MODEL}/{v}/model.onnx" for v in [VERSION]} & set(repo.targets())
+    if published:
+        _step(f"{MODEL}@{VERSION} already published in {repo_dir}")
+        return repo_dir
+    _step(f"building the sample model '{MODEL}' (YOLO-style detector, 640x640)")
+    model_dir = build_model(MODEL, wd / "models")
+    calib = _calibration_frames(video, wd / "calibration")
+    _step(f"publishing {MODEL}@{VERSION}: validate, INT8 quantize + accuracy gate, golden, sign")
+    try:
+        res = publish(repo, model_dir / "model.onnx", name=MODEL, version=VERSION,
+                      quantize="int8", calibration_dir=calib)  # fmt: skip
+    except RegistryError as e:
+        if e.reason != "accuracy":
+            raise
+        print(f"    {e}", flush=True)
+        _step("the INT8 variant was refused: publishing the FP32 model only")
+        res = publish(repo, model_dir / "model.onnx", name=MODEL, version=VERSION)
+    for path, size in res.files.items():
+        print(f"    signed {path} ({size / 1e6:.2f} MB)", flush=True)
+    return repo_dir
+
+
+def _agent_config(wd: Path, broker: LocalBroker, repo_dir: Path, video: Path) -> dict[str, Any]:
+    return {
+        "device_id": DEVICE,
+        "data_dir": str(wd / "data"),
+        "profile": "auto",
+        "tags": {"site": "demo", "group": "canary"},
+        "pipelines": [
             {
-                "device_id": "demo-01",
-                "data_dir": str(wd / "data"),
-                "profile": "auto",
-                "tags": {"site": "demo"},
-                "pipelines": [
-                    {
-                        "name": "front",
-                        "source": str(video),
-                        "model": str(model_dir / "model.onnx"),
-                        "loop": True,
-                        "sink": {"jsonl": str(wd / "data" / "front.jsonl")},
-                    }
-                ],
+                "name": "front",
+                "source": str(video),
+                "model": MODEL,
+                "loop": True,
+                "sink": {"jsonl": str(wd / "data" / "front.jsonl")},
+                "events": {"policy": "rate", "max_per_s": 2},
             }
-        )
-        agent = Agent(cfg)
-        _step(f"device profile {agent.profile_name} ({agent.profile_reason})")
-        last: dict[str, Any] = {}
-        lock = threading.Lock()
+        ],
+        "broker": {"url": broker.url},
+        "trust": {"root": str(repo_dir / "root.json")},
+        "telemetry": {"interval_s": 2},
+        "update": {"health_window_s": 3, "health_min_frames": 10},
+    }
 
-        def on_event(e: dict[str, Any]) -> None:
-            with lock:
-                last.clear()
-                last.update(e)
 
-        _step("starting the agent (opening the model, building its engine)")
-        agent.start()
-        for p in agent.pipelines:
-            p.sinks.append(CallbackSink(on_event))
-        stop = threading.Event()
-        old = signal.signal(signal.SIGINT, lambda *a: stop.set())
-        _step(
-            "running; results once a second"
-            + (f" for {duration_s:.0f} s" if duration_s else " (Ctrl-C stops)")
+def _follow_update(agent: Agent, stop: threading.Event) -> bool:
+    """Print each phase of the deployment; True once committed."""
+    assert agent.updates is not None
+    seen = None
+    deadline = time.monotonic() + UPDATE_TIMEOUT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        p = agent.updates.reported().pipelines[0]
+        now = (p.phase.value, p.target_version, p.active_version)
+        if VERSION in (p.target_version, p.active_version):
+            if now != seen:
+                extra = f" ({p.backend}, {p.precision})" if p.phase.value == "committed" else ""
+                print(f"    phase {p.phase.value}{extra}", flush=True)
+                seen = now
+            if p.phase.value == "committed":
+                return True
+            if p.phase.value in ("rejected", "rolled_back"):
+                print(f"    update failed: {p.last_error}", flush=True)
+                return False
+        stop.wait(0.05)
+    return False
+
+
+def _wait_offline(store: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(d["device_id"] == DEVICE and d.get("online") is False for d in store.fleet()):
+            return
+        time.sleep(0.05)
+
+
+def _detection_text(ev: dict[str, Any]) -> str:
+    det = ev.get("detections") or []
+    if not det:
+        return "nothing"
+    box = ", ".join(f"{v:.0f}" for v in det[0]["box"])
+    return f"{det[0]['label']} {det[0]['score']:.2f} at ({box})"
+
+
+def _fleet_line(store: Any) -> str:
+    """The demo device's row of ``edgefleet fleet status``, from the ingest database."""
+    rows = store.fleet()
+    if not rows:
+        return "fleet: (no device in the ingest database yet)"
+    d = rows[0]
+    p = (d.get("pipelines") or [{}])[0]
+    fps = f"{p['fps']:.1f}" if isinstance(p.get("fps"), (int, float)) else "-"
+    p95 = f"{p['p95_ms']:.1f}" if isinstance(p.get("p95_ms"), (int, float)) else "-"
+    return (
+        f"fleet: {d['device_id']} {'online' if d.get('online') else 'OFFLINE'} | "
+        f"{p.get('name')}: {p.get('model')}@{p.get('version')} {p.get('phase') or '-'} | "
+        f"fps {fps} p95 {p95} ms errors {p.get('errors', '-')}"
+    )
+
+
+def run_demo(
+    *, duration_s: float | None = None, workdir: str | None = None, broker: str = "auto"
+) -> int:
+    """Run the demo; returns the exit code."""
+    from cloud_sync.deploy import deploy
+    from cloud_sync.ingest.store import open_store
+    from cloud_sync.ingest.worker import IngestWorker
+    from cloud_sync.registry.serve import ChunkServer
+
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)  # it logs every client disconnect
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *a: stop.set())
+    try:
+        with _workdir(workdir) as wd, contextlib.ExitStack() as stack:
+            b = stack.enter_context(local_broker(broker))
+            _step(f"MQTT broker: {b.kind} on {b.url}")
+            share = None if not b.shared_subscriptions else "demo"
+            _step("writing a 640x480 test video with a moving square (the camera)")
+            video = write_synthetic_video(wd / "camera.avi", frames=300, fps=30.0)
+            repo_dir = _publish(wd, video)
+            server = ChunkServer(repo_dir, b.url, client_id="registry-demo", share_group=share,
+                                 workers=2)  # fmt: skip
+            server.start()
+            stack.callback(server.stop)
+            _step("registry serving metadata and model chunks over MQTT")
+            store = open_store(f"sqlite:///{wd / 'fleet.db'}")
+            stack.callback(store.close)
+            worker = IngestWorker(b.url, store, share_group=share)
+            worker.start()
+            stack.callback(worker.stop)
+            # runs after agent.stop: the ingest sees the device's last (offline) state
+            stack.callback(_wait_offline, store)
+            _step(f"ingest worker storing state, telemetry and events in {wd / 'fleet.db'}")
+            agent = Agent(parse_config(_agent_config(wd, b, repo_dir, video)))
+            _step(f"agent {DEVICE}: profile {agent.profile_name} ({agent.profile_reason})")
+            agent.start()
+            stack.callback(agent.stop)
+            if not agent.session.connected.wait(15):
+                _step("the agent could not connect to the broker")
+                return 1
+            _step(f"deploying {MODEL}@{VERSION} to {DEVICE} (signed desired state)")
+            deploy(repo_dir, b.url, DEVICE, f"{MODEL}@{VERSION}", pipeline="front")
+            if not _follow_update(agent, stop):
+                return 0 if stop.is_set() else 1
+            return _live(agent, store, stop, duration_s, wd if workdir else None)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _live(
+    agent: Agent, store: Any, stop: threading.Event, duration_s: float | None, kept: Path | None
+) -> int:
+    last: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def on_event(e: dict[str, Any]) -> None:
+        with lock:
+            last.clear()
+            last.update(e)
+
+    for p in agent.pipelines:
+        p.sinks.append(CallbackSink(on_event))
+    _step(
+        "live: detections each second, fleet status from the ingest database"
+        + (f" for {duration_s:.0f} s" if duration_s else " (Ctrl-C stops)")
+    )
+    t_end = None if duration_s is None else time.monotonic() + duration_s
+    while not stop.wait(1.0):
+        st = agent.status()["pipelines"][0]
+        with lock:
+            ev = dict(last)
+        infer = st["latency_ms"].get("infer", {})
+        print(
+            f"  {st['name']}: in {st['fps_in']:5.1f} fps out {st['fps_out']:5.1f} fps | "
+            f"infer p95 {infer.get('p95', 0):6.1f} ms | frame {ev.get('frame_seq', '-')}: "
+            f"{_detection_text(ev)}",
+            flush=True,
         )
-        t_end = None if duration_s is None else time.monotonic() + duration_s
-        try:
-            while not stop.wait(1.0):
-                st = agent.status()["pipelines"][0]
-                with lock:
-                    ev = dict(last)
-                det = ev.get("detections") or []
-                what = (
-                    (
-                        f"{det[0]['label']} {det[0]['score']:.2f} at "
-                        f"({', '.join(f'{v:.0f}' for v in det[0]['box'])})"
-                    )
-                    if det
-                    else "nothing"
-                )
-                infer = st["latency_ms"].get("infer", {})
-                print(
-                    f"  {st['name']}: {st['model']} on {st['backend']} | "
-                    f"in {st['fps_in']:5.1f} fps "
-                    f"out {st['fps_out']:5.1f} fps | infer p95 {infer.get('p95', 0):6.1f} ms | "
-                    f"dropped {st['frames_dropped']} | frame {ev.get('frame_seq', '-')}: {what}",
-                    flush=True,
-                )
-                if t_end is not None and time.monotonic() >= t_end:
-                    break
-        finally:
-            signal.signal(signal.SIGINT, old)
-            final = agent.status()["pipelines"][0]
-            agent.stop()
-        _step(
-            f"done: {final['frames_inferred']} frames inferred, {final['frames_dropped']} dropped, "
-            f"{final['errors']} errors; "
-            + (
-                f"results in {cfg.pipelines[0].sink.jsonl}"
-                if workdir is not None
-                else "results were in a temporary dir (pass --workdir DIR to keep them)"
-            )
-        )
+        print(f"  {_fleet_line(store)}", flush=True)
+        if t_end is not None and time.monotonic() >= t_end:
+            break
+    final = agent.status()["pipelines"][0]
+    counts = store.counts()
+    _step(
+        f"done: {final['frames_inferred']} frames inferred, {final['frames_dropped']} dropped, "
+        f"{final['errors']} errors; ingest stored {counts['telemetry']} telemetry rows and "
+        f"{counts['events']} events"
+        + (f"; everything is kept in {kept}" if kept else " (pass --workdir DIR to keep it)")
+    )
     return 0

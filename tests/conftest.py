@@ -15,6 +15,8 @@ from types import ModuleType
 
 import pytest
 
+from cloud_sync.localbroker import MosquittoBroker, mosquitto_path
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_SCRIPT = ROOT / "scripts" / "make_test_models.py"
 
@@ -147,52 +149,15 @@ def wait_for(cond: object, timeout: float = 10.0, interval: float = 0.05) -> boo
     return bool(cond())  # type: ignore[operator]
 
 
-class Mosquitto:
+class Mosquitto(MosquittoBroker):
     """A real Mosquitto broker on a free loopback port; ``stop``/``start`` simulate outages."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.host = "127.0.0.1"
-        self.url = f"mqtt://{self.host}:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            # The default max_queued_messages (1000) silently drops QoS 1 messages for a
-            # subscriber that falls behind; tests must not depend on that.
-            "max_queued_messages 100000\n"
-            "max_inflight_messages 100\n"
-            # Without it the last segment of every burst of chunk answers waits for the
-            # client's delayed ACK (~40 ms per window): 10x slower transfers.
-            "set_tcp_nodelay true\n"
-            "log_dest stderr\n"
-            "log_type error\n"
-        )
-
     def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
+        if mosquitto_path() is None:
             pytest.fail(
                 "mosquitto is not installed; scripts/test installs it (apt-get install mosquitto)"
             )
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}") from None
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within 10 s")
-
-    def stop(self) -> None:
-        terminate(self.proc)
-        self.proc = None
+        super().start()
 
 
 @pytest.fixture

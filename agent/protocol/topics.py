@@ -63,9 +63,12 @@ class Topics:
             raise ValueError(f"unknown topic kind {kind!r}")
         return f"{self.root}/devices/+/{kind}"
 
-    def shared(self, group: str, kind: str) -> str:
+    def shared(self, group: str | None, kind: str) -> str:
         """``$share/GROUP/ROOT/devices/+/KIND`` (MQTT 5 shared subscription; Mosquitto ≥ 1.6
-        honours it for 3.1.1 clients too)."""
+        honours it for 3.1.1 clients too); with ``group`` None, the plain wildcard, for brokers
+        without shared subscriptions (then run one worker of each kind)."""
+        if group is None:
+            return self.all_devices(kind)
         return f"$share/{group}/{self.all_devices(kind)}"
 
     def parse(self, topic: str) -> tuple[str, str] | None:

@@ -38,7 +38,11 @@ MODELS: dict[str, Any] = {
 
 
 class IngestWorker:
-    """One ingest worker; run several for more throughput."""
+    """One ingest worker; run several for more throughput.
+
+    ``share_group`` None subscribes without ``$share`` (for a broker without shared
+    subscriptions, such as the demo's amqtt); then run a single worker.
+    """
 
     def __init__(
         self,
@@ -47,11 +51,13 @@ class IngestWorker:
         *,
         topic_root: str = DEFAULT_ROOT,
         client_id: str = "edgefleet-ingest-1",
+        share_group: str | None = SHARE_GROUP,
         batch_size: int = 500,
         flush_s: float = 0.2,
     ) -> None:
         self.store = store
         self.topics = Topics(topic_root)
+        self.share_group = share_group
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.counts: Counter[str] = Counter()
@@ -69,7 +75,7 @@ class IngestWorker:
             log.error("ingest: broker refused the connection: %s", rc)
             return
         subs = [(self.topics.all_devices(k), 1) for k in ("state", "reported")]
-        subs += [(self.topics.shared(SHARE_GROUP, k), 1) for k in ("telemetry", "events")]
+        subs += [(self.topics.shared(self.share_group, k), 1) for k in ("telemetry", "events")]
         client.subscribe(subs)
         self.subscribed.set()
 

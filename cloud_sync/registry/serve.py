@@ -142,6 +142,8 @@ class ChunkServer:
         root: topic root.
         client_id: MQTT client id, unique per replica.
         share_group: shared-subscription group; replicas in one group split the requests.
+            None subscribes without ``$share`` (a broker without shared subscriptions; then
+            run a single replica).
         on_tick: called with ``time.time()`` about every second from ``serve_forever`` (the
             registry re-signs timestamp metadata there before it expires).
         workers: 0 serves on paho's thread; N > 0 uses a pool of N threads.
@@ -158,7 +160,7 @@ class ChunkServer:
         *,
         root: str = DEFAULT_ROOT,
         client_id: str,
-        share_group: str = REGISTRY_SHARE_GROUP,
+        share_group: str | None = REGISTRY_SHARE_GROUP,
         on_tick: Callable[[float], None] | None = None,
         workers: int = 0,
         tls_context: ssl.SSLContext | None = None,
