@@ -22,6 +22,9 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
     ing.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics port")
+    ing.add_argument("--http", type=int, default=None, metavar="PORT",
+                     help="serve the fleet web page on this port")  # fmt: skip
+    ing.add_argument("--http-addr", default="127.0.0.1", help="address for the web page")
     ing.set_defaults(fn=_ingest)
 
     fleet = sub.add_parser("fleet", help="fleet state from the ingest database")
@@ -52,10 +55,18 @@ def _ingest(args: argparse.Namespace) -> int:
         serve_metrics(worker, args.metrics_port, args.metrics_addr)
         print(f"metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics", flush=True)
     print(f"ingesting from {args.broker} into {args.db}; Ctrl-C stops", flush=True)
+    web = None
     try:
+        if args.http is not None:
+            from cloud_sync.ingest.web import serve_web
+
+            web = serve_web(store, args.http, args.http_addr)
+            print(f"fleet page on http://{args.http_addr}:{args.http}/", flush=True)
         while not stop.wait(10):
             print(f"ingest counts: {dict(worker.counts)}", flush=True)
     finally:
+        if web is not None:
+            web.stop()
         worker.stop()
         store.close()
     return 0

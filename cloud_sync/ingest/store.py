@@ -539,6 +539,53 @@ class Store:
             })  # fmt: skip
         return out
 
+    def series(
+        self, device_id: str, since: datetime, *, limit: int = 10_000
+    ) -> dict[str, Any] | None:
+        """One device's telemetry since ``since``, per pipeline and for the device, oldest first.
+
+        Args:
+            device_id: the device.
+            since: keep rows with ``ts >= since`` (an aware datetime).
+            limit: at most this many of the newest rows per table, so a chatty device cannot
+                make one answer unbounded.
+
+        Returns:
+            ``{"pipelines": {name: [{ts, fps_out, p95_ms, errors}, …]}, "device": [{ts,
+            cpu_percent, mem_used_mb, temperatures}, …], "truncated": bool}``, or None when the
+            device is unknown.
+        """
+        cut = _time(since, "series", "since")
+        t, dt = TELEMETRY, DEVICE_TELEMETRY
+        tq = (
+            sa.select(t.c.ts, t.c.pipeline, t.c.fps_out, t.c.p95_ms, t.c.errors)
+            .where(t.c.device_id == device_id, t.c.ts >= cut)
+            .order_by(t.c.ts.desc(), t.c.pipeline)
+            .limit(limit)
+        )
+        dq = (
+            sa.select(dt.c.ts, dt.c.cpu_percent, dt.c.mem_used_mb, dt.c.temperatures)
+            .where(dt.c.device_id == device_id, dt.c.ts >= cut)
+            .order_by(dt.c.ts.desc())
+            .limit(limit)
+        )
+        known = sa.select(DEVICES.c.device_id).where(DEVICES.c.device_id == device_id)
+        with _guard(f"series of {device_id}"), self.engine.connect() as conn:
+            if conn.execute(known).first() is None:
+                return None
+            tele = conn.execute(tq).all()[::-1]  # newest `limit` rows, handed out oldest first
+            dev = conn.execute(dq).all()[::-1]
+        pipelines: dict[str, list[dict[str, Any]]] = {}
+        for r in tele:
+            pipelines.setdefault(r.pipeline, []).append(
+                {"ts": r.ts, "fps_out": r.fps_out, "p95_ms": r.p95_ms, "errors": r.errors}
+            )
+        return {
+            "pipelines": dict(sorted(pipelines.items())),
+            "device": [dict(r._mapping) for r in dev],
+            "truncated": len(tele) == limit or len(dev) == limit,
+        }
+
     def retention(self, older_than: datetime) -> dict[str, int]:
         """Delete time series rows and dead letters older than ``older_than``; returns counts.
 
