@@ -161,6 +161,12 @@ class TelemetryConfig(_Strict):
     interval_s: float = Field(10.0, ge=0.1, le=3600, description="Seconds between messages")
     outbox_max_rows: int = Field(100_000, ge=10, le=10_000_000, description="Outbox row bound")
     outbox_max_mb: int = Field(64, ge=1, le=100_000, description="Outbox size bound (MiB)")
+    prometheus_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve the same metrics for Prometheus here (off: unset)"
+    )
+    prometheus_addr: str = Field(
+        "127.0.0.1", min_length=1, description="Address of the Prometheus endpoint (loopback)"
+    )
 
 
 class AgentConfig(_Strict):

@@ -229,6 +229,7 @@ class Agent:
         self.outbox: Any = None  # Outbox, OutboxSender, TelemetryReporter with [broker]
         self.outbox_sender: Any = None
         self.telemetry: Any = None
+        self.metrics_server: Any = None  # the local Prometheus endpoint, when configured
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
 
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
@@ -276,6 +277,8 @@ class Agent:
                 self.pipelines.append(pipe)
             if self.cfg.broker is not None:
                 self._start_cloud()
+            if self.cfg.telemetry.prometheus_port is not None:
+                self._start_metrics(self.cfg.telemetry.prometheus_port)
             for pipe in self.pipelines:
                 pipe.start()
         except BaseException:
@@ -288,6 +291,23 @@ class Agent:
             self.profile_reason,
             len(self.pipelines),
         )
+
+    def _start_metrics(self, port: int) -> None:
+        """The device's Prometheus endpoint: the telemetry snapshot, scraped locally."""
+        from agent.telemetry.prometheus import serve_device_metrics
+        from agent.telemetry.reporter import TelemetrySnapshot
+
+        tel = self.cfg.telemetry
+        snap = TelemetrySnapshot(self.cfg.device_id, self.pipelines, self.outbox,
+                                 interval_s=tel.interval_s, data_dir=self.cfg.data_dir,
+                                 reader="prometheus")  # fmt: skip
+        try:
+            self.metrics_server = serve_device_metrics(snap, port, tel.prometheus_addr)
+        except OSError as e:
+            raise EdgefleetError(
+                f"[telemetry] prometheus_port {port} on {tel.prometheus_addr}: {e}"
+            ) from e
+        log.info("metrics on http://%s:%d/metrics", tel.prometheus_addr, port)
 
     def _on_desired(self, payload: bytes) -> None:
         if self.updates is not None:
@@ -399,6 +419,10 @@ class Agent:
         """Stop in dependency order: updates, pipelines (they write events into the outbox),
         telemetry, the outbox sender and the session, then close the outbox and the models."""
         self._stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
         if self.updates is not None:
             self.updates.stop()
         for pipe in self.pipelines:

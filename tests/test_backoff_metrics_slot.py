@@ -68,6 +68,17 @@ def test_fps_windows_are_per_reader() -> None:
     assert m.snapshot(now=10.0, reader="telemetry")["fps_out"] == 4.0
 
 
+
+def test_first_snapshot_of_a_new_reader_measures_from_the_start() -> None:
+    m = PipelineMetrics()
+    assert m.snapshot(now=1.0, reader="a")["fps_out"] == 0.0  # no start mark: no window yet
+    m.start_window(now=2.0)
+    m.count("frames_inferred", 30)
+    # a reader that appears later (a first Prometheus scrape) sees the fps since the start
+    assert m.snapshot(now=5.0, reader="prometheus")["fps_out"] == 10.0
+    m.count("frames_inferred", 10)
+    assert m.snapshot(now=6.0, reader="prometheus")["fps_out"] == 10.0
+
 def _frame(i: int) -> Frame:
     return Frame(np.zeros((2, 2, 3), np.uint8), i, float(i))
 

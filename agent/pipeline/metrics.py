@@ -66,6 +66,15 @@ class PipelineMetrics:
     # One fps window per reader (status file, telemetry…), so readers polling at different
     # intervals do not shorten each other's window.
     _fps_marks: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    # Where a reader's first window starts (set when the pipeline starts): a new reader's
+    # first snapshot gives the fps since then instead of 0.
+    _origin: tuple[float, int, int] | None = None
+
+    def start_window(self, now: float) -> None:
+        """Mark the pipeline's start: first snapshots of every reader measure from here."""
+        with self._lock:
+            c = self.counters
+            self._origin = (now, c["frames_read"], c["frames_inferred"])
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -87,7 +96,7 @@ class PipelineMetrics:
         with self._lock:
             counters = dict(self.counters)
             rings = {k: r.percentiles() for k, r in self._rings.items()}
-            mark = self._fps_marks.get(reader)
+            mark = self._fps_marks.get(reader, self._origin)
             self._fps_marks[reader] = (now, counters["frames_read"], counters["frames_inferred"])
         fps_in = fps_out = 0.0
         if mark is not None and now > mark[0]:

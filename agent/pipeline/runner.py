@@ -95,6 +95,7 @@ class Pipeline:
 
     def start(self) -> None:
         claim_cores_for_inference()
+        self.metrics.start_window(time.monotonic())
         self.reader.start()
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         self._thread.start()

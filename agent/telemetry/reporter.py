@@ -31,6 +31,65 @@ from agent.telemetry.outbox import Outbox
 log = logging.getLogger(__name__)
 
 
+OUTBOX_OFF = {"depth": 0, "bytes": 0, "dropped": 0}
+
+
+class TelemetrySnapshot:
+    """Builds ``Telemetry`` messages (pipelines, device, outbox) as one reader sees them.
+
+    Each reader (the MQTT reporter, the Prometheus endpoint) has its own snapshot object: fps
+    windows and CPU use are measured between that reader's own reads.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        pipelines: Sequence[Pipeline],
+        outbox: Outbox | None,
+        *,
+        interval_s: float,
+        data_dir: Path,
+        reader: str = "telemetry",
+        sysroot: Path = Path("/"),
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.device_id = device_id
+        self.pipelines = list(pipelines)
+        self.outbox = outbox
+        self.interval_s = interval_s
+        self.data_dir = data_dir
+        self.reader = reader
+        self.sysroot = sysroot
+        self.clock = clock
+        self.wall = wall
+        self._cpu: CpuTimes | None = None
+        self._lock = threading.Lock()
+
+    def build(self) -> Telemetry:
+        """One snapshot as a validated message (thread-safe).
+
+        Raises:
+            ValidationError: a value out of the contract's bounds (a bug, reported not sent).
+        """
+        with self._lock:
+            now = self.clock()
+            stats, self._cpu = read_device_stats(
+                self.sysroot, prev_cpu=self._cpu, now=now, data_dir=self.data_dir
+            )
+            return Telemetry(
+                device_id=self.device_id,
+                ts=self.wall(),
+                interval_s=self.interval_s,
+                pipelines=[
+                    pipeline_telemetry_from_status(p.status(now, reader=self.reader))
+                    for p in self.pipelines
+                ],
+                device=DeviceStats(**stats),
+                outbox=OutboxStats(**(self.outbox.stats() if self.outbox else OUTBOX_OFF)),
+            )
+
+
 class TelemetryReporter:
     """Builds and queues one telemetry message per ``interval_s``."""
 
@@ -48,41 +107,22 @@ class TelemetryReporter:
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.device_id = device_id
-        self.pipelines = list(pipelines)
         self.outbox = outbox
         self.topic = topic
         self.interval_s = interval_s
-        self.data_dir = data_dir
-        self.sysroot = sysroot
         self.clock = clock
-        self.wall = wall
+        self.snapshot = TelemetrySnapshot(
+            device_id, pipelines, outbox, interval_s=interval_s, data_dir=data_dir,
+            sysroot=sysroot, clock=clock, wall=wall,
+        )  # fmt: skip
         self.sent = 0
         self.last_error = ""
-        self._cpu: CpuTimes | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def build(self) -> Telemetry:
-        """One snapshot as a validated message.
-
-        Raises:
-            ValidationError: a value out of the contract's bounds (a bug, reported not sent).
-        """
-        now = self.clock()
-        stats, self._cpu = read_device_stats(
-            self.sysroot, prev_cpu=self._cpu, now=now, data_dir=self.data_dir
-        )
-        return Telemetry(
-            device_id=self.device_id,
-            ts=self.wall(),
-            interval_s=self.interval_s,
-            pipelines=[
-                pipeline_telemetry_from_status(p.status(now, reader="telemetry"))
-                for p in self.pipelines
-            ],
-            device=DeviceStats(**stats),
-            outbox=OutboxStats(**self.outbox.stats()),
-        )
+        """One snapshot as a validated message (see ``TelemetrySnapshot.build``)."""
+        return self.snapshot.build()
 
     def tick(self) -> None:
         """Queue one message; a failure is logged and counted, never raised."""
