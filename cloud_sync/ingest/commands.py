@@ -25,6 +25,11 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument("--http", type=int, default=None, metavar="PORT",
                      help="serve the fleet web page on this port")  # fmt: skip
     ing.add_argument("--http-addr", default="127.0.0.1", help="address for the web page")
+    ing.add_argument("--keep", type=_duration, default=None, metavar="DURATION",
+                     help="retention: delete telemetry, events and dead letters older than this "
+                          "(e.g. 30d), checked every --retention-every")  # fmt: skip
+    ing.add_argument("--retention-every", type=_duration, default=3600.0, metavar="DURATION",
+                     help="how often to apply --keep (default 1h)")  # fmt: skip
     ing.set_defaults(fn=_ingest)
 
     fleet = sub.add_parser("fleet", help="fleet state from the ingest database")
@@ -35,9 +40,46 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     st.add_argument("--json", action="store_true", help="print a JSON list")
     st.add_argument("--watch", type=float, default=None, metavar="S", help="refresh every S s")
     st.set_defaults(fn=_fleet_status)
+    rt = fsub.add_parser("retention", help="delete history older than --keep, once")
+    rt.add_argument("--db", default=DEFAULT_DB)
+    rt.add_argument("--keep", type=_duration, required=True, metavar="DURATION",
+                    help="history to keep, e.g. 30d (devices and current state stay)")  # fmt: skip
+    rt.set_defaults(fn=_retention)
+
+
+def _duration(text: str) -> float:
+    from cloud_sync.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def apply_retention(store: Any, keep_s: float) -> dict[str, int]:
+    """Delete history older than ``keep_s`` seconds and print what went."""
+    from datetime import datetime, timedelta, timezone
+
+    cut = datetime.now(timezone.utc) - timedelta(seconds=keep_s)
+    counts: dict[str, int] = store.retention(cut)
+    print(f"retention: deleted rows older than {cut.isoformat(timespec='seconds')}: {counts}",
+          flush=True)  # fmt: skip
+    return counts
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from cloud_sync.ingest.store import open_store
+
+    store = open_store(args.db)
+    try:
+        apply_retention(store, args.keep)
+    finally:
+        store.close()
+    return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from agent.errors import TransportError
     from cloud_sync.ingest.store import open_store
     from cloud_sync.ingest.worker import IngestWorker
 
@@ -62,7 +104,16 @@ def _ingest(args: argparse.Namespace) -> int:
 
             web = serve_web(store, args.http, args.http_addr)
             print(f"fleet page on http://{args.http_addr}:{args.http}/", flush=True)
-        while not stop.wait(10):
+        next_retention = time.monotonic()
+        while True:
+            if args.keep is not None and time.monotonic() >= next_retention:
+                try:
+                    apply_retention(store, args.keep)
+                except TransportError as e:  # database briefly gone: try again next round
+                    print(f"retention postponed: {e}", flush=True)
+                next_retention = time.monotonic() + args.retention_every
+            if stop.wait(10):
+                break
             print(f"ingest counts: {dict(worker.counts)}", flush=True)
     finally:
         if web is not None:
