@@ -1,5 +1,4 @@
-"""Retention as an operator runs it: once (`fleet retention`) and on a schedule (`ingest --keep`).
-"""
+"""Retention as an operator runs it: once (`fleet retention`), scheduled (`ingest --keep`)."""
 
 from __future__ import annotations
 
