@@ -46,6 +46,14 @@ class EventsConfig(_Strict):
     max_per_s: float = Field(1.0, gt=0, le=1000, description="Events per second for 'rate'")
 
 
+class SnapshotConfig(_Strict):
+    """Opt-in: send a JPEG of the camera frame at most once per ``every_s`` (off when absent)."""
+
+    every_s: float = Field(60.0, ge=1, le=86400, description="At most one snapshot per this")
+    jpeg_quality: int = Field(80, ge=10, le=95, description="JPEG quality")
+    max_width: int = Field(640, ge=32, le=4096, description="Downscale wider frames to this")
+
+
 class PipelineConfig(_Strict):
     """One camera or stream and the model that watches it."""
 
@@ -67,6 +75,9 @@ class PipelineConfig(_Strict):
     open_timeout_s: float = Field(5.0, gt=0, le=300, description="Per-attempt open/read timeout")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Result destinations")
     events: EventsConfig = Field(default_factory=EventsConfig, description="Events to the cloud")
+    snapshots: SnapshotConfig | None = Field(
+        None, description="Camera frames to the cloud (with [broker]); off unless set"
+    )
 
 
 class OnnxRuntimeEngine(_Strict):

@@ -359,6 +359,15 @@ class Agent:
             if pcfg.events.policy != "off":
                 policy = EventPolicy(pcfg.events.policy, pcfg.events.max_per_s)
                 pipe.sinks.append(MqttEventSink(cfg.device_id, self.outbox, events_topic, policy))
+            if pcfg.snapshots is not None:
+                from agent.telemetry.snapshots import SnapshotSink
+
+                snap = pcfg.snapshots
+                pipe.sinks.append(SnapshotSink(
+                    cfg.device_id, self.outbox,
+                    self.session.topics.device(cfg.device_id, "snapshots"),
+                    every_s=snap.every_s, jpeg_quality=snap.jpeg_quality, max_width=snap.max_width,
+                ))  # fmt: skip
         if trust is not None:
             self._start_delivery(broker, trust)
         self.outbox_sender.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.protocol.schema import EXAMPLES
 from cloud_sync.ingest.store import (
     DEVICE_TELEMETRY,
     EVENTS,
@@ -96,6 +98,17 @@ def event(seq: int, at: datetime = T0, device: str = "cam-1") -> dict[str, Any]:
                        {"label_id": 2, "label": "car", "score": 0.55, "box": [5, 6, 7, 8]}],
         "summary": {"count": 2},
     }  # fmt: skip
+
+
+SNAPSHOT = EXAMPLES["snapshot"]
+
+
+def snapshot(
+    seq: int, at: datetime = T0, device: str = "cam-1", pipeline: str = "front"
+) -> dict[str, Any]:
+    return SNAPSHOT.model_copy(update={
+        "device_id": device, "pipeline": pipeline, "frame_seq": seq, "frame_time": at.timestamp(),
+    }).model_dump(mode="json")  # fmt: skip
 
 
 def test_state_and_reported_round_trip(store: Store) -> None:
@@ -199,21 +212,42 @@ def test_retention(store: Store) -> None:
     store.add_telemetry(telemetry(at=new), now=new)
     store.add_events([event(1, old), event(2, new)])
     store.dead_letter("t", b"x", "r", now=old)
+    store.add_snapshots([snapshot(1, old), snapshot(2, new)])
     counts = store.retention(T0 - timedelta(days=30))
-    assert counts == {"telemetry": 2, "device_telemetry": 1, "events": 1, "dead_letters": 1}
+    assert counts == {"telemetry": 2, "device_telemetry": 1, "events": 1, "snapshots": 1,
+                      "dead_letters": 1}  # fmt: skip
     c = store.counts()
     assert (c["telemetry"], c["events"], c["dead_letters"], c["devices"]) == (2, 1, 0, 1)
+    assert c["snapshots"] == 1
+
+
+def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
+    assert store.latest_snapshot("cam-1") is None
+    later, rear = T0 + timedelta(seconds=60), T0 + timedelta(seconds=30)
+    added = store.add_snapshots(
+        [snapshot(1, T0), snapshot(2, later), snapshot(3, rear, pipeline="rear")]
+    )
+    assert added == 3
+    assert store.add_snapshots([snapshot(1, T0)]) == 0  # a redelivery is not stored twice
+    latest = store.latest_snapshot("cam-1")
+    assert latest is not None and latest["frame_seq"] == 2
+    assert bytes(latest["jpeg"]) == base64.b64decode(SNAPSHOT.jpeg_b64)
+    assert (latest["width"], latest["height"], latest["ts"]) == (8, 8, T0 + timedelta(seconds=60))
+    last_rear = store.latest_snapshot("cam-1", "rear")
+    assert last_rear is not None and last_rear["frame_seq"] == 3
+    with pytest.raises(BadRecord, match="not base64"):
+        store.add_snapshots([{**snapshot(4, T0), "jpeg_b64": "***"}])
 
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 2
+    assert s.version() == LATEST == 3
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == [1, 2, 3] and s.counts()["telemetry"] == 2
     s.close()
 
 
@@ -232,7 +266,7 @@ def test_upgrade_from_v1(db_url: str) -> None:
         assert schema_version(c) == 1
     engine.dispose()
     s = open_store(db_url)
-    assert s.version() == 2
+    assert s.version() == LATEST
     with s.engine.connect() as c:
         cols = {col["name"] for col in sa.inspect(c).get_columns("telemetry")}
         assert {"backend", "precision"} <= cols

@@ -155,7 +155,10 @@ class Pipeline:
         }
         for sink in self.sinks:
             try:
-                sink.emit(event)
+                if sink.wants_frame:
+                    sink.emit_frame(event, frame.image)
+                else:
+                    sink.emit(event)
             except Exception as e:  # a broken sink must not stop inference
                 self.metrics.count("errors")
                 self.last_error = f"sink {type(sink).__name__} failed: {e}"

@@ -12,15 +12,22 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 class Sink(abc.ABC):
     """Receives inference events."""
 
+    # True for sinks that also need the frame (snapshots): the pipeline then calls emit_frame.
+    wants_frame: ClassVar[bool] = False
+
     @abc.abstractmethod
     def emit(self, event: dict[str, Any]) -> None:
         """Deliver one event."""
+
+    def emit_frame(self, event: dict[str, Any], image: Any) -> None:
+        """Deliver one event with its frame (BGR ``uint8`` array); only if ``wants_frame``."""
+        self.emit(event)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release."""

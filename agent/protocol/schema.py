@@ -40,6 +40,7 @@ from agent.protocol.telemetry import (
     InferenceEvent,
     OutboxStats,
     PipelineTelemetry,
+    Snapshot,
     StageLatency,
     Telemetry,
 )
@@ -63,6 +64,7 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "reported_state": ReportedState,
     "telemetry": Telemetry,
     "inference_event": InferenceEvent,
+    "snapshot": Snapshot,
     "fetch_request": FetchRequest,
 }
 """Schema name → model of every JSON message on the wire."""
@@ -89,6 +91,9 @@ TOPICS: tuple[TopicInfo, ...] = (
     TopicInfo("reported", "dev→cloud", 1, True, "reported_state", "per-pipeline update phase"),
     TopicInfo("telemetry", "dev→cloud", 1, False, "telemetry", "periodic metrics"),
     TopicInfo("events", "dev→cloud", 1, False, "inference_event", "inference results"),
+    TopicInfo(
+        "snapshots", "dev→cloud", 1, False, "snapshot", "JPEG frames, from opted-in pipelines"
+    ),
     TopicInfo("fetch/req", "dev→cloud", 1, False, "fetch_request", "chunk request"),
     TopicInfo(
         "fetch/resp",
@@ -272,6 +277,28 @@ EXAMPLES: dict[str, BaseModel] = {
             Detection(box=(412.0, 118.5, 598.25, 470.0), score=0.9132, label_id=0, label="person")
         ],
         summary={"count": 1},
+    ),
+    "snapshot": Snapshot(
+        device_id="cam-017",
+        pipeline="entrance",
+        model="det",
+        version="1.3.2",
+        frame_seq=18000,
+        frame_time=1768465800.125,
+        width=8,
+        height=8,
+        jpeg_b64=(
+            "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERX"
+            "RTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
+            "Y2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2P/wAARCAAIAAgDASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAA"
+            "AAECAwQFBgcICQoL/8QAtRAAAgEDAwIEAwUFBAQAAAF9AQIDAAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAk"
+            "M2JyggkKFhcYGRolJicoKSo0NTY3ODk6Q0RFRkdISUpTVFVWV1hZWmNkZWZnaGlqc3R1dnd4eXqDhIWGh4iJipKT"
+            "lJWWl5iZmqKjpKWmp6ipqrKztLW2t7i5usLDxMXGx8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx8vP09fb3+Pn6/8QA"
+            "HwEAAwEBAQEBAQEBAQAAAAAAAAECAwQFBgcICQoL/8QAtREAAgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJBUQdh"
+            "cRMiMoEIFEKRobHBCSMzUvAVYnLRChYkNOEl8RcYGRomJygpKjU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hp"
+            "anN0dXZ3eHl6goOEhYaHiImKkpOUlZaXmJmaoqOkpaanqKmqsrO0tba3uLm6wsPExcbHyMnK0tPU1dbX2Nna4uPk"
+            "5ebn6Onq8vP09fb3+Pn6/9oADAMBAAIRAxEAPwAooooA/9k="
+        ),  # a real 8x8 grey JPEG
     ),
     "fetch_request": FetchRequest(
         id="r-000123", path="targets/models/det/1.4.0/model.onnx", offset=0, length=65536

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -81,18 +81,20 @@ class WireMessage(BaseModel):
     """Base of the state messages: strict schema, bounded size, ``encode``/``decode``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Largest payload sent or accepted; messages that carry data (snapshots) raise it.
+    max_bytes: ClassVar[int] = MAX_MESSAGE
 
     def encode(self) -> bytes:
         """Serialize to compact JSON bytes.
 
         Raises:
-            BadMessage: the message would exceed ``MAX_MESSAGE`` (receivers would drop it).
+            BadMessage: the message would exceed ``max_bytes`` (receivers would drop it).
         """
         data = self.model_dump_json().encode()
-        if len(data) > MAX_MESSAGE:
+        if len(data) > self.max_bytes:
             raise BadMessage(
                 f"{type(self).__name__} encodes to {len(data)} bytes, more than the"
-                f" {MAX_MESSAGE} a receiver accepts; not sent"
+                f" {self.max_bytes} a receiver accepts; not sent"
             )
         return data
 
@@ -106,9 +108,9 @@ class WireMessage(BaseModel):
         name = cls.__name__
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise BadMessage(f"{name} payload must be bytes, got {type(payload).__name__}")
-        if len(payload) > MAX_MESSAGE:
+        if len(payload) > cls.max_bytes:
             raise BadMessage(
-                f"{name} payload is {len(payload)} bytes, more than the {MAX_MESSAGE} allowed;"
+                f"{name} payload is {len(payload)} bytes, more than the {cls.max_bytes} allowed;"
                 " message dropped"
             )
         try:

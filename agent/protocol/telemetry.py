@@ -13,9 +13,11 @@ finite (``NaN``/``Infinity`` are refused) so that every payload is strict JSON f
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -48,6 +50,7 @@ __all__ = [
     "InferenceEvent",
     "OutboxStats",
     "PipelineTelemetry",
+    "Snapshot",
     "SourceState",
     "StageLatency",
     "Telemetry",
@@ -277,6 +280,54 @@ class InferenceEvent(WireMessage):
             pydantic.ValidationError: the event does not fit the contract.
         """
         return cls.model_validate({**event, "device_id": device_id})
+
+
+MAX_SNAPSHOT_BYTES = 2 << 20  # a JPEG of a 4K frame at quality 80 fits with room to spare
+_B64 = r"^[A-Za-z0-9+/]*={0,2}$"
+
+
+class Snapshot(WireMessage):
+    """One camera frame as JPEG on ``…/devices/D/snapshots``.
+
+    Sent only by pipelines that enable ``[pipelines.snapshots]`` (frames never leave the device
+    otherwise), at most one per ``every_s``.
+    """
+
+    model_config = _FINITE
+    max_bytes: ClassVar[int] = (MAX_SNAPSHOT_BYTES + 2) // 3 * 4 + 4096  # base64 + the fields
+
+    type: Literal["snapshot"] = Field("snapshot", description="Message kind, always 'snapshot'")
+    device_id: DeviceId = Field(description="Device whose camera took the frame")
+    pipeline: PipelineName = Field(description="Pipeline that read the frame")
+    model: ModelName | None = Field(None, description="Model running on the frame, if any")
+    version: Version | None = Field(None, description="Its version")
+    frame_seq: int = Field(ge=0, le=MAX_COUNT, description="Frame number within the source")
+    frame_time: float = Field(
+        ge=0, le=1e11, description="Capture time, seconds since the Unix epoch (UTC)"
+    )
+    width: int = Field(ge=1, le=16384, description="JPEG width (px), after any downscaling")
+    height: int = Field(ge=1, le=16384, description="JPEG height (px)")
+    jpeg_b64: str = Field(
+        max_length=(MAX_SNAPSHOT_BYTES + 2) // 3 * 4,
+        pattern=_B64,
+        description="The JPEG file, base64 (standard alphabet, padded)",
+    )
+    contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
+
+    @field_validator("jpeg_b64")
+    @classmethod
+    def _is_jpeg(cls, v: str) -> str:
+        try:
+            head = base64.b64decode(v[:8], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"not base64: {e}") from None
+        if not head.startswith(b"\xff\xd8"):
+            raise ValueError("not a JPEG (no SOI marker)")
+        return v
+
+    def jpeg(self) -> bytes:
+        """The JPEG bytes."""
+        return base64.b64decode(self.jpeg_b64)
 
 
 # --- mapping from the pipeline ---------------------------------------------------------------

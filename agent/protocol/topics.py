@@ -25,6 +25,7 @@ KINDS = (
     "reported",
     "telemetry",
     "events",
+    "snapshots",
     "fetch/req",
     "fetch/resp",
     "cmd",

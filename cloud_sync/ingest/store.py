@@ -8,6 +8,8 @@ The schema is versioned: ``open_store`` applies the missing migrations in one tr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -154,6 +156,22 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq", name="uq_events_key"),
         sa.Index("ix_events_device_ts", "device_id", "ts"),
     )  # fmt: skip
+    if version >= 3:
+        sa.Table(
+            "snapshots", md,
+            sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
+            sa.Column("device_id", sa.String(64), nullable=False),
+            sa.Column("ts", ts, nullable=False),
+            sa.Column("pipeline", sa.String(64), nullable=False),
+            sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
+            sa.Column("frame_seq", sa.BigInteger, nullable=False),
+            sa.Column("width", sa.Integer, nullable=False),
+            sa.Column("height", sa.Integer, nullable=False),
+            sa.Column("jpeg", sa.LargeBinary, nullable=False),
+            sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq",
+                                name="uq_snapshots_key"),
+            sa.Index("ix_snapshots_device_ts", "device_id", "ts"),
+        )  # fmt: skip
     sa.Table(
         "dead_letters", md,
         sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
@@ -184,13 +202,19 @@ def _migration_2(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE telemetry ADD COLUMN precision VARCHAR(8)"))
 
 
+def _migration_3(conn: Connection) -> None:
+    """Opt-in camera snapshots (JPEG), for pipelines that enable them."""
+    _define(sa.MetaData(), 3).tables["snapshots"].create(conn)
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
 DEVICES, PIPELINE_STATE = TABLES["devices"], TABLES["pipeline_state"]
 TELEMETRY, DEVICE_TELEMETRY = TABLES["telemetry"], TABLES["device_telemetry"]
 EVENTS, DEAD_LETTERS = TABLES["events"], TABLES["dead_letters"]
+SNAPSHOTS = TABLES["snapshots"]
 
 
 def schema_version(conn: Connection) -> int:
@@ -375,6 +399,28 @@ def event_row(msg: Mapping[str, Any]) -> dict[str, Any]:
 # --- the store -------------------------------------------------------------------------------
 
 
+def snapshot_row(msg: Mapping[str, Any]) -> dict[str, Any]:
+    """Pure: the ``snapshots`` row of one ``Snapshot`` dict.
+
+    Raises:
+        BadRecord: a key field is missing or the JPEG is not base64.
+    """
+    try:
+        jpeg = base64.b64decode(_get(msg, "jpeg_b64", "snapshot"), validate=True)
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise BadRecord(f"snapshot: jpeg_b64 is not base64: {e}", kind="snapshot",
+                        field="jpeg_b64") from None  # fmt: skip
+    return {
+        "device_id": _get(msg, "device_id", "snapshot"),
+        "ts": _time(_get(msg, "frame_time", "snapshot"), "snapshot", "frame_time"),
+        "pipeline": _get(msg, "pipeline", "snapshot"),
+        "model": msg.get("model"), "version": msg.get("version"),
+        "frame_seq": _get(msg, "frame_seq", "snapshot"),
+        "width": _get(msg, "width", "snapshot"), "height": _get(msg, "height", "snapshot"),
+        "jpeg": jpeg,
+    }  # fmt: skip
+
+
 class Store:
     """Writes and reads of the ingest database; one per process, thread-safe (engine pool)."""
 
@@ -480,6 +526,32 @@ class Store:
         with _guard("event batch"), self.engine.begin() as conn:
             self._touch(conn, {r["device_id"] for r in rows}, now)
             return _insert_new(conn, self._dialect.insert(EVENTS), rows)
+
+    def add_snapshots(
+        self, msgs: Sequence[Mapping[str, Any]], *, now: datetime | None = None
+    ) -> int:
+        """Store ``Snapshot`` dicts (``jpeg_b64`` decoded) in one transaction; returns rows added.
+
+        Raises:
+            BadRecord: a snapshot lacks a key field or its JPEG is not base64.
+        """
+        now = now or datetime.now(timezone.utc)
+        rows = [snapshot_row(m) for m in msgs]
+        if not rows:
+            return 0
+        with _guard("snapshot batch"), self.engine.begin() as conn:
+            self._touch(conn, {r["device_id"] for r in rows}, now)
+            return _insert_new(conn, self._dialect.insert(SNAPSHOTS), rows)
+
+    def latest_snapshot(self, device_id: str, pipeline: str | None = None) -> dict[str, Any] | None:
+        """The newest snapshot of a device (of one pipeline if given), or None."""
+        q = sa.select(SNAPSHOTS).where(SNAPSHOTS.c.device_id == device_id)
+        if pipeline is not None:
+            q = q.where(SNAPSHOTS.c.pipeline == pipeline)
+        q = q.order_by(SNAPSHOTS.c.ts.desc(), SNAPSHOTS.c.id.desc()).limit(1)
+        with _guard("latest snapshot"), self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return dict(row._mapping) if row is not None else None
 
     def dead_letter(
         self, topic: str, payload: bytes, reason: str, *, now: datetime | None = None
@@ -595,7 +667,7 @@ class Store:
         with _guard("retention"), self.engine.begin() as conn:
             counts = {
                 tbl.name: conn.execute(sa.delete(tbl).where(tbl.c.ts < cut)).rowcount
-                for tbl in (TELEMETRY, DEVICE_TELEMETRY, EVENTS)
+                for tbl in (TELEMETRY, DEVICE_TELEMETRY, EVENTS, SNAPSHOTS)
             }
             dl = sa.delete(DEAD_LETTERS).where(DEAD_LETTERS.c.received_at < cut)
             counts["dead_letters"] = conn.execute(dl).rowcount

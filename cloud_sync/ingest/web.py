@@ -99,6 +99,10 @@ class FleetApp:
                 raise HttpError(405, f"{method} not allowed, only GET")
             if path in ("/", "/index.html"):
                 return self._send(start_response, 200, "text/html; charset=utf-8", self._page)
+            parts = path.split("/")  # "", "api", "devices", ID, "snapshot.jpg"
+            if parts[:3] == ["", "api", "devices"] and parts[4:] == ["snapshot.jpg"]:
+                jpeg = self._snapshot(parts[3], dict(query).get("pipeline"))
+                return self._send(start_response, 200, "image/jpeg", jpeg)
             body = self._api(path, query)
             status = 200
         except HttpError as e:
@@ -126,6 +130,16 @@ class FleetApp:
         if len(parts) == 5 and parts[:3] == ["", "api", "devices"] and parts[4] == "telemetry":
             return self._telemetry(parts[3], dict(query).get("minutes"))
         raise HttpError(404, f"no such page: {path[:200]}")
+
+    def _snapshot(self, device_id: str, pipeline: str | None) -> bytes:
+        """The newest camera snapshot (JPEG) of a device that opted in to snapshots."""
+        snap = None
+        if valid_device_id(device_id):
+            snap = self.store.latest_snapshot(device_id, pipeline)
+        if snap is None:
+            which = f" pipeline {pipeline[:64]!r}" if pipeline else ""
+            raise HttpError(404, f"no snapshot of device {device_id[:64]!r}{which}")
+        return bytes(snap["jpeg"])
 
     def _telemetry(self, device_id: str, minutes_raw: str | None) -> dict[str, Any]:
         minutes = parse_minutes(minutes_raw)

@@ -22,18 +22,20 @@ import paho.mqtt.client as mqtt
 from agent.errors import BadDataError, TransportError
 from agent.protocol.fetch import BadMessage
 from agent.protocol.state import DeviceState, ReportedState
-from agent.protocol.telemetry import InferenceEvent, Telemetry
+from agent.protocol.telemetry import InferenceEvent, Snapshot, Telemetry
 from agent.protocol.topics import DEFAULT_ROOT, Topics
 from agent.sync.mqtt import make_client, parse_broker_url
 from cloud_sync.ingest.store import Store
 
 log = logging.getLogger(__name__)
 SHARE_GROUP = "ingest"
+VOLUME_KINDS = ("telemetry", "events", "snapshots")  # through shared subscriptions
 MODELS: dict[str, Any] = {
     "state": DeviceState,
     "reported": ReportedState,
     "telemetry": Telemetry,
     "events": InferenceEvent,
+    "snapshots": Snapshot,
 }
 
 
@@ -75,7 +77,7 @@ class IngestWorker:
             log.error("ingest: broker refused the connection: %s", rc)
             return
         subs = [(self.topics.all_devices(k), 1) for k in ("state", "reported")]
-        subs += [(self.topics.shared(self.share_group, k), 1) for k in ("telemetry", "events")]
+        subs += [(self.topics.shared(self.share_group, k), 1) for k in VOLUME_KINDS]
         client.subscribe(subs)
         self.subscribed.set()
 
@@ -116,6 +118,7 @@ class IngestWorker:
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         telemetry: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
+        snapshots: list[dict[str, Any]] = []
         for topic, payload in batch:
             parsed = self.topics.parse(topic)
             kind = parsed[1] if parsed else ""
@@ -134,8 +137,10 @@ class IngestWorker:
                     self.store.upsert_reported(msg)
                 elif kind == "telemetry":
                     telemetry.append(msg)
-                else:
+                elif kind == "events":
                     events.append(msg)
+                else:
+                    snapshots.append(msg)
                 self.counts[kind] += 1
             except BadDataError as e:
                 self.counts["dead_letters"] += 1
@@ -145,6 +150,8 @@ class IngestWorker:
                 self.store.add_telemetry_batch(telemetry)
             if events:
                 self.store.add_events(events)
+            if snapshots:
+                self.store.add_snapshots(snapshots)
         except TransportError as e:  # database gone: keep the batch for the next round
             log.error("ingest: store unavailable, %d messages requeued: %s", len(batch), e)
             for item in batch:
