@@ -115,45 +115,75 @@ class IngestWorker:
             if batch:
                 self._write(batch)
 
+    def _decode(self, topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+        """``(kind, message dict)`` of one payload, validated against the contract.
+
+        Raises:
+            BadMessage: not an ingest topic, not the contract, or another device's topic.
+        """
+        parsed = self.topics.parse(topic)
+        kind = parsed[1] if parsed else ""
+        model = MODELS.get(kind)
+        if model is None:
+            raise BadMessage(f"topic {topic!r} is not an ingest topic")
+        msg = model.decode(payload).model_dump(mode="json")
+        if parsed and msg.get("device_id") != parsed[0]:
+            raise BadMessage(
+                f"payload says device {msg.get('device_id')!r}, topic says {parsed[0]!r}"
+            )
+        return kind, msg
+
+    def _dead(self, topic: str, payload: bytes, why: BaseException) -> None:
+        self.counts["dead_letters"] += 1
+        self.store.dead_letter(topic, payload, str(why)[:500])
+
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
-        telemetry: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
-        snapshots: list[dict[str, Any]] = []
-        for topic, payload in batch:
-            parsed = self.topics.parse(topic)
-            kind = parsed[1] if parsed else ""
-            model = MODELS.get(kind)
-            try:
-                if model is None:
-                    raise BadMessage(f"topic {topic!r} is not an ingest topic")
-                msg = model.decode(payload).model_dump(mode="json")
-                if parsed and msg.get("device_id") != parsed[0]:
-                    raise BadMessage(
-                        f"payload says device {msg.get('device_id')!r}, topic says {parsed[0]!r}"
-                    )
-                if kind == "state":
-                    self.store.upsert_state(msg)
-                elif kind == "reported":
-                    self.store.upsert_reported(msg)
-                elif kind == "telemetry":
-                    telemetry.append(msg)
-                elif kind == "events":
-                    events.append(msg)
-                else:
-                    snapshots.append(msg)
-                self.counts[kind] += 1
-            except BadDataError as e:
-                self.counts["dead_letters"] += 1
-                self.store.dead_letter(topic, payload, str(e)[:500])
+        """Store one batch: upserts for state/reported, batched inserts for the volume kinds.
+
+        A message the contract or the database refuses is dead-lettered (a refused batch is
+        retried one message at a time to find it); when the database is unreachable the whole
+        batch is queued again (writes are idempotent, so what was stored is not doubled).
+        """
         try:
-            if telemetry:
-                self.store.add_telemetry_batch(telemetry)
-            if events:
-                self.store.add_events(events)
-            if snapshots:
-                self.store.add_snapshots(snapshots)
+            volume: dict[str, list[tuple[str, bytes, dict[str, Any]]]] = {}
+            for topic, payload in batch:
+                try:
+                    kind, msg = self._decode(topic, payload)
+                    if kind in VOLUME_KINDS:
+                        volume.setdefault(kind, []).append((topic, payload, msg))
+                        continue
+                    if kind == "state":
+                        self.store.upsert_state(msg)
+                    else:
+                        self.store.upsert_reported(msg)
+                    self.counts[kind] += 1
+                except BadDataError as e:
+                    self._dead(topic, payload, e)
+            for kind, items in volume.items():
+                self._write_volume(kind, items)
         except TransportError as e:  # database gone: keep the batch for the next round
             log.error("ingest: store unavailable, %d messages requeued: %s", len(batch), e)
             for item in batch:
                 self._queue.put(item)
             time.sleep(1.0)
+
+    def _write_volume(self, kind: str, items: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+        write = {
+            "telemetry": self.store.add_telemetry_batch,
+            "events": self.store.add_events,
+            "snapshots": self.store.add_snapshots,
+        }[kind]
+        try:
+            write([m for _, _, m in items])
+            self.counts[kind] += len(items)
+            return
+        except BadDataError as e:
+            if len(items) == 1:
+                self._dead(items[0][0], items[0][1], e)
+                return
+        for topic, payload, msg in items:  # find the message the database refuses
+            try:
+                write([msg])
+                self.counts[kind] += 1
+            except BadDataError as e:
+                self._dead(topic, payload, e)
