@@ -1,0 +1,176 @@
+"""Pure: the operator's commands on a rollout — start, pause, resume, promote, abort.
+
+Each takes the stored state and ``now`` and returns a ``Decision`` (actions and the new state),
+like ``plan.decide``; none of them reads a clock or touches the fleet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from cloud_sync.rollout.state import (
+    ACTIVE,
+    Action,
+    Decision,
+    DeviceRecord,
+    EventKind,
+    Log,
+    Revert,
+    RolloutEvent,
+    RolloutSpec,
+    RolloutState,
+)
+
+_LIST = 5  # device ids named in one history line
+
+
+def names(ids: Iterable[str]) -> str:
+    """``a, b, c, d, e (+3 more)``: a few ids for a history line."""
+    ids = list(ids)
+    more = f" (+{len(ids) - _LIST} more)" if len(ids) > _LIST else ""
+    return ", ".join(ids[:_LIST]) + more
+
+
+def check_now(now: datetime) -> None:
+    """Refuse a naive ``now``: comparing it with stored aware times would raise later.
+
+    Raises:
+        ValueError: ``now`` has no timezone.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must carry a timezone (UTC expected), got a naive datetime")
+
+
+def start(spec: RolloutSpec, now: datetime) -> RolloutState:
+    """A new, running rollout; the first ``decide`` selects and deploys stage 1."""
+    check_now(now)
+    stages = ", ".join(str(s) for s in spec.stages)
+    gates = ", ".join(g.name for g in spec.gates) or "none"
+    scope = spec.pipeline or "every pipeline"
+    msg = (
+        f"rollout {spec.id}: {spec.ref} to {spec.target!r} ({scope}); stages {stages}; "
+        f"soak {spec.soak_s:g}s; gates {gates}; on failure {spec.on_fail}"
+    )
+    return RolloutState(history=(RolloutEvent(at=now, stage=0, kind="started", message=msg),))
+
+
+def revert_touched(
+    devices: dict[str, DeviceRecord],
+) -> tuple[dict[str, DeviceRecord], list[Action], list[str]]:
+    """Revert every touched pipeline to its recorded previous version.
+
+    Returns:
+        The updated records (reverted pipelines marked ``reverted``), the ``Revert`` actions,
+        and one history line per device (also naming pipelines without a known previous
+        version, which stay on the new one).
+    """
+    out = dict(devices)
+    actions: list[Action] = []
+    lines: list[str] = []
+    for device_id in sorted(devices):
+        rec = devices[device_id]
+        pipelines = dict(rec.pipelines)
+        done: list[str] = []
+        for name, p in rec.pipelines.items():
+            if not p.sent or p.outcome == "reverted":
+                continue
+            if p.previous is None:
+                lines.append(f"{device_id}/{name}: no previous version known, left as it is")
+                continue
+            actions.append(Revert(device_id, name, p.previous.model, p.previous.version))
+            pipelines[name] = p.model_copy(update={"outcome": "reverted"})
+            done.append(f"{name} → {p.previous}")
+        if done:
+            out[device_id] = rec.model_copy(update={"pipelines": pipelines})
+            lines.append(f"{device_id}: reverting {', '.join(done)}")
+    return out, actions, lines
+
+
+def _command(
+    state: RolloutState, now: datetime, kind: EventKind, msg: str, **changes: object
+) -> Decision:
+    check_now(now)
+    event = RolloutEvent(at=now, stage=state.stage, kind=kind, message=msg)
+    new = state.model_copy(update={**changes, "history": (*state.history, event)})
+    return Decision((Log(msg),), new)
+
+
+def _require(state: RolloutState, allowed: frozenset[str], what: str) -> None:
+    if state.status not in allowed:
+        raise ValueError(f"cannot {what} a rollout that is {state.status}")
+
+
+def pause(state: RolloutState, now: datetime, why: str = "operator") -> Decision:
+    """Stop sending updates; outcomes are still tracked.
+
+    Raises:
+        ValueError: the rollout is not running.
+    """
+    _require(state, frozenset({"running"}), "pause")
+    return _command(state, now, "paused", f"paused: {why}", status="paused", paused_by_gate=False)
+
+
+def resume(state: RolloutState, now: datetime, why: str = "operator") -> Decision:
+    """Go on. After a gate paused the rollout, this accepts the stage's failing gates.
+
+    Raises:
+        ValueError: the rollout is not paused.
+    """
+    _require(state, frozenset({"paused"}), "resume")
+    changes: dict[str, object] = {"status": "running", "paused_by_gate": False}
+    msg = f"resumed: {why}"
+    if state.paused_by_gate:
+        changes["waived_stage"] = state.stage
+        msg += f"; failing gates of stage {state.stage + 1} accepted"
+    return _command(state, now, "resumed", msg, **changes)
+
+
+def promote(state: RolloutState, now: datetime, why: str = "operator") -> Decision:
+    """Skip the rest of the current soak: gates are evaluated as soon as the stage has settled.
+
+    Raises:
+        ValueError: the rollout is not running (resume a paused one first).
+    """
+    _require(state, frozenset({"running"}), "promote")
+    return _command(
+        state,
+        now,
+        "promoted",
+        f"promoted: {why}; soak of stage {state.stage + 1} skipped",
+        promote_requested=True,
+    )
+
+
+def abort(spec: RolloutSpec, state: RolloutState, now: datetime, why: str = "operator") -> Decision:
+    """Stop for good and send every touched device back to its previous version.
+
+    Devices that already ran the new version when selected, and devices never sent a Deploy,
+    are left alone.
+
+    Raises:
+        ValueError: the rollout has already ended.
+    """
+    _require(state, ACTIVE, "abort")
+    check_now(now)
+    devices, actions, lines = revert_touched(state.devices)
+    events = [RolloutEvent(at=now, stage=state.stage, kind="reverted", message=m) for m in lines]
+    msg = f"rollout {spec.id} aborted: {why}; {sum(isinstance(a, Revert) for a in actions)} reverts"
+    events.append(RolloutEvent(at=now, stage=state.stage, kind="aborted", message=msg))
+    new = state.model_copy(
+        update={"status": "aborted", "devices": devices, "history": (*state.history, *events)}
+    )
+    logs = [Log(e.message) for e in events]
+    return Decision((*actions, *logs), new)
+
+
+__all__ = [
+    "abort",
+    "check_now",
+    "names",
+    "pause",
+    "promote",
+    "resume",
+    "revert_touched",
+    "start",
+]
