@@ -12,9 +12,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError
+
+GroupName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -189,6 +199,9 @@ class AgentConfig(_Strict):
     data_dir: Path = Field(Path("/var/lib/edgefleet"), description="The one writable state dir")
     profile: str = Field("auto", description="'auto', a builtin profile name or a .toml path")
     tags: dict[str, str] = Field(default_factory=dict, description="Free-form tags for targeting")
+    groups: list[GroupName] = Field(
+        default_factory=list, max_length=64, description="Groups, e.g. lobby (target group:lobby)"
+    )
     engine: EngineConfig = Field(default_factory=AutoEngine, description="Inference backend choice")
     build_timeout_s: float = Field(
         1800, gt=0, le=86400, description="Kill an engine build after this"

@@ -335,6 +335,7 @@ class Agent:
             profile=self.profile_name,
             pipelines=[p.name for p in cfg.pipelines],
             tags=cfg.tags,
+            groups=cfg.groups,
         )
         self.session = DeviceSession(broker, cfg.device_id, birth, self._on_desired)
         tel = cfg.telemetry

@@ -57,6 +57,7 @@ def test_fleet_status_shows_what_the_agent_reports(
                 "data_dir": str(tmp_path / "data"),
                 "profile": "x86-cpu",
                 "tags": {"site": "berlin"},
+                "groups": ["lobby"],
                 "pipelines": [
                     {
                         "name": "front",
@@ -122,7 +123,7 @@ def test_fleet_status_shows_what_the_agent_reports(
     fleet = fleet_status(db, "--tag", "site=berlin")
     assert [d["device_id"] for d in fleet] == ["cam-07"]
     dev = fleet[0]
-    assert "online" in dev and dev["tags"] == {"site": "berlin"}
+    assert "online" in dev and dev["tags"] == {"site": "berlin"} and dev["groups"] == ["lobby"]
     pipe = dev["pipelines"][0]
     assert pipe["name"] == "front" and pipe["model"] == "blobdet" and pipe["version"] == "1.0.0"
     assert "phase" in pipe

@@ -178,6 +178,14 @@ def test_bad_records_are_typed_and_store_nothing(store: Store) -> None:
     assert store.counts()["telemetry"] == 0 and store.counts()["events"] == 0
 
 
+def test_groups_are_stored_and_shown(store: Store) -> None:
+    store.upsert_state({**state("cam-1"), "groups": ["lobby", "canary"]}, now=T0)
+    store.upsert_state(state("cam-2"), now=T0)  # an agent without groups (older contract)
+    fleet = {d["device_id"]: d for d in store.fleet()}
+    assert fleet["cam-1"]["groups"] == ["lobby", "canary"]
+    assert fleet["cam-2"]["groups"] == []
+
+
 def test_fleet_view_latest_telemetry_and_tag_filter(store: Store) -> None:
     store.upsert_state(state("cam-1", site="berlin", tier="canary"), now=T0)
     store.upsert_state(state("cam-2", site="paris"), now=T0)
@@ -241,13 +249,13 @@ def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 3
+    assert s.version() == LATEST == 4
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2, 3] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == [1, 2, 3, 4] and s.counts()["telemetry"] == 2
     s.close()
 
 

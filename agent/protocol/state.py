@@ -52,6 +52,7 @@ MAX_REVISION = 2**53 - 1  # exact in every JSON implementation
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 PipelineName = Annotated[str, StringConstraints(pattern=PIPELINE_PATTERN)]
+GroupName = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Version = Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
 Contract = Annotated[str, StringConstraints(pattern=CONTRACT_PATTERN)]
@@ -283,6 +284,9 @@ class DeviceState(WireMessage):
     )
     tags: dict[Annotated[str, StringConstraints(max_length=64)], str] = Field(
         default_factory=dict, max_length=64, description="Tags for rollout targeting"
+    )
+    groups: list[GroupName] = Field(
+        default_factory=list, max_length=64, description="Groups for rollout targeting"
     )
 
     @field_validator("tags")

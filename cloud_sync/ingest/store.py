@@ -90,6 +90,7 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         sa.Column("contract", sa.String(16)),
         sa.Column("tags", JSON),
         sa.Column("pipelines", JSON),
+        *([sa.Column("groups", JSON)] if version >= 4 else []),
         sa.Column("first_seen", ts, nullable=False),
         sa.Column("last_seen", ts, nullable=False),
     )  # fmt: skip
@@ -207,8 +208,16 @@ def _migration_3(conn: Connection) -> None:
     _define(sa.MetaData(), 3).tables["snapshots"].create(conn)
 
 
+def _migration_4(conn: Connection) -> None:
+    """Devices report their groups, for rollout targets (``group:lobby``)."""
+    typ = "JSONB" if conn.dialect.name == "postgresql" else "JSON"
+    conn.execute(sa.text(f"ALTER TABLE devices ADD COLUMN groups {typ}"))
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _migration_1, _migration_2, _migration_3, _migration_4,
+]
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
 DEVICES, PIPELINE_STATE = TABLES["devices"], TABLES["pipeline_state"]
@@ -451,6 +460,7 @@ class Store:
             "device_id": _get(msg, "device_id", "state"), "online": _get(msg, "online", "state"),
             "agent_version": msg.get("agent_version"), "profile": msg.get("profile"),
             "contract": msg.get("contract"), "tags": dict(msg.get("tags") or {}),
+            "groups": list(msg.get("groups") or []),
             "pipelines": list(msg.get("pipelines") or []), "first_seen": now, "last_seen": now,
         }  # fmt: skip
         ins = self._dialect.insert(DEVICES).values(row)
@@ -606,6 +616,7 @@ class Store:
             out.append({
                 "device_id": d.device_id, "online": d.online, "last_seen": d.last_seen,
                 "agent_version": d.agent_version, "profile": d.profile, "tags": tags,
+                "groups": d.groups or [],
                 "pipelines": [_pipeline_view(n, state_of.get((d.device_id, n)),
                                              tele_of.get((d.device_id, n))) for n in names],
             })  # fmt: skip

@@ -1,0 +1,21 @@
+"""Fleet simulator: N devices running the agent's real sync, update and telemetry code, with
+the camera and the inference simulated (``engine``), many MQTT clients per thread
+(``netloop``), one device (``device``) and the fleet (``fleet``)."""
+
+from __future__ import annotations
+
+from agent.sim.device import SimDevice
+from agent.sim.engine import ProfileFn, SimPipeline, SimProfile, default_profile, open_sim_model
+from agent.sim.fleet import SimFleet
+from agent.sim.netloop import MqttLoop
+
+__all__ = [
+    "MqttLoop",
+    "ProfileFn",
+    "SimDevice",
+    "SimFleet",
+    "SimPipeline",
+    "SimProfile",
+    "default_profile",
+    "open_sim_model",
+]
