@@ -1,0 +1,185 @@
+"""Adapter: ``edgefleet ca …`` and ``edgefleet device enroll`` — identities and device bundles.
+
+A device bundle is everything a device needs to join the fleet, in one directory to copy to
+``/etc/edgefleet``: its certificate and key (0600), the fleet CA, the registry's TUF root, and
+an ``agent.toml`` pointing at them with the broker URL, tags and groups filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from agent.fsutil import atomic_write_bytes
+from cloud_sync.acl import render_acl, render_mosquitto_conf
+from cloud_sync.pki import FleetCA, PkiError, identity_name
+
+SERVICE_ROLES = ("ingest", "registry", "operator")
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def agent_toml(device_id: str, broker_url: str, conf_dir: Path, *, tags: dict[str, str],
+               groups: list[str], topic_root: str = "edgefleet/v1") -> str:  # fmt: skip
+    """Pure: the enrolled device's config, files referenced under ``conf_dir``."""
+    lines = [
+        f"device_id = {_toml_str(device_id)}",
+        'data_dir = "/var/lib/edgefleet"',
+        'profile = "auto"',
+        f"groups = [{', '.join(_toml_str(g) for g in groups)}]",
+        "",
+        "[tags]",
+        *(f"{k} = {_toml_str(v)}" for k, v in sorted(tags.items())),
+        "",
+        "[broker]",
+        f"url = {_toml_str(broker_url)}",
+        f"topic_root = {_toml_str(topic_root)}",
+        f"ca_file = {_toml_str(str(conf_dir / 'ca.crt'))}",
+        f"cert_file = {_toml_str(str(conf_dir / 'device.crt'))}",
+        f"key_file = {_toml_str(str(conf_dir / 'device.key'))}",
+        "",
+        "[trust]",
+        f"root = {_toml_str(str(conf_dir / 'root.json'))}",
+        "",
+        "# add [[pipelines]] for this device's cameras (see docs/agent.example.toml)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def enroll_device(ca: FleetCA, device_id: str, out: Path, *, broker_url: str, root_json: Path,
+                  tags: dict[str, str] | None = None, groups: list[str] | None = None,
+                  conf_dir: Path = Path("/etc/edgefleet")) -> Path:  # fmt: skip
+    """Issue the device's certificate and write its bundle to ``out/DEVICE``; returns that dir.
+
+    Raises:
+        PkiError: bad id, a live certificate already exists, or the root file is missing.
+    """
+    if not broker_url.startswith("mqtts://"):
+        raise PkiError(f"enrolled devices use TLS: the broker URL must be mqtts://: {broker_url}")
+    if not root_json.is_file():
+        raise PkiError(f"no TUF root at {root_json} (the registry's root.json)")
+    bundle = out / device_id
+    ca.issue("device", device_id, bundle)
+    shutil.copyfile(root_json, bundle / "root.json")
+    text = agent_toml(device_id, broker_url, conf_dir, tags=tags or {}, groups=groups or [])
+    atomic_write_bytes(bundle / "agent.toml", text.encode())
+    return bundle
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {it!r}")
+        out[k] = v
+    return out
+
+
+def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser("ca", help="the fleet certificate authority (mutual TLS identities)")
+    csub = ca.add_subparsers(dest="ca_cmd", required=True)
+    init = csub.add_parser("init", help="create the fleet CA")
+    init.add_argument("--dir", required=True, type=Path)
+    init.add_argument("--days", type=int, default=3650)
+    init.set_defaults(fn=_ca_init)
+    srv = csub.add_parser("server", help="issue the broker's server certificate")
+    srv.add_argument("--dir", required=True, type=Path)
+    srv.add_argument("--host", action="append", required=True, help="DNS name or IP (repeat)")
+    srv.set_defaults(fn=_ca_server)
+    ident = csub.add_parser("identity", help="issue a service or operator identity")
+    ident.add_argument("name")
+    ident.add_argument("--dir", required=True, type=Path)
+    ident.add_argument("--role", choices=SERVICE_ROLES, required=True)
+    ident.add_argument("--out", type=Path, default=None, help="default: DIR/identities/NAME")
+    ident.set_defaults(fn=_ca_identity)
+    rev = csub.add_parser("revoke", help="revoke an identity's certificate, rewrite crl.pem")
+    rev.add_argument("name", help="device id, svc:NAME or op:NAME")
+    rev.add_argument("--dir", required=True, type=Path)
+    rev.set_defaults(fn=_ca_revoke)
+    acl = csub.add_parser("broker-config", help="write the Mosquitto ACL and TLS listener config")
+    acl.add_argument("--dir", required=True, type=Path)
+    acl.add_argument("--out", required=True, type=Path)
+    acl.add_argument("--port", type=int, default=8883)
+    acl.add_argument("--bind", default="0.0.0.0")
+    acl.add_argument("--topic-root", default="edgefleet/v1")
+    acl.set_defaults(fn=_ca_broker_config)
+
+    dev = sub.add_parser("device", help="device enrollment")
+    dsub = dev.add_subparsers(dest="device_cmd", required=True)
+    en = dsub.add_parser("enroll", help="issue a device certificate and write its config bundle")
+    en.add_argument("device_id")
+    en.add_argument("--ca", required=True, type=Path, help="the CA directory")
+    en.add_argument("--broker", required=True, help="mqtts://host:8883")
+    en.add_argument("--root", required=True, type=Path, help="the registry's root.json")
+    en.add_argument("--out", required=True, type=Path, help="bundles go to OUT/DEVICE_ID")
+    en.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    en.add_argument("--group", action="append", default=[])
+    en.add_argument("--conf-dir", type=Path, default=Path("/etc/edgefleet"),
+                    help="where the bundle will live on the device")  # fmt: skip
+    en.set_defaults(fn=_enroll)
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    ca = FleetCA.init(args.dir, days=args.days)
+    print(f"fleet CA created in {args.dir} (ca.crt to share, ca.key to guard: mode 0600)")
+    print(f"  crl: {ca.crl_file}")
+    return 0
+
+
+def _ca_server(args: argparse.Namespace) -> int:
+    creds = FleetCA(args.dir).issue_server(tuple(args.host))
+    print(f"broker certificate for {', '.join(args.host)}: {creds.cert} (key {creds.key})")
+    return 0
+
+
+def _ca_identity(args: argparse.Namespace) -> int:
+    ca = FleetCA(args.dir)
+    cn = identity_name(args.role, args.name)
+    out = args.out or args.dir / "identities" / cn.replace(":", "-")
+    creds = ca.issue(args.role, args.name, out)
+    print(f"{cn} ({args.role}): {creds.cert} (key {creds.key}); "
+          "run `edgefleet ca broker-config` to update the broker's ACL")  # fmt: skip
+    return 0
+
+
+def _ca_revoke(args: argparse.Namespace) -> int:
+    ca = FleetCA(args.dir)
+    r = ca.revoke(args.name)
+    print(f"revoked {r.name} (serial {r.serial:x}); {ca.crl_file} rewritten: "
+          "copy it to the broker and restart or reload it")  # fmt: skip
+    return 0
+
+
+def _ca_broker_config(args: argparse.Namespace) -> int:
+    ca = FleetCA(args.dir)
+    services = [(r.name, r.role) for r in ca.issued() if r.role != "device" and not r.revoked_at]
+    args.out.mkdir(parents=True, exist_ok=True)
+    acl = args.out / "edgefleet.acl"
+    atomic_write_bytes(acl, render_acl(args.topic_root, services).encode())
+    server = args.dir / "server"
+    conf = render_mosquitto_conf(
+        port=args.port, host=args.bind, ca=str(ca.ca_file.resolve()),
+        cert=str((server / "server.crt").resolve()), key=str((server / "server.key").resolve()),
+        crl=str(ca.crl_file.resolve()), acl=str(acl.resolve()),
+    )  # fmt: skip
+    atomic_write_bytes(args.out / "edgefleet.conf", conf.encode())
+    if not (server / "server.crt").is_file():
+        print("note: no broker certificate yet; run `edgefleet ca server --host …`",
+              file=sys.stderr)  # fmt: skip
+    print(f"wrote {acl} ({len(services)} service identities) and {args.out / 'edgefleet.conf'}")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    bundle = enroll_device(
+        FleetCA(args.ca), args.device_id, args.out, broker_url=args.broker, root_json=args.root,
+        tags=_pairs(args.tag), groups=args.group, conf_dir=args.conf_dir,
+    )  # fmt: skip
+    print(f"enrolled {args.device_id}: copy {bundle}/ to {args.conf_dir}/ on the device, then "
+          f"`edgefleet-agent run --config {args.conf_dir}/agent.toml`")  # fmt: skip
+    return 0

@@ -1,0 +1,225 @@
+"""Enrollment, mutual TLS and ACLs against a real Mosquitto with the generated config."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+
+from agent.config import load_config
+from agent.protocol.state import DeviceState
+from agent.protocol.topics import Topics
+from agent.service import Agent
+from cloud_sync.acl import render_acl, render_mosquitto_conf
+from cloud_sync.enroll import enroll_device
+from cloud_sync.pki import Credentials, FleetCA, PkiError
+from cloud_sync.registry.repo import Repository
+from tests.conftest import Mosquitto, wait_for
+
+pytestmark = pytest.mark.broker
+T = Topics()
+
+
+class SecureFleet:
+    """A CA, a TLS-only Mosquitto with the rendered ACL, and identities for two devices,
+    the ingest service and an operator."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ca = FleetCA.init(tmp / "ca")
+        self.ca.issue_server(("127.0.0.1", "localhost"))
+        self.creds: dict[str, Credentials] = {
+            "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a"),
+            "dev-b": self.ca.issue("device", "dev-b", tmp / "id" / "dev-b"),
+            "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest"),
+            "op:alice": self.ca.issue("operator", "alice", tmp / "id" / "alice"),
+        }
+        (tmp / "broker").mkdir()
+        self.broker = Mosquitto(tmp / "broker")
+        self.write_config()
+        self.clients: list[mqtt.Client] = []
+
+    def write_config(self) -> None:
+        services = [(r.name, r.role) for r in self.ca.issued() if r.role != "device"]
+        acl = self.tmp / "broker" / "edgefleet.acl"
+        acl.write_text(render_acl("edgefleet/v1", services))
+        server = self.ca.dir / "server"
+        self.broker.conf.write_text(render_mosquitto_conf(
+            port=self.broker.port, host="127.0.0.1", ca=str(self.ca.ca_file),
+            cert=str(server / "server.crt"), key=str(server / "server.key"),
+            crl=str(self.ca.crl_file), acl=str(acl),
+        ) + "log_dest stderr\nlog_type error\n"
+          # as root, Mosquitto drops to the 'mosquitto' user, which cannot read the test's
+          # 0600 keys under the root-only pytest temp dir
+          + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
+
+    def connect(self, who: str | None, *, cid: str | None = None) -> mqtt.Client:
+        """A connected client with ``who``'s certificate (None: TLS without one)."""
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid or f"t-{who}")
+        creds = self.creds[who] if who else None
+        c.tls_set(ca_certs=str(self.ca.ca_file),
+                  certfile=str(creds.cert) if creds else None,
+                  keyfile=str(creds.key) if creds else None)  # fmt: skip
+        ok = threading.Event()
+        c.on_connect = lambda cl, u, f, rc, p=None: ok.set() if not rc.is_failure else None
+        c.connect(self.broker.host, self.broker.port, keepalive=10)
+        c.loop_start()
+        self.clients.append(c)
+        if not ok.wait(5):
+            raise ConnectionError(f"{who} was not accepted")
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.loop_stop()
+            c.disconnect()
+        self.broker.stop()
+
+
+class Inbox:
+    """Messages a client receives on its subscriptions."""
+
+    def __init__(self, client: mqtt.Client, *topics: str) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.granted: list[int] = []
+        done = threading.Event()
+        client.on_message = lambda c, u, m: self.got.append((m.topic, bytes(m.payload)))
+
+        def on_sub(c: Any, u: Any, mid: int, rcs: list[Any], p: Any = None) -> None:
+            self.granted = [int(getattr(rc, "value", rc)) for rc in rcs]
+            done.set()
+
+        client.on_subscribe = on_sub
+        client.subscribe([(t, 1) for t in topics])
+        assert done.wait(5)
+
+    def topics(self) -> list[str]:
+        return [t for t, _ in self.got]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[SecureFleet]:
+    f = SecureFleet(tmp_path)
+    f.broker.start()
+    yield f
+    f.close()
+
+
+def _pub(c: mqtt.Client, topic: str, payload: bytes = b"x") -> None:
+    c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+
+def test_clients_without_a_fleet_certificate_are_refused(
+    fleet: SecureFleet, tmp_path: Path
+) -> None:
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        fleet.connect(None, cid="anonymous")
+    # a certificate from another CA is refused too
+    other = FleetCA.init(tmp_path / "other-ca")
+    fleet.creds["stranger"] = other.issue("device", "dev-a", tmp_path / "stranger")
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        fleet.connect("stranger")
+
+
+def test_a_device_publishes_only_its_own_topics(fleet: SecureFleet) -> None:
+    ingest = fleet.connect("svc:ingest")
+    inbox = Inbox(ingest, T.all_devices("telemetry"), T.all_devices("reported"),
+                  f"$share/ingest/{T.all_devices('events')}")  # fmt: skip
+    assert inbox.granted == [1, 1, 1]
+    a = fleet.connect("dev-a")
+    _pub(a, T.device("dev-b", "telemetry"), b"forged")
+    _pub(a, T.device("dev-b", "reported"), b"forged")
+    _pub(a, T.device("dev-a", "telemetry"), b"mine")
+    _pub(a, T.device("dev-a", "events"), b"mine")
+    assert wait_for(lambda: len(inbox.got) >= 2, 5)
+    time.sleep(0.3)  # anything forged would have arrived by now too
+    assert sorted(inbox.topics()) == [T.device("dev-a", "events"), T.device("dev-a", "telemetry")]
+
+
+def test_no_device_can_write_desired_state(fleet: SecureFleet) -> None:
+    a = fleet.connect("dev-a")
+    inbox_a = Inbox(a, T.device("dev-a", "desired"))
+    op = fleet.connect("op:alice")
+    inbox_op = Inbox(op, T.all_devices("desired"))
+    _pub(a, T.device("dev-a", "desired"), b"self-granted")
+    _pub(a, T.device("dev-b", "desired"), b"forged")
+    _pub(op, T.device("dev-a", "desired"), b"signed by the operator")
+    assert wait_for(lambda: inbox_a.got, 5)
+    time.sleep(0.3)
+    assert inbox_a.got == [(T.device("dev-a", "desired"), b"signed by the operator")]
+    assert [p for _, p in inbox_op.got] == [b"signed by the operator"]
+
+
+def test_a_device_cannot_read_another_devices_data(fleet: SecureFleet) -> None:
+    a = fleet.connect("dev-a")
+    spy = Inbox(a, T.device("dev-b", "events"), T.device("dev-b", "desired"))
+    # (Mosquitto 2.0.11 grants the SUBSCRIBE of a 3.1.1 client but never delivers to it)
+    ingest = fleet.connect("svc:ingest")
+    control = Inbox(ingest, T.device("dev-b", "events"))
+    b = fleet.connect("dev-b")
+    _pub(b, T.device("dev-b", "events"), b"b's result")
+    assert wait_for(lambda: control.got, 5)
+    assert spy.got == []
+
+
+def test_a_revoked_certificate_is_refused(fleet: SecureFleet) -> None:
+    fleet.connect("dev-b", cid="before")
+    revoked = fleet.ca.revoke("dev-b")
+    crl = x509.load_pem_x509_crl(fleet.ca.crl_file.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(revoked.serial) is not None
+    fleet.broker.stop()
+    fleet.broker.start()  # the broker reads the CRL at start
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        fleet.connect("dev-b", cid="after")
+    fleet.connect("dev-a", cid="still-fine")
+
+
+def test_ca_refuses_duplicates_bad_names_and_overwrites(fleet: SecureFleet, tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="already has a certificate"):
+        fleet.ca.issue("device", "dev-a", tmp_path / "again")
+    with pytest.raises(PkiError, match="bad identity name"):
+        fleet.ca.issue("device", "a/b", tmp_path / "bad")
+    with pytest.raises(PkiError, match="already holds a fleet CA"):
+        FleetCA.init(fleet.ca.dir)
+    with pytest.raises(PkiError, match="no fleet CA"):
+        FleetCA(tmp_path / "nowhere")
+    assert oct(fleet.creds["dev-a"].key.stat().st_mode & 0o777) == "0o600"
+    assert oct((fleet.ca.dir / "ca.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.video
+def test_an_enrolled_agent_joins_over_mutual_tls(
+    fleet: SecureFleet, tmp_path: Path, synthetic_video: Path, test_models: dict[str, Path]
+) -> None:
+    repo = Repository.init(tmp_path / "registry")
+    assert repo is not None
+    bundle = enroll_device(
+        fleet.ca, "dev-c", tmp_path / "bundles", broker_url=f"mqtts://127.0.0.1:{fleet.broker.port}",
+        root_json=tmp_path / "registry" / "root.json", tags={"site": "berlin"}, groups=["lobby"],
+        conf_dir=tmp_path / "bundles" / "dev-c",
+    )  # fmt: skip
+    fleet.write_config()  # dev-c needs no ACL change: device rules are patterns
+    text = (bundle / "agent.toml").read_text()
+    text = text.replace('data_dir = "/var/lib/edgefleet"', f'data_dir = "{tmp_path / "data"}"')
+    text += (f'\n[[pipelines]]\nname = "front"\nsource = "{synthetic_video}"\n'
+             f'model = "{test_models["blobdet"] / "model.onnx"}"\nloop = true\n')  # fmt: skip
+    (bundle / "agent.toml").write_text(text)
+    ingest = fleet.connect("svc:ingest")
+    inbox = Inbox(ingest, T.device("dev-c", "state"), T.device("dev-c", "telemetry"))
+    agent = Agent(load_config(bundle / "agent.toml"))
+    agent.start()
+    try:
+        assert wait_for(lambda: len(inbox.got) >= 2, 20), inbox.got
+    finally:
+        agent.stop()
+    state = DeviceState.decode(next(p for t, p in inbox.got if t.endswith("/state")))
+    assert state.device_id == "dev-c" and state.groups == ["lobby"]
+    assert state.tags == {"site": "berlin"}
