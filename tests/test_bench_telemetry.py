@@ -1,0 +1,60 @@
+"""Smoke test of scripts/bench_telemetry.py: tiny sizes, correctness only (never timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+
+def test_bench_telemetry_smoke(test_models: dict[str, Path]) -> None:
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "bench_telemetry.py"), "all", "--json",
+        "--model", str(test_models["digits"] / "model.onnx"),
+        # outage: 3 s at 10 messages/s, bounded variant holds 10 rows
+        "--outage-s", "3", "--interval-s", "0.1", "--small-rows", "10",
+        "--messages", "500", "--reps", "1",
+        "--seconds", "2", "--cpu-reps", "1", "--warmup-s", "0.5",
+    ]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out: dict[str, Any] = json.loads(p.stdout)
+    assert out["machine"]["cpus"] >= 1
+
+    full, bounded = out["outage"]["full"], out["outage"]["bounded"]
+    # unbounded: everything produced (before, during and after the outage) stored once, in order
+    assert full["produced"] > full["produced_before_outage"] > 0
+    assert full["outbox_depth_at_outage_end"] > 0, "nothing was queued during the outage"
+    assert full["dropped_counted"] == full["missing"] == 0
+    assert full["stored_rows"] == full["stored_device_rows"] == full["produced"]
+    assert full["duplicates_stored"] == full["unknown_stored"] == full["order_violations"] == 0
+    assert full["worker_received_distinct"] == full["produced"]
+    # bounded: the oldest were dropped and counted; everything within the bound arrived
+    assert bounded["dropped_counted"] > 0
+    assert bounded["missing"] == bounded["dropped_counted"]
+    assert bounded["missing_are_one_oldest_block"]
+    assert bounded["stored_rows"] == bounded["produced"] - bounded["dropped_counted"]
+    assert bounded["duplicates_stored"] == bounded["order_violations"] == 0
+    assert out["outage"]["timing"]["drained"]
+    assert full["pass"] and bounded["pass"]
+
+    # ingest rate: no loss on either path (the ratio itself is not asserted)
+    for run in out["rate"]["runs"]:
+        assert run["raw"]["received"] == run["raw"]["sent"] == 500
+        assert run["ingest"]["stored"] == run["ingest"]["sent"] == 500
+        assert run["ingest"]["stored_device_rows"] == 500
+        assert run["ingest"]["dead_letters"] == 0
+    assert out["rate"]["no_loss"]
+
+    # CPU: the on run ticked, the off run did not (the figures themselves are not asserted)
+    runs = {r["mode"]: r for r in out["cpu"]["runs"]}
+    assert runs["on"]["ticks"] > 0 and runs["off"]["ticks"] == 0
+    assert runs["on"]["tick_cpu_s"] > 0
