@@ -3,6 +3,10 @@
 The new revision is one above the highest the registry has issued to that device (its record
 under ``REPO/desired/``) or that the broker still retains, so revisions only go up even when
 one of the two was lost. Pipelines not named keep their previous target.
+
+``DesiredPublisher`` does the same for many devices over one connection (the rollout
+controller's path): it merges with the state the registry last issued and needs no probe per
+device.
 """
 
 from __future__ import annotations
@@ -10,18 +14,20 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import TransportError
+from agent.errors import BadDataError, TransportError
 from agent.fsutil import atomic_write_bytes
 from agent.protocol.fetch import BadMessage
 from agent.protocol.state import DesiredState, DeviceState, PipelineTarget, SignedDesired
 from agent.protocol.topics import DEFAULT_ROOT, Topics
 from agent.sync.mqtt import make_client, parse_broker_url
-from agent.update.desired import sign_desired
+from agent.update.desired import sign_desired, verify_desired
 from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
 
@@ -157,3 +163,228 @@ def deploy(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _record_path(repo_dir: Path, device_id: str) -> Path:
+    return repo_dir / "desired" / f"{device_id}.json"
+
+
+def last_issued(repo_dir: Path, device_id: str) -> DesiredState | None:
+    """The last desired state this registry issued to ``device_id`` (its record), if any."""
+    record = _record_path(repo_dir, device_id)
+    if not record.is_file():
+        return None
+    try:
+        return SignedDesired.decode(record.read_bytes()).signed
+    except (BadMessage, OSError):
+        return None
+
+
+class DesiredPublisher:
+    """Adapter: one MQTT connection that signs and publishes desired states for many devices.
+
+    Each device's next state is the last one *we issued* (``REPO/desired/DEVICE.json``) with
+    the given pipelines changed, so deploying one pipeline keeps the others. Revisions go one
+    above the higher of that record and what the broker retains for the device: the publisher
+    subscribes once to every device's ``desired`` topic (one probe for the whole fleet, not one
+    per device) and keeps the highest *validly signed* revision it sees, so a lost record cannot
+    make a revision go backwards and a forged retained message cannot inject targets.
+
+    Use as a context manager, or ``connect()`` / ``close()``.
+    """
+
+    def __init__(
+        self,
+        repo_dir: Path,
+        broker_url: str,
+        *,
+        topic_root: str = DEFAULT_ROOT,
+        client_id: str | None = None,
+        ack_timeout_s: float = 10.0,
+        retained_wait_s: float = 5.0,
+    ) -> None:
+        self.repo_dir = Path(repo_dir)
+        self.broker_url = broker_url
+        self.topics = Topics(topic_root)
+        self.topic_root = topic_root
+        self.client_id = client_id or f"edgefleet-desired-{int(time.time() * 1000) % 10**9}"
+        self.ack_timeout_s = ack_timeout_s
+        self.retained_wait_s = retained_wait_s
+        self._lock = threading.Lock()
+        self._retained: dict[str, DesiredState] = {}
+        self._probe = f"{topic_root}/operators/{self.client_id}/probe"
+        self._probed = threading.Event()
+        self._client: mqtt.Client | None = None
+        self._keys: tuple[dict[str, Any], int] | None = None
+
+    # --- connection ----------------------------------------------------------------------
+
+    def __enter__(self) -> DesiredPublisher:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect, subscribe to every device's desired topic and wait for the retained ones.
+
+        Raises:
+            TransportError: the broker cannot be reached.
+        """
+        trust = Repository(self.repo_dir).desired_trust()
+        self._keys = (dict(trust.keys), trust.threshold)
+        host, port, _tls = parse_broker_url(self.broker_url)
+        client = make_client(self.client_id)
+        client.on_message = self._on_message
+        client.on_connect = self._on_connect
+        try:
+            client.connect(host, port, keepalive=30)
+        except OSError as e:
+            raise TransportError(f"cannot reach broker {self.broker_url}: {e}") from e
+        self._client = client
+        client.loop_start()
+        if not self._probed.wait(self.retained_wait_s):
+            self.close()
+            raise TransportError(
+                f"broker {self.broker_url} did not answer the retained-state probe in "
+                f"{self.retained_wait_s:g} s"
+            )
+
+    def close(self) -> None:
+        """Disconnect (idempotent)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
+        if rc.is_failure:
+            return
+        # clean session: subscribe again after every reconnect; the probe answers after the
+        # retained desired states, which the broker sends with the subscription
+        client.subscribe(self.topics.all_devices("desired"), qos=1)
+        client.subscribe(self._probe, qos=1)
+        client.publish(self._probe, b"probe", qos=1)
+
+    def _on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self._probe:
+            self._probed.set()
+            return
+        if not msg.payload:
+            return
+        try:
+            envelope = SignedDesired.decode(bytes(msg.payload))
+        except BadMessage:
+            return
+        if not self._trusted(envelope, msg.topic):
+            return
+        body = envelope.signed
+        with self._lock:
+            seen = self._retained.get(body.device_id)
+            if seen is None or body.revision > seen.revision:
+                self._retained[body.device_id] = body
+
+    def _trusted(self, envelope: SignedDesired, topic: str) -> bool:
+        """Whether ``envelope`` is validly signed for the device its topic names."""
+        if self._keys is None:
+            return False
+        device_id = envelope.signed.device_id
+        if topic != self.topics.device(device_id, "desired"):
+            return False
+        keys, threshold = self._keys
+        try:
+            verify_desired(
+                envelope,
+                trusted_keys=keys,
+                threshold=threshold,
+                device_id=device_id,
+                last_revision=None,
+            )
+        except BadDataError:
+            return False
+        return True
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def base(self, device_id: str) -> DesiredState | None:
+        """The newest of our record and the broker's validly signed retained state."""
+        record = last_issued(self.repo_dir, device_id)
+        with self._lock:
+            retained = self._retained.get(device_id)
+        if record is None or (retained is not None and retained.revision > record.revision):
+            return retained
+        return record
+
+    def next_state(
+        self, device_id: str, changes: Mapping[str, PipelineTarget], now: datetime
+    ) -> DesiredState:
+        """The device's next desired state: the base with ``changes`` applied, revision + 1."""
+        prev = self.base(device_id)
+        return DesiredState(
+            device_id=device_id,
+            revision=(prev.revision if prev else 0) + 1,
+            issued_at=now,
+            pipelines={**(prev.pipelines if prev else {}), **changes},
+        )
+
+    def publish(
+        self,
+        changes: Mapping[str, Mapping[str, PipelineTarget]],
+        *,
+        now: datetime | None = None,
+    ) -> dict[str, SignedDesired]:
+        """Publish the next desired state of each device (device → pipeline → target).
+
+        All messages go out before waiting for the acknowledgements; a device's record is
+        written once the broker acknowledged its message.
+
+        Raises:
+            RegistryError: a target is not published in the registry; nothing was sent.
+            TransportError: not connected, or the broker did not acknowledge in time; some
+                devices may have received theirs (publishing again is harmless: a device
+                ignores a target it already runs or installs).
+        """
+        client = self._client
+        if client is None:
+            raise TransportError("desired-state publisher is not connected")
+        now = now or datetime.now(timezone.utc)
+        repo = Repository(self.repo_dir)
+        check_published(repo, [t for c in changes.values() for t in c.values()])
+        signer = repo.desired_signer()
+        sent: list[tuple[SignedDesired, bytes, mqtt.MQTTMessageInfo]] = []
+        for device_id, pipelines in changes.items():
+            envelope = sign_desired(self.next_state(device_id, pipelines, now), [signer])
+            payload = envelope.encode()
+            topic = self.topics.device(device_id, "desired")
+            sent.append((envelope, payload, client.publish(topic, payload, qos=1, retain=True)))
+        deadline = time.monotonic() + self.ack_timeout_s
+        out: dict[str, SignedDesired] = {}
+        for envelope, payload, info in sent:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TransportError(
+                    f"broker {self.broker_url} did not acknowledge the desired state of "
+                    f"{envelope.signed.device_id} in {self.ack_timeout_s:g} s"
+                )
+            device_id = envelope.signed.device_id
+            atomic_write_bytes(_record_path(self.repo_dir, device_id), payload)
+            with self._lock:
+                self._retained[device_id] = envelope.signed
+            out[device_id] = envelope
+        return out
+
+
+def check_published(repo: Repository, refs: Iterable[PipelineTarget]) -> None:
+    """Make sure every ``model@version`` is in the registry's targets.
+
+    Raises:
+        RegistryError: one is not; the message names it.
+    """
+    targets = repo.targets()
+    for ref in refs:
+        if f"models/{ref.model}/{ref.version}/model.onnx" not in targets:
+            raise RegistryError(
+                f"{ref} is not published in {repo.path}; `edgefleet model list --repo {repo.path}`",
+                reason="model",
+            )

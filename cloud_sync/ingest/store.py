@@ -173,6 +173,22 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
                                 name="uq_snapshots_key"),
             sa.Index("ix_snapshots_device_ts", "device_id", "ts"),
         )  # fmt: skip
+    if version >= 5:
+        sa.Table(
+            "rollouts", md,
+            sa.Column("id", sa.String(64), primary_key=True),
+            sa.Column("model", sa.String(128), nullable=False),
+            sa.Column("version", sa.String(64), nullable=False),
+            sa.Column("pipeline", sa.String(64)),  # NULL: every pipeline of each device
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("spec", JSON, nullable=False),  # RolloutSpec, JSON mode
+            sa.Column("state", JSON, nullable=False),  # RolloutState, JSON mode
+            sa.Column("created_at", ts, nullable=False),
+            sa.Column("updated_at", ts, nullable=False),
+            sa.Column("rev", sa.Integer, nullable=False),  # optimistic concurrency
+            sa.Index("ix_rollouts_status", "status", "created_at"),
+            sa.Index("ix_rollouts_model", "model", "version"),
+        )  # fmt: skip
     sa.Table(
         "dead_letters", md,
         sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
@@ -214,16 +230,21 @@ def _migration_4(conn: Connection) -> None:
     conn.execute(sa.text(f"ALTER TABLE devices ADD COLUMN groups {typ}"))
 
 
+def _migration_5(conn: Connection) -> None:
+    """Staged rollouts: spec and state of each, for the controller and ``edgefleet rollout``."""
+    _define(sa.MetaData(), 5).tables["rollouts"].create(conn)
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _migration_1, _migration_2, _migration_3, _migration_4,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
 ]
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
 DEVICES, PIPELINE_STATE = TABLES["devices"], TABLES["pipeline_state"]
 TELEMETRY, DEVICE_TELEMETRY = TABLES["telemetry"], TABLES["device_telemetry"]
 EVENTS, DEAD_LETTERS = TABLES["events"], TABLES["dead_letters"]
-SNAPSHOTS = TABLES["snapshots"]
+SNAPSHOTS, ROLLOUTS = TABLES["snapshots"], TABLES["rollouts"]
 
 
 def schema_version(conn: Connection) -> int:
@@ -295,6 +316,9 @@ def _guard(what: str) -> Iterator[None]:
         raise BadDataError(f"{what} rejected by the database: {str(e.orig)[:300]}") from e
     except sa_exc.DBAPIError as e:
         raise StoreUnavailable(f"{what} failed, database unavailable: {str(e.orig)[:300]}") from e
+
+
+guard = _guard  # for other adapters on this database (rollouts)
 
 
 # --- dict → rows (pure) ----------------------------------------------------------------------
@@ -748,11 +772,14 @@ __all__ = [
     "LATEST",
     "MIGRATIONS",
     "PIPELINE_STATE",
+    "ROLLOUTS",
+    "SNAPSHOTS",
     "TELEMETRY",
     "BadRecord",
     "Store",
     "StoreUnavailable",
     "event_row",
+    "guard",
     "make_engine",
     "migrate",
     "open_store",

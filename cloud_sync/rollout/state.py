@@ -70,7 +70,10 @@ class RolloutSpec(BaseModel):
     @field_validator("stages", mode="before")
     @classmethod
     def _stages(cls, v: Any) -> Any:
-        return normalize_stages(v) if isinstance(v, (list, tuple)) else v
+        if not isinstance(v, (list, tuple)):
+            return v
+        # stored JSON holds stages as objects ({"percent": 10.0, "count": null})
+        return normalize_stages(Stage.model_validate(s) if isinstance(s, dict) else s for s in v)
 
     @field_validator("gates", mode="before")
     @classmethod
