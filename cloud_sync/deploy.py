@@ -26,7 +26,7 @@ from agent.fsutil import atomic_write_bytes
 from agent.protocol.fetch import BadMessage
 from agent.protocol.state import DesiredState, DeviceState, PipelineTarget, SignedDesired
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import make_client, parse_broker_url
+from agent.sync.mqtt import parse_broker_url, service_client
 from agent.update.desired import sign_desired, verify_desired
 from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
@@ -104,7 +104,7 @@ def deploy(
     state_topic = topics.device(device_id, "state")
     host, port, _tls = parse_broker_url(broker_url)
     client_id = f"edgefleet-deploy-{device_id}-{int(time.time() * 1000) % 10**9}"
-    client = make_client(client_id)
+    client = service_client(client_id, broker_url)
     try:
         client.connect(host, port, keepalive=30)
     except OSError as e:
@@ -235,7 +235,7 @@ class DesiredPublisher:
         trust = Repository(self.repo_dir).desired_trust()
         self._keys = (dict(trust.keys), trust.threshold)
         host, port, _tls = parse_broker_url(self.broker_url)
-        client = make_client(self.client_id)
+        client = service_client(self.client_id, self.broker_url)
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         try:

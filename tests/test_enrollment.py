@@ -223,3 +223,14 @@ def test_an_enrolled_agent_joins_over_mutual_tls(
     state = DeviceState.decode(next(p for t, p in inbox.got if t.endswith("/state")))
     assert state.device_id == "dev-c" and state.groups == ["lobby"]
     assert state.tags == {"site": "berlin"}
+
+
+def test_committed_broker_templates_are_current() -> None:
+    d = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+    services = [("svc:ingest", "ingest"), ("svc:registry", "registry"), ("op:admin", "operator")]
+    assert (d / "edgefleet.acl").read_text() == render_acl("edgefleet/v1", services)
+    base = "/etc/mosquitto/edgefleet"
+    assert (d / "edgefleet.conf").read_text() == render_mosquitto_conf(
+        port=8883, host="0.0.0.0", ca=f"{base}/ca.crt", cert=f"{base}/server.crt",
+        key=f"{base}/server.key", crl=f"{base}/crl.pem", acl=f"{base}/edgefleet.acl",
+    )

@@ -8,7 +8,9 @@ exponential reconnect delay. Sessions, subscriptions and TLS material stay with 
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,4 +102,32 @@ def make_client(client_id: str, *, clean: bool = True) -> mqtt.Client:
         max_delay=RECONNECT_MAX_DELAY_S,
     )
     client.on_socket_open = _no_delay
+    return client
+
+
+TLS_ENV = ("EDGEFLEET_TLS_CA", "EDGEFLEET_TLS_CERT", "EDGEFLEET_TLS_KEY")
+
+
+def configure_service_tls(client: mqtt.Client, env: Mapping[str, str] | None = None) -> None:
+    """TLS for a cloud service's client on an ``mqtts://`` broker, from the environment.
+
+    ``EDGEFLEET_TLS_CA`` (default: the system's trust store), and for mutual TLS
+    ``EDGEFLEET_TLS_CERT`` + ``EDGEFLEET_TLS_KEY`` (an identity from ``edgefleet ca identity``;
+    the systemd units read them from their ``EnvironmentFile``).
+
+    Raises:
+        ValueError: a certificate without its key or the other way round.
+    """
+    env = os.environ if env is None else env
+    ca, cert, key = (env.get(k) or None for k in TLS_ENV)
+    if (cert is None) != (key is None):
+        raise ValueError("EDGEFLEET_TLS_CERT and EDGEFLEET_TLS_KEY go together")
+    client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+
+
+def service_client(client_id: str, broker_url: str, *, clean: bool = True) -> mqtt.Client:
+    """``make_client`` plus TLS from the environment when ``broker_url`` is ``mqtts://``."""
+    client = make_client(client_id, clean=clean)
+    if parse_broker_url(broker_url)[2]:
+        configure_service_tls(client)
     return client

@@ -45,7 +45,7 @@ from agent.protocol.fetch import (
     encode_response,
 )
 from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics
-from agent.sync.mqtt import make_client, parse_broker_url
+from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,8 @@ class ChunkServer:
         on_tick: called with ``time.time()`` about every second from ``serve_forever`` (the
             registry re-signs timestamp metadata there before it expires).
         workers: 0 serves on paho's thread; N > 0 uses a pool of N threads.
-        tls_context: for ``mqtts://``; default is the system's trust store.
+        tls_context: for ``mqtts://``; default: from the environment (``EDGEFLEET_TLS_*``,
+            see ``agent.sync.mqtt.configure_service_tls``).
 
     Raises:
         ValueError: a bad broker URL or ``workers < 0``.
@@ -183,8 +184,10 @@ class ChunkServer:
         self.client = make_client(client_id, clean=True)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.max_queued_messages_set(MAX_QUEUED_RESPONSES)
-        if tls:
-            self.client.tls_set_context(tls_context or ssl.create_default_context())
+        if tls and tls_context is not None:
+            self.client.tls_set_context(tls_context)
+        elif tls:
+            configure_service_tls(self.client)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
