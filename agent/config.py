@@ -294,4 +294,6 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Agent
         raise ConfigError(f"config file {p} does not exist", path=str(p)) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}", path=str(p)) from e
+    except UnicodeDecodeError as e:  # found by scripts/fuzz_parsers.py
+        raise ConfigError(f"{p}: not UTF-8 text: {e}", path=str(p)) from e
     return parse_config(data, path=str(p), env=env)
