@@ -227,32 +227,48 @@ def _card_example() -> dict[str, Any]:
     return dict(json.loads(card.model_dump_json()))
 
 
+def _timed(target: Target, data: Any) -> tuple[bool, float]:
+    """Run one input: ``(accepted, milliseconds)``; refused with an allowed error → False.
+
+    Raises:
+        AssertionError: any other exception (the parser's bug).
+    """
+    t = time.perf_counter()
+    try:
+        target.fn(data)
+        ok = True
+    except target.allowed:
+        ok = False
+    except Exception as e:
+        raise AssertionError(f"{type(e).__name__}: {e}") from e
+    return ok, (time.perf_counter() - t) * 1e3
+
+
 def run(target: Target, cases: int, hang_s: float) -> Result:
+    """Up to ``cases`` inputs through one target; the first failure stops it."""
     res = Result(target.name)
     t_start = time.perf_counter()
+    limit_ms = hang_s * 1e3
 
     @settings(max_examples=cases, deadline=None, database=None, derandomize=False,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(target.inputs)
     def check(data: Any) -> None:
         res.cases += 1
-        t = time.perf_counter()
-        try:
-            target.fn(data)
-            res.accepted += 1
-        except target.allowed:
-            res.rejected += 1
-        except Exception as e:
-            raise AssertionError(f"{type(e).__name__}: {e}") from e
-        ms = (time.perf_counter() - t) * 1e3
+        ok, ms = _timed(target, data)
+        res.accepted += ok
+        res.rejected += not ok
+        if ms > limit_ms:
+            # a shared machine stalls now and then: a hang must reproduce to count
+            ms = min(_timed(target, data)[1] for _ in range(2))
+            if ms > limit_ms:
+                res.slow_inputs.append(repr(data)[:200])
+                raise AssertionError(f"one input took {ms:.0f} ms (limit {limit_ms:.0f} ms)")
         res.slowest_ms = max(res.slowest_ms, ms)
-        if ms > hang_s * 1e3:
-            res.slow_inputs.append(repr(data)[:200])
-            raise AssertionError(f"one input took {ms:.0f} ms (limit {hang_s * 1e3:.0f} ms)")
 
     try:
         check()
-    except AssertionError as e:
+    except Exception as e:  # AssertionError, or hypothesis' Flaky* groups around one
         res.failure = str(e)[:2000]
     res.seconds = round(time.perf_counter() - t_start, 2)
     res.slowest_ms = round(res.slowest_ms, 2)
