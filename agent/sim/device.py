@@ -44,8 +44,6 @@ from agent.update.tuf_client import TufClient
 
 log = logging.getLogger(__name__)
 
-GROUPS_TAG = "groups"  # DeviceState has tags only: groups ride in one, comma-separated
-
 
 class SimDevice:
     """One simulated device (see module docstring).
@@ -55,7 +53,7 @@ class SimDevice:
         broker_url: ``mqtt://host:port``.
         trust_root: the registry's ``root.json`` (the device's provisioned trust).
         data_dir: its own data dir (TUF metadata, model store, outbox); created.
-        groups: rollout groups, announced as the ``groups`` tag.
+        groups: rollout groups, announced in the birth message.
         tags: other tags, announced in the birth message.
         pipelines: pipeline names.
         profile_fn: behaviour of (device, model version) — the simulated inference.
@@ -94,8 +92,7 @@ class SimDevice:
         self.trust_root = Path(trust_root)
         self.data_dir = Path(data_dir)
         self.tags = dict(tags or {})
-        if groups:
-            self.tags[GROUPS_TAG] = ",".join(groups)
+        self.groups = list(groups)
         self.pipeline_names = list(pipelines)
         self.profile_fn = profile_fn
         self.telemetry_interval_s = telemetry_interval_s
@@ -139,6 +136,7 @@ class SimDevice:
             profile=self.device_profile,
             pipelines=self.pipeline_names,
             tags=self.tags,
+            groups=self.groups,
         )
         session = DeviceSession(broker, self.device_id, birth, self._on_desired, rng=self.rng)
         self.session = session
@@ -217,7 +215,9 @@ class SimDevice:
             return
         self.started = False
         if self.updates is not None:
-            self.updates.stop()
+            # 2 s, not 10: a manager inside a fetch only notices at the fetch's end; its
+            # daemon thread then finds the session closed and gives up on its own
+            self.updates.stop(timeout=2.0)
         if self.reporter is not None:
             self.reporter.stop()
         if self.outbox_sender is not None:

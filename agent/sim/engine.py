@@ -17,6 +17,7 @@ devices do not each keep a copy in memory): the update manager's golden-output t
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import threading
@@ -93,13 +94,18 @@ def default_profile(device_id: str, model: PipelineTarget | None) -> SimProfile:
 
 
 class SimBackend(Backend):
-    """A stand-in engine for an ONNX file: real outputs, computed on demand (see module doc)."""
+    """A stand-in engine for an ONNX file: real outputs, computed on demand (see module doc).
 
-    def __init__(self, path: Path, model: Any) -> None:
+    Evaluators are shared between devices through a small cache keyed by the sha256 of the
+    model bytes, so 1,000 devices trying the same version parse it a few times, not 4,000.
+    """
+
+    def __init__(self, path: Path, model: Any, sha256: str) -> None:
         """``model`` is the parsed ``onnx.ModelProto`` (only its signature is kept)."""
         import onnx
 
         self.path = path
+        self.sha256 = sha256
         self.model_name = str(path)
         init = {i.name for i in model.graph.initializer}
 
@@ -114,11 +120,35 @@ class SimBackend(Backend):
         self.info = BackendInfo(name=SIM_BACKEND, version="1", device="sim", precision="fp32")
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        with _EVAL_LOCK:
+            evaluator = _EVALUATORS.pop(self.sha256, None)
+        if evaluator is None:
+            evaluator = self._load_evaluator()
+        with _EVAL_LOCK:
+            _EVALUATORS[self.sha256] = evaluator  # most recently used last
+            while len(_EVALUATORS) > EVALUATOR_CACHE:
+                _EVALUATORS.pop(next(iter(_EVALUATORS)))
+        with evaluator[1]:
+            return [np.asarray(o) for o in evaluator[0].run(None, dict(feeds))]
+
+    def _load_evaluator(self) -> tuple[Any, threading.Lock]:
         import onnx
         from onnx.reference import ReferenceEvaluator
 
-        evaluator = ReferenceEvaluator(onnx.load(str(self.path)))
-        return [np.asarray(o) for o in evaluator.run(None, dict(feeds))]
+        data = self.path.read_bytes()
+        got = hashlib.sha256(data).hexdigest()
+        if got != self.sha256:
+            raise ModelError(
+                f"{self.path} changed since it was opened: sha256 {got}, opened {self.sha256}",
+                model=str(self.path),
+                reason="load",
+            )
+        return ReferenceEvaluator(onnx.load_model_from_string(data)), threading.Lock()
+
+
+EVALUATOR_CACHE = 4
+_EVALUATORS: dict[str, tuple[Any, threading.Lock]] = {}
+_EVAL_LOCK = threading.Lock()
 
 
 def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel:
@@ -134,7 +164,8 @@ def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel
 
     progress("build sim 0%")
     try:
-        model = onnx.load(str(path))
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
         onnx.checker.check_model(model)
     except Exception as e:  # onnx raises DecodeError, ValidationError, OSError…
         raise ModelError(
@@ -144,7 +175,7 @@ def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel
         card = ModelCard.model_validate_json((path.parent / "card.json").read_bytes())
     except (OSError, ValueError) as e:
         raise ModelError(f"no valid card beside {path}: {e}", model=str(path), reason="card") from e
-    backend = SimBackend(path, model)
+    backend = SimBackend(path, model, hashlib.sha256(data).hexdigest())
     progress("build sim 100%")
     return RunnableModel(card, backend)
 

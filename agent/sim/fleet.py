@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 STOP_WORKERS = 32
 
 
+def _stop_quietly(dev: SimDevice) -> None:
+    try:
+        dev.stop()
+    except Exception:  # one device failing to stop must not leave the others running
+        log.exception("device=%s did not stop cleanly", dev.device_id)
+
+
 class SimFleet:
     """``n`` simulated devices named ``{prefix}-0000`` … against one broker and registry.
 
@@ -145,8 +152,11 @@ class SimFleet:
         if self._ticker is not None:
             self._ticker.join(10)
         # in parallel: a device in a health window or a fetch takes a while to stop
+        for dev in self.devices.values():  # signal every manager first, wait below
+            if dev.updates is not None:
+                dev.updates.stop(timeout=0)
         with ThreadPoolExecutor(STOP_WORKERS, thread_name_prefix="sim-stop") as pool:
-            list(pool.map(lambda d: d.stop(), self.devices.values()))
+            list(pool.map(_stop_quietly, self.devices.values()))
         for loop in self.loops:
             loop.stop()
         if self._own_dir:
