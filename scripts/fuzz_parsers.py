@@ -28,7 +28,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined,unused-ignore]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -199,7 +199,9 @@ def _verify_target() -> Target:
     envelopes must be refused with ``BadDataError`` (``DesiredRejected``), never crash."""
     signer = CryptoSigner.generate_ed25519()
     keys = {signer.public_key.keyid: signer.public_key}
-    state = EXAMPLES["signed_desired"].signed
+    example = EXAMPLES["signed_desired"]
+    assert isinstance(example, SignedDesired)
+    state = example.signed
     genuine = sign_desired(state, [signer])
 
     def verify(payload: bytes) -> Any:
