@@ -2,11 +2,13 @@
 
 Read once at start-up by ``load_config``; nothing reads the environment at import time.
 Environment variables ``EDGEFLEET_DEVICE_ID``, ``EDGEFLEET_DATA_DIR`` and ``EDGEFLEET_PROFILE``
-override the file (secrets added by later sections follow the same ``EDGEFLEET_`` scheme).
+override the file (secrets added by later sections follow the same ``EDGEFLEET_`` scheme:
+``EDGEFLEET_BROKER_USERNAME``/``_PASSWORD``, ``EDGEFLEET_API_TOKEN``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -190,6 +192,50 @@ class TelemetryConfig(_Strict):
     )
 
 
+def is_loopback(addr: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if addr.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+class ApiConfig(_Strict):
+    """The local inference API (``[api]``; off unless the section is present)."""
+
+    port: int = Field(ge=0, le=65535, description="TCP port; 0 = any free port")
+    addr: str = Field(
+        "127.0.0.1", min_length=1, max_length=255, description="Bind address (loopback default)"
+    )
+    token: str | None = Field(
+        None,
+        min_length=16,
+        max_length=4096,
+        description="Bearer token clients must send; prefer EDGEFLEET_API_TOKEN or token_file",
+    )
+    token_file: Path | None = Field(None, description="File holding the bearer token")
+    max_concurrent: int = Field(2, ge=1, le=64, description="Inferences running at once")
+    max_queue: int = Field(8, ge=0, le=4096, description="Requests waiting beyond those; then 429")
+    max_body_mb: float = Field(8.0, gt=0, le=1024, description="Largest request body (MiB); 413")
+    max_image_mpix: float = Field(
+        40.0, gt=0, le=1000, description="Largest decoded image (megapixels); larger is 413"
+    )
+
+    @model_validator(mode="after")
+    def _auth(self) -> ApiConfig:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        if not is_loopback(self.addr) and self.token is None and self.token_file is None:
+            raise ValueError(
+                f"addr {self.addr!r} is not loopback: a bearer token is required "
+                "(token, token_file or EDGEFLEET_API_TOKEN); refusing to serve inference "
+                "unauthenticated on the network"
+            )
+        return self
+
+
 class AgentConfig(_Strict):
     """The device agent's whole configuration."""
 
@@ -213,6 +259,7 @@ class AgentConfig(_Strict):
     telemetry: TelemetryConfig = Field(
         default_factory=TelemetryConfig, description="Telemetry sent when [broker] is set"
     )
+    api: ApiConfig | None = Field(None, description="Local inference API (off when absent)")
 
     @field_validator("tags")
     @classmethod
@@ -272,6 +319,11 @@ def parse_config(
             if env and env.get(var):
                 broker[key] = env[var]
         merged["broker"] = broker
+    if isinstance(merged.get("api"), dict) and env and env.get("EDGEFLEET_API_TOKEN"):
+        # the environment's token replaces the file's token or token_file
+        api = {k: v for k, v in merged["api"].items() if k != "token_file"}
+        api["token"] = env["EDGEFLEET_API_TOKEN"]
+        merged["api"] = api
     try:
         return AgentConfig.model_validate(merged)
     except ValidationError as e:

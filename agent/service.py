@@ -231,6 +231,7 @@ class Agent:
         self.telemetry: Any = None
         self.metrics_server: Any = None  # the local Prometheus endpoint, when configured
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
+        self.api: Any = None  # [api]: the local inference API server (agent.api.ApiServer)
 
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
         path = Path(p.model)
@@ -281,6 +282,12 @@ class Agent:
                 self._start_metrics(self.cfg.telemetry.prometheus_port)
             for pipe in self.pipelines:
                 pipe.start()
+            # --- [api] local inference API (issue 7): after the pipelines exist ---
+            if self.cfg.api is not None:
+                from agent.api.server import ApiServer
+
+                self.api = ApiServer.from_config(self.cfg.api, self.pipelines)
+                self.api.start()
         except BaseException:
             self.stop()
             raise
@@ -426,9 +433,13 @@ class Agent:
         self.updates.start()
 
     def stop(self) -> None:
-        """Stop in dependency order: updates, pipelines (they write events into the outbox),
-        telemetry, the outbox sender and the session, then close the outbox and the models."""
+        """Stop in dependency order: the local API, updates, pipelines (they write events into
+        the outbox), telemetry, the outbox sender and the session, then the outbox and models."""
         self._stop.set()
+        # --- [api] first: no new requests; those in flight finish on their leased models ---
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

@@ -1,13 +1,16 @@
 """Adapter: a model ready to serve frames — backend, card, pre- and post-processing in one.
 
-Pipelines, the benchmark and (later) the local HTTP API all infer through ``RunnableModel``,
-so there is one code path from a BGR frame to a ``Result``. A pipeline holds a reference to
-one and swaps it between frames for a hot update.
+Pipelines, the benchmark and the local HTTP API (``agent.api``) all infer through
+``RunnableModel``, so there is one code path from a BGR frame (or an already preprocessed
+tensor) to a ``Result``. A pipeline holds a reference to one and swaps it between frames for a
+hot update; users lease it (``acquire``/``release``) so that ``close`` after a swap waits for
+the inferences still running on it.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from agent.engine.base import Backend
-from agent.errors import ModelError
+from agent.errors import BadDataError, ModelError
 from agent.pipeline.postprocess import Postprocessor, Result, make_postprocessor
-from agent.pipeline.preprocess import Preprocessor, input_spec_from_shape
+from agent.pipeline.preprocess import FrameTransform, Preprocessor, input_spec_from_shape
 from agent.protocol.card import ModelCard, PostprocessSpec, Task
 
 
@@ -33,13 +36,24 @@ class StageTimes:
 
 @dataclass
 class RunnableModel:
-    """One loaded model version: call ``infer(frame)``."""
+    """One loaded model version: call ``infer(frame)`` or ``infer_tensor(tensor)``.
+
+    Lifetime: ``close()`` releases the backend at once when nobody holds a lease, else when the
+    last lease is released (``acquire``/``release``). A model swapped out of a pipeline can
+    thus be closed right away by the update manager while an API request finishes on it.
+    """
 
     card: ModelCard
     backend: Backend
     preprocessor: Preprocessor = field(init=False)
     postprocessor: Postprocessor = field(init=False)
     input_name: str = field(init=False)
+    _lease_lock: threading.Lock = field(
+        init=False, repr=False, compare=False, default_factory=threading.Lock
+    )
+    _leases: int = field(init=False, repr=False, compare=False, default=0)
+    _closing: bool = field(init=False, repr=False, compare=False, default=False)
+    _closed: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if len(self.backend.inputs) != 1:
@@ -81,12 +95,77 @@ class RunnableModel:
         t3 = time.perf_counter()
         return result, StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
 
-    def close(self) -> None:
-        """Release the backend; safe to call more than once (a model can be released by an
-        update and again at shutdown)."""
-        if not getattr(self, "_closed", False):
-            self._closed = True
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        """The batch-1 input tensor shape the preprocessor makes (and ``infer_tensor`` takes)."""
+        spec = self.card.input
+        if spec.layout == "nchw":
+            return (1, spec.channels, spec.height, spec.width)
+        return (1, spec.height, spec.width, spec.channels)
+
+    def infer_tensor(self, tensor: np.ndarray) -> tuple[Result, StageTimes]:
+        """Run an already preprocessed batch-1 tensor: same backend and post-processing as
+        ``infer``, no pre-processing. Boxes come back in model-input pixels.
+
+        Raises:
+            BadDataError: the tensor's shape or dtype is not the model input's.
+            ModelError: the backend failed or produced NaN/inf.
+        """
+        spec = self.card.input
+        if not isinstance(tensor, np.ndarray):
+            raise BadDataError(f"tensor must be a NumPy array, got {type(tensor).__name__}")
+        if tensor.shape != self.tensor_shape:
+            raise BadDataError(
+                f"tensor has shape {list(tensor.shape)}, model {self.ref} expects "
+                f"{list(self.tensor_shape)} ({spec.layout}, batch 1)"
+            )
+        if tensor.dtype != np.dtype(spec.dtype):
+            raise BadDataError(
+                f"tensor has dtype {tensor.dtype}, model {self.ref} expects {spec.dtype}"
+            )
+        # identity geometry: the tensor is the model input, so boxes stay in its pixels
+        transform = FrameTransform(spec.width, spec.height, 1.0, 1.0, 0.0, 0.0)
+        t1 = time.perf_counter()
+        outputs = self.backend.run({self.input_name: tensor})
+        t2 = time.perf_counter()
+        result = self.postprocessor(outputs, transform)
+        t3 = time.perf_counter()
+        return result, StageTimes(0.0, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def acquire(self) -> bool:
+        """Take a lease for one inference; False when the model is closed or closing (the
+        caller reads the pipeline's model again: a swap has put the next one in place)."""
+        with self._lease_lock:
+            if self._closing:
+                return False
+            self._leases += 1
+            return True
+
+    def release(self) -> None:
+        """Return a lease; the last one out closes the backend when ``close`` was called."""
+        with self._lease_lock:
+            self._leases -= 1
+            last = self._closing and self._leases == 0 and not self._closed
+            if last:
+                self._closed = True
+        if last:
             self.backend.close()
+
+    def close(self) -> None:
+        """Release the backend now, or when the last lease is returned; safe to call more than
+        once (a model can be released by an update and again at shutdown)."""
+        with self._lease_lock:
+            self._closing = True
+            now = self._leases == 0 and not self._closed
+            if now:
+                self._closed = True
+        if now:
+            self.backend.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once the backend has been released."""
+        return self._closed
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

@@ -17,7 +17,8 @@ import cv2
 
 from agent.errors import BadDataError, ModelError
 from agent.pipeline.metrics import PipelineMetrics
-from agent.pipeline.model import RunnableModel
+from agent.pipeline.model import RunnableModel, StageTimes
+from agent.pipeline.postprocess import Result
 from agent.pipeline.sinks import Sink
 from agent.pipeline.sources import FrameReader, LatestFrameSlot, SourceSpec
 
@@ -35,6 +36,25 @@ def claim_cores_for_inference() -> None:
     parallelising; the engine owns the cores.
     """
     cv2.setNumThreads(1)
+
+
+def result_event(
+    pipeline: str,
+    model: RunnableModel,
+    result: Result,
+    times: StageTimes,
+    **frame: Any,
+) -> dict[str, Any]:
+    """The event dict of one inference, as sinks and the local API see it: pipeline, model,
+    version, the frame fields given (``frame_seq``, ``frame_time``), latency and results."""
+    return {
+        "pipeline": pipeline,
+        "model": model.card.name,
+        "version": model.card.version,
+        **frame,
+        "latency_ms": round(times.preprocess + times.infer + times.postprocess, 3),
+        **result.to_dict(),
+    }
 
 
 class Pipeline:
@@ -93,6 +113,19 @@ class Pipeline:
         )
         return old
 
+    def acquire_model(self) -> RunnableModel | None:
+        """The current model with a lease taken (``release()`` it when done), or None.
+
+        A model closed between reading the reference and leasing it has been swapped out:
+        read again. A model closed while still current (shutdown) gives None.
+        """
+        while True:
+            model = self._model
+            if model is None or model.acquire():
+                return model
+            if model is self._model:
+                return None
+
     def start(self) -> None:
         claim_cores_for_inference()
         self.metrics.start_window(time.monotonic())
@@ -123,11 +156,16 @@ class Pipeline:
                     if self.reader.ended.is_set():
                         break
                     continue
-                model = self._model  # read once: a swap lands between frames
+                # read once, leased: a swap lands between frames, and closing the old model
+                # waits for this frame
+                model = self.acquire_model()
                 if model is None:
                     continue
-                self.metrics.observe("capture_wait", waited)
-                self._infer_one(model, frame)
+                try:
+                    self.metrics.observe("capture_wait", waited)
+                    self._infer_one(model, frame)
+                finally:
+                    model.release()
         finally:
             self.finished.set()
 
@@ -144,15 +182,14 @@ class Pipeline:
             self.last_error = str(e)
             return
         t_sink = time.perf_counter()
-        event = {
-            "pipeline": self.name,
-            "model": model.card.name,
-            "version": model.card.version,
-            "frame_seq": frame.seq,
-            "frame_time": round(self._wall() - (time.monotonic() - frame.t_capture), 3),
-            "latency_ms": round(times.preprocess + times.infer + times.postprocess, 3),
-            **result.to_dict(),
-        }
+        event = result_event(
+            self.name,
+            model,
+            result,
+            times,
+            frame_seq=frame.seq,
+            frame_time=round(self._wall() - (time.monotonic() - frame.t_capture), 3),
+        )
         for sink in self.sinks:
             try:
                 if sink.wants_frame:
