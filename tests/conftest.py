@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -151,6 +152,13 @@ def wait_for(cond: object, timeout: float = 10.0, interval: float = 0.05) -> boo
 
 class Mosquitto(MosquittoBroker):
     """A real Mosquitto broker on a free loopback port; ``stop``/``start`` simulate outages."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        if os.geteuid() == 0:
+            # as root Mosquitto drops to the 'mosquitto' user, which cannot write persistence
+            # files or read keys in pytest's root-only temp dirs
+            self.conf.write_text(self.conf.read_text() + "user root\n")
 
     def start(self) -> None:
         if mosquitto_path() is None:

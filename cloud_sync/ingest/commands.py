@@ -18,6 +18,9 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
     ing.add_argument("--topic-root", default="edgefleet/v1")
     ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
+    ing.add_argument("--share-group", default="ingest", metavar="NAME",
+                     help="the workers' shared-subscription group; 'none': one worker on plain "
+                          "subscriptions (keeps them across Mosquitto 2.0 restarts)")  # fmt: skip
     ing.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
@@ -85,8 +88,9 @@ def _ingest(args: argparse.Namespace) -> int:
 
     store = open_store(args.db)
     worker = IngestWorker(
-        args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}"
-    )
+        args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}",
+        share_group=None if args.share_group == "none" else args.share_group,
+    )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())

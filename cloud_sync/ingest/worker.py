@@ -25,7 +25,7 @@ from agent.protocol.fetch import BadMessage
 from agent.protocol.state import DeviceState, ReportedState
 from agent.protocol.telemetry import InferenceEvent, Snapshot, Telemetry
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import make_client, parse_broker_url
+from agent.sync.mqtt import parse_broker_url, service_client
 from cloud_sync.ingest.store import Store
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,13 @@ class IngestWorker:
 
     ``share_group`` None subscribes without ``$share`` (for a broker without shared
     subscriptions, such as the demo's amqtt); then run a single worker.
+
+    ``persistent`` keeps the MQTT session (``clean_session=False``) under ``client_id``, so
+    the broker queues QoS 1 messages while the worker restarts. Mosquitto 2.0 keeps a *plain*
+    subscription of a persistent session across its own restart (with ``persistence true``)
+    but not a shared one: a single worker with ``share_group=None`` loses nothing across broker
+    restarts; shared workers can miss what devices flush in the moments after a broker
+    restart, before they resubscribe.
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class IngestWorker:
         topic_root: str = DEFAULT_ROOT,
         client_id: str = "edgefleet-ingest-1",
         share_group: str | None = SHARE_GROUP,
+        persistent: bool = True,
         batch_size: int = 500,
         flush_s: float = 0.2,
     ) -> None:
@@ -81,7 +89,7 @@ class IngestWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.host, self.port, _tls = parse_broker_url(broker_url)
-        self.client = make_client(client_id)
+        self.client = service_client(client_id, broker_url, clean=not persistent)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.subscribed = threading.Event()
