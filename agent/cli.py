@@ -8,27 +8,42 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from agent import __version__
 from agent.errors import EdgefleetError
 
 
+class JournalFormatter(logging.Formatter):
+    """One line per event with the sd-daemon(3) priority prefix (``<3>`` error … ``<7>``
+    debug) that journald turns into the entry's priority; journald adds the time."""
+
+    PRIORITY: ClassVar[dict[int, int]] = {
+        logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+    }  # fmt: skip
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIORITY.get(record.levelno, 7)
+        text = super().format(record).replace("\n", " | ")  # one journal entry per event
+        return f"<{prio}>{text}"
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):  # stderr is connected to journald (systemd sets it)
+        handler.setFormatter(JournalFormatter("%(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_config
-    from agent.service import Agent
+    from agent.supervisor import Supervisor
 
     cfg = load_config(args.config, env=os.environ)
-    agent = Agent(cfg)
-    return agent.run_forever(duration_s=args.duration)
+    path = Path(args.config) if args.config else None
+    return Supervisor(path, cfg).run(duration_s=args.duration)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

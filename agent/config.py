@@ -236,6 +236,15 @@ class ApiConfig(_Strict):
         return self
 
 
+class ServiceConfig(_Strict):
+    """How the agent runs as a service (systemd watchdog)."""
+
+    stall_s: float = Field(
+        30.0, ge=1, le=3600,
+        description="A pipeline that streams but infers nothing this long stops the watchdog",
+    )  # fmt: skip
+
+
 class AgentConfig(_Strict):
     """The device agent's whole configuration."""
 
@@ -260,6 +269,7 @@ class AgentConfig(_Strict):
         default_factory=TelemetryConfig, description="Telemetry sent when [broker] is set"
     )
     api: ApiConfig | None = Field(None, description="Local inference API (off when absent)")
+    service: ServiceConfig = Field(default_factory=ServiceConfig, description="As a service")
 
     @field_validator("tags")
     @classmethod

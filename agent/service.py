@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -485,32 +484,6 @@ class Agent:
     def write_status(self) -> None:
         atomic_write_json(self.cfg.data_dir / STATUS_FILE, self.status())
 
-    def request_stop(self, *_: object) -> None:
-        self._stop.set()
-
-    def run_forever(self, *, duration_s: float | None = None, status_every_s: float = 2.0) -> int:
-        """Run until SIGTERM/SIGINT, ``duration_s``, or every file source has ended."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
-        self.start()
-        deadline = None if duration_s is None else self.clock() + duration_s
-        try:
-            while not self._stop.is_set():
-                self.write_status()
-                if self.pipelines and all(p.finished.is_set() for p in self.pipelines):
-                    break
-                wait = (
-                    status_every_s
-                    if deadline is None
-                    else min(status_every_s, deadline - self.clock())
-                )
-                if wait <= 0 or self._stop.wait(wait):
-                    break
-        finally:
-            self.write_status()
-            self.stop()
-        return 0
 
 
 def read_status(data_dir: Path) -> dict[str, Any] | None:

@@ -1,0 +1,147 @@
+"""Adapter: ``edgefleet-agent run`` as a long-lived service — signals, systemd, reloads.
+
+- ``READY=1`` once the agent has started (every pipeline runs or waits for its model);
+  ``WATCHDOG=1`` every half ``WatchdogSec`` only while ``Liveness`` says every pipeline makes
+  progress or legitimately waits, so a hung inference gets the agent restarted by systemd.
+- SIGTERM/SIGINT: ``STOPPING=1``, then ``Agent.stop`` (pipelines, a last telemetry snapshot,
+  the outbox drained while the broker is reachable, the session closed).
+- SIGHUP: the config file is read again; an invalid one is logged and ignored (the agent keeps
+  running as it was, ``STATUS=`` says why); a valid one replaces the running agent
+  (``RELOADING=1`` … ``READY=1``). If the new config's agent cannot start, the error ends
+  the process and systemd's ``Restart=on-failure`` takes over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from agent.config import AgentConfig, load_config
+from agent.errors import ConfigError
+from agent.service import Agent
+from agent.systemd import Liveness, notify, watchdog_interval
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """Runs one agent at a time from a config file until told to stop."""
+
+    def __init__(
+        self,
+        config_path: Path | None,
+        cfg: AgentConfig,
+        *,
+        env: Mapping[str, str] | None = None,
+        make_agent: Callable[[AgentConfig], Agent] = Agent,
+        status_every_s: float = 2.0,
+    ) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.env = os.environ if env is None else env
+        self.make_agent = make_agent
+        self.status_every_s = status_every_s
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self.watchdog_s = watchdog_interval(self.env)
+        self.reloads = 0
+
+    def _on_stop(self, *_: object) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _on_hup(self, *_: object) -> None:
+        self._reload.set()
+        self._wake.set()
+
+    def _notify(self, msg: str) -> None:
+        notify(msg, self.env)
+
+    def run(self, duration_s: float | None = None) -> int:
+        """Run until SIGTERM/SIGINT, ``duration_s``, or every file source has ended."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_stop)
+            signal.signal(signal.SIGINT, self._on_stop)
+            signal.signal(signal.SIGHUP, self._on_hup)
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        agent: Agent | None = self.make_agent(self.cfg)
+        assert agent is not None
+        agent.start()
+        self._notify(f"READY=1\nSTATUS=running {len(agent.pipelines)} pipeline(s)")
+        try:
+            while agent is not None:
+                agent = self._serve(agent, deadline)
+            return 0
+        finally:
+            self._notify("STOPPING=1")
+
+    def _serve(self, agent: Agent, deadline: float | None) -> Agent | None:
+        """Supervise ``agent``; returns its replacement after a reload, None when done."""
+        live = Liveness(stall_s=self.cfg.service.stall_s)
+        next_ping = 0.0
+        stalled: list[str] = []
+        replacement: Agent | None = None
+        try:
+            while not self._stop.is_set():
+                agent.write_status()
+                if agent.pipelines and all(p.finished.is_set() for p in agent.pipelines):
+                    return None
+                now = time.monotonic()
+                statuses = [{**p.status(now, reader="watchdog"), "finished": p.finished.is_set()}
+                            for p in agent.pipelines]  # fmt: skip
+                now_stalled = live.check(statuses, now)
+                if now_stalled != stalled:
+                    for why in now_stalled:
+                        log.error("watchdog: pipeline stalled, not pinging systemd: %s", why)
+                    self._notify("STATUS=" + ("; ".join(now_stalled) or "running"))
+                    stalled = now_stalled
+                if self.watchdog_s and not stalled and now >= next_ping:
+                    self._notify("WATCHDOG=1")
+                    next_ping = now + self.watchdog_s
+                if self._reload.is_set():
+                    self._reload.clear()
+                    replacement = self._reloaded(agent)
+                    if replacement is not None:
+                        return replacement
+                wait = self.status_every_s
+                if self.watchdog_s:
+                    wait = min(wait, max(0.05, next_ping - now))
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                    if wait <= 0:
+                        return None
+                self._wake.wait(wait)
+                self._wake.clear()
+            return None
+        finally:
+            if replacement is None:  # done (or failing): the old agent stops here
+                agent.write_status()
+                agent.stop()
+
+    def _reloaded(self, agent: Agent) -> Agent | None:
+        """The agent for the re-read config, or None to keep ``agent`` (bad or no config)."""
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to reload (started without --config)")
+            return None
+        try:
+            cfg = load_config(self.config_path, env=self.env)
+        except ConfigError as e:
+            log.error("SIGHUP: config not reloaded, the agent keeps running as it was: %s", e)
+            self._notify(f"STATUS=reload failed: {str(e)[:200]}")
+            return None
+        self._notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        log.info("SIGHUP: reloading %s", self.config_path)
+        agent.write_status()
+        agent.stop()
+        self.cfg = cfg
+        new = self.make_agent(cfg)
+        new.start()
+        self.reloads += 1
+        self._notify(f"READY=1\nSTATUS=reloaded, running {len(new.pipelines)} pipeline(s)")
+        return new
