@@ -51,6 +51,7 @@ class Supervisor:
         self._wake = threading.Event()
         self.watchdog_s = watchdog_interval(self.env)
         self.reloads = 0
+        self._status_errno: int | None = None
 
     def _on_stop(self, *_: object) -> None:
         self._stop.set()
@@ -65,10 +66,18 @@ class Supervisor:
 
     def run(self, duration_s: float | None = None) -> int:
         """Run until SIGTERM/SIGINT, ``duration_s``, or every file source has ended."""
+        handlers = {signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop,
+                    signal.SIGHUP: self._on_hup}  # fmt: skip
+        old = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_stop)
-            signal.signal(signal.SIGINT, self._on_stop)
-            signal.signal(signal.SIGHUP, self._on_hup)
+            old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()}
+        try:
+            return self._run(duration_s)
+        finally:
+            for sig, prev in old.items():
+                signal.signal(sig, prev)
+
+    def _run(self, duration_s: float | None) -> int:
         deadline = None if duration_s is None else time.monotonic() + duration_s
         agent: Agent | None = self.make_agent(self.cfg)
         assert agent is not None
@@ -89,7 +98,7 @@ class Supervisor:
         replacement: Agent | None = None
         try:
             while not self._stop.is_set():
-                agent.write_status()
+                self._write_status(agent)
                 if agent.pipelines and all(p.finished.is_set() for p in agent.pipelines):
                     return None
                 now = time.monotonic()
@@ -121,8 +130,20 @@ class Supervisor:
             return None
         finally:
             if replacement is None:  # done (or failing): the old agent stops here
-                agent.write_status()
+                self._write_status(agent)
                 agent.stop()
+
+    def _write_status(self, agent: Agent) -> None:
+        """status.json for ``edgefleet-agent status``; a full or read-only disk must not end
+        the agent (the pipelines keep running), so the error is logged once per kind."""
+        try:
+            agent.write_status()
+        except OSError as e:
+            if e.errno != self._status_errno:
+                log.error("status.json not written (the agent keeps running): %s", e)
+                self._status_errno = e.errno
+        else:
+            self._status_errno = None
 
     def _reloaded(self, agent: Agent) -> Agent | None:
         """The agent for the re-read config, or None to keep ``agent`` (bad or no config)."""
@@ -137,7 +158,7 @@ class Supervisor:
             return None
         self._notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         log.info("SIGHUP: reloading %s", self.config_path)
-        agent.write_status()
+        self._write_status(agent)
         agent.stop()
         self.cfg = cfg
         new = self.make_agent(cfg)

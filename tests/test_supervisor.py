@@ -173,3 +173,22 @@ def test_a_hung_inference_stops_the_watchdog(
     finally:
         proc.kill()  # what systemd does after WatchdogSec without a ping
         proc.wait(10)
+
+
+def test_a_status_file_that_cannot_be_written_does_not_end_the_agent(
+    tmp_path: Path, synthetic_video: Path, test_models: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from agent.config import parse_config
+    from agent.supervisor import Supervisor
+
+    cfg = parse_config({
+        "device_id": "svc-02", "data_dir": str(tmp_path / "data"), "profile": "x86-cpu",
+        "pipelines": [{"name": "front", "source": str(synthetic_video), "loop": True,
+                       "model": str(test_models["blobdet"] / "model.onnx")}],
+    })  # fmt: skip
+    (tmp_path / "data" / "status.json").mkdir(parents=True)  # writes to it fail (EISDIR)
+    sup = Supervisor(None, cfg, env={})
+    assert sup.run(duration_s=3) == 0
+    errors = [r.getMessage() for r in caplog.records if "status.json not written" in r.getMessage()]
+    assert len(errors) == 1  # logged once, not on every loop
