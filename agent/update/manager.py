@@ -244,6 +244,14 @@ class UpdateManager:
                 f"applied yet (retrying every {self.retry_s:g} s): {e}; {keep}"
             )
             return
+        except OSError as e:  # disk full or read-only under DATA_DIR/tuf: retried like an outage
+            self._retry_payload = payload
+            self._fail_all(
+                f"cannot store registry metadata on the device ({e}): desired state revision "
+                f"{envelope.signed.revision} not applied yet (retrying every {self.retry_s:g} s);"
+                f" {keep}"
+            )
+            return
         except BadDataError as e:
             self._fail_all(f"cannot verify desired state: {e}; {keep}")
             return
@@ -252,7 +260,7 @@ class UpdateManager:
             return
         self.errors.pop("*", None)
         self.state = self.state.model_copy(update={"accepted_revision": desired.revision})
-        self.store.save_state(self.state)
+        self._save_state()
         for name, target in desired.pipelines.items():
             if name not in self.pipelines:
                 self.errors[name] = (
@@ -265,7 +273,7 @@ class UpdateManager:
                 continue
             self.update_pipeline(name, target, desired.revision)
         self.state = self.state.model_copy(update={"applied_revision": desired.revision})
-        self.store.save_state(self.state)
+        self._save_state()
         self.report()
 
     def _keeping(self) -> str:
@@ -279,10 +287,28 @@ class UpdateManager:
 
     # --- one update --------------------------------------------------------------------------
 
+    def _save_state(self) -> None:
+        """Persist the state; a disk that refuses is logged and reported, not raised.
+
+        The state on disk then lags the one in memory until the next save succeeds; after a
+        crash meanwhile, recovery treats the older phase as interrupted (the safe direction).
+        """
+        try:
+            self.store.save_state(self.state)
+            if (self.errors.get("*") or "").startswith("update state not saved"):
+                self.errors.pop("*", None)  # saved again: that error is over
+        except OSError as e:
+            message = (
+                f"update state not saved to {self.store.state_path}: {e};"
+                " retried at the next change"
+            )
+            log.error("device=%s %s", self.device_id, message)
+            self.errors["*"] = message
+
     def _advance(self, attempt: UpdateAttempt, to: UpdatePhase, reason: str = "") -> None:
         attempt.advance(to, now=self.wall(), reason=reason)
         self.state = record_attempt(self.state, attempt)
-        self.store.save_state(self.state)
+        self._save_state()
         log.info(
             "pipeline=%s model=%s phase=%s %s", attempt.pipeline, attempt.target, to.value, reason
         )
@@ -315,6 +341,15 @@ class UpdateManager:
             self._advance(attempt, P.WAITING, str(e))
             self._resume[name] = target
             return
+        except OSError as e:  # disk full under DATA_DIR/tuf: nothing half-written kept
+            shutil.rmtree(self._download_dir(target), ignore_errors=True)
+            self.errors[name] = (
+                f"{target} fetch failed on the device's disk: {e}; retrying in {self.retry_s:g} s,"
+                f" {self._keeping()}"
+            )
+            self._advance(attempt, P.WAITING, str(e))
+            self._resume[name] = target
+            return
         except BadDataError as e:
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
             return
@@ -336,6 +371,11 @@ class UpdateManager:
         except (BadDataError, ModelError) as e:
             self.progress.pop(name, None)
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
+            return
+        except OSError as e:  # disk full while storing or building: not half-installed
+            self.progress.pop(name, None)
+            self._reject(attempt, f"{target} not installed, the device's disk refused: {e}; "
+                                  f"{self._keeping()}")  # fmt: skip
             return
         finally:
             shutil.rmtree(self._download_dir(target), ignore_errors=True)
