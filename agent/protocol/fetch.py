@@ -3,30 +3,53 @@
 Request (JSON on ``…/fetch/req``)::
 
     {"id": "<request id>", "path": "targets/…" | "metadata/2.root.json", "offset": 0,
-     "length": 65536}
+     "length": 65536, "sent_at": 1768465800.25, "timeout_s": 0.8, "busy_ok": true}
+
+``sent_at``, ``timeout_s`` and ``busy_ok`` are optional (flow control; a request without them
+is served exactly as before): ``sent_at`` is the device's wall clock when it sent the request
+and ``timeout_s`` how long it waits for the answer before asking again. The registry estimates
+the request's queueing delay from ``sent_at`` against the smallest ``receive - sent_at`` it has
+seen from that device (clock skew cancels out) and drops, unanswered, a request that waited
+longer than ``timeout_s``: the device has asked again already. ``busy_ok`` says the device
+understands the ``busy`` status.
 
 Response (binary on ``…/fetch/resp``), MQTT 3.1.1 having no properties to carry a header::
 
     4-byte big-endian header length | header JSON | data bytes
 
-with header ``{"id", "path", "offset", "total", "status": "ok"|"not_found"|"error"|"bad_request",
-"error"}``. ``total`` is the file size, so the device learns it from the first window. Both are
-parsed from untrusted bytes and fail with ``BadMessage``, never anything else.
+with header ``{"id", "path", "offset", "total", "status": "ok"|"not_found"|"error"|"bad_request"
+|"busy", "error", "retry_after_s"}``. ``total`` is the file size, so the device learns it from
+the first window. Both are parsed from untrusted bytes and fail with ``BadMessage``, never
+anything else.
+
+``busy`` (only ever sent to a request with ``busy_ok``): the registry is serving as many
+transfers as it admits; no data, ``total`` 0, and ``retry_after_s`` (present only on ``busy``)
+says when to ask again. Waiting transfers are admitted first come, first served, as long as the
+device keeps asking at about that pace; the wait is not a failure. ``retry_after_s`` is left out
+of every other header, so devices that predate it parse those unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from agent.errors import BadDataError
 
 MAX_CHUNK = 256 * 1024  # hard cap on a window, whatever a device asks for
 MAX_HEADER = 4096
 _PATH_PATTERN = r"^(metadata|targets)/[A-Za-z0-9._/-]{1,512}$"
+_FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok")
 
 
 class BadMessage(BadDataError):
@@ -42,6 +65,25 @@ class FetchRequest(BaseModel):
     path: str = Field(pattern=_PATH_PATTERN, description="metadata/NAME or targets/PATH")
     offset: int = Field(ge=0, le=1 << 40, description="First byte")
     length: int = Field(ge=1, le=MAX_CHUNK, description="Bytes wanted")
+    sent_at: float | None = Field(
+        None, ge=0, le=1e11, description="Device wall clock at sending, seconds since the epoch"
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, le=3600, description="How long the device waits for this answer"
+    )
+    busy_ok: bool = Field(
+        False, description="The device understands status busy (with retry_after_s)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_flow_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Flow-control fields left at their defaults are not written: such a request is
+        byte for byte what a registry predating them accepts."""
+        out: dict[str, Any] = handler(self)
+        for name in _FLOW_FIELDS:
+            if out.get(name) in (None, False):
+                out.pop(name, None)
+        return out
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
@@ -69,12 +111,16 @@ class FetchHeader(BaseModel):
     path: str = Field(max_length=600)
     offset: int = Field(ge=0)
     total: int = Field(ge=0, description="Size of the whole file")
-    status: Literal["ok", "not_found", "error", "bad_request"] = "ok"
+    status: Literal["ok", "not_found", "error", "bad_request", "busy"] = "ok"
     error: str = Field("", max_length=500)
+    retry_after_s: float | None = Field(
+        None, ge=0, le=3600, description="With status busy: seconds to wait before asking again"
+    )
 
 
 def encode_response(header: FetchHeader, data: bytes = b"") -> bytes:
-    h = header.model_dump_json().encode()
+    """The binary response: length prefix, header JSON (``retry_after_s`` only when set), data."""
+    h = header.model_dump_json(exclude_none=True).encode()
     return struct.pack(">I", len(h)) + h + data
 
 

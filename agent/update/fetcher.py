@@ -3,7 +3,14 @@
 ``ChunkClient`` asks for ``(path, offset, length)`` windows on the device's ``fetch/req`` topic
 and matches answers on ``fetch/resp`` by request id: several windows in flight, answers in any
 order, each request timed out and retried with backoff, a minimum-rate guard, and a size cap
-learnt from the first answer (the endless-data defence). ``fetch_file`` keeps the partial file
+learnt from the first answer (the endless-data defence).
+
+Flow control (``docs/protocol.md``, ``agent.protocol.fetch``): the timeout of a window adapts to
+measured round trips like TCP's (RFC 6298: SRTT + 4·RTTVAR, Karn's rule, doubled on a timeout,
+within a floor and a cap); the number of windows in flight is an AIMD congestion window
+(halved once per loss event, +1 per window answered, never above ``window``); a ``busy`` answer
+parks the transfer for ``retry_after_s`` (with jitter), one probe at a time, without using up
+retries and without the minimum-rate guard running. ``fetch_file`` keeps the partial file
 and a sidecar in ``resume_dir`` so that a new client, even in a new process, continues from the
 verified prefix on disk without asking for those bytes again.
 
@@ -21,8 +28,10 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
+import random
 import re
 import secrets
 import shutil
@@ -102,6 +111,10 @@ class SlowTransferError(TransportError):
         self.path = path
 
 
+class FetchStoppedError(TransportError):
+    """The client's ``stop_event`` was set while a transfer ran (the partial is kept)."""
+
+
 class _PartialMismatch(BadDataError):
     """The registry's size differs from the partial file's sidecar: start over."""
 
@@ -124,6 +137,8 @@ class _Slot:
     attempts: int = 0
     deadline: float = 0.0
     resend_at: float | None = None
+    sent: float = 0.0  # clock() of the last send
+    after_busy: bool = False  # the next send repeats a request the registry answered busy
 
 
 def resume_key(path: str) -> str:
@@ -143,7 +158,8 @@ class ChunkClient:
         root: topic root.
         chunk_size: bytes per window (≤ 256 KiB; the default stays far under AWS IoT's 128 KB).
         window: windows in flight, and the bound on out-of-order windows held in memory.
-        request_timeout_s: time for one window's answer before it is asked again.
+        request_timeout_s: time for one window's answer before it is asked again, until
+            round trips have been measured (then SRTT + 4·RTTVAR, see ``min_timeout_s``).
         retries: re-sends per window before ``ChunkTimeoutError``.
         min_rate_bps: slower than this over ``rate_span_s`` → ``SlowTransferError``; 0 = off.
         rate_span_s: the span of the rate guard.
@@ -151,6 +167,13 @@ class ChunkClient:
         backoff_max_s: cap of that wait.
         checkpoint_bytes: the sidecar is rewritten after this much progress (and on exit).
         clock: monotonic seconds (injectable for tests).
+        min_timeout_s: floor of the adaptive timeout (at most ``request_timeout_s``).
+        max_timeout_s: cap of the adaptive timeout (at least ``request_timeout_s``).
+        max_busy_wait_s: longest wait in the registry's line (``busy``) before giving up.
+        stop_event: when set, a running transfer stops with ``FetchStoppedError``.
+        rng: jitter of the waits after ``busy``.
+        flow_fields: send ``sent_at``/``timeout_s``/``busy_ok`` (turned off by itself when a
+            registry that predates them refuses them).
 
     Raises:
         ValueError: a parameter out of range or a device id that is not topic-safe.
@@ -159,7 +182,9 @@ class ChunkClient:
     ``bytes_received`` (data in accepted answers), ``bytes_refetched`` (bytes asked again by
     re-sends), ``duplicate_responses`` (a second answer to a window, seen while its transfer
     runs), ``stale_responses`` (answers no transfer waits for: late duplicates, answers to
-    someone else's junk), ``bad_responses`` (undecodable).
+    someone else's junk), ``bad_responses`` (undecodable), ``busy_responses`` (``busy``
+    answers), ``timeouts`` (windows unanswered in time), ``window_cuts`` (halvings of
+    ``cwnd``); and the flow state ``rto`` (current timeout), ``srtt``, ``cwnd``.
     """
 
     def __init__(
@@ -178,6 +203,12 @@ class ChunkClient:
         backoff_max_s: float = 5.0,
         checkpoint_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
+        min_timeout_s: float = 1.0,
+        max_timeout_s: float = 60.0,
+        max_busy_wait_s: float = 1800.0,
+        stop_event: threading.Event | None = None,
+        rng: random.Random | None = None,
+        flow_fields: bool = True,
     ) -> None:
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK}, got {chunk_size}")
@@ -185,6 +216,8 @@ class ChunkClient:
             raise ValueError("window >= 1, retries >= 0, request_timeout_s > 0, rate_span_s > 0")
         if min_rate_bps < 0 or backoff_s < 0 or backoff_max_s < backoff_s:
             raise ValueError("min_rate_bps >= 0 and 0 <= backoff_s <= backoff_max_s")
+        if min_timeout_s <= 0 or max_timeout_s <= 0 or max_busy_wait_s < 0:
+            raise ValueError("min_timeout_s > 0, max_timeout_s > 0, max_busy_wait_s >= 0")
         topics = Topics(root)
         self.req_topic = topics.device(device_id, "fetch/req")
         self.resp_topic = topics.device(device_id, "fetch/resp")
@@ -205,6 +238,20 @@ class ChunkClient:
         self.duplicate_responses = 0
         self.stale_responses = 0
         self.bad_responses = 0
+        self.busy_responses = 0
+        self.timeouts = 0
+        self.window_cuts = 0
+        self.min_timeout_s = min(min_timeout_s, request_timeout_s)
+        self.max_timeout_s = max(max_timeout_s, request_timeout_s)
+        self.max_busy_wait_s = max_busy_wait_s
+        self.stop_event = stop_event
+        self.flow_fields = flow_fields
+        self.rng = rng or random.Random()
+        self.rto = request_timeout_s
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.cwnd = float(window)
+        self._last_cut = -math.inf
         self._client = client
         self._lock = threading.Lock()
         self._routes: dict[str, queue.SimpleQueue[tuple[FetchHeader, bytes]]] = {}
@@ -269,6 +316,40 @@ class ChunkClient:
 
     def _connected(self) -> bool:
         return bool(self._client.is_connected())
+
+    # -- flow control (pure arithmetic on this client's state) ----------------------------
+
+    def current_window(self) -> int:
+        """Windows allowed in flight now: the congestion window, within ``1..window``."""
+        return max(1, min(self.window, int(self.cwnd)))
+
+    def _rtt_sample(self, rtt: float) -> None:
+        """RFC 6298 estimator; only first-attempt answers are sampled (Karn)."""
+        with self._lock:
+            if self.srtt is None:
+                self.srtt, self.rttvar = rtt, rtt / 2
+            else:
+                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+                self.srtt = 0.875 * self.srtt + 0.125 * rtt
+            rto = self.srtt + max(0.01, 4 * self.rttvar)
+            self.rto = min(self.max_timeout_s, max(self.min_timeout_s, rto))
+
+    def _window_done(self) -> None:
+        """Additive increase: +1 per window answered, up to ``window``."""
+        with self._lock:
+            self.cwnd = min(float(self.window), self.cwnd + 1.0)
+
+    def _timed_out(self, sent: float, now: float) -> None:
+        """A window sent at ``sent`` timed out: halve ``cwnd`` (once per loss event: only for
+        windows sent after the previous cut) and back the timeout off (doubled, capped)."""
+        with self._lock:
+            self.timeouts += 1
+            if sent < self._last_cut:
+                return
+            self._last_cut = now
+            self.window_cuts += 1
+            self.cwnd = max(1.0, self.cwnd / 2)
+            self.rto = min(self.max_timeout_s, self.rto * 2)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -390,6 +471,8 @@ class _Transfer:
         self.ready: dict[int, bytes] = {}
         self.next_off = start
         self.got = 0
+        self.waiting_since: float | None = None  # not admitted by the registry (busy) since
+        self.probe_at: float | None = None  # when waiting: next probe (None: one is out)
 
     def _stop_at(self) -> int | None:
         if self.total is None:
@@ -409,6 +492,11 @@ class _Transfer:
         try:
             while (stop := self._stop_at()) is None or pos < stop:
                 now = self.c.clock()
+                if self.c.stop_event is not None and self.c.stop_event.is_set():
+                    raise FetchStoppedError(f"{self.path}: fetch stopped (partial kept)")
+                if self.waiting_since is not None:  # the guard runs only while admitted
+                    self._check_wait(now)
+                    rate_t, rate_b = now, self.got
                 if self.c.min_rate_bps and now - rate_t >= self.c.rate_span_s:
                     self._check_rate(self.got - rate_b, now - rate_t)
                     rate_t, rate_b = now, self.got
@@ -441,8 +529,32 @@ class _Transfer:
                 path=self.path,
             )
 
+    def _check_wait(self, now: float) -> None:
+        """Raises: ChunkTimeoutError after ``max_busy_wait_s`` in the registry's line."""
+        if self.waiting_since is not None and now - self.waiting_since > self.c.max_busy_wait_s:
+            raise ChunkTimeoutError(
+                f"{self.path}: registry busy for {now - self.waiting_since:.0f} s; giving up "
+                "(a partial download is kept)",
+                path=self.path,
+                offset=self.next_off,
+            )
+
     def _send_due(self, now: float, connected: bool) -> None:
-        """Open new windows while there is room, and re-send those whose backoff is over."""
+        """Open new windows while there is room, and re-send those whose backoff is over.
+
+        While the registry has not admitted the transfer (``busy``), only one probe goes out
+        when its wait is over, and no new window is opened.
+        """
+        if self.waiting_since is not None:
+            for slot in self.inflight.values():  # genuine re-sends (a probe that timed out)
+                if slot.resend_at is not None and slot.resend_at <= now:
+                    self._send(slot, now, connected)
+            if self.probe_at is not None and now >= self.probe_at:
+                self.probe_at = None
+                parked = [s for s in self.inflight.values() if s.deadline == math.inf]
+                if parked:
+                    self._send(min(parked, key=lambda s: s.offset), now, connected)
+            return
         while True:
             stop = self._stop_at()
             if stop is None:
@@ -455,7 +567,10 @@ class _Transfer:
                     if bound is not None:
                         length = min(length, bound - self.start)
                 length = max(1, length)
-            elif self.next_off < stop and len(self.inflight) + len(self.ready) < self.c.window:
+            elif (
+                self.next_off < stop
+                and len(self.inflight) + len(self.ready) < self.c.current_window()
+            ):
                 length = min(self.c.chunk_size, stop - self.next_off)
             else:
                 break
@@ -470,22 +585,71 @@ class _Transfer:
     def _send(self, slot: _Slot, now: float, connected: bool) -> None:
         """Publish (or, while disconnected, only count) one attempt of a window."""
         slot.attempts += 1
-        slot.deadline = now + self.c.request_timeout_s
+        timeout = self.c.rto
+        slot.deadline = now + timeout
+        slot.sent = now
         slot.resend_at = None
         self.c._add(bytes_requested=slot.length)
-        if slot.attempts > 1:
+        if slot.attempts > 1 and not slot.after_busy:
             self.c._add(bytes_refetched=slot.length)
+        slot.after_busy = False
         if connected:
             # Not queued while disconnected: a pile of stale requests would all be answered.
-            self.c._publish(
-                FetchRequest(id=slot.rid, path=self.path, offset=slot.offset, length=slot.length)
-            )
+            if self.c.flow_fields:
+                req = FetchRequest(
+                    id=slot.rid,
+                    path=self.path,
+                    offset=slot.offset,
+                    length=slot.length,
+                    sent_at=round(time.time(), 3),
+                    timeout_s=round(timeout, 3),
+                    busy_ok=True,
+                )
+            else:
+                req = FetchRequest(
+                    id=slot.rid, path=self.path, offset=slot.offset, length=slot.length
+                )
+            self.c._publish(req)
 
     def _wait_s(self, now: float) -> float:
         wake = now + _POLL_S
+        if self.probe_at is not None:
+            wake = min(wake, self.probe_at)
         for s in self.inflight.values():
             wake = min(wake, s.resend_at if s.resend_at is not None else s.deadline)
         return max(0.0, wake - now)
+
+    def _park(self, slot: _Slot) -> None:
+        """Hold a window until the registry admits the transfer (not a failure)."""
+        slot.attempts = max(0, slot.attempts - 1)
+        slot.after_busy = True
+        slot.resend_at = None
+        slot.deadline = math.inf
+
+    def _on_busy(self, slot: _Slot, retry_after: float, now: float) -> None:
+        """The registry is full: park every window, probe again after ``retry_after``."""
+        self.c._add(busy_responses=1)
+        if self.waiting_since is None:
+            self.waiting_since = now
+            log.debug("fetch %s: registry busy, waiting %.2f s", self.path, retry_after)
+            for other in self.inflight.values():
+                if other.resend_at is not None:  # not sent yet: hold it too
+                    other.resend_at = None
+                    other.deadline = math.inf
+        if slot.deadline != math.inf:  # a second busy for a parked window changes nothing
+            self._park(slot)
+        wait = min(max(retry_after, 0.05), 3600.0) * self.c.rng.uniform(0.8, 1.2)
+        self.probe_at = now + wait
+
+    def _admitted(self, now: float) -> None:
+        """An answer with data: the registry serves us; release the parked windows."""
+        if self.waiting_since is None:
+            return
+        self.waiting_since = None
+        self.probe_at = None
+        for slot in self.inflight.values():
+            if slot.deadline == math.inf:
+                slot.resend_at = now
 
     def _expire(self, now: float) -> None:
         """Schedule a backed-off re-send of every window past its deadline.
@@ -497,13 +661,14 @@ class _Transfer:
         if expired:
             self.c.resubscribe()  # cheap; the cure when a broker restart lost the subscription
         for slot in expired:
+            self.c._timed_out(slot.sent, now)
             self._retry_later(slot, now, "timed out")
 
     def _retry_later(self, slot: _Slot, now: float, why: str) -> None:
         if slot.attempts > self.c.retries:
             raise ChunkTimeoutError(
                 f"{self.path}: window at {slot.offset} {why} after {slot.attempts} attempts "
-                f"of {self.c.request_timeout_s} s; giving up (a partial download is kept)",
+                f"(timeout now {self.c.rto:.2f} s); giving up (a partial download is kept)",
                 path=self.path,
                 offset=slot.offset,
             )
@@ -531,7 +696,19 @@ class _Transfer:
             return False
         if header.status == "not_found":
             raise RemoteNotFoundError(f"registry has no {self.path}", path=self.path)
+        now = self.c.clock()
+        if header.status == "busy":
+            self._on_busy(slot, header.retry_after_s or 1.0, now)
+            return False
         if header.status == "bad_request":
+            if self.c.flow_fields and "extra inputs" in header.error.lower():
+                # A registry that predates flow control: ask again the old way.
+                log.info("fetch: registry refuses flow-control fields; not sending them")
+                self.c.flow_fields = False
+                slot.attempts = max(0, slot.attempts - 1)
+                slot.after_busy = True
+                slot.resend_at = now
+                return False
             raise RequestRefusedError(f"registry refused {self.path}: {header.error}")
         if header.status != "ok":  # "error": the registry could not read it right now
             log.warning("fetch %s: registry error at %d: %s", self.path, slot.offset, header.error)
@@ -553,6 +730,10 @@ class _Transfer:
             )
         del self.inflight[slot.rid]
         self.c._drop_route(slot.rid)
+        if slot.attempts == 1 and slot.deadline != math.inf:
+            self.c._rtt_sample(now - slot.sent)
+        self.c._window_done()
+        self._admitted(now)
         self.got += len(data)
         self.c._add(bytes_received=len(data))
         if data:

@@ -15,6 +15,17 @@ Requests are served on paho's network thread by default: a window is one ``pread
 page cache, and handing it to a pool only adds thread switches (``scripts/bench_transfer.py``:
 196 MB/s on paho's thread against 169 MB/s with a pool of 4, 10 MB file, 64 KiB windows,
 8 in flight); ``workers=N`` turns the pool on for slow disks.
+
+Flow control (requests with ``busy_ok``, see ``agent.protocol.fetch``): at most
+``max_transfers`` transfers — a (device, path) pair — are served at once; the others get a
+cheap ``busy`` answer with ``retry_after_s`` and wait in a first-come-first-served line
+(``Admission``). A transfer is released when the window holding the end of its file is
+served, or after ``IDLE_S`` without a request. A single-window file (metadata) needs no
+admission. Requests that waited longer than the device's ``timeout_s`` are dropped
+unanswered: the device has asked again already. Admission runs on paho's thread before the
+pool, so neither the pool's queue nor paho's outgoing queue grows with the number of devices:
+``max_transfers x window`` answers at most (16 x 32 by default, against
+``MAX_QUEUED_RESPONSES``). Requests without ``busy_ok`` (older devices) are served as before.
 """
 
 from __future__ import annotations
@@ -54,6 +65,14 @@ MAX_QUEUED_RESPONSES = 1024  # paho's outgoing queue (x 64 KB): bounded memory u
 RESOLVE_TTL_S = 1.0  # how long a resolved request path is reused
 RESOLVE_CACHE = 256  # resolved request paths kept
 MAX_INFLIGHT = 100  # QoS 1 responses awaiting PUBACK (paho's default of 20 throttles windows)
+MAX_TRANSFERS = MAX_QUEUED_RESPONSES // 64  # 64 = the largest device window (agent config)
+IDLE_S = 5.0  # an admitted transfer without a request for this long is released
+GRACE_S = 5.0  # after a transfer's last window, its late re-sends are served without admission
+MIN_RETRY_S = 0.25  # bounds of the retry_after_s hint in busy answers
+MAX_RETRY_S = 10.0
+MAX_WAITING = 100_000  # transfers kept in line; beyond, busy without a place in line
+BASE_DRIFT = 0.01  # s/s: how fast a device's clock-offset floor may rise (clock drift)
+MAX_CLOCKS = 100_000  # devices whose clock offset is remembered
 
 
 @dataclass
@@ -68,6 +87,10 @@ class ServerStats:
         bad_requests: malformed or forbidden requests (answered ``bad_request`` when possible).
         errors: local read errors (answered ``error``) and responses paho refused to queue.
         dropped: requests that could not be answered at all (no id, unknown topic).
+        busy: answered ``busy`` (admission control).
+        expired: dropped unanswered because they waited longer than the device's timeout.
+        admitted: transfers admitted.
+        exempt: single-window files served without admission.
         by_device: requests per device id.
         bytes_by_device: data bytes per device id.
     """
@@ -79,6 +102,10 @@ class ServerStats:
     bad_requests: int = 0
     errors: int = 0
     dropped: int = 0
+    busy: int = 0
+    expired: int = 0
+    admitted: int = 0
+    exempt: int = 0
     by_device: dict[str, int] = field(default_factory=dict)
     bytes_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -119,6 +146,14 @@ def read_window(file: Path, offset: int, length: int) -> tuple[int, bytes]:
         os.close(fd)
 
 
+def _fits(file: Path, length: int) -> bool:
+    """True when ``file`` is at most ``length`` bytes (one window holds all of it)."""
+    try:
+        return os.stat(file).st_size <= length
+    except OSError:
+        return True  # answered not_found/error at once: nothing to queue
+
+
 def _recover_id(payload: bytes) -> tuple[str, str] | None:
     """``(id, path)`` of a request that failed validation, if the id can be trusted to echo."""
     try:
@@ -131,6 +166,125 @@ def _recover_id(payload: bytes) -> tuple[str, str] | None:
     if not isinstance(rid, str) or not 1 <= len(rid) <= 64:
         return None
     return rid, path[:600] if isinstance(path, str) else ""
+
+
+TransferKey = tuple[str, str]  # (device id, path)
+
+
+@dataclass
+class _Waiter:
+    last: float  # last request seen
+    ttl: float  # gone from the line when not seen for this long
+
+
+class Admission:
+    """Pure: which transfers are served now, and a first-come-first-served line for the rest.
+
+    Not thread-safe (the server holds its lock). Every method takes ``now`` (monotonic s).
+
+    Args:
+        max_transfers: transfers served at once (>= 1).
+        idle_s: an admitted transfer not heard from for this long is released.
+        grace_s: a finished transfer's late requests are served without admission this long.
+    """
+
+    def __init__(
+        self, max_transfers: int, *, idle_s: float = IDLE_S, grace_s: float = GRACE_S
+    ) -> None:
+        if max_transfers < 1:
+            raise ValueError(f"max_transfers must be >= 1, got {max_transfers}")
+        self.max_transfers = max_transfers
+        self.idle_s = idle_s
+        self.grace_s = grace_s
+        self.active: dict[TransferKey, list[float]] = {}  # key -> [admitted at, last seen]
+        self.finished: OrderedDict[TransferKey, float] = OrderedDict()  # key -> grace until
+        self.waiting: OrderedDict[TransferKey, _Waiter] = OrderedDict()
+        self.avg_s = 1.0  # moving average of an admitted transfer's duration
+
+    def is_served(self, key: TransferKey, now: float) -> bool:
+        """True when ``key`` is admitted (or just finished); refreshes it."""
+        act = self.active.get(key)
+        if act is not None:
+            act[1] = now
+            return True
+        until = self.finished.get(key)
+        return until is not None and until > now
+
+    def check(self, key: TransferKey, now: float) -> float | None:
+        """None: serve ``key`` now (admitting it if needed); else the ``retry_after_s`` hint."""
+        if self.is_served(key, now):
+            return None
+        self._expire(now)
+        free = self.max_transfers - len(self.active)
+        w = self.waiting.get(key)
+        if w is None:
+            if len(self.waiting) >= MAX_WAITING:
+                return MAX_RETRY_S
+            w = self.waiting[key] = _Waiter(now, 0.0)
+        w.last = now
+        pos = 0
+        for k in self.waiting:  # expired entries were removed by _expire
+            if k == key:
+                break
+            pos += 1
+        if pos < free:
+            del self.waiting[key]
+            self.active[key] = [now, now]
+            return None
+        ahead = pos - max(free, 0) + 1
+        retry = min(MAX_RETRY_S, max(MIN_RETRY_S, ahead * self.avg_s / self.max_transfers))
+        w.ttl = 2 * retry + 2.0
+        return retry
+
+    def done(self, key: TransferKey, now: float) -> None:
+        """``key`` served its last window (or failed): free its place."""
+        act = self.active.pop(key, None)
+        if act is None:
+            return
+        self.avg_s = 0.8 * self.avg_s + 0.2 * max(0.0, now - act[0])
+        self.finished[key] = now + self.grace_s
+        self.finished.move_to_end(key)
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, a in self.active.items() if now - a[1] > self.idle_s]:
+            del self.active[key]
+        while self.finished and next(iter(self.finished.values())) <= now:
+            self.finished.popitem(last=False)
+        for key in [k for k, w in self.waiting.items() if now - w.last > w.ttl]:
+            del self.waiting[key]
+
+
+class _Clocks:
+    """Pure: per device, the floor of ``receive wall time - sent_at`` (delay + clock offset).
+
+    A request's queueing delay is its own ``receive - sent_at`` minus that floor, so the two
+    clocks need not agree. The floor may rise ``BASE_DRIFT`` s per s (clock drift).
+    """
+
+    def __init__(self) -> None:
+        self.floor: OrderedDict[str, tuple[float, float]] = OrderedDict()  # dev -> (floor, at)
+
+    def delay(self, device_id: str, sent_at: float, now_wall: float, *, learn: bool) -> float:
+        """Seconds the request has waited beyond the fastest one seen from this device."""
+        sample = now_wall - sent_at
+        old = self.floor.get(device_id)
+        floor = sample if old is None else min(sample, old[0] + BASE_DRIFT * (now_wall - old[1]))
+        if learn:
+            self.floor[device_id] = (floor, now_wall)
+            self.floor.move_to_end(device_id)
+            if len(self.floor) > MAX_CLOCKS:
+                self.floor.popitem(last=False)
+        return sample - floor
+
+
+@dataclass
+class _Job:
+    """An accepted request waiting to be read and answered."""
+
+    device_id: str
+    req: FetchRequest
+    file: Path
+    admitted: bool
 
 
 class ChunkServer:
@@ -147,11 +301,13 @@ class ChunkServer:
         on_tick: called with ``time.time()`` about every second from ``serve_forever`` (the
             registry re-signs timestamp metadata there before it expires).
         workers: 0 serves on paho's thread; N > 0 uses a pool of N threads.
+        max_transfers: transfers (device, path) served at once for devices that understand
+            ``busy``; 0 turns admission control off.
         tls_context: for ``mqtts://``; default: from the environment (``EDGEFLEET_TLS_*``,
             see ``agent.sync.mqtt.configure_service_tls``).
 
     Raises:
-        ValueError: a bad broker URL or ``workers < 0``.
+        ValueError: a bad broker URL, ``workers < 0`` or ``max_transfers < 0``.
     """
 
     def __init__(
@@ -164,10 +320,15 @@ class ChunkServer:
         share_group: str | None = REGISTRY_SHARE_GROUP,
         on_tick: Callable[[float], None] | None = None,
         workers: int = 0,
+        max_transfers: int = MAX_TRANSFERS,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
+        if workers < 0 or max_transfers < 0:
+            raise ValueError(
+                f"workers and max_transfers must be >= 0, got {workers}, {max_transfers}"
+            )
+        self._admission = Admission(max_transfers) if max_transfers else None
+        self._clocks = _Clocks()
         self.repo_root = Path(repo_dir).resolve()
         self.host, self.port, tls = parse_broker_url(broker_url)
         self.topics = Topics(root)
@@ -306,15 +467,38 @@ class ChunkServer:
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        try:
+            job = self._intake(msg.topic, payload)
+        except Exception:  # a bug here must cost one request, not the replica
+            log.exception("chunk request on %s crashed the handler; dropped", msg.topic)
+            self._count(errors=1, dropped=1)
+            return
+        if job is None:
+            return
         if self._pool is None:
-            self._serve(msg.topic, payload)
+            self._finish(job)
         else:
-            self._pool.submit(self._serve, msg.topic, payload)
+            self._pool.submit(self._finish, job)
 
     # -- serving ------------------------------------------------------------------------
 
     def _serve(self, topic: str, payload: bytes) -> None:
-        """Answer one request; never raises (a bad request must not stop the server)."""
+        """Answer one request on this thread; never raises."""
+        try:
+            job = self._intake(topic, payload)
+        except Exception:
+            log.exception("chunk request on %s crashed the handler; dropped", topic)
+            self._count(errors=1, dropped=1)
+            return
+        if job is not None:
+            self._finish(job)
+
+    def _intake(self, topic: str, payload: bytes) -> _Job | None:
+        """Parse, check and admit one request (paho's thread: cheap, no file reads).
+
+        Bad, forbidden, expired and not-admitted requests are answered (or dropped) here;
+        the rest come back as a ``_Job`` for ``_finish``.
+        """
         parsed = self.topics.parse(topic)
         with self._lock:
             self._stats.requests += 1
@@ -324,26 +508,83 @@ class ChunkServer:
         if parsed is None or parsed[1] != "fetch/req":
             self._count(dropped=1)
             log.warning("chunk request on unexpected topic %r dropped", topic)
-            return
+            return None
         device_id = parsed[0]
+        req_or_header = self._decode(payload)
+        if req_or_header is None:
+            return None
+        if isinstance(req_or_header, FetchHeader):
+            self._publish(device_id, req_or_header, b"")
+            return None
+        req, file = req_or_header
+        if self._expired(device_id, req, learn=True):
+            return None
+        admitted = False
+        if req.busy_ok and self._admission is not None:
+            key = (device_id, req.path)
+            with self._lock:
+                was_active = key in self._admission.active
+                retry = self._admission.check(key, time.monotonic())
+                admitted = retry is None and key in self._admission.active
+                if admitted and not was_active:
+                    self._stats.admitted += 1
+            if retry is not None and req.offset == 0 and _fits(file, req.length):
+                self._count(exempt=1)  # a single-window file: cheaper to serve than to queue
+                with self._lock:
+                    self._admission.waiting.pop(key, None)
+            elif retry is not None:
+                self._count(busy=1)
+                busy = FetchHeader(
+                    id=req.id,
+                    path=req.path,
+                    offset=req.offset,
+                    total=0,
+                    status="busy",
+                    retry_after_s=round(retry, 3),
+                )
+                self._publish(device_id, busy, b"")
+                return None
+        return _Job(device_id, req, file, admitted)
+
+    def _finish(self, job: _Job) -> None:
+        """Read and answer an accepted request; never raises."""
         try:
-            header, data = self.answer(payload)
+            if self._expired(job.device_id, job.req, learn=False):
+                return
+            header, data = self._read(job.req, job.file)
+            if job.admitted and (
+                header.status != "ok" or job.req.offset + len(data) >= header.total
+            ):
+                self._release((job.device_id, job.req.path))
         except Exception:  # a bug here must cost one request, not the replica
-            log.exception("chunk request from %s crashed the handler; dropped", device_id)
+            log.exception("chunk request from %s crashed the handler; dropped", job.device_id)
             self._count(errors=1, dropped=1)
             return
-        if header is None:
+        self._publish(job.device_id, header, data)
+
+    def _release(self, key: TransferKey) -> None:
+        if self._admission is None:
             return
-        self._publish(device_id, header, data)
+        with self._lock:
+            if key in self._admission.active:
+                self._admission.done(key, time.monotonic())
 
-    def answer(self, payload: bytes) -> tuple[FetchHeader | None, bytes]:
-        """The answer to one request payload, or ``(None, b"")`` when none can be sent.
+    def _expired(self, device_id: str, req: FetchRequest, *, learn: bool) -> bool:
+        """True (counted) when the request waited longer than the device waits for it."""
+        if req.sent_at is None or req.timeout_s is None:
+            return False
+        with self._lock:
+            waited = self._clocks.delay(device_id, req.sent_at, time.time(), learn=learn)
+        if waited <= req.timeout_s:
+            return False
+        self._count(expired=1)
+        return True
 
-        Counts into ``stats()``; never raises for bad input (malformed, forbidden, missing).
-        """
+    def _decode(self, payload: bytes) -> tuple[FetchRequest, Path] | FetchHeader | None:
+        """The request and its file; or the ``bad_request`` answer; or None (drop). Counts."""
         if len(payload) > MAX_REQUEST_BYTES:
             self._count(bad_requests=1, dropped=1)
-            return None, b""
+            return None
         try:
             req = FetchRequest.decode(payload)
         except BadMessage as e:
@@ -351,9 +592,9 @@ class ChunkServer:
             recovered = _recover_id(payload)
             if recovered is None:
                 self._count(dropped=1)
-                return None, b""
+                return None
             rid, path = recovered
-            return self._status(rid, path, 0, "bad_request", str(e)), b""
+            return self._status(rid, path, 0, "bad_request", str(e))
         file = self._resolve(req.path)
         if file is None:
             self._count(bad_requests=1)
@@ -364,7 +605,23 @@ class ChunkServer:
                 req.offset,
                 "bad_request",
                 f"path {req.path!r} is outside the repository",
-            ), b""
+            )
+        return req, file
+
+    def answer(self, payload: bytes) -> tuple[FetchHeader | None, bytes]:
+        """The answer to one request payload, or ``(None, b"")`` when none can be sent.
+
+        Counts into ``stats()``; never raises for bad input (malformed, forbidden, missing).
+        """
+        decoded = self._decode(payload)
+        if decoded is None:
+            return None, b""
+        if isinstance(decoded, FetchHeader):
+            return decoded, b""
+        return self._read(*decoded)
+
+    def _read(self, req: FetchRequest, file: Path) -> tuple[FetchHeader, bytes]:
+        """The answer to a valid request for ``file`` (``ok``, ``not_found`` or ``error``)."""
         try:
             total, data = read_window(file, req.offset, req.length)
         except FileNotFoundError:
@@ -380,8 +637,7 @@ class ChunkServer:
                 "error",
                 f"registry could not read the file: {e.strerror}",
             ), b""
-        header = FetchHeader(id=req.id, path=req.path, offset=req.offset, total=total)
-        return header, data
+        return FetchHeader(id=req.id, path=req.path, offset=req.offset, total=total), data
 
     def _resolve(self, path: str) -> Path | None:
         """``resolve_repo_path`` with a small cache of recent answers.

@@ -1,0 +1,366 @@
+"""Chunk transfer flow control: admission (busy), expired requests, adaptive timeout, AIMD."""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
+from agent.update.fetcher import ChunkClient, FetchStoppedError
+from cloud_sync.registry.serve import Admission, ChunkServer, _Clocks, _Job
+from tests.conftest import Mosquitto
+from tests.test_transfer import RawDevice, _close, _connect
+
+KB = 1024
+MB = 1024 * 1024
+
+
+def _bytes(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "metadata").mkdir(parents=True)
+    (root / "targets").mkdir()
+    return root
+
+
+# -- pure parts ---------------------------------------------------------------------------
+
+
+def test_admission_is_first_come_first_served() -> None:
+    adm = Admission(2)
+    a, b, c, d = (("a", "p"), ("b", "p"), ("c", "p"), ("d", "p"))
+    assert adm.check(a, 0.0) is None and adm.check(b, 0.0) is None
+    hint_c = adm.check(c, 0.1)
+    hint_d = adm.check(d, 0.2)
+    assert hint_c is not None and hint_d is not None and hint_d >= hint_c
+    adm.done(a, 1.0)
+    assert adm.check(d, 1.1) is not None  # c is first in line, d must not jump it
+    assert adm.check(c, 1.2) is None
+    assert adm.check(a, 1.3) is None  # a late re-send of a finished transfer (grace)
+    adm.done(b, 2.0)
+    assert adm.check(d, 2.1) is None
+    assert set(adm.active) == {c, d}
+
+
+def test_admission_forgets_idle_transfers_and_absent_waiters() -> None:
+    adm = Admission(1, idle_s=5.0)
+    assert adm.check(("a", "p"), 0.0) is None
+    hint = adm.check(("b", "p"), 1.0)
+    assert hint is not None
+    assert adm.check(("c", "p"), 1.0) is not None
+    # a stops asking (crashed device); b never comes back; c keeps asking
+    assert adm.check(("c", "p"), 7.0 + 2 * hint) is None
+    assert ("b", "p") not in adm.waiting
+
+
+def test_clock_skew_cancels_out() -> None:
+    clocks = _Clocks()
+    skew = -3600.0  # the device's clock is an hour behind
+    assert clocks.delay("d", 1000.0 + skew, 1000.05, learn=True) == 0.0
+    assert clocks.delay("d", 1001.0 + skew, 1001.05, learn=True) == pytest.approx(0.0, abs=0.02)
+    assert clocks.delay("d", 1002.0 + skew, 1009.0, learn=True) == pytest.approx(6.95, abs=0.1)
+
+
+def test_old_forms_are_unchanged_on_the_wire() -> None:
+    req = FetchRequest(id="r1", path="targets/a", offset=0, length=10)
+    assert json.loads(req.encode()) == {"id": "r1", "path": "targets/a", "offset": 0, "length": 10}
+    flow = FetchRequest(
+        id="r1", path="targets/a", offset=0, length=10, sent_at=1.5, timeout_s=2, busy_ok=True
+    )
+    assert FetchRequest.decode(flow.encode()) == flow
+    ok = encode_response(FetchHeader(id="r1", path="targets/a", offset=0, total=3), b"abc")
+    (n,) = struct.unpack(">I", ok[:4])
+    assert set(json.loads(ok[4 : 4 + n])) == {"id", "path", "offset", "total", "status", "error"}
+    busy = FetchHeader(id="r1", path="targets/a", offset=0, total=0, status="busy", retry_after_s=2)
+    assert decode_response(encode_response(busy))[0].retry_after_s == 2
+
+
+class FakeBroker:
+    """A paho stand-in: requests go to ``answer(payload)``; its answers come back shuffled-free."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.callback: Any = None
+        self.sent: list[dict[str, Any]] = []
+
+    def message_callback_add(self, _topic: str, cb: Any) -> None:
+        self.callback = cb
+
+    def message_callback_remove(self, _topic: str) -> None:
+        self.callback = None
+
+    def subscribe(self, *_a: Any, **_k: Any) -> tuple[int, int]:
+        return 0, 1
+
+    def unsubscribe(self, *_a: Any) -> None:
+        pass
+
+    def is_connected(self) -> bool:
+        return True
+
+    def publish(self, _topic: str, payload: bytes, qos: int = 0) -> None:
+        self.sent.append(json.loads(payload))
+        out = self.answer(payload)
+        if out is not None and self.callback is not None:
+            self.callback(self, None, SimpleNamespace(topic="t", payload=out))
+
+
+def test_busy_waits_without_failing_or_tripping_the_rate_guard(repo: Path) -> None:
+    blob = _bytes(200 * KB, 1)
+    (repo / "targets" / "f.bin").write_bytes(blob)
+    server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u")
+    busy_left = [4]
+
+    def answer(payload: bytes) -> bytes | None:
+        req = FetchRequest.decode(payload)
+        if busy_left[0] > 0:
+            busy_left[0] -= 1
+            h = FetchHeader(
+                id=req.id,
+                path=req.path,
+                offset=req.offset,
+                total=0,
+                status="busy",
+                retry_after_s=0.15,
+            )
+            return encode_response(h)
+        header, data = server.answer(payload)
+        return None if header is None else encode_response(header, data)
+
+    fake = FakeBroker(answer)
+    cc = ChunkClient(
+        fake,  # type: ignore[arg-type]
+        "dev1",
+        chunk_size=16 * KB,
+        window=4,
+        retries=0,  # a busy answer counted as a failure would end the fetch at once
+        rate_span_s=0.1,
+        min_rate_bps=10 * MB,  # would trip during the ~0.6 s wait if the guard ran then
+        rng=random.Random(0),
+    )
+    t0 = time.monotonic()
+    data = b"".join(cc.iter_file("targets/f.bin"))
+    assert data == blob
+    assert time.monotonic() - t0 >= 4 * 0.15 * 0.8
+    assert cc.busy_responses == 4
+    assert cc.bytes_refetched == 0 and cc.timeouts == 0
+    assert all(m.get("busy_ok") is True and "sent_at" in m for m in fake.sent)
+
+
+def test_falls_back_to_the_old_request_form_for_an_old_registry(repo: Path) -> None:
+    (repo / "targets" / "f.bin").write_bytes(b"x" * 100)
+    server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u")
+
+    def old_registry(payload: bytes) -> bytes | None:
+        obj = json.loads(payload)
+        if set(obj) - {"id", "path", "offset", "length"}:
+            h = FetchHeader(
+                id=obj["id"],
+                path=obj["path"],
+                offset=0,
+                total=0,
+                status="bad_request",
+                error="bad fetch request: Extra inputs are not permitted",
+            )
+            return encode_response(h)
+        header, data = server.answer(payload)
+        return None if header is None else encode_response(header, data)
+
+    fake = FakeBroker(old_registry)
+    cc = ChunkClient(fake, "dev1")  # type: ignore[arg-type]
+    assert cc.fetch_range("targets/f.bin", 0, 100).data == b"x" * 100
+    assert not cc.flow_fields
+    assert set(fake.sent[-1]) == {"id", "path", "offset", "length"}
+
+
+def test_stop_event_ends_a_transfer(repo: Path) -> None:
+    stop = threading.Event()
+    fake = FakeBroker(lambda _p: None)  # nobody answers
+    cc = ChunkClient(fake, "dev1", stop_event=stop)  # type: ignore[arg-type]
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(FetchStoppedError):
+        cc.fetch_range("targets/f.bin", 0, 10)
+    assert time.monotonic() - t0 < 2
+
+
+# -- against a real broker ----------------------------------------------------------------
+
+
+@pytest.fixture
+def narrow_server(broker: Mosquitto, repo: Path) -> Iterator[ChunkServer]:
+    srv = ChunkServer(repo, broker.url, client_id="registry-1", max_transfers=1)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.broker
+def test_two_devices_through_one_transfer_slot(
+    narrow_server: ChunkServer, broker: Mosquitto, repo: Path, tmp_path: Path
+) -> None:
+    size = 6 * MB
+    blob = _bytes(size, 3)
+    path = "targets/models/m/1.0.0/model.onnx"
+    (repo / path).parent.mkdir(parents=True)
+    (repo / path).write_bytes(blob)
+    clients = [_connect(broker, f"edgefleet-dev{i}") for i in (1, 2)]
+    chunks = [ChunkClient(c, f"dev{i}", window=4) for i, c in zip((1, 2), clients, strict=True)]
+    ends: dict[int, float] = {}
+    errors: list[BaseException] = []
+    go = threading.Barrier(2)
+
+    def fetch(i: int) -> None:
+        try:
+            go.wait()
+            dest = tmp_path / f"dev{i}" / "model.onnx"
+            chunks[i].fetch_file(path, dest, max_length=size, resume_dir=tmp_path / f"r{i}")
+            ends[i] = time.monotonic()
+            assert dest.read_bytes() == blob
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for c in clients:
+            _close(c)
+    assert not errors, errors
+    waited = [i for i in (0, 1) if chunks[i].busy_responses > 0]
+    assert len(waited) == 1, [c.busy_responses for c in chunks]  # exactly one had to wait
+    first = 1 - waited[0]
+    assert ends[waited[0]] > ends[first]
+    for cc in chunks:
+        assert cc.timeouts == 0 and cc.bytes_refetched == 0
+        assert cc.bytes_received == size
+    stats = narrow_server.stats()
+    assert stats.busy >= 1 and stats.admitted == 2 and stats.expired == 0
+    assert stats.bytes_sent == 2 * size
+    assert stats.errors == 0 and stats.dropped == 0
+
+
+@pytest.mark.broker
+def test_old_devices_and_expired_requests(
+    narrow_server: ChunkServer, broker: Mosquitto, repo: Path
+) -> None:
+    (repo / "targets" / "big.bin").write_bytes(_bytes(300 * KB, 5))
+    with narrow_server._lock:  # another device holds the only transfer slot
+        assert narrow_server._admission is not None
+        assert (
+            narrow_server._admission.check(("other", "targets/big.bin"), time.monotonic()) is None
+        )
+    raw = RawDevice(broker, "old")
+    try:
+        # an old device (no busy_ok) is served as before, with the header it knows
+        header = raw.ask("o1", "targets/big.bin")
+        assert (header.status, header.total, header.retry_after_s) == ("ok", 300 * KB, None)
+        assert raw.ask("o2", "targets/missing.bin").status == "not_found"
+
+        def flow(rid: str, path: str, sent_at: float) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "path": path,
+                "offset": 0,
+                "length": 64 * KB,
+                "sent_at": sent_at,
+                "timeout_s": 1.0,
+                "busy_ok": True,
+            }
+
+        raw.publish(json.dumps(flow("n1", "targets/big.bin", time.time())).encode())
+        busy, data = raw.wait("n1")
+        assert busy.status == "busy" and busy.retry_after_s and data == b""
+        raw.publish(json.dumps(flow("n2", "targets/missing.bin", time.time())).encode())
+        assert raw.wait("n2")[0].status == "not_found"  # single-window answers skip the line
+        raw.publish(json.dumps(flow("n3", "targets/big.bin", time.time() - 30)).encode())
+        with pytest.raises(queue.Empty):
+            raw.wait("n3", timeout=1.0)
+        stats = narrow_server.stats()
+        assert stats.expired == 1 and stats.busy == 1
+    finally:
+        raw.close()
+
+
+class DroppingServer(ChunkServer):
+    """Drops the first request for each offset in ``drop`` (a lost message)."""
+
+    drop: set[int]
+
+    def _intake(self, topic: str, payload: bytes) -> _Job | None:
+        offset = json.loads(payload).get("offset")
+        if offset in self.drop:
+            self.drop.discard(offset)
+            return None
+        return super()._intake(topic, payload)
+
+
+@pytest.mark.broker
+def test_timeouts_halve_the_window_and_it_grows_back(
+    broker: Mosquitto, repo: Path, tmp_path: Path
+) -> None:
+    chunk, n = 16 * KB, 96
+    blob = _bytes(chunk * n, 9)
+    (repo / "targets" / "f.bin").write_bytes(blob)
+    srv = DroppingServer(repo, broker.url, client_id="registry-drop")
+    srv.drop = {20 * chunk, 21 * chunk}
+    srv.start()
+    client = _connect(broker, "edgefleet-dev1")
+    try:
+        cc = ChunkClient(
+            client, "dev1", chunk_size=chunk, window=8, request_timeout_s=0.4, backoff_s=0.01
+        )
+        seen: list[float] = []
+        cc.fetch_file(
+            "targets/f.bin",
+            tmp_path / "f.bin",
+            max_length=len(blob),
+            progress=lambda _g, _t: seen.append(cc.cwnd),
+        )
+        assert (tmp_path / "f.bin").read_bytes() == blob
+    finally:
+        _close(client)
+        srv.stop()
+    assert cc.timeouts == 2
+    assert cc.window_cuts == 1  # two windows of one loss event: one cut
+    assert min(seen) <= 5  # halved from 8 (to 4, +1 for the answer that ended the wait)
+    assert seen[-1] == 8  # and grown back, +1 per window answered
+    assert cc.bytes_refetched == 2 * chunk
+    assert cc.srtt is not None and cc.srtt < 0.4
+    assert cc.rto <= 0.8  # the doubled timeout came back down with new samples
+
+
+@pytest.mark.broker
+def test_timeout_adapts_to_measured_round_trips(
+    broker: Mosquitto, repo: Path, tmp_path: Path
+) -> None:
+    (repo / "targets" / "f.bin").write_bytes(_bytes(2 * MB, 2))
+    srv = ChunkServer(repo, broker.url, client_id="registry-rtt")
+    srv.start()
+    client = _connect(broker, "edgefleet-dev1")
+    try:
+        cc = ChunkClient(client, "dev1", window=8, request_timeout_s=5.0)
+        assert cc.rto == 5.0
+        cc.fetch_file("targets/f.bin", tmp_path / "f.bin", max_length=2 * MB)
+    finally:
+        _close(client)
+        srv.stop()
+    assert cc.srtt is not None and cc.srtt < 1.0
+    assert cc.rto == pytest.approx(1.0)  # SRTT + 4 RTTVAR on loopback is under the 1 s floor
