@@ -370,3 +370,12 @@ def test_fetch_request_example_is_a_real_request() -> None:
     req = EXAMPLES["fetch_request"]
     assert isinstance(req, FetchRequest)
     assert FetchRequest.decode(req.encode()) == req
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", '{"a": [1, Infinity]}'])
+def test_summary_refuses_non_finite_numbers(value: str) -> None:
+    # found by the mutation test: Infinity went in and came back out as null
+    base = EXAMPLES["inference_event"].model_dump(mode="json")
+    payload = json.dumps({**base, "summary": {"x": "PLACEHOLDER"}}).replace('"PLACEHOLDER"', value)
+    with pytest.raises(BadMessage, match="finite"):
+        InferenceEvent.decode(payload.encode())

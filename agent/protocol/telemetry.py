@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -271,6 +272,24 @@ class InferenceEvent(WireMessage):
         description="Task-specific summary, e.g. {'count': 3} or raw output statistics",
     )
     contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
+
+    @field_validator("summary")
+    @classmethod
+    def _finite_summary(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # JsonValue lets Infinity/NaN through (allow_inf_nan does not reach into it), and JSON
+        # has no such numbers: they would be re-encoded as null. Refuse them instead.
+        def check(x: Any) -> None:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError("summary values must be finite numbers")
+            if isinstance(x, dict):
+                for y in x.values():
+                    check(y)
+            elif isinstance(x, list):
+                for y in x:
+                    check(y)
+
+        check(v)
+        return v
 
     @classmethod
     def from_pipeline_event(cls, device_id: str, event: Mapping[str, Any]) -> InferenceEvent:
