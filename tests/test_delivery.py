@@ -81,7 +81,10 @@ class Fleet:
                 ],
                 "broker": {"url": self.broker.url},
                 "trust": {"root": str(self.repo_dir / "root.json")},
-                "update": {"health_window_s": 0.5, "health_min_frames": 5, **update},
+                # No test here is about latency: a loaded CI machine's jitter must not roll
+                # a good version back (the latency rule has its own tests in test_machine.py).
+                "update": {"health_window_s": 0.5, "health_min_frames": 5,
+                           "max_latency_ratio": 20.0, **update},
             }
         )
 
