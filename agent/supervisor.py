@@ -79,10 +79,10 @@ class Supervisor:
 
     def _run(self, duration_s: float | None) -> int:
         deadline = None if duration_s is None else time.monotonic() + duration_s
-        agent: Agent | None = self.make_agent(self.cfg)
-        assert agent is not None
-        agent.start()
-        self._notify(f"READY=1\nSTATUS=running {len(agent.pipelines)} pipeline(s)")
+        first = self.make_agent(self.cfg)
+        first.start()
+        self._notify(f"READY=1\nSTATUS=running {len(first.pipelines)} pipeline(s)")
+        agent: Agent | None = first
         try:
             while agent is not None:
                 agent = self._serve(agent, deadline)

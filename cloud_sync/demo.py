@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 
 from agent.config import parse_config
+from agent.errors import EdgefleetError
 from agent.pipeline.sinks import CallbackSink
 from agent.pipeline.synthetic import write_synthetic_video
 from agent.service import Agent
@@ -124,12 +125,18 @@ def _agent_config(wd: Path, broker: LocalBroker, repo_dir: Path, video: Path) ->
 
 
 def _follow_update(agent: Agent, stop: threading.Event) -> bool:
-    """Print each phase of the deployment; True once committed."""
-    assert agent.updates is not None
+    """Print each phase of the deployment; True once committed.
+
+    Raises:
+        EdgefleetError: the agent has no update manager (its config lacks [broker]/[trust]).
+    """
+    updates = agent.updates
+    if updates is None:
+        raise EdgefleetError("the demo agent has no update manager: [broker] and [trust] needed")
     seen = None
     deadline = time.monotonic() + UPDATE_TIMEOUT_S
     while not stop.is_set() and time.monotonic() < deadline:
-        p = agent.updates.reported().pipelines[0]
+        p = updates.reported().pipelines[0]
         now = (p.phase.value, p.target_version, p.active_version)
         if VERSION in (p.target_version, p.active_version):
             if now != seen:
