@@ -2,6 +2,7 @@
 
 The ``postgres`` fixture is session-wide; ``Postgres.new_database()`` gives each test its own
 database. Tests skip visibly, naming the reason, only where the server cannot start here.
+``db_url`` runs a test on SQLite and on PostgreSQL; ``store`` is the ingest store on it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from cloud_sync.ingest.store import Store, open_store
 from tests.conftest import free_port
 
 PG_BIN = Path(os.environ.get("EDGEFLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -120,3 +122,20 @@ def postgres() -> Iterator[Postgres]:
         yield pg
     finally:
         pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on a SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ingest.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    return pg.new_database()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """The ingest store (migrated) on ``db_url``."""
+    s = open_store(db_url)
+    yield s
+    s.close()

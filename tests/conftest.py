@@ -179,4 +179,4 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 # The PostgreSQL server fixture lives in its own module (it needs free_port above); importing
 # it here makes it available to every test module.
-from tests._postgres import postgres  # noqa: E402, F401
+from tests._postgres import db_url, postgres, store  # noqa: E402, F401

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,24 +22,8 @@ from cloud_sync.ingest.store import (
     open_store,
     schema_version,
 )
-from tests._postgres import Postgres
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ingest.db'}"
-    pg: Postgres = request.getfixturevalue("postgres")
-    return pg.new_database()
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    s = open_store(db_url)
-    yield s
-    s.close()
 
 
 def state(device: str = "cam-1", online: bool = True, **tags: str) -> dict[str, Any]:

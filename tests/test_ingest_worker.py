@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, cast
 
 import paho.mqtt.client as mqtt
@@ -38,10 +37,8 @@ from cloud_sync.ingest.store import (
     PIPELINE_STATE,
     TELEMETRY,
     Store,
-    open_store,
 )
 from cloud_sync.ingest.worker import IngestWorker
-from tests._postgres import Postgres
 from tests.conftest import Mosquitto, wait_for
 
 pytestmark = pytest.mark.broker
@@ -68,18 +65,6 @@ EXAMPLE_OF: dict[str, BaseModel] = {
     "events": EVENT,
 }
 _ids = itertools.count()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ingest.db'}"
-    else:
-        pg: Postgres = request.getfixturevalue("postgres")
-        url = pg.new_database()
-    s = open_store(url)
-    yield s
-    s.close()
 
 
 @dataclass

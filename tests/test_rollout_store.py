@@ -4,33 +4,18 @@ real SQLite file and a real PostgreSQL server (same tests, both), with hand-buil
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.protocol.state import UpdatePhase
-from cloud_sync.ingest.store import Store, open_store
+from cloud_sync.ingest.store import Store
 from cloud_sync.rollout import RolloutSpec, db, start
 from cloud_sync.rollout.commands import pause
 from cloud_sync.rollout.snapshot import SnapshotReader
-from tests._postgres import Postgres
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ingest.db'}"
-    else:
-        pg: Postgres = request.getfixturevalue("postgres")
-        url = pg.new_database()
-    s = open_store(url)
-    yield s
-    s.close()
 
 
 def spec(rid: str = "r1", **kw: Any) -> RolloutSpec:

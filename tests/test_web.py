@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from agent.protocol.topics import Topics
 from cloud_sync.ingest.store import TELEMETRY, Store, make_engine, open_store
 from cloud_sync.ingest.web import FleetWebServer, serve_web
-from tests._postgres import Postgres
 from tests.conftest import Mosquitto, free_port, terminate, wait_for
 from tests.test_ingest_store import reported, state, telemetry
 
@@ -161,14 +160,6 @@ def test_store_unavailable_is_503(tmp_path: Path) -> None:
 
 
 # --- Store.series on both backends -----------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'series.db'}"
-    pg: Postgres = request.getfixturevalue("postgres")
-    return pg.new_database()
 
 
 def test_store_series(db_url: str) -> None:
