@@ -15,6 +15,7 @@ from pathlib import Path
 from agent.fsutil import atomic_write_bytes
 from cloud_sync.acl import render_acl, render_mosquitto_conf
 from cloud_sync.pki import FleetCA, PkiError, identity_name
+from cloud_sync.registry.commands import parse_pairs
 
 SERVICE_ROLES = ("ingest", "registry", "operator")
 
@@ -68,16 +69,6 @@ def enroll_device(ca: FleetCA, device_id: str, out: Path, *, broker_url: str, ro
     text = agent_toml(device_id, broker_url, conf_dir, tags=tags or {}, groups=groups or [])
     atomic_write_bytes(bundle / "agent.toml", text.encode())
     return bundle
-
-
-def _pairs(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or not k:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {it!r}")
-        out[k] = v
-    return out
 
 
 def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -178,7 +169,7 @@ def _ca_broker_config(args: argparse.Namespace) -> int:
 def _enroll(args: argparse.Namespace) -> int:
     bundle = enroll_device(
         FleetCA(args.ca), args.device_id, args.out, broker_url=args.broker, root_json=args.root,
-        tags=_pairs(args.tag), groups=args.group, conf_dir=args.conf_dir,
+        tags=parse_pairs(args.tag, "--tag", str), groups=args.group, conf_dir=args.conf_dir,
     )  # fmt: skip
     print(f"enrolled {args.device_id}: copy {bundle}/ to {args.conf_dir}/ on the device, then "
           f"`edgefleet-agent run --config {args.conf_dir}/agent.toml`")  # fmt: skip

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Callable
+from typing import Any
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -30,3 +33,16 @@ def format_duration(seconds: float) -> str:
         if n >= 1 and n == int(n):
             return f"{int(n)}{unit}"
     return f"{seconds:g}s"
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from a parser raising ValueError: its message, exit status 2."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert

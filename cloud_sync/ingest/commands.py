@@ -9,7 +9,10 @@ import threading
 import time
 from typing import Any
 
+from cloud_sync.units import argparse_type, parse_duration
+
 DEFAULT_DB = "sqlite:///edgefleet.db"
+DURATION = argparse_type(parse_duration)
 
 
 def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,10 +31,10 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument("--http", type=int, default=None, metavar="PORT",
                      help="serve the fleet web page on this port")  # fmt: skip
     ing.add_argument("--http-addr", default="127.0.0.1", help="address for the web page")
-    ing.add_argument("--keep", type=_duration, default=None, metavar="DURATION",
+    ing.add_argument("--keep", type=DURATION, default=None, metavar="DURATION",
                      help="retention: delete telemetry, events and dead letters older than this "
                           "(e.g. 30d), checked every --retention-every")  # fmt: skip
-    ing.add_argument("--retention-every", type=_duration, default=3600.0, metavar="DURATION",
+    ing.add_argument("--retention-every", type=DURATION, default=3600.0, metavar="DURATION",
                      help="how often to apply --keep (default 1h)")  # fmt: skip
     ing.set_defaults(fn=_ingest)
 
@@ -45,18 +48,9 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     st.set_defaults(fn=_fleet_status)
     rt = fsub.add_parser("retention", help="delete history older than --keep, once")
     rt.add_argument("--db", default=DEFAULT_DB)
-    rt.add_argument("--keep", type=_duration, required=True, metavar="DURATION",
+    rt.add_argument("--keep", type=DURATION, required=True, metavar="DURATION",
                     help="history to keep, e.g. 30d (devices and current state stay)")  # fmt: skip
     rt.set_defaults(fn=_retention)
-
-
-def _duration(text: str) -> float:
-    from cloud_sync.units import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def apply_retention(store: Any, keep_s: float) -> dict[str, int]:

@@ -13,19 +13,7 @@ from typing import Any
 
 from agent.errors import BadDataError
 from cloud_sync.ingest.commands import DEFAULT_DB
-
-
-def _arg(parse: Any) -> Any:
-    """An argparse type from a parser raising ValueError (its message, exit 2)."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
+from cloud_sync.units import argparse_type as _arg
 
 
 def _soak(text: str) -> float:
