@@ -389,6 +389,7 @@ class Agent:
         from agent.update.tuf_client import TufClient
 
         cfg, upd = self.cfg, self.cfg.update
+        stop_updates = threading.Event()
         chunks = ChunkClient(
             self.session.client,
             cfg.device_id,
@@ -396,6 +397,7 @@ class Agent:
             chunk_size=upd.chunk_kb * 1024,
             window=upd.window,
             request_timeout_s=upd.request_timeout_s,
+            stop_event=stop_updates,
         )
         self.session.on_connected.append(chunks.resubscribe)
         fetcher = MqttFetcher(chunks, resume_dir=cfg.data_dir / "tuf" / "partial")
@@ -421,6 +423,7 @@ class Agent:
             open_model=open_model,
             publish_reported=self.session.publish_reported,
             retry_s=upd.retry_s,
+            stop_event=stop_updates,
             health=lambda: HealthWindow(
                 duration_s=upd.health_window_s,
                 min_frames=upd.health_min_frames,

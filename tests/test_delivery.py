@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -427,6 +428,35 @@ def test_registry_outage_mid_transfer_resumes_without_refetching(
     again = chunks.bytes_received - needed
     assert again <= window_bytes, f"{again} bytes received again, more than one window"
     assert chunks.bytes_received >= targets
+
+
+@pytest.mark.slow
+def test_stop_ends_a_stalled_transfer_at_once_and_keeps_the_partial(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The update manager's stop event is the chunk client's: stopping the agent while a
+    transfer waits on a silent registry does not wait out the request timeouts (30 s each
+    here), and the partial download survives for the next start."""
+    big = _big_model(fleet.models["digits"], tmp_path / "big", 8)
+    publish(fleet.repo, big, name="digits", version="2.0.0")
+    agent = fleet.start_agent(request_timeout_s=30.0, retry_s=60.0)
+    fleet.deploy("digits@2.0.0")
+    assert wait_for(lambda: fleet.server.stats().bytes_sent > 3 << 20, 60)
+    fleet.server.stop()  # silent registry: the outstanding requests get no answer
+    assert agent.updates is not None and agent.updates._thread is not None
+    time.sleep(0.5)
+    assert agent.updates._thread.is_alive()
+    agent.updates.stop(timeout=5.0)
+    assert not agent.updates._thread.is_alive(), "the transfer ignored the stop event"
+    partial = fleet.tmp / "data" / "tuf" / "partial"
+    assert any(p.stat().st_size > 0 for p in partial.iterdir()), "partial download lost"
+    fleet.stop_agent()
+    fleet.server = ChunkServer(fleet.repo_dir, fleet.broker.url, client_id="registry-2", workers=2)
+    fleet.server.start()
+    fleet.start_agent()
+    fleet.wait_phase("committed", version="2.0.0", timeout=120)
+    targets = sum(t.length for p, t in fleet.repo.targets().items() if "/2.0.0/" in p)
+    assert fleet.server.stats().bytes_sent < targets, "the restart fetched everything again"
 
 
 def _rollback_timestamp(fleet: Fleet, saved: bytes) -> None:

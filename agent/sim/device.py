@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -140,6 +141,7 @@ class SimDevice:
         )
         session = DeviceSession(broker, self.device_id, birth, self._on_desired, rng=self.rng)
         self.session = session
+        stop_updates = threading.Event()  # stops a running transfer with the manager
         chunks = ChunkClient(
             session.client,
             self.device_id,
@@ -147,6 +149,7 @@ class SimDevice:
             chunk_size=upd.chunk_kb * 1024,
             window=upd.window,
             request_timeout_s=upd.request_timeout_s,
+            stop_event=stop_updates,
         )
         self.chunks = chunks
         session.on_connected.append(chunks.resubscribe)
@@ -167,6 +170,7 @@ class SimDevice:
             open_model=open_sim_model,
             publish_reported=self._publish_reported,
             retry_s=upd.retry_s,
+            stop_event=stop_updates,
             health=lambda: HealthWindow(
                 duration_s=upd.health_window_s,
                 min_frames=upd.health_min_frames,
@@ -215,8 +219,7 @@ class SimDevice:
             return
         self.started = False
         if self.updates is not None:
-            # 2 s, not 10: a manager inside a fetch only notices at the fetch's end; its
-            # daemon thread then finds the session closed and gives up on its own
+            # its stop event also ends a running transfer (the chunk client shares it)
             self.updates.stop(timeout=2.0)
         if self.reporter is not None:
             self.reporter.stop()

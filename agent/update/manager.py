@@ -101,6 +101,7 @@ class UpdateManager:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = utcnow,
         retry_s: float = 10.0,
+        stop_event: threading.Event | None = None,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -117,7 +118,9 @@ class UpdateManager:
         self.errors = _Errors()
         self.progress: dict[str, Progress] = {}
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
-        self._stop = threading.Event()
+        # Shared with the ChunkClient (when given), so stop() also ends a running transfer
+        # instead of waiting out its request timeouts; the partial download is kept.
+        self._stop = stop_event if stop_event is not None else threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.idle = threading.Event()
