@@ -424,6 +424,8 @@ class Agent:
             publish_reported=self.session.publish_reported,
             retry_s=upd.retry_s,
             stop_event=stop_updates,
+            # test-only, as EDGEFLEET_TEST_BUILD_SLEEP_S above
+            trial_sleep_s=float(os.environ.get("EDGEFLEET_TEST_TRIAL_SLEEP_S") or 0.0),
             health=lambda: HealthWindow(
                 duration_s=upd.health_window_s,
                 min_frames=upd.health_min_frames,

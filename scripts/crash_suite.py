@@ -4,7 +4,9 @@
 A real TUF registry with its MQTT chunk server, a Mosquitto broker and ``edgefleet-agent run``
 in a subprocess (as ``tests/test_delivery_crash.py`` starts it). Each round publishes and
 deploys a new version, SIGKILLs the agent at a moment drawn uniformly over the measured update
-duration (so kills land in fetching, verified, building, trial, active and after commit),
+duration (so kills land in fetching, verified, building, trial, active and after commit:
+each version carries ``--model-mb`` of padding so its download lasts, and the test-only hooks
+``EDGEFLEET_TEST_BUILD_SLEEP_S``/``EDGEFLEET_TEST_TRIAL_SLEEP_S`` stretch build and trial),
 records the phase it was in (its last reported state, and ``status.json``), restarts it and
 checks, once the restarted agent settled:
 
@@ -91,6 +93,26 @@ def digit_video(models: dict[str, Path], path: Path) -> Path:
     return path
 
 
+def publish_padded(fleet: Fleet, version: str, model_mb: int) -> None:
+    """Publish the digits model grown by ``model_mb`` MiB of initializer (unused by the graph),
+    so the download lasts long enough for kills to land in it; each version's bytes differ,
+    so each has its own engine to build."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cloud_sync.registry.publish import publish
+
+    d = fleet.tmp / "src" / f"digits-{version}"
+    shutil.copytree(fleet.models["digits"], d)
+    m = onnx.load(str(d / "model.onnx"))
+    m.doc_string = f"digits {version}"
+    if model_mb:
+        pad = np.random.default_rng(len(version)).standard_normal(model_mb << 18)
+        m.graph.initializer.append(numpy_helper.from_array(pad.astype(np.float32), "padding"))
+    onnx.save(m, str(d / "model.onnx"))
+    publish(fleet.repo, d / "model.onnx", name="digits", version=version)
+
+
 def last_for(fleet: Fleet, version: str) -> str | None:
     """Phase of the newest reported state whose attempt targets ``version``."""
     for r in reversed(fleet.reported):
@@ -171,6 +193,8 @@ def run_suite(
     *,
     seed: int = 0,
     build_sleep_s: float = 1.5,
+    trial_sleep_s: float = 1.0,
+    model_mb: int = 16,
     health_window_s: float = 1.5,
     settle_timeout_s: float = 120.0,
     log: Any = None,
@@ -184,17 +208,20 @@ def run_suite(
     broker.start()
     fleet = Fleet(workdir, broker, digit_video(models, workdir / "digits.mkv"), models)
     fleet.server.start()
-    env = {"EDGEFLEET_TEST_BUILD_SLEEP_S": str(build_sleep_s)}
+    env = {
+        "EDGEFLEET_TEST_BUILD_SLEEP_S": str(build_sleep_s),
+        "EDGEFLEET_TEST_TRIAL_SLEEP_S": str(trial_sleep_s),
+    }
     rounds: list[Round] = []
     agent = AgentProcess(fleet, health_window_s=health_window_s)
     t_start = time.monotonic()
     try:
-        fleet.publish("digits", "1.0.0")
+        publish_padded(fleet, "1.0.0", model_mb)
         agent.start(**env)
         # calibration: the second of two undisturbed updates (the first includes start-up)
         for version in ("1.0.0", "1.0.1"):
             if version != "1.0.0":
-                fleet.publish("digits", version)
+                publish_padded(fleet, version, model_mb)
             t0 = time.monotonic()
             fleet.deploy(f"digits@{version}")
             if not wait_for(lambda v=version: last_for(fleet, v) == "committed", settle_timeout_s):
@@ -205,7 +232,7 @@ def run_suite(
         say(f"calibration: one update takes {update_s:.1f} s")
         for i in range(kills):
             version = f"1.{i + 1}.0"
-            fleet.publish("digits", version)
+            publish_padded(fleet, version, model_mb)
             delay = rng.uniform(0.0, update_s * 1.15)
             fleet.deploy(f"digits@{version}")
             time.sleep(delay)
@@ -272,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=50, help="kill/restart rounds (default 50)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     ap.add_argument("--build-sleep", type=float, default=1.5, help="extra seconds per build")
+    ap.add_argument("--trial-sleep", type=float, default=1.0, help="extra seconds per trial")
+    ap.add_argument("--model-mb", type=int, default=16, help="MiB of padding per model version")
     ap.add_argument("--health-window", type=float, default=1.5, help="health window, seconds")
     ap.add_argument("--workdir", type=Path, help="keep registry, data dir and logs here")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -284,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir,
         seed=seed,
         build_sleep_s=args.build_sleep,
+        trial_sleep_s=args.trial_sleep,
+        model_mb=args.model_mb,
         health_window_s=args.health_window,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )

@@ -112,6 +112,7 @@ def proc_fleet(
     ("kill_in", "health_window_s", "extra_env", "expected_phase"),
     [
         ("building", 0.5, {"EDGEFLEET_TEST_BUILD_SLEEP_S": "60"}, "rejected"),
+        ("trial", 0.5, {"EDGEFLEET_TEST_TRIAL_SLEEP_S": "60"}, "rejected"),
         ("active", 120.0, {}, "rolled_back"),
     ],
 )
@@ -158,5 +159,41 @@ def test_kill_during_update_restarts_on_committed_model(
             "version": "1.0.0",
         }
         assert not list((agent.data / "models").rglob("*.tmp")), "temp files left behind"
+    finally:
+        agent.stop()
+
+
+def test_kill_during_fetching_resumes_the_download_after_restart(
+    proc_fleet: Fleet, tmp_path: Path
+) -> None:
+    """A download is resumable: the restarted agent goes on from its partial file (kept in
+    DATA_DIR/tuf/partial) instead of fetching the artifact again, then commits."""
+    from cloud_sync.registry.publish import publish
+    from tests.test_delivery import _big_model
+
+    f = proc_fleet
+    f.publish("digits", "1.0.0")
+    big = _big_model(f.models["digits"], tmp_path / "big", 16)
+    publish(f.repo, big, name="digits", version="2.0.0")
+    artifact = sum(t.length for p, t in f.repo.targets().items() if "/2.0.0/" in p)
+    agent = AgentProcess(f, health_window_s=0.5)
+    agent.start()
+    try:
+        f.deploy("digits@1.0.0")
+        assert wait_for(lambda: phase_of(f, "1.0.0") == "committed", 60), latest(f)
+        sent0 = f.server.stats().bytes_sent
+        f.deploy("digits@2.0.0")
+        assert wait_for(lambda: f.server.stats().bytes_sent - sent0 > 6 << 20, 60)
+        assert phase_of(f, "2.0.0") == "fetching", latest(f)
+        agent.kill9()
+        sent_before_kill = f.server.stats().bytes_sent - sent0
+        agent = AgentProcess(f, health_window_s=0.5)
+        agent.start()
+        assert wait_for(lambda: phase_of(f, "2.0.0") == "committed", 90), latest(f)
+        assert wait_for(lambda: agent.running() == "digits@2.0.0", 30), agent.status()
+        total = f.server.stats().bytes_sent - sent0
+        # from scratch it would be sent_before_kill + artifact; resumed, only what was in
+        # flight at the kill comes twice
+        assert total < artifact + sent_before_kill - (2 << 20), (total, artifact, sent_before_kill)
     finally:
         agent.stop()

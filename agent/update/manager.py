@@ -102,8 +102,12 @@ class UpdateManager:
         wall: Callable[[], datetime] = utcnow,
         retry_s: float = 10.0,
         stop_event: threading.Event | None = None,
+        trial_sleep_s: float = 0.0,
     ) -> None:
         self.device_id = device_id
+        # Test-only (EDGEFLEET_TEST_TRIAL_SLEEP_S in the agent): the trial waits this long
+        # first, so crash tests can kill the agent while a built model is on trial.
+        self.trial_sleep_s = trial_sleep_s
         self.profile = profile
         self.pipelines = pipelines
         self.store = store
@@ -461,6 +465,8 @@ class UpdateManager:
         Raises:
             Rejected: a mismatch or NaN/inf, in words.
         """
+        if self.trial_sleep_s:
+            self._stop.wait(self.trial_sleep_s)
         golden = self.store.materialize(model.card.name, model.card.version) / "golden.npz"
         ins, outs = load_golden(golden)
         prec = model.backend.info.precision
