@@ -115,7 +115,7 @@ def partition_during_deploy(fleet: Fleet, cut_s: float, log: Any = None) -> dict
             "cut_s": round(cut_s, 1),
             "noticed_s": round(noticed_s, 1),
             "frames_during_cut": frames1 - frames0,
-            "telemetry_queued": queued,
+            "outbox_queued": queued,
             "telemetry_delivered": len(set(dash.ts)),
             "telemetry_produced": produced,
             "committed_after_heal_s": round(committed_s, 1),
