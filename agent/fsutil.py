@@ -1,7 +1,8 @@
 """Adapter: crash-safe file writes (temp file in the same folder, fsync, ``os.replace``).
 
 After a power cut a reader sees either the old file or the new one, never a half-written one
-(the pattern python-tuf uses to persist metadata).
+(the pattern python-tuf uses to persist metadata). A process killed between creating the temp
+file and the rename leaves the temp file; ``remove_stale_temps`` sweeps them at start-up.
 """
 
 from __future__ import annotations
@@ -9,9 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# atomic_write_bytes' temp names: ".{target name}.{mkstemp's 8 characters}.tmp"
+OUR_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+# python-tuf's _persist_file: tempfile.NamedTemporaryFile in the metadata folder, "tmp" + 8
+TUF_TEMP = re.compile(r"^tmp[a-z0-9_]{8}$")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
@@ -50,3 +57,21 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(directory: Path, pattern: re.Pattern[str] = OUR_TEMP) -> list[Path]:
+    """Delete the temp files an interrupted atomic write left in ``directory`` (not recursive).
+
+    Call it before anything in this process writes there: a temp file of a running write
+    matches too."""
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in entries:
+        if pattern.match(p.name) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed

@@ -29,7 +29,7 @@ from agent.config import (
 )
 from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
-from agent.fsutil import atomic_write_json
+from agent.fsutil import atomic_write_json, remove_stale_temps
 from agent.pipeline.model import RunnableModel, card_for_local_model, load_golden, parse_size
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import JsonlSink, Sink
@@ -260,6 +260,10 @@ class Agent:
             EdgefleetError: a model or source is unusable (nothing is left running).
         """
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # status.json's temp file when the last run was killed mid-write (the model store and
+        # the TUF client sweep their own folders)
+        for stale in remove_stale_temps(self.cfg.data_dir):
+            log.info("removed %s left by an interrupted write", stale.name)
         try:
             for p in self.cfg.pipelines:
                 sinks: list[Sink] = []

@@ -15,8 +15,9 @@ checks, once the restarted agent settled:
 * ``state.json`` parses (``UpdateState``);
 * every object in the model store hashes to its name, every version record parses and names
   existing objects, every materialized file matches its object;
-* no ``.tmp``/``.part`` file older than a few seconds anywhere in the data dir outside the
-  resume dir ``tuf/partial`` (the running agent's own atomic writes live milliseconds).
+* no ``.tmp``/``.part`` file (nor python-tuf's ``tmpXXXXXXXX``) older than a few seconds
+  anywhere in the data dir outside the resume dir ``tuf/partial`` (the running agent's own
+  atomic writes live milliseconds).
 
     python scripts/crash_suite.py --kills 50 [--json] [--seed N] [--workdir DIR]
 
@@ -44,6 +45,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from agent.fsutil import TUF_TEMP  # noqa: E402
 from agent.update.machine import UpdateState  # noqa: E402
 from tests.conftest import MODEL_SCRIPT, Mosquitto, load_model_script, wait_for  # noqa: E402
 from tests.test_delivery import Fleet  # noqa: E402
@@ -176,7 +178,8 @@ def check_data_dir(data: Path, running: str | None) -> list[str]:
     partial = data / "tuf" / "partial"
     now = time.time()
     for p in data.rglob("*"):
-        if partial in p.parents or not (p.name.endswith(".tmp") or p.name.endswith(".part")):
+        temp = p.name.endswith((".tmp", ".part")) or TUF_TEMP.match(p.name)
+        if partial in p.parents or not temp:
             continue
         try:
             age = now - p.stat().st_mtime

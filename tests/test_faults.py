@@ -123,6 +123,47 @@ def test_crash_suite_invariant_checker_catches_a_corrupt_object(tmp_path: Path) 
     stray.write_bytes(b"")
     os.utime(stray, (old, old))
     assert any("left-over temporary" in p for p in suite.check_data_dir(tmp_path, "x"))
+    stray.unlink()
+    tuf_stray = tmp_path / "tuf" / "metadata" / "tmp3kx9_a0z"
+    tuf_stray.parent.mkdir(parents=True)
+    tuf_stray.write_bytes(b"")
+    os.utime(tuf_stray, (old, old))
+    assert any("tmp3kx9_a0z" in p for p in suite.check_data_dir(tmp_path, "digits@1.0.0"))
+
+
+def test_stale_temps_of_killed_writes_are_swept_at_start(tmp_path: Path) -> None:
+    """A kill between an atomic write's temp file and its rename leaves the temp file (the
+    crash suite found .status.json.*.tmp piling up, one per unlucky kill): the agent's start
+    removes its own, and the TUF client python-tuf's, and nothing else."""
+    from agent.config import parse_config
+    from agent.fsutil import atomic_write_json, remove_stale_temps
+    from agent.service import Agent
+    from agent.update.tuf_client import TufClient
+
+    data = tmp_path / "data"
+    meta = data / "tuf" / "metadata"
+    meta.mkdir(parents=True)
+    ours = data / ".status.json.k3j_9xq2.tmp"
+    tufs = meta / "tmpa8_3kd9z"
+    keep = [data / "status.json", data / "notes.tmp", meta / "timestamp.json", data / "tmp"]
+    for p in (ours, tufs, *keep[:3]):
+        p.write_bytes(b"{}")
+    keep[3].mkdir()
+    # the sweep matches exactly what atomic_write_bytes creates
+    atomic_write_json(tmp_path / "x.json", {})
+    assert remove_stale_temps(tmp_path) == []
+    agent = Agent(parse_config({
+        "device_id": "d1", "data_dir": str(data), "profile": "x86-cpu", "pipelines": [],
+    }))  # fmt: skip
+    agent.start()
+    agent.stop()
+    assert not ours.exists()
+    assert tufs.exists()  # not the agent's own folder: the TUF client's sweep takes it
+    root = tmp_path / "root.json"
+    root.write_bytes(b"{}")
+    TufClient(data, root, fetcher=None)  # type: ignore[arg-type]
+    assert not tufs.exists()
+    assert all(p.exists() for p in keep)
 
 
 # --------------------------------------------------------------------------- (b) disk full

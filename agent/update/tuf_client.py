@@ -22,6 +22,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from agent.errors import BadDataError, TransportError
+from agent.fsutil import TUF_TEMP, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class TufClient:
         self.target_dir = data_dir / "tuf" / "targets"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.target_dir.mkdir(parents=True, exist_ok=True)
+        # what a kill in the middle of ngclient's metadata persist left (it has no sweep)
+        for p in remove_stale_temps(self.metadata_dir, TUF_TEMP):
+            log.info("tuf: removed %s left by an interrupted write", p.name)
         try:
             self.bootstrap = trust_root.read_bytes()
         except OSError as e:
