@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -149,9 +150,12 @@ def test_stale_temps_of_killed_writes_are_swept_at_start(tmp_path: Path) -> None
     for p in (ours, tufs, *keep[:3]):
         p.write_bytes(b"{}")
     keep[3].mkdir()
-    # the sweep matches exactly what atomic_write_bytes creates
+    # the sweep matches the temp names atomic_write_bytes makes, and a finished write leaves none
+    fd, name = tempfile.mkstemp(prefix=".x.json.", suffix=".tmp", dir=tmp_path)
+    os.close(fd)
     atomic_write_json(tmp_path / "x.json", {})
-    assert remove_stale_temps(tmp_path) == []
+    assert remove_stale_temps(tmp_path) == [Path(name)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "x.json"]
     agent = Agent(parse_config({
         "device_id": "d1", "data_dir": str(data), "profile": "x86-cpu", "pipelines": [],
     }))  # fmt: skip
