@@ -3,6 +3,7 @@ real TUF registry and chunk server; only the camera and the inference are simula
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from collections.abc import Iterator
@@ -172,3 +173,106 @@ def test_sim_pipeline_feeds_metrics_and_observer() -> None:
     assert 30 < seen.count(False) < 70
     snap = pipe.metrics.snapshot(2.0)
     assert snap["frames_inferred"] + snap["errors"] == 100
+
+
+def test_sim_model_check_runs_once_per_content(
+    tmp_path: Path, fleet_sim: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine-build stand-in checks each model's bytes once per process (1,000 devices
+    install the same bytes), and still refuses bytes that are not ONNX."""
+    import onnx
+
+    from agent.errors import ModelError
+    from agent.sim import engine
+
+    calls: list[int] = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: (calls.append(1),
+                        real(m, *a, **k)))  # fmt: skip
+    monkeypatch.setattr(engine, "_SIGNATURES", {})
+    path = fleet_sim.build_model(tmp_path / "m.onnx", 4096, seed=7)
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    first = engine._checked_signature(data, sha, path)
+    again = engine._checked_signature(path.read_bytes(), sha, path)
+    assert again == first and len(calls) == 1
+    assert [s.name for s in first.inputs] == ["image"]  # the weights are not an input
+    assert [s.name for s in first.outputs] == ["scores"]
+    junk = b"not onnx at all"
+    for _ in range(2):
+        with pytest.raises(ModelError, match="not a valid ONNX model"):
+            engine._checked_signature(junk, hashlib.sha256(junk).hexdigest(), path)
+    assert hashlib.sha256(junk).hexdigest() not in engine._SIGNATURES
+
+
+def test_sim_telemetry_shares_one_host_sample_per_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.sim import device as sim_device
+
+    reads: list[float] = []
+    real = sim_device.read_device_stats
+
+    def counting(root: Path, **kw: Any) -> Any:
+        reads.append(kw["now"])
+        return real(root, **kw)
+
+    monkeypatch.setattr(sim_device, "read_device_stats", counting)
+    host = sim_device.HostStats(max_age_s=1.0)
+    clock = [100.0]
+    snaps = []
+    for i in range(3):
+        pipe = SimPipeline("front", f"dev{i}", rng=random.Random(i))
+        pipe.start(now=99.0)
+        snaps.append(sim_device.SimTelemetrySnapshot(
+            f"dev{i}", [pipe], None, interval_s=1.0, data_dir=tmp_path, host=host,  # type: ignore[list-item]
+            clock=lambda: clock[0],
+        ))  # fmt: skip
+    msgs = [s.build() for s in snaps]
+    clock[0] = 100.5
+    msgs += [s.build() for s in snaps]
+    assert reads == [100.0]  # six messages, one read of /proc
+    clock[0] = 101.0
+    msgs.append(snaps[0].build())
+    assert reads == [100.0, 101.0]
+    assert [m.device_id for m in msgs[:3]] == ["dev0", "dev1", "dev2"]
+    assert all(m.device.mem_total_mb > 0 and m.pipelines[0].name == "front" for m in msgs)
+
+
+def test_mqtt_loop_runs_every_posted_command_with_few_wake_ups() -> None:
+    """Commands posted from other threads all run; a wake-up byte already on its way is not
+    sent again (each one is a syscall and a loop pass)."""
+    from agent.sim.netloop import MqttLoop
+
+    class CountingSocket:
+        def __init__(self, sock: Any) -> None:
+            self.sock, self.sends = sock, 0
+
+        def send(self, data: bytes) -> int:
+            self.sends += 1
+            return int(self.sock.send(data))
+
+        def close(self) -> None:
+            self.sock.close()
+
+    loop = MqttLoop("test-loop")
+    counting = CountingSocket(loop._wake_w)
+    loop._wake_w = counting  # type: ignore[assignment]
+    loop.start()
+    ran: list[int] = []
+    try:
+
+        def post_many(k: int) -> None:
+            for i in range(500):
+                loop._post(lambda i=i: ran.append(k * 1000 + i))
+
+        threads = [threading.Thread(target=post_many, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loop.call(lambda: None)  # every command posted before this one has run
+        assert sorted(ran) == sorted(k * 1000 + i for k in range(4) for i in range(500))
+        assert counting.sends < 1000  # one per post before (2,001)
+    finally:
+        loop.stop()

@@ -7,10 +7,12 @@ Wiring follows ``agent.service.Agent._start_cloud``/``_start_delivery``: a ``Dev
 ``UpdateManager`` with its ``HealthWindow``. What differs: the pipelines are ``SimPipeline``s,
 the engine build is ``open_sim_model``, and, when a shared ``MqttLoop`` is given, the session's
 paho client is driven by it instead of a thread of its own. Telemetry is the real
-``Telemetry`` message (``TelemetrySnapshot``), published on the session's client at each
-``tick`` (``telemetry="direct"``: a device offline at that moment loses the message) or through
-the real on-disk ``Outbox`` and ``OutboxSender`` with a ``TelemetryReporter`` thread
-(``telemetry="outbox"``: three more threads and a SQLite file per device).
+``Telemetry`` message (``TelemetrySnapshot``; in direct mode its device stats are one host
+sample per second shared by the process's devices, ``HostStats``), published on the session's
+client at each ``tick`` (``telemetry="direct"``: a device offline at that moment loses the
+message) or through the real on-disk ``Outbox`` and ``OutboxSender`` with a
+``TelemetryReporter`` thread (``telemetry="outbox"``: three more threads and a SQLite file per
+device).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import random
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,13 +33,20 @@ from agent.config import BrokerConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import get_profile
 from agent.protocol.state import DeviceState, PipelineReport, ReportedState
+from agent.protocol.telemetry import (
+    DeviceStats,
+    OutboxStats,
+    Telemetry,
+    pipeline_telemetry_from_status,
+)
 from agent.protocol.topics import DEFAULT_ROOT
 from agent.sim.engine import ProfileFn, SimPipeline, default_profile, open_sim_model
 from agent.sim.netloop import MqttLoop
 from agent.sync.mqtt import parse_broker_url
 from agent.sync.session import DeviceSession
+from agent.telemetry.device import CpuTimes, read_device_stats
 from agent.telemetry.outbox import Outbox, OutboxSender
-from agent.telemetry.reporter import TelemetryReporter, TelemetrySnapshot
+from agent.telemetry.reporter import OUTBOX_OFF, TelemetryReporter, TelemetrySnapshot
 from agent.update.fetcher import ChunkClient, MqttFetcher
 from agent.update.machine import HealthWindow
 from agent.update.manager import UpdateManager
@@ -44,6 +54,66 @@ from agent.update.store import ModelStore
 from agent.update.tuf_client import TufClient
 
 log = logging.getLogger(__name__)
+
+HOST_STATS_S = 1.0  # how long one host-stats sample serves every simulated device
+
+
+class HostStats:
+    """The host's device stats (``/proc``, ``statvfs`` of the data dir), read at most once per
+    ``max_age_s`` and shared by every simulated device of the process.
+
+    Simulated devices share one host: a real agent reads its own ``/proc`` per message, which
+    for 1,000 simulated devices would be 1,000 reads of the same files per interval.
+    """
+
+    def __init__(self, max_age_s: float = HOST_STATS_S, sysroot: Path = Path("/")) -> None:
+        self.max_age_s = max_age_s
+        self.sysroot = sysroot
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._cpu: CpuTimes | None = None
+        self._at = -float("inf")
+        self._stats: DeviceStats | None = None
+
+    def get(self, now: float, data_dir: Path) -> DeviceStats:
+        """The latest sample, re-read when older than ``max_age_s``."""
+        with self._lock:
+            if self._stats is None or now - self._at >= self.max_age_s:
+                stats, self._cpu = read_device_stats(
+                    self.sysroot, prev_cpu=self._cpu, now=now, data_dir=data_dir
+                )
+                self._stats, self._at = DeviceStats(**stats), now
+                self.reads += 1
+            return self._stats
+
+
+HOST_STATS = HostStats()
+
+
+class SimTelemetrySnapshot(TelemetrySnapshot):
+    """``TelemetrySnapshot`` whose device part is the process-wide ``HostStats`` sample; the
+    pipelines' part (``status`` through the real ``PipelineMetrics``) and the message's
+    validation are the real ones. Direct mode only (no outbox)."""
+
+    def __init__(self, *args: Any, host: HostStats = HOST_STATS, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.host = host
+
+    def build(self) -> Telemetry:
+        """Raises: ValidationError as ``TelemetrySnapshot.build``."""
+        with self._lock:
+            now = self.clock()
+            return Telemetry(
+                device_id=self.device_id,
+                ts=self.wall(),
+                interval_s=self.interval_s,
+                pipelines=[
+                    pipeline_telemetry_from_status(p.status(now, reader=self.reader))
+                    for p in self.pipelines
+                ],
+                device=self.host.get(now, self.data_dir),
+                outbox=OutboxStats(**OUTBOX_OFF),
+            )
 
 
 class SimDevice:
@@ -124,8 +194,6 @@ class SimDevice:
 
     def start(self, now: float | None = None) -> None:
         """Wire the real agent parts, recover the persisted update state and connect."""
-        import time
-
         now = time.monotonic() if now is None else now
         self.data_dir.mkdir(parents=True, exist_ok=True)
         upd = self.update
@@ -208,7 +276,7 @@ class SimDevice:
             )  # fmt: skip
             self.reporter.start()
         else:
-            self.snapshot = TelemetrySnapshot(
+            self.snapshot = SimTelemetrySnapshot(
                 self.device_id, pipes, None, interval_s=interval, data_dir=self.data_dir
             )
         self._telemetry_topic = topic

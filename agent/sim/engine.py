@@ -9,10 +9,12 @@ telemetry and the health window's baseline p95 are the real computations) and th
 ``observer`` hook (so the real ``HealthWindow`` judges them and can roll a model back).
 
 ``open_sim_model`` is the stand-in for the engine build: it reads the delivered file (already
-verified against signed TUF metadata by the real fetch), checks it is an ONNX model with one
-input and builds a ``RunnableModel`` around ``SimBackend``. ``SimBackend.run`` computes the
-model's real outputs with ONNX's reference evaluator (loaded per call and dropped, so 1,000
-devices do not each keep a copy in memory): the update manager's golden-output trial is real.
+verified against signed TUF metadata by the real fetch), checks it is an ONNX model (parsed and
+run through ``onnx.checker`` once per content and process, cached by sha256: 1,000 devices
+installing the same bytes need one check, not 1,000) and builds a ``RunnableModel`` around
+``SimBackend``. ``SimBackend.run`` computes the model's real outputs with ONNX's reference
+evaluator (loaded per call and dropped, so 1,000 devices do not each keep a copy in memory):
+the update manager's golden-output trial is real.
 """
 
 from __future__ import annotations
@@ -101,22 +103,13 @@ class SimBackend(Backend):
     """
 
     def __init__(self, path: Path, model: Any, sha256: str) -> None:
-        """``model`` is the parsed ``onnx.ModelProto`` (only its signature is kept)."""
-        import onnx
-
+        """``model`` is the parsed ``onnx.ModelProto`` or its ``_Signature`` (only the
+        signature is kept)."""
         self.path = path
         self.sha256 = sha256
         self.model_name = str(path)
-        init = {i.name for i in model.graph.initializer}
-
-        def spec(v: Any) -> TensorSpec:
-            t = v.type.tensor_type
-            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-            return TensorSpec(v.name, dims, dtype)
-
-        self.inputs = tuple(spec(v) for v in model.graph.input if v.name not in init)
-        self.outputs = tuple(spec(v) for v in model.graph.output)
+        sig = model if isinstance(model, _Signature) else _signature(model)
+        self.inputs, self.outputs = sig.inputs, sig.outputs
         self.info = BackendInfo(name=SIM_BACKEND, version="1", device="sim", precision="fp32")
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -160,24 +153,81 @@ def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel
     Raises:
         ModelError: not ONNX, not one input, or no valid card beside it.
     """
-    import onnx
-
     progress("build sim 0%")
     try:
         data = path.read_bytes()
-        model = onnx.load_model_from_string(data)
-        onnx.checker.check_model(model)
-    except Exception as e:  # onnx raises DecodeError, ValidationError, OSError…
+    except OSError as e:
         raise ModelError(
             f"{path} is not a valid ONNX model: {e}", model=str(path), reason="load"
         ) from e
+    sha256 = hashlib.sha256(data).hexdigest()
+    sig = _checked_signature(data, sha256, path)
     try:
         card = ModelCard.model_validate_json((path.parent / "card.json").read_bytes())
     except (OSError, ValueError) as e:
         raise ModelError(f"no valid card beside {path}: {e}", model=str(path), reason="card") from e
-    backend = SimBackend(path, model, hashlib.sha256(data).hexdigest())
+    backend = SimBackend(path, sig, sha256)
     progress("build sim 100%")
     return RunnableModel(card, backend)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """What ``SimBackend`` keeps of a model: its inputs (initializers excluded) and outputs."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def _signature(model: Any) -> _Signature:
+    import onnx
+
+    init = {i.name for i in model.graph.initializer}
+
+    def spec(v: Any) -> TensorSpec:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        return TensorSpec(v.name, dims, dtype)
+
+    return _Signature(
+        tuple(spec(v) for v in model.graph.input if v.name not in init),
+        tuple(spec(v) for v in model.graph.output),
+    )
+
+
+SIGNATURE_CACHE = 16
+_SIGNATURES: dict[str, _Signature] = {}  # sha256 of model bytes that passed the checker
+_SIG_LOCK = threading.Lock()
+
+
+def _checked_signature(data: bytes, sha256: str, path: Path) -> _Signature:
+    """The signature of ONNX bytes that pass ``onnx.checker``; parsed and checked once per
+    content per process (a simulated fleet installs the same bytes on every device: the
+    check's outcome depends on the bytes only, which ``sha256`` names).
+
+    Raises:
+        ModelError: not a valid ONNX model.
+    """
+    import onnx
+
+    with _SIG_LOCK:
+        sig = _SIGNATURES.get(sha256)
+    if sig is not None:
+        return sig
+    try:
+        model = onnx.load_model_from_string(data)
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises DecodeError, ValidationError…
+        raise ModelError(
+            f"{path} is not a valid ONNX model: {e}", model=str(path), reason="load"
+        ) from e
+    sig = _signature(model)
+    with _SIG_LOCK:
+        _SIGNATURES[sha256] = sig
+        while len(_SIGNATURES) > SIGNATURE_CACHE:
+            _SIGNATURES.pop(next(iter(_SIGNATURES)))
+    return sig
 
 
 class SimPipeline:

@@ -83,6 +83,7 @@ class MqttLoop:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._cmds: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self._woken = False  # a wake-up byte is on its way: later posts need not send one
         self._entries: dict[int, _Entry] = {}
         self._due: list[tuple[float, int, _Entry]] = []  # heap of (connect_at, seq, entry)
         self._seq = itertools.count()
@@ -203,9 +204,11 @@ class MqttLoop:
             fn()
             return
         self._cmds.put(fn)
-        self._wake()
+        if not self._woken:  # the loop clears it before draining the queue
+            self._wake()
 
     def _wake(self) -> None:
+        self._woken = True
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
@@ -264,6 +267,8 @@ class MqttLoop:
                 if entry is None:
                     with contextlib.suppress(BlockingIOError, OSError):
                         self._wake_r.recv(4096)
+                    # before the commands run: whatever is posted from now on wakes us again
+                    self._woken = False
                     continue
                 self._io(entry, mask)
             self._run_commands()
