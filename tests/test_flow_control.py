@@ -161,6 +161,40 @@ def test_busy_waits_without_failing_or_tripping_the_rate_guard(repo: Path) -> No
     assert all(m.get("busy_ok") is True and "sent_at" in m for m in fake.sent)
 
 
+def test_a_transfer_waiting_in_line_does_not_poll_fast(repo: Path) -> None:
+    """Parked on ``busy`` for ~1 s, a transfer wakes a few times, not every 0.1 s: a fleet
+    parks hundreds of them, and each wake-up is a thread switch under the GIL."""
+    (repo / "targets" / "f.bin").write_bytes(b"y" * 100)
+    server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u")
+    busy_left = [1]
+
+    def answer(payload: bytes) -> bytes | None:
+        req = FetchRequest.decode(payload)
+        if busy_left[0] > 0:
+            busy_left[0] -= 1
+            h = FetchHeader(id=req.id, path=req.path, offset=req.offset, total=0,
+                            status="busy", retry_after_s=1.2)  # fmt: skip
+            return encode_response(h)
+        header, data = server.answer(payload)
+        return None if header is None else encode_response(header, data)
+
+    fake = FakeBroker(answer)
+    cc = ChunkClient(fake, "dev1", rng=random.Random(0))  # type: ignore[arg-type]
+    wakes = [0]
+    connected = cc._connected
+
+    def counting() -> bool:
+        wakes[0] += 1
+        return connected()
+
+    cc._connected = counting  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    assert cc.fetch_range("targets/f.bin", 0, 100).data == b"y" * 100
+    assert time.monotonic() - t0 >= 1.2 * 0.8
+    assert cc.busy_responses == 1
+    assert wakes[0] <= 8, wakes[0]  # ~4 (+ the loop's own passes); at 0.1 s it was ~15
+
+
 def test_falls_back_to_the_old_request_form_for_an_old_registry(repo: Path) -> None:
     (repo / "targets" / "f.bin").write_bytes(b"x" * 100)
     server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u")

@@ -348,6 +348,38 @@ def test_resume_trusts_only_a_verified_prefix(
     assert list(resume_dir.iterdir()) == []
 
 
+def test_checkpoints_in_the_middle_only(
+    fake_repo: tuple[FakeRegistry, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar is written every ``checkpoint_bytes`` but not at the end of the file, where
+    ``finish`` deletes it at once (its write would cost three fsyncs for nothing)."""
+    import agent.update.fetcher as fetcher_mod
+
+    fake, blob = fake_repo  # 20 KiB + 5 bytes
+    written: list[int] = []
+    real = fetcher_mod.atomic_write_json
+
+    def spy(path: Path, data: dict[str, Any]) -> None:
+        written.append(data["contiguous"])
+        real(path, data)
+
+    monkeypatch.setattr(fetcher_mod, "atomic_write_json", spy)
+    cc = ChunkClient(fake, "dev1", chunk_size=1024, checkpoint_bytes=8 * 1024)  # type: ignore[arg-type]
+    resume_dir = tmp_path / "resume"
+    dest = tmp_path / "out.bin"
+    assert cc.fetch_file("targets/f.bin", dest, max_length=10**6, resume_dir=resume_dir) == len(
+        blob
+    )
+    assert dest.read_bytes() == blob
+    assert written == [8 * 1024, 16 * 1024]
+    assert list(resume_dir.iterdir()) == []
+    # a file that ends exactly on a checkpoint: none at the end either
+    written.clear()
+    (fake.server.repo_root / "targets" / "g.bin").write_bytes(blob[: 16 * 1024])
+    cc.fetch_file("targets/g.bin", tmp_path / "g.bin", max_length=10**6, resume_dir=resume_dir)
+    assert written == [8 * 1024]
+
+
 def test_one_download_per_partial(fake_repo: tuple[FakeRegistry, bytes], tmp_path: Path) -> None:
     fake, _ = fake_repo
     part = tmp_path / f"{resume_key('targets/f.bin')}.part"
