@@ -373,7 +373,7 @@ def _gate(g: Any) -> dict[str, Any]:
 
 def run_rollout(
     store: Any, fleet: Fleet, watch: DesiredWatch, usage_pids: dict[str, int],
-    cfg: BenchConfig, rid: str, version: str, on_fail: str,
+    cfg: BenchConfig, rid: str, version: str, on_fail: str, ingest: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Record one rollout, wait until the controller ends it; figures and the final row."""
     from cloud_sync.rollout import RolloutSpec, db, start
@@ -397,8 +397,14 @@ def run_rollout(
         if not cfg.quiet and time.monotonic() - last_print > 10:
             last_print = time.monotonic()
             counts = dict(row.state.counts())
+            # what the devices themselves report, and the ingest backlog: a gap between the
+            # controller's "committed" and the fleet's shows the cloud's loop lagging
+            summary = fleet.ask("summary")
+            backlog = getattr(getattr(ingest, "_queue", None), "qsize", lambda: -1)()
             print(f"[{time.monotonic() - t0:6.1f}s] {rid}: {row.state.status} stage "
-                  f"{row.state.stage} {counts}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{row.state.stage} {counts}; fleet {summary['phases']} "
+                  f"{summary['versions']}; ingest backlog {backlog}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         return row.state.status not in ("running",)
 
     done = wait_until(ended, cfg.timeout_s)
@@ -482,7 +488,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             ctl_thread = threading.Thread(target=ctl.run, args=(stop_ctl, cfg.tick_s), daemon=True)
             ctl_thread.start()
 
-            good = run_rollout(store, fleet, watch, pids, cfg, "good", "1.1.0", "pause")
+            good = run_rollout(store, fleet, watch, pids, cfg, "good", "1.1.0", "pause", worker)
             per_dev = watch.per_device(good["t0"], good["t1"] + 1)
             good["desired_per_device"] = {
                 "max": max(per_dev.values(), default=0),
@@ -501,7 +507,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 good["counts"].get("committed", 0) == cfg.devices
             )
 
-            bad = run_rollout(store, fleet, watch, pids, cfg, "bad", "1.2.0", "rollback")
+            bad = run_rollout(store, fleet, watch, pids, cfg, "bad", "1.2.0", "rollback", worker)
             canaries = set(bad["selected"])
 
             def canaries_back() -> bool:
