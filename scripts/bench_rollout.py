@@ -400,7 +400,7 @@ def run_rollout(
             # what the devices themselves report, and the ingest backlog: a gap between the
             # controller's "committed" and the fleet's shows the cloud's loop lagging
             summary = fleet.ask("summary")
-            backlog = getattr(getattr(ingest, "_queue", None), "qsize", lambda: -1)()
+            backlog = ingest.backlog() if ingest is not None else -1
             print(f"[{time.monotonic() - t0:6.1f}s] {rid}: {row.state.status} stage "
                   f"{row.state.stage} {counts}; fleet {summary['phases']} "
                   f"{summary['versions']}; ingest backlog {backlog}",

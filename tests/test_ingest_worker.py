@@ -437,3 +437,28 @@ def test_a_message_the_database_refuses_does_not_stop_the_worker(ingest: Ingest)
         [letter] = ingest.store.dead_letters()
         assert letter["topic"] == TOPICS.device(DEVICE, "events") and "database" in letter["reason"]
     assert worker.counts["dead_letters"] == counts["dead_letters"]
+
+
+def test_state_and_reported_jump_a_telemetry_backlog(tmp_path: Any) -> None:
+    """A rollout controller reads commits from the ingest store: with thousands of telemetry
+    messages queued, a reported state queued after them is still in the next batch written."""
+    from cloud_sync.ingest.store import open_store
+    from cloud_sync.ingest.worker import IngestWorker
+
+    store = open_store(f"sqlite:///{tmp_path / 'i.db'}")
+    worker = IngestWorker("mqtt://127.0.0.1:1", store, batch_size=500)
+    batches: list[list[str]] = []
+    worker._write = lambda batch: batches.append([t for t, _ in batch])  # type: ignore[method-assign]
+    topics = Topics()
+    for i in range(2000):
+        worker.enqueue(topics.device(f"d{i % 50}", "telemetry"), b"{}")
+    worker.enqueue(topics.device("d7", "reported"), b"{}")
+    worker.enqueue(topics.device("d8", "state"), b"{}")
+    assert worker.backlog() == 2000 + 2 * 2  # each control message also queues a wake-up
+    worker._thread = threading.Thread(target=worker._run, daemon=True)
+    worker._thread.start()
+    worker._queue.put(None)
+    worker._thread.join(10)
+    store.close()
+    assert batches[0][:2] == [topics.device("d7", "reported"), topics.device("d8", "state")]
+    assert sum(len(b) for b in batches) == 2002  # wake-ups are not messages

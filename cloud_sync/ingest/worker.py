@@ -4,8 +4,9 @@ Telemetry and events (the volume) come through shared subscriptions, so several 
 them; state and reported (retained, low volume, idempotent upserts) through plain
 subscriptions, because brokers do not send retained messages on shared ones. paho's thread
 only queues; one writer thread validates each payload against the wire contract and writes in
-batches (one transaction per batch). A payload that does not validate goes to the dead-letter
-table with the reason and never stops the worker.
+batches (one transaction per batch). State and reported messages jump the queue: a telemetry
+backlog must not hide from a rollout controller that devices committed. A payload that does
+not validate goes to the dead-letter table with the reason and never stops the worker.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from cloud_sync.ingest.store import Store
 log = logging.getLogger(__name__)
 SHARE_GROUP = "ingest"
 VOLUME_KINDS = ("telemetry", "events", "snapshots")  # through shared subscriptions
+CONTROL_SUFFIXES = ("/state", "/reported")  # written before any queued volume
+_WAKE = ("", b"")  # tells an idle writer that a control message is waiting
 MODELS: dict[str, Any] = {
     "state": DeviceState,
     "reported": ReportedState,
@@ -86,6 +89,7 @@ class IngestWorker:
         self.counts: Counter[str] = Counter()
         # SimpleQueue: put and get are C code, a few µs less per message than queue.Queue
         self._queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._control: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.host, self.port, _tls = parse_broker_url(broker_url)
@@ -104,7 +108,19 @@ class IngestWorker:
         self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put((msg.topic, bytes(msg.payload)))
+        self.enqueue(msg.topic, bytes(msg.payload))
+
+    def enqueue(self, topic: str, payload: bytes) -> None:
+        """Hand one message to the writer (paho's thread calls this)."""
+        if topic.endswith(CONTROL_SUFFIXES):
+            self._control.put((topic, payload))
+            self._queue.put(_WAKE)
+        else:
+            self._queue.put((topic, payload))
+
+    def backlog(self) -> int:
+        """Messages waiting for the writer (approximate)."""
+        return self._queue.qsize() + self._control.qsize()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
@@ -126,14 +142,20 @@ class IngestWorker:
             batch: list[tuple[str, bytes]] = []
             deadline = time.monotonic() + self.flush_s
             while len(batch) < self.batch_size:
+                if not self._control.empty():  # state/reported first, whatever is queued
+                    batch.append(self._control.get())
+                    continue
                 try:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:
+                    while not self._control.empty():
+                        batch.append(self._control.get())
                     self._write(batch)
                     return
-                batch.append(item)
+                if item is not _WAKE:
+                    batch.append(item)
             if batch:
                 self._write(batch)
 
@@ -188,8 +210,8 @@ class IngestWorker:
                 self._write_volume(kind, items)
         except TransportError as e:  # database gone: keep the batch for the next round
             log.error("ingest: store unavailable, %d messages requeued: %s", len(batch), e)
-            for item in batch:
-                self._queue.put(item)
+            for topic, payload in batch:
+                self.enqueue(topic, payload)
             time.sleep(1.0)
 
     def _write_volume(self, kind: str, items: list[tuple[str, bytes, dict[str, Any]]]) -> None:
