@@ -67,6 +67,11 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument("--topic-root", default="edgefleet/v1")
     s.add_argument("--replica", default="1", help="replica name (several share the load)")
     s.add_argument("--workers", type=int, default=4, help="threads answering chunk requests")
+    s.add_argument(
+        "--max-transfers", type=int, default=None,
+        help="downloads served at once (others are told to wait: 'busy'); 0 = no limit;"
+             " default 32",
+    )  # fmt: skip
     s.set_defaults(fn=_serve)
 
 
@@ -96,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         client_id=f"edgefleet-registry-{args.replica}",
         on_tick=tick,
         workers=args.workers,
+        **({} if args.max_transfers is None else {"max_transfers": args.max_transfers}),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())

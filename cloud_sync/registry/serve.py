@@ -24,7 +24,7 @@ served, or after ``IDLE_S`` without a request. A single-window file (metadata) n
 admission. Requests that waited longer than the device's ``timeout_s`` are dropped
 unanswered: the device has asked again already. Admission runs on paho's thread before the
 pool, so neither the pool's queue nor paho's outgoing queue grows with the number of devices:
-``max_transfers x window`` answers at most (16 x 32 by default, against
+``max_transfers x window`` answers at most (32 x 32 by default, against
 ``MAX_QUEUED_RESPONSES``). Requests without ``busy_ok`` (older devices) are served as before.
 """
 
@@ -61,7 +61,11 @@ from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096  # a valid request is < 700 bytes; bigger ones are not even parsed
-MAX_QUEUED_RESPONSES = 1024  # paho's outgoing queue (x 64 KB): bounded memory under a flood
+# paho's outgoing queue (x 64 KB: 128 MB at most): bounded memory under a flood. 2048 rather
+# than 1024 (32 transfers, not 16): a device's requests alternate between replicas, so each
+# transfer holds a slot on each; measured at 1,000 devices, 2 replicas: the good rollout took
+# 136.7 s instead of 153.7 s, re-fetching 112 MB instead of 9 MB of 4.2 GB.
+MAX_QUEUED_RESPONSES = 2048
 RESOLVE_TTL_S = 1.0  # how long a resolved request path is reused
 RESOLVE_CACHE = 256  # resolved request paths kept
 MAX_INFLIGHT = 100  # QoS 1 responses awaiting PUBACK (paho's default of 20 throttles windows)
