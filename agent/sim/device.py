@@ -35,9 +35,6 @@ from agent.profiles import get_profile
 from agent.protocol.state import DeviceState, PipelineReport, ReportedState
 from agent.protocol.telemetry import (
     DeviceStats,
-    OutboxStats,
-    Telemetry,
-    pipeline_telemetry_from_status,
 )
 from agent.protocol.topics import DEFAULT_ROOT
 from agent.sim.engine import ProfileFn, SimPipeline, default_profile, open_sim_model
@@ -46,7 +43,7 @@ from agent.sync.mqtt import parse_broker_url
 from agent.sync.session import DeviceSession
 from agent.telemetry.device import CpuTimes, read_device_stats
 from agent.telemetry.outbox import Outbox, OutboxSender
-from agent.telemetry.reporter import OUTBOX_OFF, TelemetryReporter, TelemetrySnapshot
+from agent.telemetry.reporter import TelemetryReporter, TelemetrySnapshot
 from agent.update.fetcher import ChunkClient, MqttFetcher
 from agent.update.machine import HealthWindow
 from agent.update.manager import UpdateManager
@@ -99,21 +96,8 @@ class SimTelemetrySnapshot(TelemetrySnapshot):
         super().__init__(*args, **kw)
         self.host = host
 
-    def build(self) -> Telemetry:
-        """Raises: ValidationError as ``TelemetrySnapshot.build``."""
-        with self._lock:
-            now = self.clock()
-            return Telemetry(
-                device_id=self.device_id,
-                ts=self.wall(),
-                interval_s=self.interval_s,
-                pipelines=[
-                    pipeline_telemetry_from_status(p.status(now, reader=self.reader))
-                    for p in self.pipelines
-                ],
-                device=self.host.get(now, self.data_dir),
-                outbox=OutboxStats(**OUTBOX_OFF),
-            )
+    def device_stats(self, now: float) -> DeviceStats:
+        return self.host.get(now, self.data_dir)
 
 
 class SimDevice:

@@ -74,9 +74,6 @@ class TelemetrySnapshot:
         """
         with self._lock:
             now = self.clock()
-            stats, self._cpu = read_device_stats(
-                self.sysroot, prev_cpu=self._cpu, now=now, data_dir=self.data_dir
-            )
             return Telemetry(
                 device_id=self.device_id,
                 ts=self.wall(),
@@ -85,9 +82,16 @@ class TelemetrySnapshot:
                     pipeline_telemetry_from_status(p.status(now, reader=self.reader))
                     for p in self.pipelines
                 ],
-                device=DeviceStats(**stats),
+                device=self.device_stats(now),
                 outbox=OutboxStats(**(self.outbox.stats() if self.outbox else OUTBOX_OFF)),
             )
+
+    def device_stats(self, now: float) -> DeviceStats:
+        """The device part of a snapshot (called under the lock)."""
+        stats, self._cpu = read_device_stats(
+            self.sysroot, prev_cpu=self._cpu, now=now, data_dir=self.data_dir
+        )
+        return DeviceStats(**stats)
 
 
 class TelemetryReporter:
