@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,19 @@ from cloud_sync.registry.publish import publish
 from tests._partition import PartitionProxy
 from tests.conftest import Mosquitto, wait_for
 from tests.test_delivery import DEVICE, Fleet, _big_model, digit_loop  # noqa: F401 - fixture
-from tests.test_delivery import fleet as _fleet_fixture  # noqa: F401 - the `fleet` fixture
 
 pytestmark = [pytest.mark.broker, pytest.mark.video, pytest.mark.slow]
+
+@pytest.fixture(name="fleet")
+def _fleet(
+    tmp_path: Path, broker: Mosquitto, digit_loop: Path, test_models: dict[str, Path]  # noqa: F811
+) -> Iterator[Fleet]:
+    """As test_delivery's ``fleet`` (a registry and chunk server on the broker)."""
+    f = Fleet(tmp_path, broker, digit_loop, test_models)
+    f.server.start()
+    yield f
+    f.close()
+
 
 KEEPALIVE_S = 5  # the config's minimum: the device notices a partition after 1.5 x this
 
