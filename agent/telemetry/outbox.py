@@ -181,6 +181,7 @@ class Outbox:
             raise TransportError(f"outbox {self.path}: cannot open ({e}); nothing queued") from e
         self._depth = int(depth)
         self._bytes = int(size)
+        self._handed = 0  # newest row id handed to the network by this process's sender
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` (cheap, non-blocking) after every ``put``: wakes a sender."""
@@ -207,13 +208,21 @@ class Outbox:
                 )
                 freed = 0
                 if n:
-                    (last_id, freed) = self._db.execute(
-                        "SELECT max(id), sum(bytes) FROM"
-                        " (SELECT id, bytes FROM rows ORDER BY id LIMIT ?)",
-                        (n,),
+                    # never the rows handed to the network: paho delivers them anyway (it
+                    # resends its in-flight messages after a reconnect), so dropping them
+                    # would count as lost what arrives
+                    (last_id, freed, n) = self._db.execute(
+                        "SELECT max(id), sum(bytes), count(*) FROM"
+                        " (SELECT id, bytes FROM rows WHERE id > ? ORDER BY id LIMIT ?)",
+                        (self._handed, n),
                     ).fetchone()
-                    self._db.execute("DELETE FROM rows WHERE id <= ?", (last_id,))
-                    self._db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (n,))
+                    if n:
+                        self._db.execute(
+                            "DELETE FROM rows WHERE id > ? AND id <= ?", (self._handed, last_id)
+                        )
+                        self._db.execute(
+                            "UPDATE meta SET value = value + ? WHERE key='dropped'", (n,)
+                        )
                 self._db.execute(
                     "INSERT INTO rows (topic, payload, qos, enqueued_at, bytes)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -232,8 +241,17 @@ class Outbox:
             fn()
 
     def _oldest_sizes(self) -> Iterable[int]:
-        for (size,) in self._db.execute("SELECT bytes FROM rows ORDER BY id"):
+        for (size,) in self._db.execute(
+            "SELECT bytes FROM rows WHERE id > ? ORDER BY id", (self._handed,)
+        ):
             yield int(size)
+
+    def handing_off(self, row_id: int) -> None:
+        """The sender is about to hand rows up to ``row_id`` to the network: the bound no
+        longer drops them (it may be exceeded by the rows in flight, ``max_inflight`` at most).
+        """
+        with self._lock:
+            self._handed = max(self._handed, row_id)
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # no transaction was open
@@ -387,6 +405,7 @@ class OutboxSender:
             return False
         sent = 0
         for row in self.outbox.peek(self._last_id, free):
+            self.outbox.handing_off(row.id)
             try:
                 info = self.client.publish(row.topic, row.payload, qos=row.qos)
             except ValueError as e:  # paho refuses it (e.g. too large): it never will accept
