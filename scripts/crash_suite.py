@@ -47,8 +47,8 @@ import numpy as np  # noqa: E402
 
 from agent.fsutil import TUF_TEMP  # noqa: E402
 from agent.update.machine import UpdateState  # noqa: E402
-from tests.conftest import MODEL_SCRIPT, Mosquitto, load_model_script, wait_for  # noqa: E402
-from tests.test_delivery import Fleet  # noqa: E402
+from tests.conftest import Mosquitto, build_test_models, wait_for  # noqa: E402
+from tests.test_delivery import Fleet, write_digit_loop  # noqa: E402
 from tests.test_delivery_crash import AgentProcess  # noqa: E402
 
 TERMINAL = ("committed", "rolled_back", "rejected")
@@ -68,31 +68,6 @@ class Round:
     running: str | None = None
     recovery_s: float = 0.0
     problems: list[str] = field(default_factory=list)
-
-
-def build_test_models() -> dict[str, Path]:
-    """The project's test models (same cache as the ``test_models`` fixture)."""
-    h = hashlib.sha256(MODEL_SCRIPT.read_bytes())
-    for f in sorted((ROOT / "cloud_sync" / "samples").glob("*.py")):
-        h.update(f.read_bytes())
-    out = ROOT / ".models" / h.hexdigest()[:16]
-    done = out / ".complete"
-    if not done.exists():
-        if out.exists():
-            shutil.rmtree(out)
-        built = load_model_script().build_all(out)
-        done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
-    return {
-        line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()
-    }
-
-
-def digit_video(models: dict[str, Path], path: Path) -> Path:
-    z = np.load(models["digits"] / "test_set.npz")
-    images = next(z[k] for k in z.files if z[k].ndim == 3)[:60]
-    labels = next(z[k] for k in z.files if z[k].ndim == 1)[:60]
-    load_model_script().write_digit_video(path, images, labels)
-    return path
 
 
 def publish_padded(fleet: Fleet, version: str, model_mb: int) -> None:
@@ -209,7 +184,7 @@ def run_suite(
     (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
     broker = Mosquitto(workdir / "mosquitto")
     broker.start()
-    fleet = Fleet(workdir, broker, digit_video(models, workdir / "digits.mkv"), models)
+    fleet = Fleet(workdir, broker, write_digit_loop(models, workdir / "digits.mkv"), models)
     fleet.server.start()
     env = {
         "EDGEFLEET_TEST_BUILD_SLEEP_S": str(build_sleep_s),

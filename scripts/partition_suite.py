@@ -27,23 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Mosquitto  # noqa: E402
-from tests.test_delivery import Fleet  # noqa: E402
+from tests.conftest import Mosquitto, build_test_models  # noqa: E402
+from tests.test_delivery import Fleet, write_digit_loop  # noqa: E402
 from tests.test_partition import partition_during_deploy, partition_mid_download  # noqa: E402
-
-
-def _models_and_video(workdir: Path) -> tuple[dict[str, Path], Path]:
-    from tests.conftest import load_module_from_path
-
-    crash = load_module_from_path("crash_suite", ROOT / "scripts" / "crash_suite.py")
-    models = crash.build_test_models()
-    return models, crash.digit_video(models, workdir / "digits.mkv")
 
 
 def run_scenario(name: str, workdir: Path, cut_s: float, log: Any) -> dict[str, Any]:
     d = workdir / name
     (d / "mosquitto").mkdir(parents=True, exist_ok=True)
-    models, video = _models_and_video(d)
+    models = build_test_models()
+    video = write_digit_loop(models, d / "digits.mkv")
     broker = Mosquitto(d / "mosquitto")
     broker.start()
     fleet = Fleet(d, broker, video, models)

@@ -42,14 +42,12 @@ if str(ROOT) not in sys.path:
 from tests.conftest import (  # noqa: E402
     Mosquitto,
     UdpStream,
+    build_test_models,
     free_port,
-    load_module_from_path,
     wait_for,
 )
-from tests.test_delivery import DEVICE, Fleet  # noqa: E402
+from tests.test_delivery import DEVICE, Fleet, write_digit_loop  # noqa: E402
 from tests.test_delivery_crash import AgentProcess  # noqa: E402
-
-_crash = load_module_from_path("crash_suite", ROOT / "scripts" / "crash_suite.py")
 
 
 @dataclass
@@ -151,11 +149,11 @@ def run_soak(
     log: Any = None,
 ) -> SoakResult:
     say = log or (lambda msg: None)
-    models = _crash.build_test_models()
+    models = build_test_models()
     (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
     broker = Mosquitto(workdir / "mosquitto")
     broker.start()
-    video = _crash.digit_video(models, workdir / "digits.mkv")
+    video = write_digit_loop(models, workdir / "digits.mkv")
     fleet = Fleet(workdir, broker, video, models)
     fleet.server.start()
     stream = UdpStream(video, free_port(socket.SOCK_DGRAM))

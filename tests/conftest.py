@@ -42,23 +42,27 @@ def model_script() -> ModuleType:
     return load_model_script()
 
 
-@pytest.fixture(scope="session")
-def test_models(model_script: ModuleType) -> dict[str, Path]:
-    """Models built by scripts/make_test_models.py, cached in .models/<hash of their code>."""
+def build_test_models() -> dict[str, Path]:
+    """Models built by scripts/make_test_models.py, cached in .models/<hash of their code>
+    (the ``test_models`` fixture; the fault-suite scripts call it too)."""
     h = hashlib.sha256(MODEL_SCRIPT.read_bytes())
     for f in sorted((ROOT / "cloud_sync" / "samples").glob("*.py")):
         h.update(f.read_bytes())
-    digest = h.hexdigest()[:16]
-    out = ROOT / ".models" / digest
+    out = ROOT / ".models" / h.hexdigest()[:16]
     done = out / ".complete"
     if not done.exists():
         if out.exists():
             shutil.rmtree(out)
-        built = model_script.build_all(out)
+        built = load_model_script().build_all(out)
         done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
     return {
         line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()
     }
+
+
+@pytest.fixture(scope="session")
+def test_models() -> dict[str, Path]:
+    return build_test_models()
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:

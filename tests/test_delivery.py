@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from cloud_sync.registry.keys import generate_signer
 from cloud_sync.registry.publish import publish
 from cloud_sync.registry.repo import Repository
 from cloud_sync.registry.serve import ChunkServer
-from tests.conftest import Mosquitto, wait_for
+from tests.conftest import Mosquitto, load_model_script, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
 DEVICE = "cam-01"
@@ -150,16 +149,18 @@ class Fleet:
         self.watcher.disconnect()
 
 
-@pytest.fixture
-def digit_loop(
-    tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path], model_script: ModuleType
-) -> Path:
-    z = np.load(test_models["digits"] / "test_set.npz")
+def write_digit_loop(models: dict[str, Path], path: Path) -> Path:
+    """A video of 60 test-set digits (the fault-suite scripts use it too)."""
+    z = np.load(models["digits"] / "test_set.npz")
     images = next(z[k] for k in z.files if z[k].ndim == 3)[:60]
     labels = next(z[k] for k in z.files if z[k].ndim == 1)[:60]
-    path = tmp_path_factory.mktemp("loop") / "digits.mkv"
-    model_script.write_digit_video(path, images, labels)
+    load_model_script().write_digit_video(path, images, labels)
     return path
+
+
+@pytest.fixture
+def digit_loop(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path]) -> Path:
+    return write_digit_loop(test_models, tmp_path_factory.mktemp("loop") / "digits.mkv")
 
 
 @pytest.fixture
