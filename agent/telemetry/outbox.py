@@ -404,8 +404,10 @@ class OutboxSender:
         if free <= 0 or not self.client.is_connected():
             return False
         sent = 0
-        for row in self.outbox.peek(self._last_id, free):
-            self.outbox.handing_off(row.id)
+        rows = self.outbox.peek(self._last_id, free)
+        if rows:  # once for the batch: rows left unsent by a break are simply sent next time
+            self.outbox.handing_off(rows[-1].id)
+        for row in rows:
             try:
                 info = self.client.publish(row.topic, row.payload, qos=row.qos)
             except ValueError as e:  # paho refuses it (e.g. too large): it never will accept
