@@ -8,7 +8,6 @@ runs them for minutes; the tests run them for a few keepalive periods.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +16,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.protocol.telemetry import Telemetry
 from agent.protocol.topics import Topics
 from agent.service import Agent
 from cloud_sync.registry.publish import publish
 from tests._partition import PartitionProxy
 from tests.conftest import Mosquitto, wait_for
 from tests.test_delivery import DEVICE, Fleet, _big_model, digit_loop  # noqa: F401 - fixture
+from tests.test_telemetry_agent import Collector
 
 pytestmark = [pytest.mark.broker, pytest.mark.video, pytest.mark.slow]
+
 
 @pytest.fixture(name="fleet")
 def _fleet(
@@ -39,28 +39,6 @@ def _fleet(
 
 
 KEEPALIVE_S = 5  # the config's minimum: the device notices a partition after 1.5 x this
-
-
-class Telemetries:
-    """The dashboard's view: every telemetry message of the device, straight from the broker."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self.ts: list[float] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dash")
-        topic = Topics().device(DEVICE, "telemetry")
-        self.client.on_message = self._on
-        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def _on(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.ts.append(Telemetry.decode(bytes(msg.payload)).ts.timestamp())
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def start_partitioned_agent(fleet: Fleet, proxy: PartitionProxy, **update: Any) -> Agent:
@@ -87,7 +65,7 @@ def partition_during_deploy(fleet: Fleet, cut_s: float, log: Any = None) -> dict
     order of production, with none dropped. Returns the figures."""
     say = log or (lambda msg: None)
     proxy = PartitionProxy(fleet.broker.host, fleet.broker.port)
-    dash = Telemetries(fleet.broker)
+    dash = Collector(fleet.broker, Topics().device(DEVICE, "telemetry"))
     try:
         fleet.publish("digits", "1.0.0")
         fleet.publish("digits", "1.1.0")
@@ -95,7 +73,7 @@ def partition_during_deploy(fleet: Fleet, cut_s: float, log: Any = None) -> dict
         assert agent.outbox is not None and agent.telemetry is not None
         fleet.deploy("digits@1.0.0")
         fleet.wait_phase("committed", version="1.0.0")
-        assert wait_for(lambda: len(dash.ts) >= 3, 20), "no telemetry before the cut"
+        assert wait_for(lambda: len(dash.messages) >= 3, 20), "no telemetry before the cut"
         frames0 = fleet.pipe.status(time.monotonic())["frames_inferred"]
         proxy.cut()
         t_cut = time.monotonic()
@@ -118,8 +96,12 @@ def partition_during_deploy(fleet: Fleet, cut_s: float, log: Any = None) -> dict
         assert fleet.running() == "digits@1.1.0"
         assert wait_for(lambda: agent.outbox is not None and agent.outbox.depth() == 0, 60)
         produced = agent.telemetry.sent
-        assert wait_for(lambda: len(set(dash.ts)) >= produced, 20), (len(set(dash.ts)), produced)
-        firsts = list(dict.fromkeys(dash.ts))
+
+        def stamps() -> list[Any]:
+            return [m.ts for m in dash.messages]
+
+        assert wait_for(lambda: len(set(stamps())) >= produced, 20), (len(set(stamps())), produced)
+        firsts = list(dict.fromkeys(stamps()))
         assert firsts == sorted(firsts), "telemetry arrived out of order"
         assert agent.outbox.stats()["dropped"] == 0
         return {
@@ -127,7 +109,7 @@ def partition_during_deploy(fleet: Fleet, cut_s: float, log: Any = None) -> dict
             "noticed_s": round(noticed_s, 1),
             "frames_during_cut": frames1 - frames0,
             "outbox_queued": queued,
-            "telemetry_delivered": len(set(dash.ts)),
+            "telemetry_delivered": len(set(stamps())),
             "telemetry_produced": produced,
             "committed_after_heal_s": round(committed_s, 1),
             "proxy_connections": proxy.connections,
