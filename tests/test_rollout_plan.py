@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -30,6 +30,7 @@ from cloud_sync.rollout import (
     abort,
     decide,
     evaluate,
+    needs_metrics,
     normalize_stages,
     parse_gate,
     parse_stage,
@@ -1095,3 +1096,75 @@ def test_selected_devices_are_never_baseline() -> None:
         "(front: det@2.0.0 rolled_back: golden outputs differ by 0.31 (tolerance 0.05))); "
         "p95_latency +34.0% < +50% (canaries 13.4 ms vs baseline 10.0 ms, 1 vs 18 devices)"
     )
+
+
+# --- decisions that cannot read metrics -------------------------------------------------------
+
+
+def without_metrics(fleet: FleetSnapshot) -> FleetSnapshot:
+    """The snapshot a controller reads when ``needs_metrics`` is False."""
+    return FleetSnapshot(
+        replace(v, pipelines={n: replace(p, metrics=None) for n, p in v.pipelines.items()})
+        for v in fleet
+    )
+
+
+@pytest.mark.parametrize(
+    ("scenario", "kw", "behaviour", "figures"),
+    [
+        ("good", {"gates": ["failures<2%", "p95_latency<+20%", "error_rate<1%"]}, "good", None),
+        ("slow canaries, rollback", {"gates": ["p95_latency<+20%"], "on_fail": "rollback"},
+         "good", slow_new),
+        ("slow canaries, pause", {"gates": ["p95_latency<+20%"]}, "good", slow_new),
+        ("rejects", {"gates": ["failures<2%"]}, "reject", None),
+        ("no soak", {"soak_s": 0, "gates": ["p95_latency<+20%"]}, "good", None),
+        ("promote", {"soak_s": 86400, "gates": ["p95_latency<+20%"]}, "good", None),
+    ],
+)  # fmt: skip
+def test_decisions_without_metrics_match_whenever_needs_metrics_is_false(
+    scenario: str,
+    kw: dict[str, object],
+    behaviour: str,
+    figures: Callable[[str, ModelRef], PipelineMetrics] | None,
+) -> None:
+    # The controller skips the telemetry queries when needs_metrics is False: at every step
+    # of whole rollouts, the decision on a metrics-free snapshot must then be the same one.
+    sp = spec(**{"stages": ["10%", "50%"], "soak_s": 180, "max_concurrent": 3, **kw})
+    sim = Sim((SimDevice(d, behaviour=behaviour) for d in ids(40)), figures)
+    state, now = start(sp, T0), T0
+    skipped = used = 0
+    for _ in range(120):
+        if scenario == "promote" and state.status == "running" and not state.promote_requested:
+            state = promote(state, now, "go").new_state  # while the stage installs, too
+        fleet = sim.snapshot()
+        d = decide(sp, state, fleet, now)
+        if needs_metrics(sp, state):
+            used += 1
+        else:
+            skipped += 1
+            assert decide(sp, state, without_metrics(fleet), now) == d, (scenario, state.stage)
+        sim.apply(d.actions)
+        state = d.new_state
+        if state.status not in ("running", "paused"):
+            break
+        sim.tick()
+        now += timedelta(minutes=1)
+    assert used > 0
+    # with no soak, or a promote pending, the gates run as soon as the stage settles
+    assert (skipped > 0) == (scenario not in ("no soak", "promote")), skipped
+
+
+def test_metrics_are_needed_where_decisions_read_them() -> None:
+    # stage start records the figures of each selected device's previous version
+    sp = spec(stages=["10%"], gates=["p95_latency<+20%"])
+    sim = Sim(SimDevice(d) for d in ids(10))
+    state = start(sp, T0)
+    assert needs_metrics(sp, state)
+    full = decide(sp, state, sim.snapshot(), T0)
+    bare = decide(sp, state, without_metrics(sim.snapshot()), T0)
+    assert full != bare  # the recorded before-figures differ
+    # soaking: the gates at its end read the canaries' figures
+    state, now = run(sp, Sim((SimDevice(d) for d in ids(10)), slow_new), steps=3)
+    assert state.soak_started_at is not None and needs_metrics(sp, state)
+    # paused and finished rollouts only track phases
+    assert not needs_metrics(sp, pause(state, now, "x").new_state)

@@ -4,6 +4,7 @@ real SQLite file and a real PostgreSQL server (same tests, both), with hand-buil
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -151,6 +152,24 @@ def test_snapshot_exact_numbers(store: Store) -> None:
     assert c3.pipelines["front"].phase is None  # never reported
     c4 = fleet.get("cam-4")
     assert c4 is not None and not c4.online and c4.pipelines["front"].metrics is None
+
+
+def test_snapshot_without_metrics_keeps_devices_and_phases(store: Store) -> None:
+    """What the controller reads while a stage installs (``plan.needs_metrics`` False)."""
+    fill(store)
+    reader = SnapshotReader(store, max_gap_s=30)
+    full = reader.read(T0, T0 + timedelta(seconds=60))
+    bare = reader.read(T0, T0 + timedelta(seconds=60), metrics=False)
+    assert [d.device_id for d in bare] == [d.device_id for d in full]
+    for d in full:
+        b = bare.get(d.device_id)
+        assert b is not None and (b.online, b.groups, b.tags) == (d.online, d.groups, d.tags)
+        assert set(b.pipelines) <= set(d.pipelines)
+        for name, p in b.pipelines.items():
+            assert p.metrics is None
+            assert replace(d.pipelines[name], metrics=None) == p
+    c1 = bare.get("cam-1")
+    assert c1 is not None and str(c1.pipelines["front"].active) == "det@2.0.0"
 
 
 def test_snapshot_of_an_older_version_in_the_window(store: Store) -> None:

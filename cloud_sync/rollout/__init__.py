@@ -20,7 +20,7 @@ from cloud_sync.rollout.fleet import (
     PipelineView,
 )
 from cloud_sync.rollout.gates import Evidence, Gate, GateResult, evaluate, parse_gate
-from cloud_sync.rollout.plan import decide
+from cloud_sync.rollout.plan import decide, needs_metrics
 from cloud_sync.rollout.stages import Stage, normalize_stages, parse_stage, selection_order
 from cloud_sync.rollout.state import (
     Action,
@@ -60,6 +60,7 @@ __all__ = [
     "abort",
     "decide",
     "evaluate",
+    "needs_metrics",
     "normalize_stages",
     "parse_gate",
     "parse_stage",

@@ -1,8 +1,9 @@
 """Adapter: the rollout controller — database + broker around the pure ``decide``.
 
 Each ``tick(now)``, for every running or paused rollout (oldest first): read its row, build
-the ``FleetSnapshot`` over the soak window (or the last ``lookback_s`` before a soak), work out
-which ``(device, pipeline)`` pairs other active rollouts hold, ``decide``, publish the
+the ``FleetSnapshot`` over the soak window (or the last ``lookback_s`` before a soak; without
+telemetry while a stage installs, when ``plan.needs_metrics`` says the decision cannot use
+it), work out which ``(device, pipeline)`` pairs other active rollouts hold, ``decide``, publish the
 ``Deploy``/``Revert`` actions as signed desired states over one MQTT connection, log the
 ``Log`` lines, and only then save the new state (``rev``-checked).
 
@@ -32,7 +33,7 @@ from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import db
 from cloud_sync.rollout.commands import abort, pause, promote, resume
-from cloud_sync.rollout.plan import decide
+from cloud_sync.rollout.plan import decide, needs_metrics
 from cloud_sync.rollout.snapshot import SnapshotReader
 from cloud_sync.rollout.state import Action, Decision, Deploy, Log, Revert, RolloutState
 
@@ -198,7 +199,9 @@ class RolloutController:
     ) -> TickResult:
         """One decision for ``row``; errors that a later tick may fix are returned, not raised."""
         try:
-            fleet = self.reader.read(self._window(row.state, now), now)
+            fleet = self.reader.read(
+                self._window(row.state, now), now, metrics=needs_metrics(row.spec, row.state)
+            )
             decision = decide(row.spec, row.state, fleet, now, busy_pairs(others, row.id))
             try:
                 return self.apply(row, decision, now)

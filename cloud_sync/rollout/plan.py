@@ -371,6 +371,23 @@ class _Step:
             self.advance(results)
 
 
+def needs_metrics(spec: RolloutSpec, state: RolloutState) -> bool:
+    """Pure: whether ``decide(spec, state, …)`` can read the snapshot's ``metrics`` at all.
+
+    Metrics are read when a stage starts (each selected pipeline's figures on its previous
+    version are recorded) and by the gates at the end of a soak. While a stage installs (its
+    soak not started, ``soak_s > 0``, no promote pending), ``decide`` only tracks phases,
+    deploys and at most starts the soak; a paused rollout only tracks phases. Then an adapter
+    may hand ``decide`` a snapshot without metrics and get the same decision: at 1,000 devices
+    the window's telemetry is most of what a controller tick reads.
+    """
+    if state.status != "running":
+        return False
+    if state.stage_started_at is None or state.soak_started_at is not None:
+        return True
+    return spec.soak_s <= 0 or state.promote_requested
+
+
 def decide(
     spec: RolloutSpec,
     state: RolloutState,
@@ -406,6 +423,7 @@ def decide(
 __all__ = [
     "abort",
     "decide",
+    "needs_metrics",
     "pause",
     "promote",
     "resume",
