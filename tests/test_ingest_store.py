@@ -114,6 +114,32 @@ def test_state_and_reported_round_trip(store: Store) -> None:
     assert store.counts()["pipeline_state"] == 1
 
 
+def test_reported_batch_last_report_per_device_wins(store: Store) -> None:
+    """One transaction for many reported states (the worker's path): a device reported twice
+    in one batch keeps its later report, and each device's old pipelines are replaced."""
+    store.upsert_reported_batch([reported("cam-1"), reported("cam-2")], now=T0)
+    later = reported("cam-1", phase="rolled_back")
+    later["pipelines"][0]["name"] = "rear"
+    store.upsert_reported_batch(
+        [reported("cam-1", phase="trial"), reported("cam-3", phase="fetching"), later],
+        now=T0 + timedelta(seconds=5),
+    )
+    got = {(d["device_id"], p["name"], p["phase"]) for d in store.fleet() for p in d["pipelines"]}
+    assert got == {("cam-1", "rear", "rolled_back"), ("cam-2", "front", "committed"),
+                   ("cam-3", "front", "fetching")}  # fmt: skip
+    assert store.counts()["pipeline_state"] == 3
+
+
+def test_reported_batch_with_a_bad_record_stores_nothing(store: Store) -> None:
+    store.upsert_reported(reported("cam-1"), now=T0)
+    bad = reported("cam-2")
+    del bad["pipelines"][0]["phase"]
+    with pytest.raises(BadRecord, match="phase"):
+        store.upsert_reported_batch([reported("cam-1", phase="trial"), bad], now=T0)
+    [dev] = store.fleet()
+    assert dev["device_id"] == "cam-1" and dev["pipelines"][0]["phase"] == "committed"
+
+
 def test_reported_before_state_creates_device(store: Store) -> None:
     store.upsert_reported(reported("cam-9"), now=T0)
     [dev] = store.fleet()

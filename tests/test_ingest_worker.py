@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from agent.protocol.fetch import BadMessage
 from agent.protocol.schema import EXAMPLES, EXTRA_EXAMPLES
-from agent.protocol.state import DeviceState, ReportedState
+from agent.protocol.state import DeviceState, ReportedState, UpdatePhase
 from agent.protocol.telemetry import InferenceEvent, Telemetry
 from agent.protocol.topics import Topics
 from cloud_sync.ingest.store import (
@@ -437,6 +437,35 @@ def test_a_message_the_database_refuses_does_not_stop_the_worker(ingest: Ingest)
         [letter] = ingest.store.dead_letters()
         assert letter["topic"] == TOPICS.device(DEVICE, "events") and "database" in letter["reason"]
     assert worker.counts["dead_letters"] == counts["dead_letters"]
+
+
+def test_reported_states_are_written_as_one_group_and_a_refused_one_is_found(
+    broker: Mosquitto, store: Store
+) -> None:
+    """The writer stores a batch's reported states in one transaction; when the database
+    refuses the group (PostgreSQL: U+0000 in a text column), it retries them one by one, so
+    only the refused one is dead-lettered."""
+    worker = IngestWorker(broker.url, store)
+    topics = Topics()
+
+    def rep(device: str, phase: str, error: str | None = None) -> tuple[str, bytes]:
+        p = REPORTED.pipelines[0].model_copy(
+            update={"phase": UpdatePhase(phase), "last_error": error}
+        )
+        msg = REPORTED.model_copy(update={"device_id": device, "pipelines": [p]})
+        return topics.device(device, "reported"), msg.encode()
+
+    worker._write([rep("d1", "fetching"), rep("d2", "rejected", "bad\x00byte"),
+                   rep("d3", "trial"), rep("d1", "committed")])  # fmt: skip
+    phases = {r["device_id"]: r["phase"] for r in rows(store, PIPELINE_STATE)}
+    if store.engine.dialect.name == "sqlite":
+        assert phases == {"d1": "committed", "d2": "rejected", "d3": "trial"}
+        assert worker.counts["reported"] == 4 and store.counts()["dead_letters"] == 0
+    else:
+        assert phases == {"d1": "committed", "d3": "trial"}
+        [letter] = store.dead_letters()
+        assert letter["topic"] == topics.device("d2", "reported")
+        assert worker.counts["reported"] == 3 and worker.counts["dead_letters"] == 1
 
 
 def test_state_and_reported_jump_a_telemetry_backlog(tmp_path: Any) -> None:

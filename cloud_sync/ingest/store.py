@@ -498,8 +498,21 @@ class Store:
 
     def upsert_reported(self, msg: Mapping[str, Any], *, now: datetime | None = None) -> None:
         """Store a ``ReportedState``: it is a full snapshot, so pipelines absent from it go."""
+        self.upsert_reported_batch([msg], now=now)
+
+    def upsert_reported_batch(
+        self, msgs: Sequence[Mapping[str, Any]], *, now: datetime | None = None
+    ) -> None:
+        """Store many ``ReportedState``s in one transaction; per device, the last one wins
+        (each is a full snapshot, and one device's messages arrive in order).
+
+        Raises:
+            BadRecord: a message lacks a key field; nothing of the batch is stored.
+        """
         now = now or datetime.now(timezone.utc)
-        device_id = _get(msg, "device_id", "reported")
+        latest: dict[str, Mapping[str, Any]] = {}
+        for msg in msgs:
+            latest[_get(msg, "device_id", "reported")] = msg
         rows = [
             {
                 "device_id": device_id, "pipeline": _get(p, "name", "reported"),
@@ -509,11 +522,19 @@ class Store:
                 "desired_revision": msg.get("desired_revision"),
                 "updated_at": _time(_get(p, "updated_at", "reported"), "reported", "updated_at"),
             }
+            for device_id, msg in latest.items()
             for p in msg.get("pipelines") or []
         ]  # fmt: skip
-        with _guard(f"reported state of {device_id}"), self.engine.begin() as conn:
-            self._touch(conn, {device_id}, now)
-            conn.execute(sa.delete(PIPELINE_STATE).where(PIPELINE_STATE.c.device_id == device_id))
+        if not latest:
+            return
+        what = f"reported state of {next(iter(latest))}" + (
+            f" and {len(latest) - 1} more devices" if len(latest) > 1 else ""
+        )
+        with _guard(what), self.engine.begin() as conn:
+            self._touch(conn, set(latest), now)
+            conn.execute(
+                sa.delete(PIPELINE_STATE).where(PIPELINE_STATE.c.device_id.in_(sorted(latest)))
+            )
             if rows:
                 conn.execute(sa.insert(PIPELINE_STATE), rows)
 

@@ -185,37 +185,39 @@ class IngestWorker:
         self.store.dead_letter(topic, payload, str(why)[:500])
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
-        """Store one batch: upserts for state/reported, batched inserts for the volume kinds.
+        """Store one batch: state upserts, then reported upserts (one transaction for all of
+        them), then the volume kinds in batched inserts.
 
-        A message the contract or the database refuses is dead-lettered (a refused batch is
+        A message the contract or the database refuses is dead-lettered (a refused group is
         retried one message at a time to find it); when the database is unreachable the whole
         batch is queued again (writes are idempotent, so what was stored is not doubled).
         """
         try:
-            volume: dict[str, list[tuple[str, bytes, dict[str, Any]]]] = {}
+            groups: dict[str, list[tuple[str, bytes, dict[str, Any]]]] = {}
             for topic, payload in batch:
                 try:
                     kind, msg = self._decode(topic, payload)
-                    if kind in VOLUME_KINDS:
-                        volume.setdefault(kind, []).append((topic, payload, msg))
-                        continue
-                    if kind == "state":
-                        self.store.upsert_state(msg)
-                    else:
-                        self.store.upsert_reported(msg)
-                    self.counts[kind] += 1
                 except BadDataError as e:
                     self._dead(topic, payload, e)
-            for kind, items in volume.items():
-                self._write_volume(kind, items)
+                    continue
+                groups.setdefault(kind, []).append((topic, payload, msg))
+            for kind in ("state", "reported", *VOLUME_KINDS):
+                if kind in groups:
+                    self._write_group(kind, groups[kind])
         except TransportError as e:  # database gone: keep the batch for the next round
             log.error("ingest: store unavailable, %d messages requeued: %s", len(batch), e)
             for topic, payload in batch:
                 self.enqueue(topic, payload)
             time.sleep(1.0)
 
-    def _write_volume(self, kind: str, items: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+    def _write_group(self, kind: str, items: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+        def states(msgs: list[dict[str, Any]]) -> None:
+            for m in msgs:
+                self.store.upsert_state(m)
+
         write = {
+            "state": states,
+            "reported": self.store.upsert_reported_batch,
             "telemetry": self.store.add_telemetry_batch,
             "events": self.store.add_events,
             "snapshots": self.store.add_snapshots,
