@@ -393,9 +393,10 @@ def run_rollout(
 
     def ended() -> bool:
         nonlocal last_print
-        row = db.get(store, rid)
+        _rev, status = db.head(store, rid)  # cheap: the state's JSON is read every 10 s only
         if not cfg.quiet and time.monotonic() - last_print > 10:
             last_print = time.monotonic()
+            row = db.get(store, rid)
             counts = dict(row.state.counts())
             # what the devices themselves report, and the ingest backlog: a gap between the
             # controller's "committed" and the fleet's shows the cloud's loop lagging
@@ -405,7 +406,7 @@ def run_rollout(
                   f"{row.state.stage} {counts}; fleet {summary['phases']} "
                   f"{summary['versions']}; ingest backlog {backlog}",
                   file=sys.stderr, flush=True)  # fmt: skip
-        return row.state.status not in ("running",)
+        return status != "running"
 
     done = wait_until(ended, cfg.timeout_s)
     t_end = time.monotonic()

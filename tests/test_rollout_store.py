@@ -53,9 +53,29 @@ def test_save_refuses_a_stale_revision(store: Store) -> None:
     assert db.get(store, "r1").state.status == "paused"
 
 
+def test_list_reuses_known_rows_of_the_same_revision(store: Store) -> None:
+    """The controller's tick: rows it already holds are not read and parsed again, rows that
+    someone else saved (an operator's pause) are, and finished ones drop out."""
+    a = db.create(store, spec("a"), start(spec("a"), T0), T0)
+    b = db.create(store, spec("b"), start(spec("b"), T0), T0 + timedelta(1))
+    c = db.create(store, spec("c"), start(spec("c"), T0), T0 + timedelta(2))
+    known = {r.id: r for r in db.list_rollouts(store, active_only=True)}
+    assert db.head(store, "a") == (1, "running")
+    b2 = db.save(store, b, pause(b.state, T0).new_state, T0)  # another writer
+    db.save(store, c, c.state.model_copy(update={"status": "completed"}), T0)
+    got = db.list_rollouts(store, active_only=True, known=known)
+    assert [r.id for r in got] == ["b", "a"]
+    assert got[1] is known["a"]  # same revision: the object held
+    assert got[0] is not known["b"] and got[0].rev == b2.rev == 2
+    assert got[0].state.status == "paused" and db.head(store, "b") == (2, "paused")
+    assert [r.id for r in db.list_rollouts(store, known={"a": a})] == ["b", "a", "c"]
+
+
 def test_unknown_and_duplicate_ids(store: Store) -> None:
     with pytest.raises(db.RolloutNotFound, match="no rollout 'nope'"):
         db.get(store, "nope")
+    with pytest.raises(db.RolloutNotFound, match="no rollout 'nope'"):
+        db.head(store, "nope")
     db.create(store, spec(), start(spec(), T0), T0)
     with pytest.raises(db.RolloutExists, match="'r1' is taken"):
         db.create(store, spec(), start(spec(), T0), T0)

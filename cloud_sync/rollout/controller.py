@@ -111,6 +111,7 @@ class RolloutController:
         self.on_log = on_log
         self.reader = SnapshotReader(store)
         self._publisher: DesiredPublisher | None = None
+        self._rows: dict[str, db.RolloutRow] = {}  # by id: parsed once per revision
 
     # --- broker --------------------------------------------------------------------------
 
@@ -186,9 +187,9 @@ class RolloutController:
             return TickResult(row.id, row)
         changes = self._publishable(decision.actions)
         if changes:
-            fresh = db.get(self.store, row.id)  # narrow the race with operator commands
-            if fresh.rev != row.rev:
-                raise db.ConcurrentUpdate(row.id, row.rev, fresh.rev)
+            rev, _status = db.head(self.store, row.id)  # narrow the race with operator commands
+            if rev != row.rev:
+                raise db.ConcurrentUpdate(row.id, row.rev, rev)
         published = self.publish(changes, now)
         saved = db.save(self.store, row, decision.new_state, now)
         self._emit(decision.actions)
@@ -220,7 +221,8 @@ class RolloutController:
             StoreUnavailable: the database cannot be read.
         """
         now = now or datetime.now(timezone.utc)
-        rows = sorted(db.list_rollouts(self.store, active_only=True), key=lambda r: r.created_at)
+        rows = db.list_rollouts(self.store, active_only=True, known=self._rows)
+        rows.sort(key=lambda r: r.created_at)
         current: dict[str, db.RolloutRow] = {r.id: r for r in rows}
         results = []
         for r in rows:
@@ -229,6 +231,7 @@ class RolloutController:
             res = self.step(r, current.values(), now)
             current[r.id] = res.row
             results.append(res)
+        self._rows = current  # the next tick parses only rows changed by someone else
         return results
 
     def run(self, stop: threading.Event, every_s: float = 5.0) -> None:

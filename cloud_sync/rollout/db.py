@@ -9,6 +9,7 @@ and an operator's ``pause``) never overwrite each other's decision: the loser ge
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -127,15 +128,51 @@ def get(store: Store, rollout_id: str) -> RolloutRow:
     return _row(r)
 
 
-def list_rollouts(store: Store, *, active_only: bool = False) -> list[RolloutRow]:
-    """Rollouts, active ones (running, paused) first, each part newest first."""
-    q = sa.select(ROLLOUTS)
+def head(store: Store, rollout_id: str) -> tuple[int, str]:
+    """``(rev, status)`` of the rollout: one small query, no JSON read.
+
+    Raises:
+        RolloutNotFound: there is none.
+        StoreUnavailable: the database cannot be reached.
+    """
+    q = sa.select(ROLLOUTS.c.rev, ROLLOUTS.c.status).where(ROLLOUTS.c.id == rollout_id)
+    with guard(f"read rollout {rollout_id}"), store.engine.connect() as conn:
+        r = conn.execute(q).first()
+    if r is None:
+        raise RolloutNotFound(rollout_id)
+    return int(r.rev), str(r.status)
+
+
+def list_rollouts(
+    store: Store, *, active_only: bool = False, known: Mapping[str, RolloutRow] | None = None
+) -> list[RolloutRow]:
+    """Rollouts, active ones (running, paused) first, each part newest first.
+
+    ``known`` rows (by id) are returned as they are when the database still has their
+    ``rev``: only changed rows are read and parsed (a rollout of 1,000 devices is a large JSON
+    state, and a controller lists the active ones every tick).
+    """
+    cols = [ROLLOUTS.c.id, ROLLOUTS.c.rev]
+    q = sa.select(*cols) if known else sa.select(ROLLOUTS)
     if active_only:
         q = q.where(ROLLOUTS.c.status.in_(sorted(ACTIVE)))
     active_first = sa.case((ROLLOUTS.c.status.in_(sorted(ACTIVE)), 0), else_=1)
     q = q.order_by(active_first, ROLLOUTS.c.created_at.desc(), ROLLOUTS.c.id)
     with guard("list rollouts"), store.engine.connect() as conn:
-        return [_row(r) for r in conn.execute(q)]
+        if not known:
+            return [_row(r) for r in conn.execute(q)]
+        heads = conn.execute(q).all()
+        stale = [r.id for r in heads if r.id not in known or known[r.id].rev != r.rev]
+        fresh: dict[str, RolloutRow] = {}
+        if stale:
+            full = sa.select(ROLLOUTS).where(ROLLOUTS.c.id.in_(stale))
+            fresh = {r.id: _row(r) for r in conn.execute(full)}
+    out = []
+    for r in heads:  # a stale row deleted between the two reads is left out
+        row = fresh.get(r.id) if r.id in stale else known[r.id]
+        if row is not None:
+            out.append(row)
+    return out
 
 
 def save(store: Store, row: RolloutRow, state: RolloutState, now: datetime) -> RolloutRow:
@@ -173,6 +210,7 @@ __all__ = [
     "RolloutRow",
     "create",
     "get",
+    "head",
     "list_rollouts",
     "save",
 ]
