@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -215,13 +216,14 @@ class IngestWorker:
             for m in msgs:
                 self.store.upsert_state(m)
 
-        write = {
+        writers: dict[str, Callable[[list[dict[str, Any]]], object]] = {
             "state": states,
             "reported": self.store.upsert_reported_batch,
             "telemetry": self.store.add_telemetry_batch,
             "events": self.store.add_events,
             "snapshots": self.store.add_snapshots,
-        }[kind]
+        }
+        write = writers[kind]
         try:
             write([m for _, _, m in items])
             self.counts[kind] += len(items)
