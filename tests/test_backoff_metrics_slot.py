@@ -45,6 +45,22 @@ def test_latency_ring_percentiles_match_numpy_and_forget_old_samples() -> None:
     assert LatencyRing().percentiles() == {}
 
 
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=1e5, allow_nan=False), min_size=1, max_size=300),
+    st.integers(min_value=1, max_value=128),
+)
+def test_latency_ring_percentiles_equal_numpy_on_any_samples(xs: list[float], size: int) -> None:
+    ring = LatencyRing(size=size)
+    for x in xs:
+        ring.add(x)
+    held = np.array(xs[-size:])  # the ring keeps the last `size`, in any order
+    p = ring.percentiles()
+    for name, q in (("p50", 50), ("p95", 95), ("p99", 99)):
+        assert p[name] == pytest.approx(round(float(np.percentile(held, q)), 3), abs=1.1e-3)
+    assert p["max"] == round(float(held.max()), 3) and p["n"] == held.size
+    assert p["mean"] == pytest.approx(round(float(held.mean()), 3), abs=1.1e-3)
+
+
 def test_metrics_snapshot_fps_from_counter_deltas() -> None:
     m = PipelineMetrics()
     m.snapshot(now=10.0)
@@ -68,7 +84,6 @@ def test_fps_windows_are_per_reader() -> None:
     assert m.snapshot(now=10.0, reader="telemetry")["fps_out"] == 4.0
 
 
-
 def test_first_snapshot_of_a_new_reader_measures_from_the_start() -> None:
     m = PipelineMetrics()
     assert m.snapshot(now=1.0, reader="a")["fps_out"] == 0.0  # no start mark: no window yet
@@ -78,6 +93,7 @@ def test_first_snapshot_of_a_new_reader_measures_from_the_start() -> None:
     assert m.snapshot(now=5.0, reader="prometheus")["fps_out"] == 10.0
     m.count("frames_inferred", 10)
     assert m.snapshot(now=6.0, reader="prometheus")["fps_out"] == 10.0
+
 
 def _frame(i: int) -> Frame:
     return Frame(np.zeros((2, 2, 3), np.uint8), i, float(i))

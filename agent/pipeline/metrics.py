@@ -40,19 +40,34 @@ class LatencyRing:
         return out
 
     def percentiles(self) -> dict[str, float]:
-        """p50/p95/p99/max/mean of what the ring holds; empty dict when it holds nothing."""
+        """p50/p95/p99/max/mean of what the ring holds; empty dict when it holds nothing.
+
+        The percentiles are ``np.percentile``'s default (linear interpolation between the
+        closest ranks), read off one sort: ``np.percentile`` costs 50-150 µs a call in
+        overhead, paid per stage at every snapshot.
+        """
         v = self.values()
         if v.size == 0:
             return {}
-        p50, p95, p99 = np.percentile(v, (50, 95, 99))
+        v.sort()
         return {
-            "p50": round(float(p50), 3),
-            "p95": round(float(p95), 3),
-            "p99": round(float(p99), 3),
-            "max": round(float(v.max()), 3),
+            "p50": round(_ranked(v, 0.50), 3),
+            "p95": round(_ranked(v, 0.95), 3),
+            "p99": round(_ranked(v, 0.99), 3),
+            "max": round(float(v[-1]), 3),
             "mean": round(float(v.mean()), 3),
             "n": int(v.size),
         }
+
+
+def _ranked(ordered: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of sorted ``ordered`` (non-empty), linearly interpolated."""
+    pos = q * (ordered.size - 1)
+    lo = int(pos)
+    a = float(ordered[lo])
+    if lo + 1 >= ordered.size:
+        return a
+    return a + (float(ordered[lo + 1]) - a) * (pos - lo)
 
 
 @dataclass
