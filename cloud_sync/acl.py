@@ -2,8 +2,9 @@
 
 With ``use_identity_as_username`` the certificate CN is the MQTT username. Devices get
 ``pattern`` rules, so each may publish only its own state, reported state, telemetry, events,
-snapshots and chunk requests, and read only its own desired state, chunk answers and commands:
-no device can write any desired state or read another device's data. Services get exactly the
+snapshots and chunk requests (to any registry replica: ``fetch/req/+``), and read only its own
+desired state, chunk answers and commands: no device can write any desired state or read
+another device's data. Services get exactly the
 topics their job needs (``svc:ingest`` reads what devices send; ``svc:registry`` answers chunk
 requests; operators ``op:NAME`` write desired state and read device state). Volume topics are
 granted in their ``$share/…`` form too, for shared subscriptions.
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-DEVICE_WRITES = ("state", "reported", "telemetry", "events", "snapshots", "fetch/req", "cmd/result")
+DEVICE_WRITES = (
+    "state", "reported", "telemetry", "events", "snapshots", "fetch/req", "fetch/req/+",
+    "cmd/result",
+)  # fmt: skip
 DEVICE_READS = ("desired", "fetch/resp", "cmd")
 INGEST_READS = ("state", "reported", "telemetry", "events", "snapshots")
 SHARED_KINDS = ("telemetry", "events", "snapshots", "fetch/req")
@@ -33,6 +37,7 @@ def _service_rules(root: str, name: str, role: str) -> list[str]:
                 lines.append(f"topic read {_shared(root, k)}")
     elif role == "registry":
         lines += [f"topic read {dev}/fetch/req", f"topic read {_shared(root, 'fetch/req')}",
+                  f"topic read {dev}/fetch/req/+",  # a replica's own topic (sticky transfers)
                   f"topic write {dev}/fetch/resp"]  # fmt: skip
     elif role == "operator":
         lines += [f"topic readwrite {dev}/desired", f"topic read {dev}/state",

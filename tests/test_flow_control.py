@@ -18,7 +18,7 @@ import pytest
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
 from agent.update.fetcher import ChunkClient, FetchStoppedError
 from cloud_sync.registry.serve import Admission, ChunkServer, _Clocks, _Job
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, wait_for
 from tests.test_transfer import RawDevice, _close, _connect
 
 KB = 1024
@@ -398,3 +398,135 @@ def test_timeout_adapts_to_measured_round_trips(
         srv.stop()
     assert cc.srtt is not None and cc.srtt < 1.0
     assert cc.rto == pytest.approx(1.0)  # SRTT + 4 RTTVAR on loopback is under the 1 s floor
+
+
+# -- sticky transfers across replicas -------------------------------------------------------
+
+
+def test_replica_names_are_topic_safe_and_parse_back() -> None:
+    from agent.protocol.fetch import BadMessage
+    from agent.protocol.topics import Topics
+
+    t = Topics()
+    topic = t.replica_requests("dev1", "registry-a")
+    assert topic == "edgefleet/v1/devices/dev1/fetch/req/registry-a"
+    assert t.parse(topic) == ("dev1", "fetch/req")
+    assert t.all_replica_requests("registry-a") == "edgefleet/v1/devices/+/fetch/req/registry-a"
+    for bad in ("a/b", "+", "#", "", "x y"):
+        with pytest.raises(ValueError, match="topic-safe"):
+            t.replica_requests("dev1", bad)
+        assert t.parse(f"edgefleet/v1/devices/dev1/fetch/req/{bad}") is None
+        header = {"id": "r", "path": "targets/a", "offset": 0, "total": 1, "replica": bad}
+        raw = json.dumps(header).encode()
+        with pytest.raises(BadMessage):
+            decode_response(struct.pack(">I", len(raw)) + raw)
+    # an old request never carries the flag; the answer to it never names a replica
+    old = FetchRequest(id="r", path="targets/a", offset=0, length=1, busy_ok=True)
+    assert "sticky_ok" not in json.loads(old.encode())
+
+
+class SlowServer(ChunkServer):
+    """Reads each window a little late, so that a transfer lasts long enough to interrupt."""
+
+    delay_s = 0.004
+
+    def _finish(self, job: _Job) -> None:
+        time.sleep(self.delay_s)
+        super()._finish(job)
+
+
+def _replicas(broker: Mosquitto, repo: Path, n: int, **kw: Any) -> list[ChunkServer]:
+    out = []
+    for i in range(n):
+        srv = SlowServer(repo, broker.url, client_id=f"registry-{i}", share_group="sticky", **kw)
+        srv.start()
+        out.append(srv)
+    return out
+
+
+@pytest.mark.broker
+def test_each_transfer_stays_on_the_replica_that_admitted_it(
+    broker: Mosquitto, repo: Path, tmp_path: Path
+) -> None:
+    """Two replicas with one transfer slot each, two devices at once: each device's bytes all
+    come from one replica (before sticky transfers, windows alternated between replicas and
+    each transfer needed a slot on both)."""
+    size = 2 * MB
+    path = "targets/models/m/1.0.0/model.onnx"
+    (repo / path).parent.mkdir(parents=True)
+    blob = _bytes(size, 7)
+    (repo / path).write_bytes(blob)
+    servers = _replicas(broker, repo, 2, max_transfers=1)
+    clients = [_connect(broker, f"edgefleet-sticky{i}") for i in (0, 1)]
+    chunks = [ChunkClient(c, f"sticky{i}", window=8) for i, c in enumerate(clients)]
+    errors: list[BaseException] = []
+
+    def fetch(i: int) -> None:
+        try:
+            dest = tmp_path / f"d{i}" / "model.onnx"
+            chunks[i].fetch_file(path, dest, max_length=size, resume_dir=tmp_path / f"r{i}")
+            assert dest.read_bytes() == blob
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for c in clients:
+            _close(c)
+        stats = [s.stats() for s in servers]
+        for s in servers:
+            s.stop()
+    assert not errors, errors
+    for i in (0, 1):
+        served = [st.bytes_by_device.get(f"sticky{i}", 0) for st in stats]
+        assert sorted(served) == [0, size], served  # one replica sent the whole file
+        assert chunks[i].timeouts == 0 and chunks[i].bytes_received == size
+    assert sum(st.admitted for st in stats) == 2
+    assert all(st.errors == 0 and st.dropped == 0 for st in stats)
+
+
+@pytest.mark.broker
+def test_a_sticky_transfer_survives_its_replica_going_away(
+    broker: Mosquitto, repo: Path, tmp_path: Path
+) -> None:
+    """The replica serving a transfer stops mid-file: the device's windows to it time out, it
+    asks through the shared topic again, and the other replica finishes the file."""
+    size = 3 * MB
+    path = "targets/big.bin"
+    blob = _bytes(size, 8)
+    (repo / path).write_bytes(blob)
+    servers = _replicas(broker, repo, 2)
+    client = _connect(broker, "edgefleet-sticky-survivor")
+    chunk = ChunkClient(client, "survivor", window=2, request_timeout_s=1.0, min_timeout_s=0.3)
+    done: list[BaseException | None] = []
+    dest = tmp_path / "big.bin"
+
+    def fetch() -> None:
+        try:
+            chunk.fetch_file(path, dest, max_length=size, resume_dir=tmp_path / "r")
+            done.append(None)
+        except BaseException as e:  # reported below
+            done.append(e)
+
+    th = threading.Thread(target=fetch)
+    try:
+        th.start()
+        assert wait_for(lambda: chunk.bytes_received >= MB // 2, 30)
+        serving = [s for s in servers if s.stats().bytes_by_device.get("survivor", 0) > 0]
+        assert len(serving) == 1, "one replica serves the transfer"
+        serving[0].stop()
+        th.join(120)
+    finally:
+        _close(client)
+        for s in servers:
+            s.stop()
+    assert done == [None], done
+    assert dest.read_bytes() == blob
+    other = next(s for s in servers if s is not serving[0])
+    assert other.stats().bytes_by_device.get("survivor", 0) > 0  # it finished the file
+    assert chunk.timeouts >= 1

@@ -27,6 +27,14 @@ transfers as it admits; no data, ``total`` 0, and ``retry_after_s`` (present onl
 says when to ask again. Waiting transfers are admitted first come, first served, as long as the
 device keeps asking at about that pace; the wait is not a failure. ``retry_after_s`` is left out
 of every other header, so devices that predate it parse those unchanged.
+
+Sticky transfers (request flag ``sticky_ok``): registry replicas split requests through a
+shared subscription, message by message, but admit transfers each on its own. An ``ok`` answer
+to a ``sticky_ok`` request names its ``replica``; the device sends the rest of that transfer
+to ``ROOT/devices/D/fetch/req/REPLICA``, which only that replica subscribes to, so the
+replica that admitted a transfer serves all of it and frees its place at the last window. A
+device goes back to the shared topic when that replica answers ``busy`` or stops answering
+(restarted, gone). ``replica`` is only ever sent to a request with ``sticky_ok``.
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ from agent.errors import BadDataError
 MAX_CHUNK = 256 * 1024  # hard cap on a window, whatever a device asks for
 MAX_HEADER = 4096
 _PATH_PATTERN = r"^(metadata|targets)/[A-Za-z0-9._/-]{1,512}$"
-_FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok")
+_FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok", "sticky_ok")
+_REPLICA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # topic-safe, like a device id
 
 
 class BadMessage(BadDataError):
@@ -73,6 +82,9 @@ class FetchRequest(BaseModel):
     )
     busy_ok: bool = Field(
         False, description="The device understands status busy (with retry_after_s)"
+    )
+    sticky_ok: bool = Field(
+        False, description="The device understands replica in answers (sticky transfers)"
     )
 
     @model_serializer(mode="wrap")
@@ -115,6 +127,12 @@ class FetchHeader(BaseModel):
     error: str = Field("", max_length=500)
     retry_after_s: float | None = Field(
         None, ge=0, le=3600, description="With status busy: seconds to wait before asking again"
+    )
+    replica: str | None = Field(
+        None,
+        pattern=_REPLICA_PATTERN,
+        description="To a request with sticky_ok: the replica that answered; send the rest of "
+        "the transfer to ROOT/devices/D/fetch/req/REPLICA",
     )
 
 

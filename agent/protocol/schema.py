@@ -94,7 +94,14 @@ TOPICS: tuple[TopicInfo, ...] = (
     TopicInfo(
         "snapshots", "dev→cloud", 1, False, "snapshot", "JPEG frames, from opted-in pipelines"
     ),
-    TopicInfo("fetch/req", "dev→cloud", 1, False, "fetch_request", "chunk request"),
+    TopicInfo(
+        "fetch/req",
+        "dev→cloud",
+        1,
+        False,
+        "fetch_request",
+        "chunk request (shared by the registry replicas; `fetch/req/R` for replica R: sticky)",
+    ),
     TopicInfo(
         "fetch/resp",
         "cloud→dev",

@@ -8,6 +8,7 @@ Per device ``D`` under a configurable root (default ``edgefleet/v1``)::
     ROOT/devices/D/telemetry    dev→cloud
     ROOT/devices/D/events       dev→cloud
     ROOT/devices/D/fetch/req    dev→cloud  chunk requests (registry: shared subscription)
+    ROOT/devices/D/fetch/req/R  dev→cloud  chunk requests for registry replica R (sticky)
     ROOT/devices/D/fetch/resp   cloud→dev  chunk responses
     ROOT/devices/D/cmd          cloud→dev
     ROOT/devices/D/cmd/result   dev→cloud
@@ -72,13 +73,34 @@ class Topics:
             return self.all_devices(kind)
         return f"$share/{group}/{self.all_devices(kind)}"
 
+    def replica_requests(self, device_id: str, replica: str) -> str:
+        """``ROOT/devices/D/fetch/req/R``: chunk requests for registry replica ``R`` only.
+
+        Raises:
+            ValueError: a device id or replica name that is not topic-safe.
+        """
+        if not valid_device_id(replica):
+            raise ValueError(f"replica name {replica!r} is not topic-safe")
+        return f"{self.device(device_id, 'fetch/req')}/{replica}"
+
+    def all_replica_requests(self, replica: str) -> str:
+        """Subscription of replica ``R`` to its own chunk requests, fleet-wide."""
+        if not valid_device_id(replica):
+            raise ValueError(f"replica name {replica!r} is not topic-safe")
+        return f"{self.all_devices('fetch/req')}/{replica}"
+
     def parse(self, topic: str) -> tuple[str, str] | None:
-        """``(device_id, kind)`` for a device topic under this root, else None."""
+        """``(device_id, kind)`` for a device topic under this root, else None.
+
+        A replica's chunk-request topic (``fetch/req/R``) parses as kind ``fetch/req``.
+        """
         prefix = f"{self.root}/devices/"
         if not topic.startswith(prefix):
             return None
         rest = topic[len(prefix) :]
         device_id, sep, kind = rest.partition("/")
+        if kind.startswith("fetch/req/") and valid_device_id(kind[len("fetch/req/") :]):
+            kind = "fetch/req"
         if not sep or kind not in KINDS or not valid_device_id(device_id):
             return None
         return device_id, kind

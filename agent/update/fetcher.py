@@ -314,8 +314,11 @@ class ChunkClient:
         with self._lock:
             self._routes.pop(rid, None)
 
-    def _publish(self, req: FetchRequest) -> None:
-        self._client.publish(self.req_topic, req.encode(), qos=1)
+    def _publish(self, req: FetchRequest, replica: str | None = None) -> None:
+        """On the shared request topic, or on ``replica``'s own (a sticky transfer; the name
+        came validated, topic-safe, in an answer header)."""
+        topic = self.req_topic if replica is None else f"{self.req_topic}/{replica}"
+        self._client.publish(topic, req.encode(), qos=1)
 
     def _connected(self) -> bool:
         return bool(self._client.is_connected())
@@ -476,6 +479,7 @@ class _Transfer:
         self.got = 0
         self.waiting_since: float | None = None  # not admitted by the registry (busy) since
         self.probe_at: float | None = None  # when waiting: next probe (None: one is out)
+        self.replica: str | None = None  # the registry replica serving this transfer (sticky)
 
     def _stop_at(self) -> int | None:
         if self.total is None:
@@ -607,12 +611,13 @@ class _Transfer:
                     sent_at=round(time.time(), 3),
                     timeout_s=round(timeout, 3),
                     busy_ok=True,
+                    sticky_ok=True,
                 )
             else:
                 req = FetchRequest(
                     id=slot.rid, path=self.path, offset=slot.offset, length=slot.length
                 )
-            self.c._publish(req)
+            self.c._publish(req, self.replica)
 
     def _wait_s(self, now: float) -> float:
         wake = now + (_POLL_S if self.waiting_since is None else _PARKED_POLL_S)
@@ -632,6 +637,7 @@ class _Transfer:
     def _on_busy(self, slot: _Slot, retry_after: float, now: float) -> None:
         """The registry is full: park every window, probe again after ``retry_after``."""
         self.c._add(busy_responses=1)
+        self.replica = None  # probe through the shared topic: whichever replica has room
         if self.waiting_since is None:
             self.waiting_since = now
             log.debug("fetch %s: registry busy, waiting %.2f s", self.path, retry_after)
@@ -663,6 +669,7 @@ class _Transfer:
         expired = [s for s in self.inflight.values() if s.resend_at is None and now >= s.deadline]
         if expired:
             self.c.resubscribe()  # cheap; the cure when a broker restart lost the subscription
+            self.replica = None  # a replica that stopped answering may be gone: ask them all
         for slot in expired:
             self.c._timed_out(slot.sent, now)
             self._retry_later(slot, now, "timed out")
@@ -733,6 +740,8 @@ class _Transfer:
             )
         del self.inflight[slot.rid]
         self.c._drop_route(slot.rid)
+        if self.replica is None and header.replica is not None:
+            self.replica = header.replica  # the rest of the transfer goes to this replica
         if slot.attempts == 1 and slot.deadline != math.inf:
             self.c._rtt_sample(now - slot.sent)
         self.c._window_done()

@@ -21,7 +21,13 @@ Flow control (requests with ``busy_ok``, see ``agent.protocol.fetch``): at most
 cheap ``busy`` answer with ``retry_after_s`` and wait in a first-come-first-served line
 (``Admission``). A transfer is released when the window holding the end of its file is
 served, or after ``IDLE_S`` without a request. A single-window file (metadata) needs no
-admission. Requests that waited longer than the device's ``timeout_s`` are dropped
+admission. Replicas admit on their own, so a device that understands it (``sticky_ok``) is told
+which replica answered and sends the rest of the transfer to that replica's own topic
+(``ROOT/devices/+/fetch/req/CLIENT_ID``, subscribed next to the shared one): the replica that
+admitted a transfer sees all its windows, the last one included. Without that, a transfer
+needed a place on every replica (its requests alternated between them) and held each for
+``IDLE_S`` after it ended on another (measured at 1,000 devices, two replicas: 68,000 busy
+answers in one rollout). Requests that waited longer than the device's ``timeout_s`` are dropped
 unanswered: the device has asked again already. Admission runs on paho's thread before the
 pool, so neither the pool's queue nor paho's outgoing queue grows with the number of devices:
 ``max_transfers x window`` answers at most (32 x 32 by default, against
@@ -55,7 +61,7 @@ from agent.protocol.fetch import (
     FetchRequest,
     encode_response,
 )
-from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics
+from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics, valid_device_id
 from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -337,6 +343,9 @@ class ChunkServer:
         self.host, self.port, tls = parse_broker_url(broker_url)
         self.topics = Topics(root)
         self.subscription = self.topics.shared(share_group, "fetch/req")
+        # sticky transfers: this replica's own request topic (needs a topic-safe client id)
+        self.replica = client_id if share_group is not None and valid_device_id(client_id) else None
+        self.direct = self.topics.all_replica_requests(self.replica) if self.replica else None
         self.client_id = client_id
         self.on_tick = on_tick
         self._stats = ServerStats()
@@ -357,6 +366,8 @@ class ChunkServer:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.message_callback_add(self.topics.all_devices("fetch/req"), self._on_message)
+        if self.direct is not None:
+            self.client.message_callback_add(self.direct, self._on_message)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -436,7 +447,8 @@ class ChunkServer:
             self._sub_failure = f"CONNACK {reason}"
             log.warning("chunk server %s: broker refused connection: %s", self.client_id, reason)
             return
-        rc, mid = client.subscribe(self.subscription, qos=1)
+        subs = [(self.subscription, 1)] + ([(self.direct, 1)] if self.direct else [])
+        rc, mid = client.subscribe(subs)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._sub_failure = f"subscribe rc={rc}"
             log.warning("chunk server %s: subscribe failed rc=%s", self.client_id, rc)
@@ -641,7 +653,10 @@ class ChunkServer:
                 "error",
                 f"registry could not read the file: {e.strerror}",
             ), b""
-        return FetchHeader(id=req.id, path=req.path, offset=req.offset, total=total), data
+        replica = self.replica if req.sticky_ok else None
+        return FetchHeader(
+            id=req.id, path=req.path, offset=req.offset, total=total, replica=replica
+        ), data
 
     def _resolve(self, path: str) -> Path | None:
         """``resolve_repo_path`` with a small cache of recent answers.
