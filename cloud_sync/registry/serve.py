@@ -67,10 +67,9 @@ from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096  # a valid request is < 700 bytes; bigger ones are not even parsed
-# paho's outgoing queue (x 64 KB: 128 MB at most): bounded memory under a flood. 2048 rather
-# than 1024 (32 transfers, not 16): a device's requests alternate between replicas, so each
-# transfer holds a slot on each; measured at 1,000 devices, 2 replicas: the good rollout took
-# 136.7 s instead of 153.7 s, re-fetching 112 MB instead of 9 MB of 4.2 GB.
+# paho's outgoing queue (x 64 KB: 128 MB at most): bounded memory under a flood; it sets the
+# transfers served at once (32 x the largest window, 64). Since transfers stick to the replica
+# that admitted them, two replicas serve 64 transfers between them.
 MAX_QUEUED_RESPONSES = 2048
 RESOLVE_TTL_S = 1.0  # how long a resolved request path is reused
 RESOLVE_CACHE = 256  # resolved request paths kept
