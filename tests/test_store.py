@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +70,55 @@ def test_put_refuses_wrong_hash_and_stores_nothing(tmp_path: Path, files: dict[s
     assert list((tmp_path / "models" / "tmp").iterdir()) == []
 
 
+def test_put_link_stores_the_download_itself(tmp_path: Path, files: dict[str, Path]) -> None:
+    """A download is linked into the store, not written a second time (flash wear, time)."""
+    store = ModelStore(tmp_path / "data")
+    src = files["model.onnx"]
+    h = store.put(src, link=True)
+    assert h == sha(src.read_bytes()) and store.verify(h)
+    obj, st = store.path(h).stat(), src.stat()
+    assert (obj.st_ino, obj.st_dev) == (st.st_ino, st.st_dev) and obj.st_nlink == 2
+    assert stat.S_IMODE(st.st_mode) == 0o444  # the download is read-only now too
+    assert store.put(src, link=True, expected_sha256=h) == h  # idempotent
+    assert list((tmp_path / "data" / "models" / "tmp").iterdir()) == []
+    src.unlink()  # the manager removes its download dir after the install
+    assert store.verify(h) and store.path(h).stat().st_nlink == 1
+
+
+def test_put_link_refuses_wrong_hash_and_leaves_the_source(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    store = ModelStore(tmp_path)
+    src = files["golden.npz"]
+    with pytest.raises(StoreError, match="expected 41aa"):
+        store.put(src, link=True, expected_sha256="41aa" + "0" * 60)
+    assert not store.has(sha(b"golden")) and src.read_bytes() == b"golden"
+    assert src.stat().st_nlink == 1 and list((tmp_path / "models" / "tmp").iterdir()) == []
+
+
+def test_put_link_copies_across_file_systems(
+    tmp_path: Path, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev:
+        store = ModelStore(shm / f"edgefleet-test-{os.getpid()}")  # a real second file system
+    else:  # no tmpfs here: make os.link fail as it does across file systems
+
+        def no_link(*_a: Any, **_k: Any) -> None:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+        store = ModelStore(tmp_path / "data")
+    try:
+        src = files["model.onnx"]
+        h = store.put(src, link=True)
+        assert store.verify(h) and src.stat().st_nlink == 1
+        assert store.path(h).stat().st_ino != src.stat().st_ino
+    finally:
+        if str(store.root).startswith("/dev/shm/"):
+            shutil.rmtree(store.root.parent, ignore_errors=True)
+
+
 def test_corrupt_object_is_detected_and_repaired_by_put(
     tmp_path: Path, files: dict[str, Path]
 ) -> None:
@@ -104,6 +154,20 @@ def test_install_and_materialize(tmp_path: Path, files: dict[str, Path]) -> None
     assert json.loads((d / "card.json").read_text()) == CARD
     assert store.materialize("det", "1.4.0") == d  # idempotent
     assert store.installed() == [NEW]
+    assert store.verify_all() == []
+
+
+def test_install_linked_survives_removing_the_downloads(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    store = ModelStore(tmp_path / "data")
+    rec = store.install_version("det", "1.0.0", files, {"name": "det"}, link=True)
+    for fname, path in files.items():
+        assert store.path(rec.files[fname]).stat().st_ino == path.stat().st_ino
+    for path in files.values():
+        path.unlink()
+    d = store.materialize("det", "1.0.0")
+    assert (d / "model.onnx").read_bytes() == b"onnx-fp32" * 1000
     assert store.verify_all() == []
 
 

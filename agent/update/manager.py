@@ -363,8 +363,8 @@ class UpdateManager:
         try:
             self._check_card(card)
             self._advance(attempt, P.VERIFIED)
-            self.store.install_version(
-                target.model, target.version, files, card.model_dump(mode="json")
+            self.store.install_version(  # downloads: linked, not copied a second time
+                target.model, target.version, files, card.model_dump(mode="json"), link=True
             )
             self._advance(attempt, P.BUILDING)
             model = self._open_version(target, lambda s: self._set_progress(name, s))

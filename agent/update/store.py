@@ -155,12 +155,25 @@ class ModelStore:
         except OSError:
             return False
 
-    def put(self, src: str | os.PathLike[str], *, expected_sha256: str | None = None) -> str:
+    def put(
+        self,
+        src: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+        link: bool = False,
+    ) -> str:
         """Copy a file into the store; idempotent.
+
+        With ``link`` the object becomes a hard link to ``src`` where the file system allows
+        it (else a copy, as without): no second copy of the bytes is written, and ``src``
+        turns read-only with it. Only for a file nobody rewrites in place (a finished
+        download: fetchers replace files, they never write into them). The content is hashed
+        either way; the store never trusts a name.
 
         Args:
             src: the file to store.
             expected_sha256: refuse the file unless it hashes to this.
+            link: hard-link instead of copying when possible.
 
         Returns:
             The file's sha256 (its object name).
@@ -169,17 +182,26 @@ class ModelStore:
             StoreError: the content does not match ``expected_sha256`` (nothing stored).
             OSError: ``src`` unreadable or the disk full.
         """
-        fd, tmp_name = tempfile.mkstemp(prefix="put-", suffix=_TMP, dir=self._tmp)
-        tmp = Path(tmp_name)
+        linked = self._linked_tmp(src) if link else None
+        if linked is not None:
+            tmp = linked
+        else:
+            fd, tmp_name = tempfile.mkstemp(prefix="put-", suffix=_TMP, dir=self._tmp)
+            tmp = Path(tmp_name)
         try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                for chunk in iter(lambda: inp.read(_CHUNK), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = h.hexdigest()
+            if linked is not None:
+                sha = _sha256_file(tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())  # cheap when the fetcher synced it already
+            else:
+                h = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                    for chunk in iter(lambda: inp.read(_CHUNK), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                sha = h.hexdigest()
             if expected_sha256 is not None and sha != expected_sha256.lower():
                 raise StoreError(
                     f"{os.fspath(src)} has sha256 {sha[:12]}…, expected"
@@ -199,6 +221,15 @@ class ModelStore:
             tmp.unlink(missing_ok=True)
             raise
 
+    def _linked_tmp(self, src: str | os.PathLike[str]) -> Path | None:
+        """A hard link to ``src`` in the store's tmp dir; None where links do not work."""
+        tmp = self._tmp / f"link-{os.urandom(8).hex()}{_TMP}"
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or one without hard links: copy instead
+            return None
+        return tmp
+
     # --- versions ----------------------------------------------------------------------------
 
     def _record_path(self, ref: ModelRef) -> Path:
@@ -210,6 +241,8 @@ class ModelStore:
         version: str,
         files: Mapping[str, str | os.PathLike[str]],
         card_json: Mapping[str, Any] | str | bytes,
+        *,
+        link: bool = False,
     ) -> VersionRecord:
         """Store a version's files and write its record (last, so a crash leaves no record).
 
@@ -218,6 +251,7 @@ class ModelStore:
             version: model version.
             files: target file name (``model.onnx``, ``golden.npz``…) → local file.
             card_json: the model card, as a dict or JSON text.
+            link: hard-link the files into the store (see ``put``): for downloads.
 
         Raises:
             StoreError: bad name, version or file name, or a card that is not a JSON object.
@@ -238,7 +272,7 @@ class ModelStore:
                 raise StoreError(
                     f"file name {fname!r} of {ref} is not a plain file name", reason="name"
                 )
-        shas = {fname: self.put(src) for fname, src in files.items()}
+        shas = {fname: self.put(src, link=link) for fname, src in files.items()}
         record = VersionRecord(name=ref.model, version=ref.version, files=shas, card=card)
         atomic_write_json(self._record_path(ref), record.model_dump(mode="json"))
         log.info("store: installed %s (%d files)", ref, len(shas))
