@@ -58,15 +58,16 @@ class Fleet:
         if msg.payload:
             self.reported.append(ReportedState.decode(bytes(msg.payload)))
 
-    def publish(self, name: str, version: str, model: str = "digits") -> None:
+    def publish(self, name: str, version: str, model: str = "digits", pad_bytes: int = 0) -> None:
         """Publish a copy of a test model whose bytes differ per version (as real versions'
-        do), so each version has its own engine to build."""
+        do), so each version has its own engine to build; ``pad_bytes`` more in its doc
+        string make a bigger artifact with the same graph."""
         import onnx
 
         d = self.tmp / "src" / f"{name}-{version}"
         shutil.copytree(self.models[model], d)
         m = onnx.load(str(d / "model.onnx"))
-        m.doc_string = f"{name} {version}"
+        m.doc_string = f"{name} {version}" + " " * pad_bytes
         onnx.save(m, str(d / "model.onnx"))
         publish(self.repo, d / "model.onnx", name=name, version=version)
 
@@ -83,8 +84,12 @@ class Fleet:
                 "trust": {"root": str(self.repo_dir / "root.json")},
                 # No test here is about latency: a loaded CI machine's jitter must not roll
                 # a good version back (the latency rule has its own tests in test_machine.py).
-                "update": {"health_window_s": 0.5, "health_min_frames": 5,
-                           "max_latency_ratio": 20.0, **update},
+                "update": {
+                    "health_window_s": 0.5,
+                    "health_min_frames": 5,
+                    "max_latency_ratio": 20.0,
+                    **update,
+                },
             }
         )
 

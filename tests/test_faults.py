@@ -237,8 +237,8 @@ def test_model_download_on_a_full_disk_fails_clearly_and_recovers(
             # space is back: the interrupted update goes through on its own
             f.wait_phase("committed", version="1.1.0", timeout=60)
             assert f.running() == "digits@1.1.0"
-            # room for metadata, not for the artifact: the download itself hits ENOSPC
-            f.publish("digits", "1.2.0")
+            # room for metadata, not for the artifact (256 KiB): the download itself hits ENOSPC
+            f.publish("digits", "1.2.0", pad_bytes=256 * 1024)
             filler = fill(data)
             os.truncate(filler, filler.stat().st_size - 48 * 1024)
             f.deploy("digits@1.2.0")
@@ -257,6 +257,25 @@ def test_model_download_on_a_full_disk_fails_clearly_and_recovers(
             assert f.agent is not None and f.agent.updates.store.verify_all() == []
         finally:
             f.close()
+
+
+def test_an_engine_build_on_a_full_disk_says_so(
+    tmp_path: Path,
+    test_models: dict[str, Path],
+) -> None:
+    """ONNX Runtime reports a full disk while writing the optimised model as "Protobuf
+    serialization failed"; the build turns that into ENOSPC (retryable), not a bad model."""
+    from agent.engine.build import _build_onnxruntime
+
+    with tmpfs(tmp_path / "engines", "1m") as d:
+        fill(d)
+        opts = {"providers": ["CPUExecutionProvider"], "graph_optimization_level": "all"}
+        with pytest.raises(OSError, match="No space left on device") as ei:
+            _build_onnxruntime(
+                str(test_models["digits"] / "model.onnx"), str(d / "engine.onnx"), opts,
+                lambda _p, _f: None,
+            )  # fmt: skip
+        assert ei.value.errno == errno.ENOSPC
 
 
 # --------------------------------------------------------------------------- (c) clock jumps

@@ -14,8 +14,10 @@ graph becomes the cached artifact, loaded later with optimisations off
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -404,6 +406,16 @@ def _build_onnxruntime(
     try:
         ort.InferenceSession(onnx_path, so, providers=providers)
     except Exception as e:
+        # ONNX Runtime reports a full disk while writing the optimised model as a protobuf
+        # serialization error: say that the disk is full, not that the model is bad
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out_path))).free
+        need = os.path.getsize(onnx_path)
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device for the optimised model ({free} bytes free, the model "
+                f"is {need}); onnxruntime said: {e}",
+            ) from e
         raise ModelError(
             f"onnxruntime cannot load {onnx_path}: {e}", model=onnx_path, reason="load"
         ) from e
