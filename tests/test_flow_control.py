@@ -235,6 +235,33 @@ def test_stop_event_ends_a_transfer(repo: Path) -> None:
 # -- against a real broker ----------------------------------------------------------------
 
 
+def fetch_at_once(
+    chunks: list[ChunkClient], path: str, blob: bytes, tmp_path: Path
+) -> tuple[list[BaseException], dict[int, float]]:
+    """Every client fetches ``path`` (content ``blob``) at the same moment, one thread each;
+    returns the errors and when each finished."""
+    errors: list[BaseException] = []
+    ends: dict[int, float] = {}
+    go = threading.Barrier(len(chunks))
+
+    def fetch(i: int) -> None:
+        try:
+            go.wait()
+            dest = tmp_path / f"dev{i}" / "model.onnx"
+            chunks[i].fetch_file(path, dest, max_length=len(blob), resume_dir=tmp_path / f"r{i}")
+            ends[i] = time.monotonic()
+            assert dest.read_bytes() == blob
+        except BaseException as e:  # returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(len(chunks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors, ends
+
+
 @pytest.fixture
 def narrow_server(broker: Mosquitto, repo: Path) -> Iterator[ChunkServer]:
     srv = ChunkServer(repo, broker.url, client_id="registry-1", max_transfers=1)
@@ -254,26 +281,8 @@ def test_two_devices_through_one_transfer_slot(
     (repo / path).write_bytes(blob)
     clients = [_connect(broker, f"edgefleet-dev{i}") for i in (1, 2)]
     chunks = [ChunkClient(c, f"dev{i}", window=4) for i, c in zip((1, 2), clients, strict=True)]
-    ends: dict[int, float] = {}
-    errors: list[BaseException] = []
-    go = threading.Barrier(2)
-
-    def fetch(i: int) -> None:
-        try:
-            go.wait()
-            dest = tmp_path / f"dev{i}" / "model.onnx"
-            chunks[i].fetch_file(path, dest, max_length=size, resume_dir=tmp_path / f"r{i}")
-            ends[i] = time.monotonic()
-            assert dest.read_bytes() == blob
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=fetch, args=(i,)) for i in (0, 1)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        errors, ends = fetch_at_once(chunks, path, blob, tmp_path)
     finally:
         for c in clients:
             _close(c)
@@ -459,22 +468,8 @@ def test_each_transfer_stays_on_the_replica_that_admitted_it(
     servers = _replicas(broker, repo, 2, max_transfers=1)
     clients = [_connect(broker, f"edgefleet-sticky{i}") for i in (0, 1)]
     chunks = [ChunkClient(c, f"sticky{i}", window=8) for i, c in enumerate(clients)]
-    errors: list[BaseException] = []
-
-    def fetch(i: int) -> None:
-        try:
-            dest = tmp_path / f"d{i}" / "model.onnx"
-            chunks[i].fetch_file(path, dest, max_length=size, resume_dir=tmp_path / f"r{i}")
-            assert dest.read_bytes() == blob
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=fetch, args=(i,)) for i in (0, 1)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        errors, _ends = fetch_at_once(chunks, path, blob, tmp_path)
     finally:
         for c in clients:
             _close(c)
