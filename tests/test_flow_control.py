@@ -8,7 +8,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -119,29 +119,28 @@ class FakeBroker:
             self.callback(self, None, SimpleNamespace(topic="t", payload=out))
 
 
-def test_busy_waits_without_failing_or_tripping_the_rate_guard(repo: Path) -> None:
-    blob = _bytes(200 * KB, 1)
-    (repo / "targets" / "f.bin").write_bytes(blob)
+def busy_then_serve(repo: Path, n: int, *, retry_after_s: float) -> Callable[[bytes], bytes | None]:
+    """A registry that answers the first ``n`` requests ``busy``, then serves ``repo``."""
     server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u")
-    busy_left = [4]
+    left = [n]
 
     def answer(payload: bytes) -> bytes | None:
         req = FetchRequest.decode(payload)
-        if busy_left[0] > 0:
-            busy_left[0] -= 1
-            h = FetchHeader(
-                id=req.id,
-                path=req.path,
-                offset=req.offset,
-                total=0,
-                status="busy",
-                retry_after_s=0.15,
-            )
+        if left[0] > 0:
+            left[0] -= 1
+            h = FetchHeader(id=req.id, path=req.path, offset=req.offset, total=0,
+                            status="busy", retry_after_s=retry_after_s)  # fmt: skip
             return encode_response(h)
         header, data = server.answer(payload)
         return None if header is None else encode_response(header, data)
 
-    fake = FakeBroker(answer)
+    return answer
+
+
+def test_busy_waits_without_failing_or_tripping_the_rate_guard(repo: Path) -> None:
+    blob = _bytes(200 * KB, 1)
+    (repo / "targets" / "f.bin").write_bytes(blob)
+    fake = FakeBroker(busy_then_serve(repo, 4, retry_after_s=0.15))
     cc = ChunkClient(
         fake,  # type: ignore[arg-type]
         "dev1",
@@ -165,20 +164,7 @@ def test_a_transfer_waiting_in_line_does_not_poll_fast(repo: Path) -> None:
     """Parked on ``busy`` for ~1 s, a transfer wakes a few times, not every 0.1 s: a fleet
     parks hundreds of them, and each wake-up is a thread switch under the GIL."""
     (repo / "targets" / "f.bin").write_bytes(b"y" * 100)
-    server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u")
-    busy_left = [1]
-
-    def answer(payload: bytes) -> bytes | None:
-        req = FetchRequest.decode(payload)
-        if busy_left[0] > 0:
-            busy_left[0] -= 1
-            h = FetchHeader(id=req.id, path=req.path, offset=req.offset, total=0,
-                            status="busy", retry_after_s=1.2)  # fmt: skip
-            return encode_response(h)
-        header, data = server.answer(payload)
-        return None if header is None else encode_response(header, data)
-
-    fake = FakeBroker(answer)
+    fake = FakeBroker(busy_then_serve(repo, 1, retry_after_s=1.2))
     cc = ChunkClient(fake, "dev1", rng=random.Random(0))  # type: ignore[arg-type]
     wakes = [0]
     connected = cc._connected
@@ -445,7 +431,7 @@ class SlowServer(ChunkServer):
 
 
 def _replicas(broker: Mosquitto, repo: Path, n: int, **kw: Any) -> list[ChunkServer]:
-    out = []
+    out: list[ChunkServer] = []
     for i in range(n):
         srv = SlowServer(repo, broker.url, client_id=f"registry-{i}", share_group="sticky", **kw)
         srv.start()
