@@ -92,3 +92,43 @@ def test_bad_inputs_raise_model_error(tmp_path: Path, test_models: dict[str, Pat
 )
 def test_gate_result_accuracy_is_one_minus_drop_clipped(drop: float, accuracy: float) -> None:
     assert GateResult("m", drop, drop, False, "", 1).accuracy == accuracy
+
+
+def _kernels_run(sess: object, x: np.ndarray) -> set[str]:
+    """The op types of the kernels ONNX Runtime ran for one input (from its profile)."""
+    import json
+
+    name = sess.get_inputs()[0].name  # type: ignore[attr-defined]
+    sess.run(None, {name: x})  # type: ignore[attr-defined]
+    events = json.loads(Path(sess.end_profiling()).read_text())  # type: ignore[attr-defined]
+    return {
+        e["args"]["op_name"]
+        for e in events
+        if e.get("cat") == "Node" and "op_name" in e.get("args", {})
+    }
+
+
+def test_gate_runs_int8_as_simulated_quantization_not_the_cpus_integer_kernels(
+    tmp_path: Path, test_models: dict[str, Path], digits_inputs: np.ndarray
+) -> None:
+    """ORT's default session fuses QDQ into integer kernels whose results depend on the CPU
+    (AVX2 without VNNI saturates); the gate's session must run Q/DQ + float Conv only."""
+    import onnxruntime as ort
+
+    from cloud_sync.quantize import simulated_session
+
+    q = quantize_int8(
+        test_models["digits"] / "model.onnx", tmp_path / "q.onnx", digits_inputs[:100]
+    )
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "default")
+    default = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
+    fused = _kernels_run(default, digits_inputs[:1])
+    assert any(op.startswith("QLinear") or op.endswith("Integer") for op in fused), fused
+
+    gate_kernels = _kernels_run(
+        simulated_session(q, profile_prefix=str(tmp_path / "gate")), digits_inputs[:1]
+    )
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= gate_kernels
+    assert not any(op.startswith("QLinear") or "Integer" in op for op in gate_kernels)
