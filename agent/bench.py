@@ -68,7 +68,7 @@ def _first_frame(source: str) -> Any:
 def bench_backend(model: RunnableModel, image: Any, runs: int, warmup: int = 5) -> dict[str, float]:
     """Frames per second of ``backend.run`` alone on one pre-processed frame."""
     tensor, _ = model.preprocessor(image)
-    feeds = {model.input_name: tensor}
+    feeds = model.feeds(tensor)
     for _ in range(warmup):
         model.backend.run(feeds)
     t0 = time.perf_counter()

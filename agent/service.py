@@ -31,6 +31,7 @@ from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json, remove_stale_temps
 from agent.pipeline.model import RunnableModel, card_for_local_model, load_golden, parse_size
+from agent.pipeline.preprocess import constant_feeds, image_input_name
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import JsonlSink, Sink
 from agent.pipeline.sources import gstreamer_support, parse_source
@@ -180,7 +181,8 @@ def open_local_model(
         return RunnableModel(card, first)
     # Several variants: measure each on this device, on the golden inputs.
     ins, outs = load_golden(golden)
-    feeds = {first.inputs[0].name: ins[0]}
+    image = image_input_name(card.input, tuple(i.name for i in first.inputs))
+    feeds = {**constant_feeds(card.input), image: ins[0]}
     backends: dict[str, Backend] = {}
     measurements = []
     try:
@@ -492,7 +494,6 @@ class Agent:
 
     def write_status(self) -> None:
         atomic_write_json(self.cfg.data_dir / STATUS_FILE, self.status())
-
 
 
 def read_status(data_dir: Path) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ publisher's kernels.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,18 +114,22 @@ def simulated_session(path: str | Path, *, profile_prefix: str | None = None) ->
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _input_of(path: Path, *, simulated: bool = False) -> tuple[Any, str, Any]:
-    """(session, input name, NumPy dtype) of a one-input model."""
+def _input_of(
+    path: Path, *, simulated: bool = False, constants: Mapping[str, np.ndarray] | None = None
+) -> tuple[Any, str, Any]:
+    """(session, image input name, NumPy dtype): the one input ``constants`` do not feed."""
     try:
         sess = simulated_session(path) if simulated else ort_session(path)
     except Exception as e:  # ORT raises its own pybind error types
         raise ModelError(
             f"ONNX Runtime cannot load {path}: {e}", model=str(path), reason="load"
         ) from e
-    inputs = sess.get_inputs()
+    inputs = [i for i in sess.get_inputs() if i.name not in (constants or {})]
     if len(inputs) != 1:
         raise ModelError(
-            f"{path} has {len(inputs)} inputs, expected exactly 1", model=str(path), reason="shape"
+            f"{path} has {len(inputs)} inputs besides the constants, expected exactly 1",
+            model=str(path),
+            reason="shape",
         )
     dtype = _ORT_DTYPES.get(inputs[0].type)
     if dtype is None:
@@ -155,6 +159,7 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     op_types: Sequence[str] = DEFAULT_OP_TYPES,
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a static INT8 QDQ copy of an FP32 model, calibrated on ``calibration``.
 
@@ -166,6 +171,7 @@ def quantize_int8(
         per_channel: quantize Conv/Gemm/MatMul weights per output channel (what TensorRT
             does for explicit INT8); False gives one scale per tensor.
         op_types: the operator types to quantize.
+        constants: extra inputs fed the same value with every sample (from the card).
 
     Returns:
         ``out_path``.
@@ -183,7 +189,8 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = Path(model_path), Path(out_path)
-    _, name, dtype = _input_of(src)
+    consts = dict(constants or {})
+    _, name, dtype = _input_of(src, constants=consts)
     data = _check_samples(calibration, "calibration", src).astype(dtype, copy=False)
 
     class _Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -194,7 +201,7 @@ def quantize_int8(
             if self._i >= len(data):
                 return None
             self._i += 1
-            return {name: data[self._i - 1 : self._i]}
+            return {**consts, name: data[self._i - 1 : self._i]}
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -221,8 +228,8 @@ def quantize_int8(
     return dst
 
 
-def _run(sess: Any, name: str, x: np.ndarray) -> list[np.ndarray]:
-    return [np.asarray(o, dtype=np.float64) for o in sess.run(None, {name: x})]
+def _run(sess: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(o, dtype=np.float64) for o in sess.run(None, feeds)]
 
 
 def accuracy_gate(
@@ -232,6 +239,7 @@ def accuracy_gate(
     *,
     task: str,
     max_drop: float = 0.01,
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> GateResult:
     """Compare an INT8 model with its FP32 original on held-back samples, one at a time.
 
@@ -243,6 +251,7 @@ def accuracy_gate(
         task: the card's task; ``"classification"`` compares top-1 classes of the first
             output, anything else the relative L2 error of every output.
         max_drop: the largest drop that passes.
+        constants: extra inputs fed with every sample (from the card).
 
     Returns:
         The metric, the drop and whether it passed.
@@ -251,13 +260,15 @@ def accuracy_gate(
         ModelError: a model cannot be loaded or run, or ``samples`` is empty.
     """
     p32, p8 = Path(fp32_path), Path(int8_path)
-    s32, name, dtype = _input_of(p32)
-    s8, name8, _ = _input_of(p8, simulated=True)
+    consts = dict(constants or {})
+    s32, name, dtype = _input_of(p32, constants=consts)
+    s8, name8, _ = _input_of(p8, simulated=True, constants=consts)
     data = _check_samples(samples, "samples", p32).astype(dtype, copy=False)
     agree, errors, finite = 0, [], True
     try:
         for i in range(len(data)):
-            a, b = _run(s32, name, data[i : i + 1]), _run(s8, name8, data[i : i + 1])
+            x = data[i : i + 1]
+            a, b = _run(s32, {**consts, name: x}), _run(s8, {**consts, name8: x})
             finite = finite and all(np.isfinite(o).all() for o in b)
             if task == "classification":
                 agree += int(np.argmax(a[0].reshape(-1)) == np.argmax(b[0].reshape(-1)))

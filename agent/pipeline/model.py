@@ -21,7 +21,13 @@ import numpy as np
 from agent.engine.base import Backend
 from agent.errors import BadDataError, ModelError
 from agent.pipeline.postprocess import Postprocessor, Result, make_postprocessor
-from agent.pipeline.preprocess import FrameTransform, Preprocessor, input_spec_from_shape
+from agent.pipeline.preprocess import (
+    FrameTransform,
+    Preprocessor,
+    constant_feeds,
+    image_input_name,
+    input_spec_from_shape,
+)
 from agent.protocol.card import ModelCard, PostprocessSpec, Task
 
 
@@ -51,19 +57,18 @@ class RunnableModel:
     _lease_lock: threading.Lock = field(
         init=False, repr=False, compare=False, default_factory=threading.Lock
     )
+    _constants: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
     _leases: int = field(init=False, repr=False, compare=False, default=0)
     _closing: bool = field(init=False, repr=False, compare=False, default=False)
     _closed: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
-        if len(self.backend.inputs) != 1:
-            raise ModelError(
-                f"model has {len(self.backend.inputs)} inputs "
-                f"({[i.name for i in self.backend.inputs]}); image pipelines need exactly 1",
-                model=self.ref,
-                reason="inputs",
-            )
-        self.input_name = self.backend.inputs[0].name
+        names = tuple(i.name for i in self.backend.inputs)
+        try:
+            self.input_name = image_input_name(self.card.input, names)
+        except ModelError as e:
+            raise ModelError(str(e), model=self.ref, reason="inputs") from e
+        self._constants = constant_feeds(self.card.input)
         self.preprocessor = Preprocessor(self.card.input)
         self.postprocessor = make_postprocessor(
             self.card.task,
@@ -79,6 +84,10 @@ class RunnableModel:
         """``name@version``."""
         return f"{self.card.name}@{self.card.version}"
 
+    def feeds(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """The backend's inputs for one preprocessed tensor: it, plus the card's constants."""
+        return {**self._constants, self.input_name: tensor}
+
     def infer(self, image: np.ndarray) -> tuple[Result, StageTimes]:
         """Pre-process a BGR frame, run the backend, post-process.
 
@@ -89,7 +98,7 @@ class RunnableModel:
         t0 = time.perf_counter()
         tensor, transform = self.preprocessor(image)
         t1 = time.perf_counter()
-        outputs = self.backend.run({self.input_name: tensor})
+        outputs = self.backend.run(self.feeds(tensor))
         t2 = time.perf_counter()
         result = self.postprocessor(outputs, transform)
         t3 = time.perf_counter()
@@ -126,7 +135,7 @@ class RunnableModel:
         # identity geometry: the tensor is the model input, so boxes stay in its pixels
         transform = FrameTransform(spec.width, spec.height, 1.0, 1.0, 0.0, 0.0)
         t1 = time.perf_counter()
-        outputs = self.backend.run({self.input_name: tensor})
+        outputs = self.backend.run(self.feeds(tensor))
         t2 = time.perf_counter()
         result = self.postprocessor(outputs, transform)
         t3 = time.perf_counter()

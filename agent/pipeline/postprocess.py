@@ -3,9 +3,10 @@
 ``make_postprocessor`` picks one reader per card task:
 
 - ``classification``: top-k of one score vector, optional softmax.
-- ``detection``: YOLO-style rows ``[box(4), (obj), cls...]`` as (1, N, K) (YOLOv5) or the
-  transposed (1, K, N) (YOLOv8), class-aware NMS by OpenCV (``cv2.dnn.NMSBoxesBatched``) on
-  boxes already mapped to source pixels.
+- ``detection``: one decoder per output format (``agent.pipeline.detect``: YOLOv5/v7,
+  YOLOv8/v11, YOLOX grid, PicoDet heads, NMS-included, SSD-style boxes + scores), then
+  class-aware NMS by OpenCV (``cv2.dnn.NMSBoxesBatched``) on boxes already mapped to source
+  pixels, unless the model ran NMS itself.
 - ``heatmap``: a probability map (DBNet / PP-OCR det, segmentation heads) → connected regions
   → boxes, each scored by its mean probability.
 - ``raw``: per-output statistics, for models the agent has no reader for.
@@ -28,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
+from agent.pipeline.detect import DecodeError, decode
 from agent.pipeline.preprocess import FrameTransform
 from agent.protocol.card import InputSpec, PostprocessSpec
 
@@ -42,9 +44,6 @@ __all__ = [
 Array = npt.NDArray[Any]
 F32 = npt.NDArray[np.float32]
 
-# Candidates handed to NMS at most, best first (Ultralytics' ``max_nms``): bounds NMS time
-# when a broken or untrained model scores everything above threshold.
-MAX_NMS_CANDIDATES = 30000
 _NUMERIC_KINDS = "biuf"
 
 
@@ -235,71 +234,37 @@ class _Classify(_Reader):
 class _Detect(_Reader):
     task = "detection"
 
-    def _attributes_first(self, pred: Array) -> Array:
-        """The output as a (K, N) view: K attributes (box, obj, classes) by N candidates."""
-        base = 5 if self.spec.has_objectness else 4
-        a = pred[0] if pred.ndim == 3 and pred.shape[0] == 1 else pred
-        if a.ndim != 2:
-            raise self._error(
-                f"detection output 0 has shape {pred.shape}, expected (1, N, {base}+C) "
-                f"or (1, {base}+C, N)",
-                "shape",
-            )
-        rows, cols = a.shape
-        k = base + len(self.labels) if self.labels else None
-        if k is not None and cols == k:
-            transposed = False
-        elif k is not None and rows == k:
-            transposed = True  # YOLOv8 (1, 4+C, N)
-        elif min(rows, cols) > base:  # both could be attributes: YOLO has far more candidates
-            transposed = rows < cols
-        else:
-            transposed = rows > base
-        a = a if transposed else a.T
-        if a.shape[0] <= base:
-            raise self._error(
-                f"detection output 0 has shape {pred.shape}: each candidate needs at least "
-                f"{base + 1} values (box, {'objectness, ' if base == 5 else ''}>=1 class), "
-                f"got {a.shape[0]}",
-                "shape",
-            )
-        return a
-
     def _run(self, outputs: list[Array], transform: FrameTransform) -> Result:
-        spec, base = self.spec, (5 if self.spec.has_objectness else 4)
-        a = self._finite(self._attributes_first(outputs[0]), 0)
-        if spec.has_objectness:
-            # YOLOv5's own pre-filter (obj > conf_thres): class scores are probabilities, so
-            # obj * cls >= t needs obj >= t. Cheap, and most of 25200 rows go here.
-            a = a[:, a[4] >= spec.score_threshold]
-        cls = a[base:]
-        class_ids = cls.argmax(axis=0)
-        scores = cls[class_ids, np.arange(cls.shape[1])]
-        if spec.has_objectness:
-            scores = scores * a[4]
-        idx = np.flatnonzero(np.isfinite(scores) & (scores >= spec.score_threshold))
-        if idx.size > MAX_NMS_CANDIDATES:
-            idx = idx[np.argpartition(-scores[idx], MAX_NMS_CANDIDATES - 1)]
-            idx = idx[:MAX_NMS_CANDIDATES]
+        spec = self.spec
+        floats = [self._finite(o, i) for i, o in enumerate(outputs)]
+        try:
+            cand = decode(floats, spec, self.input_spec, len(self.labels))
+        except DecodeError as e:
+            raise self._error(f"{spec.detection_format} detection output: {e}", "shape") from e
+        if cand.scores.size == 0:
+            return Result(self.task, summary={"count": 0})
         # Into source pixels first (clipped to the frame): a box wholly in the letterbox pad
         # collapses and goes before it can take an NMS or max_detections slot, and NMS then
         # sees bounded coordinates whatever garbage the model produced.
-        boxes = transform.to_source(self._xyxy(a[:4, idx].T.astype(np.float32)))
+        boxes = transform.to_source(cand.boxes)
         wh = boxes[:, 2:] - boxes[:, :2]
         ok = (wh > 0).all(axis=1)
-        boxes, wh, idx = boxes[ok], wh[ok], idx[ok]
-        if idx.size == 0:
+        boxes, wh, sc, ids = boxes[ok], wh[ok], cand.scores[ok], cand.class_ids[ok]
+        if sc.size == 0:
             return Result(self.task, summary={"count": 0})
-        sc = scores[idx].astype(np.float32)
-        ids = class_ids[idx].astype(np.int32)
-        # Rect2d rows (x, y, w, h); OpenCV's stubs list only sequences, arrays are accepted.
-        xywh: Any = np.hstack([boxes[:, :2], wh])
-        # OpenCV keeps scores strictly above its threshold; ours (>=) was applied above.
-        kept = cv2.dnn.NMSBoxesBatched(
-            xywh, sc, ids, -1.0, spec.iou_threshold, top_k=spec.max_detections
-        )
-        keep = np.asarray(kept, dtype=np.int64).reshape(-1)
-        keep = keep[np.argsort(-sc[keep], kind="stable")][: spec.max_detections]
+        if cand.nms_done:
+            keep = np.argsort(-sc, kind="stable")[: spec.max_detections]
+        else:
+            # Rect2d rows (x, y, w, h); OpenCV's stubs list only sequences, arrays are accepted.
+            xywh: Any = np.hstack([boxes[:, :2], wh])
+            # OpenCV keeps scores strictly above its threshold; ours (>=) was applied above.
+            scores: Any = sc
+            classes: Any = ids
+            kept = cv2.dnn.NMSBoxesBatched(
+                xywh, scores, classes, -1.0, spec.iou_threshold, top_k=spec.max_detections
+            )
+            keep = np.asarray(kept, dtype=np.int64).reshape(-1)
+            keep = keep[np.argsort(-sc[keep], kind="stable")][: spec.max_detections]
         dets = [
             Detection(
                 (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
@@ -310,15 +275,6 @@ class _Detect(_Reader):
             for b, s, c in zip(boxes[keep], sc[keep], ids[keep], strict=True)
         ]
         return Result(self.task, detections=dets, summary={"count": len(dets)})
-
-    def _xyxy(self, b: F32) -> F32:
-        if self.spec.box_format == "xyxy":
-            return b
-        out = np.empty_like(b)
-        half = b[:, 2:] * 0.5
-        np.subtract(b[:, :2], half, out=out[:, :2])
-        np.add(b[:, :2], half, out=out[:, 2:])
-        return out
 
 
 class _Heatmap(_Reader):

@@ -27,7 +27,13 @@ import numpy.typing as npt
 from agent.errors import BadDataError, ModelError
 from agent.protocol.card import InputSpec
 
-__all__ = ["FrameTransform", "Preprocessor", "input_spec_from_shape"]
+__all__ = [
+    "FrameTransform",
+    "Preprocessor",
+    "constant_feeds",
+    "image_input_name",
+    "input_spec_from_shape",
+]
 
 Array = npt.NDArray[Any]
 
@@ -84,6 +90,35 @@ class FrameTransform:
         return out.astype(np.float32)
 
 
+def constant_feeds(spec: InputSpec) -> dict[str, Array]:
+    """The card's constant extra inputs (PaddleDetection's ``im_shape``...) as arrays."""
+    return {c.name: np.asarray(c.values, dtype=c.dtype).reshape(c.shape) for c in spec.constants}
+
+
+def image_input_name(spec: InputSpec, input_names: list[str] | tuple[str, ...]) -> str:
+    """The one model input the frame goes to: every input the card does not feed a constant.
+
+    Raises:
+        ModelError: (reason ``"inputs"``) not exactly one such input, or a constant the
+            model has no input for.
+    """
+    consts = {c.name for c in spec.constants}
+    unknown = sorted(consts - set(input_names))
+    images = [n for n in input_names if n not in consts]
+    if unknown or len(images) != 1:
+        why = (
+            f"constants {unknown} name no model input"
+            if unknown
+            else (f"{len(images)} inputs {images} are left for the image")
+        )
+        raise ModelError(
+            f"model inputs are {list(input_names)}, the card feeds constants {sorted(consts)}: "
+            f"{why}; expected exactly one image input (give the others as input.constants)",
+            reason="inputs",
+        )
+    return images[0]
+
+
 @dataclass(frozen=True)
 class _Geometry:
     new_w: int  # size of the resized picture inside the model input
@@ -93,15 +128,18 @@ class _Geometry:
     transform: FrameTransform
 
 
-def _geometry(src_w: int, src_h: int, dst_w: int, dst_h: int, letterbox: bool) -> _Geometry:
-    """Where a src_w x src_h frame lands in a dst_w x dst_h model input."""
+def _geometry(
+    src_w: int, src_h: int, dst_w: int, dst_h: int, letterbox: bool, top_left: bool = False
+) -> _Geometry:
+    """Where a src_w x src_h frame lands in a dst_w x dst_h model input (letterboxed
+    pictures centred, or at the top-left corner as YOLOX's ``preproc`` puts them)."""
     if not letterbox:
         new_w, new_h = dst_w, dst_h
     else:
         r = min(dst_w / src_w, dst_h / src_h)
         new_w = min(dst_w, max(1, round(src_w * r)))
         new_h = min(dst_h, max(1, round(src_h * r)))
-    left, top = (dst_w - new_w) // 2, (dst_h - new_h) // 2
+    left, top = (0, 0) if top_left else ((dst_w - new_w) // 2, (dst_h - new_h) // 2)
     # Per-axis scales from the rounded size, so the mapping is exact for what was drawn.
     t = FrameTransform(src_w, src_h, new_w / src_w, new_h / src_h, float(left), float(top))
     return _Geometry(new_w, new_h, left, top, t)
@@ -160,7 +198,14 @@ class Preprocessor:
         g = self._last
         if g is None or g.transform.src_w != w or g.transform.src_h != h:
             spec = self.spec
-            g = _geometry(w, h, spec.width, spec.height, spec.resize == "letterbox")
+            g = _geometry(
+                w,
+                h,
+                spec.width,
+                spec.height,
+                spec.resize == "letterbox",
+                spec.pad_position == "top_left",
+            )
             self._last = g  # one reference swap: benign under threads
         return g
 

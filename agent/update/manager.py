@@ -474,7 +474,7 @@ class UpdateManager:
         times = []
         for i, (x, want) in enumerate(zip(ins, outs, strict=False)):
             t0 = time.perf_counter()
-            got = model.backend.run({model.input_name: x})[0]
+            got = model.backend.run(model.feeds(x))[0]
             times.append((time.perf_counter() - t0) * 1e3)
             if not np.all(np.isfinite(got)):
                 raise Rejected(f"golden input {i}: output has NaN/inf ({prec})")

@@ -10,10 +10,14 @@ Publishing checks everything before it writes anything (a refused publish leaves
 repository byte-for-byte unchanged):
 
 1. name and semantic version; the version must be new and above the latest of that name;
-2. the ONNX file: ``onnx.checker`` full check, opset >= 13, exactly one input, loadable by
-   ONNX Runtime, no external data;
-3. the card: ``card.json`` beside the model if present, else built from the model's input
-   shape (``input_spec_from_shape``), ``task`` and ``labels``; explicit arguments override;
+2. the ONNX file: ``onnx.checker`` full check, default-domain opset >= 7 (the original bytes
+   are published; only the INT8 variant of a model below opset 13 is made from a copy converted
+   by onnx's version converter, and the card's variant says so), one image input plus any
+   constant inputs the card feeds, loadable by ONNX Runtime, no external data;
+3. the card: ``card.json`` beside the model if present, else inferred from the model's
+   metadata and output shapes (``cloud_sync.registry.formats``: task, output format, input
+   contract, labels); explicit arguments (``task``, ``fmt``, ``labels``, ``card_fields``)
+   override either;
 4. samples: images (``*.jpg``/``*.jpeg``/``*.png``) in ``calibration_dir``, preprocessed as
    the card says, or model inputs in ``calibration.npz`` (key ``inputs``, [N, ...]) beside the
    model. Sorted by file name, every 5th sample (index % 5 == 4) is held back for the gate,
@@ -47,6 +51,13 @@ from pydantic import ValidationError
 from agent.errors import ModelError
 from agent.protocol.card import InputSpec, ModelCard, Task, VariantSpec
 from cloud_sync.quantize import GateResult, accuracy_gate, quantize_int8
+from cloud_sync.registry.formats import (
+    FormatError,
+    Inferred,
+    ModelSignature,
+    TensorInfo,
+    infer_format,
+)
 from cloud_sync.registry.repo import RegistryError, Repository, Versions
 from cloud_sync.samples.common import ort_session, sha256_file, write_card, write_golden
 
@@ -69,7 +80,8 @@ __all__ = [
 ProgressFn = Callable[[int, int, str], None]
 """``progress(step_done, steps_total, label)``, called before each step and once at the end."""
 
-MIN_OPSET = 13
+MIN_OPSET = 7  # the oldest opset ONNX Runtime still runs
+QUANT_OPSET = 13  # QuantizeLinear with a per-channel axis needs 13
 MIN_SAMPLES = 10
 MAX_SAMPLES = 640  # more files are thinned evenly: MinMax calibration saturates long before
 HOLD_BACK_EVERY = 5
@@ -81,7 +93,14 @@ _NUM = r"(?:0|[1-9][0-9]*)"
 _PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _SEMVER = re.compile(rf"({_NUM})\.({_NUM})\.({_NUM})(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?")
 _MODEL_TARGET = re.compile(r"^models/([^/]+)/([^/]+)/([^/]+)$")
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
+_IMAGE_DTYPES = ("float32", "float16", "uint8")
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
 
 
 @dataclass(frozen=True)
@@ -143,17 +162,19 @@ class PublishResult:
     gate: GateResult | None
     forced: bool
     versions: Versions
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class OnnxInfo:
-    """What publishing needs to know about a validated ONNX model."""
+    """What publishing needs to know about a validated ONNX model (its image input first)."""
 
     input_name: str
     input_shape: tuple[int | str | None, ...]
     input_dtype: str
     output_shapes: tuple[tuple[int | str | None, ...], ...]
     opset: int
+    signature: ModelSignature
 
 
 def validate_onnx(path: str | os.PathLike[str]) -> OnnxInfo:
@@ -161,8 +182,8 @@ def validate_onnx(path: str | os.PathLike[str]) -> OnnxInfo:
 
     Raises:
         RegistryError: (reason ``"model"``) the file is missing, not ONNX, fails the full
-            checker, has opset < 13, uses external data, does not have exactly one input,
-            or ONNX Runtime cannot load it. The message names the file.
+            checker, has a default-domain opset below 7, uses external data, has no single
+            image (rank-4) input, or ONNX Runtime cannot load it. The message names the file.
     """
     p = Path(path)
 
@@ -186,20 +207,39 @@ def validate_onnx(path: str | os.PathLike[str]) -> OnnxInfo:
     opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     if not opsets or max(opsets) < MIN_OPSET:
         raise bad(f"default-domain opset is {max(opsets, default=None)}, expected >= {MIN_OPSET}")
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise bad(f"it has {len(inputs)} inputs {inputs}, expected exactly 1")
     try:
         sess = ort_session(p)
     except Exception as e:  # ORT's pybind errors
         raise bad(f"ONNX Runtime cannot load it: {e}", e) from e
-    inp = sess.get_inputs()[0]
-    dtype = _ORT_DTYPES.get(inp.type)
-    if dtype is None:
-        raise bad(f"input type is {inp.type}, expected one of {sorted(_ORT_DTYPES)}")
-    outs = tuple(tuple(o.shape) for o in sess.get_outputs())
-    return OnnxInfo(inp.name, tuple(inp.shape), dtype, outs, max(opsets))
+    sig = _signature(model, sess, max(opsets))
+    images = [t for t in sig.inputs if len(t.shape) == 4] if len(sig.inputs) > 1 else sig.inputs
+    if len(images) != 1:
+        shapes = [f"{t.name} {list(t.shape)}" for t in sig.inputs]
+        raise bad(f"it has inputs {shapes}; expected one image input (rank 4) and constants")
+    inp = images[0]
+    if inp.dtype not in _IMAGE_DTYPES:
+        raise bad(f"input type is {inp.dtype}, expected one of {sorted(_IMAGE_DTYPES)}")
+    outs = tuple(o.shape for o in sig.outputs)
+    return OnnxInfo(inp.name, inp.shape, inp.dtype, outs, max(opsets), sig)
+
+
+def _signature(model: onnx.ModelProto, sess: Any, opset: int) -> ModelSignature:
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+
+    def info(nodes: Any) -> tuple[TensorInfo, ...]:
+        return tuple(
+            TensorInfo(n.name, tuple(n.shape), _ORT_DTYPES.get(n.type, n.type)) for n in nodes
+        )
+
+    outputs = info(sess.get_outputs())
+    return ModelSignature(
+        inputs=info(sess.get_inputs()),
+        outputs=outputs,
+        metadata={m.key: m.value for m in model.metadata_props},
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        output_ops=tuple(producers.get(o.name, "") for o in outputs),
+        opset=opset,
+    )
 
 
 # ------------------------------------------------------------------------------------ card
@@ -233,6 +273,73 @@ def _read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     return tuple(line.strip() for line in lines)
 
 
+def set_field(fields: dict[str, Any], path: str, value: Any) -> None:
+    """Pure: ``fields["input"]["color"] = value`` for ``path`` ``"input.color"``.
+
+    Raises:
+        RegistryError: (reason ``"usage"``) an empty path part.
+    """
+    parts = path.split(".")
+    if not all(parts):
+        raise RegistryError(
+            f"card field {path!r} is invalid, expected e.g. input.color", reason="usage"
+        )
+    d = fields
+    for part in parts[:-1]:
+        nxt = d.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[part] = nxt
+        d = nxt
+    d[parts[-1]] = value
+
+
+def _inferred_fields(
+    model: Path,
+    info: OnnxInfo,
+    *,
+    task: Task | None,
+    fmt: str | None,
+    input_size: tuple[int, int] | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    """Card fields from the model itself: metadata, output shapes, input shape."""
+    from agent.pipeline.preprocess import input_spec_from_shape
+
+    try:
+        inf: Inferred | None = infer_format(
+            info.signature,
+            fmt=fmt or (task if task in ("raw", "heatmap", "classification") else None),
+            input_size=input_size,
+        )
+    except FormatError as e:
+        if task is None:
+            raise RegistryError(
+                f"model {model}: {e}; or publish with --task raw to run it without a reader",
+                path=str(model),
+                reason="format",
+            ) from e
+        inf = None
+    size = input_size
+    if size is None and inf is not None and "width" in inf.input:
+        size = (inf.input["width"], inf.input["height"])
+    try:
+        spec = input_spec_from_shape(info.input_shape, input_size=size, dtype=info.input_dtype)
+    except ModelError as e:
+        raise RegistryError(f"model {model}: {e}", path=str(model), reason="model") from e
+    if inf is None:
+        return {"input": spec.model_dump(), "task": task}
+    notes.extend(inf.reasons)
+    fields: dict[str, Any] = {
+        "input": {**spec.model_dump(), **inf.input},
+        "task": inf.task,
+        "postprocess": inf.postprocess,
+    }
+    if inf.labels:
+        fields["labels"] = inf.labels
+    return fields
+
+
 def _build_card(
     model: Path,
     info: OnnxInfo,
@@ -242,9 +349,14 @@ def _build_card(
     task: Task | None,
     input_size: tuple[int, int] | None,
     labels: str | os.PathLike[str] | None,
+    fmt: str | None = None,
+    card_fields: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> ModelCard:
-    """The card without variants: card.json beside the model, overridden by the arguments."""
+    """The card without variants: card.json beside the model, or what the model itself says,
+    overridden by the arguments (``card_fields``: dotted paths, e.g. ``input.color``)."""
     card_file = model.parent / "card.json"
+    notes = notes if notes is not None else []
     fields: dict[str, Any]
     if card_file.is_file():
         try:
@@ -254,26 +366,26 @@ def _build_card(
         where = str(card_file)
         if input_size is not None:
             fields["input"] = {**fields["input"], "width": input_size[0], "height": input_size[1]}
+        if fmt is not None:
+            fields["postprocess"] = {**fields["postprocess"], "format": fmt}
     else:
-        try:
-            from agent.pipeline.preprocess import input_spec_from_shape
-
-            spec = input_spec_from_shape(
-                info.input_shape, input_size=input_size, dtype=info.input_dtype
-            )
-        except ModelError as e:
-            raise RegistryError(f"model {model}: {e}", path=str(model), reason="model") from e
-        fields, where = {"input": spec.model_dump(), "task": "raw"}, "--input-size"
+        fields = _inferred_fields(
+            model, info, task=task, fmt=fmt, input_size=input_size, notes=notes
+        )
+        where = "--input-size"
     fields.update(name=name, version=version, variants=())
     if task is not None:
         fields["task"] = task
     if labels is not None:
         fields["labels"] = _read_labels(labels)
+    for path, value in (card_fields or {}).items():
+        set_field(fields, path, value)
     try:
         card = ModelCard.model_validate(fields)
     except ValidationError as e:
         raise RegistryError(f"the model card for {name}@{version} is invalid: {e}") from e
     _check_card_input(card.input, info.input_shape, where)
+    _check_constants(card, info)
     classes = _static(info.output_shapes[0][-1]) if info.output_shapes[0] else None
     if card.task == "classification" and card.labels and classes not in (None, len(card.labels)):
         raise RegistryError(
@@ -281,6 +393,34 @@ def _build_card(
             reason="model",
         )
     return card
+
+
+def _check_constants(card: ModelCard, info: OnnxInfo) -> None:
+    from agent.pipeline.preprocess import image_input_name
+
+    names = tuple(t.name for t in info.signature.inputs)
+    try:
+        image = image_input_name(card.input, names)
+    except ModelError as e:
+        raise RegistryError(
+            f'{e} (e.g. --set \'input.constants=[{{"name": "N", "shape": [1, 2], '
+            f'"values": [1, 1]}}]\')',
+            reason="model",
+        ) from e
+    if image != info.input_name:
+        raise RegistryError(
+            f"the card feeds a constant to {info.input_name!r}, the image input", reason="model"
+        )
+    for c in card.input.constants:
+        t = next(t for t in info.signature.inputs if t.name == c.name)
+        if len(t.shape) != len(c.shape) or any(
+            _static(d) not in (None, v) for d, v in zip(t.shape, c.shape, strict=True)
+        ):
+            raise RegistryError(
+                f"constant input {c.name!r} has shape {list(c.shape)} in the card, the model "
+                f"declares {list(t.shape)}",
+                reason="model",
+            )
 
 
 # ------------------------------------------------------------------------------------ samples
@@ -477,24 +617,62 @@ def _samples(
     return samples[~held], samples[held]
 
 
+def _for_quantization(stage: Path, opset: int, notes: list[str]) -> Path:
+    """The FP32 model to quantize: ``stage/model.onnx``, or below opset 13 a copy converted
+    by onnx's version converter (outside ``stage``: it is not published).
+
+    Raises:
+        RegistryError: (reason ``"model"``) the converter fails or its result does not load.
+    """
+    src = stage / "model.onnx"
+    if opset >= QUANT_OPSET:
+        return src
+    from onnx import version_converter
+
+    dst = stage.parent / f"{stage.name}.opset{QUANT_OPSET}.onnx"
+    try:
+        converted = version_converter.convert_version(onnx.load(str(src)), QUANT_OPSET)
+        onnx.checker.check_model(converted, full_check=True)
+        dst.write_bytes(converted.SerializeToString())
+        ort_session(dst)
+    except Exception as e:  # the converter raises RuntimeError/ValidationError/ORT errors
+        raise RegistryError(
+            f"the model's opset {opset} is below {QUANT_OPSET}, which INT8 QDQ per channel "
+            f"needs, and onnx's version converter could not convert it: {type(e).__name__}: "
+            f"{e}; publish without --quantize (the FP32 model runs at opset {opset})",
+            reason="model",
+        ) from e
+    notes.append(
+        f"int8: converted opset {opset} -> {QUANT_OPSET} before quantization (onnx version "
+        f"converter); model.onnx keeps the original opset {opset} bytes"
+    )
+    return dst
+
+
 def _int8_variant(
     stage: Path,
     card: ModelCard,
     split: tuple[np.ndarray, np.ndarray],
     *,
+    opset: int,
     max_drop: float,
     force: bool,
     steps: _Steps,
+    notes: list[str],
 ) -> tuple[VariantSpec, GateResult]:
     """Quantize ``stage/model.onnx`` into ``stage/model.int8.onnx`` and gate it."""
+    from agent.pipeline.preprocess import constant_feeds
+
     where = f"{card.name}@{card.version}"
     int8 = stage / "model.int8.onnx"
+    consts = constant_feeds(card.input)
     try:
         steps("quantize")
-        quantize_int8(stage / "model.onnx", int8, split[0])
+        fp32 = _for_quantization(stage, opset, notes)
+        quantize_int8(fp32, int8, split[0], constants=consts)
         steps("gate")
         gate = accuracy_gate(
-            stage / "model.onnx", int8, split[1], task=card.task, max_drop=max_drop
+            fp32, int8, split[1], task=card.task, max_drop=max_drop, constants=consts
         )
     except ModelError as e:
         raise RegistryError(f"{where}: {e}", reason="model") from e
@@ -506,7 +684,11 @@ def _int8_variant(
             reason="accuracy",
         )
     spec = VariantSpec(
-        precision="int8", file=int8.name, sha256=sha256_file(int8), accuracy=gate.accuracy
+        precision="int8",
+        file=int8.name,
+        sha256=sha256_file(int8),
+        accuracy=gate.accuracy,
+        opset=max(opset, QUANT_OPSET),
     )
     return spec, gate
 
@@ -526,6 +708,8 @@ def publish(
     force: bool = False,
     progress: ProgressFn | None = None,
     now: datetime | None = None,
+    fmt: str | None = None,
+    card_fields: dict[str, Any] | None = None,
 ) -> PublishResult:
     """Validate, quantize, gate and sign a model version into ``repo``.
 
@@ -543,6 +727,8 @@ def publish(
         force: publish an INT8 variant that fails the gate (its accuracy is in the card).
         progress: called as steps start.
         now: the signing time (default: the clock).
+        fmt: the output format (``formats.FORMAT_NAMES``) when it cannot be inferred.
+        card_fields: card fields by dotted path (``{"input.color": "bgr"}``), applied last.
 
     Returns:
         The card, the files and their sizes, the gate result and the new versions.
@@ -551,6 +737,8 @@ def publish(
         RegistryError: any check failed (reasons ``"usage"``, ``"exists"``, ``"older"``,
             ``"model"``, ``"accuracy"``, ...); nothing was written then.
     """
+    from agent.pipeline.preprocess import constant_feeds
+
     _check_args(quantize, max_accuracy_drop, name)
     semver = parse_semver(version)
     model = Path(model_path)
@@ -562,8 +750,18 @@ def publish(
     steps("validate")
     info = validate_onnx(model)
     steps("card")
+    notes: list[str] = []
     card = _build_card(
-        model, info, name=name, version=str(semver), task=task, input_size=input_size, labels=labels
+        model,
+        info,
+        name=name,
+        version=str(semver),
+        task=task,
+        input_size=input_size,
+        labels=labels,
+        fmt=fmt,
+        card_fields=card_fields,
+        notes=notes,
     )
     steps("samples")
     split = _samples(model, info, card, calibration_dir)
@@ -576,14 +774,30 @@ def publish(
             reason="usage",
         )
     with tempfile.TemporaryDirectory(prefix="edgefleet-publish-") as tmp:
-        stage = Path(tmp)
+        stage = Path(tmp) / "stage"
+        stage.mkdir()
         shutil.copyfile(model, stage / "model.onnx")
         fp32_sha = sha256_file(stage / "model.onnx")
-        variants = [VariantSpec(precision="fp32", file="model.onnx", sha256=fp32_sha, accuracy=1.0)]
+        variants = [
+            VariantSpec(
+                precision="fp32",
+                file="model.onnx",
+                sha256=fp32_sha,
+                accuracy=1.0,
+                opset=info.opset,
+            )
+        ]
         gate: GateResult | None = None
         if quantize and split is not None:
             int8, gate = _int8_variant(
-                stage, card, split, max_drop=max_accuracy_drop, force=force, steps=steps
+                stage,
+                card,
+                split,
+                opset=info.opset,
+                max_drop=max_accuracy_drop,
+                force=force,
+                steps=steps,
+                notes=notes,
             )
             variants.append(int8)
         steps("golden")
@@ -593,7 +807,9 @@ def publish(
         )
         write_card(stage, card)
         n_golden = min(len(golden), _golden_count(golden[:1]))
-        write_golden(stage, [golden[i : i + 1] for i in range(n_golden)])
+        write_golden(
+            stage, [golden[i : i + 1] for i in range(n_golden)], constant_feeds(card.input)
+        )
 
         steps("sign")
         files = {f"models/{name}/{semver}/{f.name}": f for f in sorted(stage.iterdir())}
@@ -610,4 +826,5 @@ def publish(
         gate=gate,
         forced=bool(gate is not None and not gate.passed),
         versions=versions,
+        notes=tuple(notes),
     )

@@ -54,8 +54,17 @@ def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def write_golden(model_dir: Path, inputs: Sequence[np.ndarray]) -> None:
+def write_golden(
+    model_dir: Path,
+    inputs: Sequence[np.ndarray],
+    constants: dict[str, np.ndarray] | None = None,
+) -> None:
     """Run the FP32 model on ``inputs`` (batch-1 tensors) and store inputs and outputs.
+
+    Args:
+        model_dir: holds ``model.onnx``; ``golden.npz`` is written there.
+        inputs: image-input tensors.
+        constants: the card's constant extra inputs (fed, not stored: the card has them).
 
     Raises:
         ValueError: 10 or more inputs (``input_10`` would sort before ``input_2``).
@@ -63,11 +72,12 @@ def write_golden(model_dir: Path, inputs: Sequence[np.ndarray]) -> None:
     if len(inputs) >= 10:
         raise ValueError(f"golden.npz takes at most 9 inputs (key sort order), got {len(inputs)}")
     sess = ort_session(model_dir / "model.onnx")
-    name = sess.get_inputs()[0].name
+    consts = constants or {}
+    name = next(i.name for i in sess.get_inputs() if i.name not in consts)
     arrays: dict[str, np.ndarray] = {}
     for i, x in enumerate(inputs):
         arrays[f"input_{i}"] = x
-        arrays[f"output_{i}"] = sess.run(None, {name: x})[0]
+        arrays[f"output_{i}"] = sess.run(None, {**consts, name: x})[0]
     np.savez_compressed(model_dir / "golden.npz", **arrays)  # type: ignore[arg-type]
 
 
