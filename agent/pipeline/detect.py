@@ -104,7 +104,7 @@ def _best(scores: F32, limit: int = MAX_CANDIDATES) -> npt.NDArray[np.intp]:
 
 
 # ------------------------------------------------------------------------- YOLO rows (v5/v8)
-def _attributes_first(pred: Array, base: int, classes: int | None) -> Array:
+def _attributes_first(pred: Array, base: int, classes: int | None, extra: int = 0) -> Array:
     """A single YOLO output as a (K, N) array: K attributes (box, [obj], classes) by N rows."""
     a = _squeeze_batch(pred)
     if a.ndim != 2:
@@ -112,7 +112,7 @@ def _attributes_first(pred: Array, base: int, classes: int | None) -> Array:
             f"output 0 has shape {pred.shape}, expected (1, N, {base}+C) or (1, {base}+C, N)"
         )
     rows, cols = a.shape
-    k = base + classes if classes else None
+    k = base + classes + extra if classes else None
     if k is not None and cols == k:
         transposed = False
     elif k is not None and rows == k:
@@ -144,7 +144,12 @@ def _yolo(
         # obj * cls >= t needs obj >= t. Cheap, and most rows go here.
         cols = np.flatnonzero(a[4] >= thr)
         a = a[:, cols]
-    cls = a[base:]
+    cls = a[base : a.shape[0] - spec.extra_attributes]
+    if cls.shape[0] == 0:
+        raise DecodeError(
+            f"{a.shape[0]} attributes per candidate leave no class scores after {base} box "
+            f"values and {spec.extra_attributes} extra attributes"
+        )
     best = cls.max(axis=0)
     if base == 5:
         best = best * a[4]
@@ -168,12 +173,12 @@ def _box_rows(spec: PostprocessSpec, inp: InputSpec) -> Callable[[F32, Any], F32
 
 
 def _decode_yolov5(outs: list[F32], spec: PostprocessSpec, inp: InputSpec, nc: int) -> Candidates:
-    a = _attributes_first(outs[0], 5, nc)
+    a = _attributes_first(outs[0], 5, nc, spec.extra_attributes)
     return _yolo(a, 5, spec, _box_rows(spec, inp))
 
 
 def _decode_yolov8(outs: list[F32], spec: PostprocessSpec, inp: InputSpec, nc: int) -> Candidates:
-    a = _attributes_first(outs[0], 4, nc)
+    a = _attributes_first(outs[0], 4, nc, spec.extra_attributes)
     return _yolo(a, 4, spec, _box_rows(spec, inp))
 
 

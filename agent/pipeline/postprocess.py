@@ -255,13 +255,12 @@ class _Detect(_Reader):
         if cand.nms_done:
             keep = np.argsort(-sc, kind="stable")[: spec.max_detections]
         else:
-            # Rect2d rows (x, y, w, h); OpenCV's stubs list only sequences, arrays are accepted.
-            xywh: Any = np.hstack([boxes[:, :2], wh])
+            # Rect2d rows (x, y, w, h) as Python lists: OpenCV converts lists to its vectors
+            # ~6x faster than arrays (0.06 vs 0.35 ms for 200 boxes, scripts/bench_decode.py).
+            xywh = np.hstack([boxes[:, :2], wh]).tolist()
             # OpenCV keeps scores strictly above its threshold; ours (>=) was applied above.
-            scores: Any = sc
-            classes: Any = ids
             kept = cv2.dnn.NMSBoxesBatched(
-                xywh, scores, classes, -1.0, spec.iou_threshold, top_k=spec.max_detections
+                xywh, sc.tolist(), ids.tolist(), -1.0, spec.iou_threshold, top_k=spec.max_detections
             )
             keep = np.asarray(kept, dtype=np.int64).reshape(-1)
             keep = keep[np.argsort(-sc[keep], kind="stable")][: spec.max_detections]

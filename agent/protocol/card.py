@@ -124,6 +124,13 @@ class PostprocessSpec(BaseModel):
         (), max_length=8, description="yolox/picodet: feature strides, e.g. [8, 16, 32]"
     )
     reg_max: int = Field(7, ge=1, le=64, description="picodet: DFL bins - 1")
+    extra_attributes: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="yolov5/yolov8: values after the class scores to skip (YOLOv8-seg's 32 "
+        "mask coefficients, pose keypoints)",
+    )
     nms_layout: NmsLayout = Field(
         "xyxy_score_class", description="nms: column order of a single (K, 6|7) output"
     )

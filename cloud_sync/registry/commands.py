@@ -8,7 +8,8 @@ raises ``RegistryError`` (an ``EdgefleetError``) on failure, which the CLI print
     edgefleet registry init DIR [--expiry-days ROLE=DAYS]... [--threshold ROLE=N]...
     edgefleet model publish MODEL.onnx --repo DIR --name NAME --version SEMVER [--task T]
         [--input-size WxH] [--labels FILE] [--calibration DIR] [--quantize int8]
-        [--max-accuracy-drop X] [--force]
+        [--max-accuracy-drop X] [--force] [--format F] [--set FIELD=VALUE]...
+    edgefleet model inspect MODEL.onnx [--format F] [--set FIELD=VALUE]... [--json]
     edgefleet model list --repo DIR [--json]
 """
 
@@ -23,7 +24,13 @@ from typing import IO, Any, get_args
 from agent.protocol.card import Task
 from cloud_sync.registry.keys import RegistryError
 
-__all__ = ["ProgressBar", "add_registry_commands", "parse_pairs", "parse_size"]
+__all__ = [
+    "ProgressBar",
+    "add_registry_commands",
+    "parse_card_fields",
+    "parse_pairs",
+    "parse_size",
+]
 
 
 def parse_pairs(items: list[str] | None, what: str, convert: type[Any]) -> dict[str, Any]:
@@ -133,13 +140,122 @@ def add_registry_commands(
         help="largest INT8 accuracy drop vs FP32 (0..1, default 0.01)",
     )
     pub.add_argument("--force", action="store_true", help="publish INT8 even if the gate fails")
+    _card_args(pub)
     pub.set_defaults(fn=_publish)
+
+    ins = model_sub.add_parser(
+        "inspect", help="show what publish would infer for a model (writes nothing)"
+    )
+    ins.add_argument("model", metavar="MODEL.onnx", help="the ONNX model")
+    ins.add_argument("--task", choices=get_args(Task), help="override the inferred task")
+    ins.add_argument("--input-size", type=str, metavar="WxH", help="model input size")
+    ins.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    _card_args(ins)
+    ins.set_defaults(fn=_inspect)
 
     ls = model_sub.add_parser("list", help="list published model versions")
     ls.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(fn=_list)
     return {"registry": reg_sub, "model": model_sub}
+
+
+def _card_args(p: argparse.ArgumentParser) -> None:
+    from cloud_sync.registry.formats import FORMAT_NAMES
+
+    p.add_argument(
+        "--format",
+        choices=FORMAT_NAMES,
+        help="output format when it cannot be inferred (see the README's compatibility table)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a card field, e.g. input.color=bgr, input.mean=0.485,0.456,0.406, "
+        "postprocess.score_threshold=0.4 (repeatable; applied last)",
+    )
+
+
+def parse_card_fields(items: list[str]) -> dict[str, Any]:
+    """Pure: ``["input.color=bgr", "input.mean=0.5,0.5,0.5"]`` → ``{"input.color": "bgr",
+    "input.mean": [0.5, 0.5, 0.5]}``. A value is JSON when it parses as JSON, a list when it
+    has commas, else a string; the card's pydantic model checks and converts it.
+
+    Raises:
+        RegistryError: (reason ``"usage"``) an item is not ``FIELD=VALUE``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RegistryError(
+                f"--set {item!r} is invalid, expected FIELD=VALUE (e.g. input.color=bgr)",
+                reason="usage",
+            )
+
+        def value(t: str) -> Any:
+            try:
+                return json.loads(t)
+            except ValueError:
+                return t.strip()
+
+        text = text.strip()
+        out[key.strip()] = (
+            [value(t) for t in text.split(",")]
+            if "," in text and text[:1] not in "[{"
+            else value(text)
+        )
+    return out
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from cloud_sync.registry.publish import inspect_model
+
+    report = inspect_model(
+        args.model,
+        task=args.task,
+        fmt=args.format,
+        input_size=parse_size(args.input_size) if args.input_size else None,
+        labels=args.labels,
+        card_fields=parse_card_fields(args.set),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if "card" in report else 1
+    print(f"{report['model']}: opset {report['opset']}, producer {report['producer'] or '?'}")
+    for kind in ("inputs", "outputs"):
+        for t in report[kind]:
+            print(f"  {kind[:-1]:<6} {t['name']:<28} {t['shape']} {t['dtype']}")
+    if report["dynamic_axes"]:
+        print(f"  dynamic axes: {report['dynamic_axes']}")
+    if report["metadata_keys"]:
+        print(f"  metadata: {', '.join(report['metadata_keys'])}")
+    if "note" in report:
+        print(f"  note: {report['note']}")
+    for r in report["reasons"]:
+        print(f"  inferred: {r}")
+    if "error" in report:
+        print(f"cannot publish as is: {report['error']}")
+        return 1
+    card = report["card"]
+    inp, post = card["input"], card["postprocess"]
+    print(f"task {card['task']}" + (f", format {report['format']}" if report["format"] else ""))
+    print(
+        f"input {inp['width']}x{inp['height']} {inp['layout']} {inp['color']} {inp['dtype']}, "
+        f"{inp['resize']} (pad {inp['pad_value']}, {inp['pad_position']}), scale "
+        f"{inp['scale']:.6g}, mean {inp['mean']}, std {inp['std']}"
+        + (f", constants {[c['name'] for c in inp['constants']]}" if inp["constants"] else "")
+    )
+    labels = card["labels"]
+    if labels:
+        more = f" ... ({len(labels)})" if len(labels) > 8 else ""
+        print(f"labels {', '.join(labels[:8])}{more}")
+    if card["task"] == "classification":
+        print(f"softmax applied by the agent: {post['softmax']}")
+    return 0
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -177,12 +293,19 @@ def _publish(args: argparse.Namespace) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         force=args.force,
         progress=ProgressBar(sys.stderr),
+        fmt=args.format,
+        card_fields=parse_card_fields(args.set),
     )
     v = result.versions
     print(
         f"published {result.name}@{result.version} (targets v{v.targets}, snapshot "
         f"v{v.snapshot}, timestamp v{v.timestamp})"
     )
+    card = result.card
+    what = card.postprocess.detection_format if card.task == "detection" else card.task
+    print(f"  task {card.task} ({what}), {len(card.labels)} labels")
+    for note in result.notes:
+        print(f"  {note}")
     for path, size in result.files.items():
         print(f"  {path}  {size} bytes")
     if result.gate is not None:

@@ -310,10 +310,19 @@ def _task_and_format(
         t = meta.get("task", "detect")
         if t == "classify":
             return "classification", _classification_post(sig), "Ultralytics classify model"
+        if t == "segment" and labels and len(outs[0].shape) == 3:
+            attrs = _static(outs[0].shape[1])
+            if attrs is not None and attrs > 4 + len(labels):
+                post = _detection_post(sig, "yolov8")
+                post["extra_attributes"] = attrs - 4 - len(labels)
+                why = (
+                    f"Ultralytics segment model: yolov8 boxes, {post['extra_attributes']} mask "
+                    "coefficients skipped (masks are not decoded)"
+                )
+                return "detection", post, why
         if t == "detect":
-            nms = (_single(outs) and outs[0].shape[-1] == 6) or "'nms': True" in meta.get(
-                "args", ""
-            )
+            args = meta.get("args", "")
+            nms = (_single(outs) and outs[0].shape[-1] == 6) or "'nms': True" in args
             nms = nms or meta.get("end2end", "").lower() == "true"
             f = "nms" if nms else "yolov8"
             return "detection", _detection_post(sig, f), f"Ultralytics detect model: {f}"
@@ -376,7 +385,14 @@ def _guess(
 ) -> tuple[str, str, str] | None:
     """(task, format, reason) from output shapes alone, or None."""
     outs = sig.outputs
-    shapes = [tuple(_static(d) for d in o.shape) for o in outs]
+    # A dynamic leading batch axis is read as batch 1 (exporters often leave it dynamic).
+    shapes = [
+        tuple(
+            1 if i == 0 and _static(d) is None and len(o.shape) >= 2 else _static(d)
+            for i, d in enumerate(o.shape)
+        )
+        for o in outs
+    ]
     if len(outs) == 1:
         s = shapes[0]
         nonone = [d for d in s if d != 1]

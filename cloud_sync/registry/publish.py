@@ -71,6 +71,7 @@ __all__ = [
     "SemVer",
     "card_from_custom",
     "custom_for",
+    "inspect_model",
     "list_models",
     "parse_semver",
     "publish",
@@ -94,6 +95,7 @@ _PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _SEMVER = re.compile(rf"({_NUM})\.({_NUM})\.({_NUM})(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?")
 _MODEL_TARGET = re.compile(r"^models/([^/]+)/([^/]+)/([^/]+)$")
 _IMAGE_DTYPES = ("float32", "float16", "uint8")
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose"}
 _ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -224,7 +226,19 @@ def validate_onnx(path: str | os.PathLike[str]) -> OnnxInfo:
 
 
 def _signature(model: onnx.ModelProto, sess: Any, opset: int) -> ModelSignature:
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    nodes = {o: n for n in model.graph.node for o in n.output}
+
+    def producer(name: str) -> str:
+        """The op that computes an output, looking through shape-only ops (Paddle ends
+        every graph with Identity; Ultralytics classifiers with Reshape)."""
+        for _ in range(16):
+            n = nodes.get(name)
+            if n is None:
+                return ""
+            if n.op_type not in _PASS_THROUGH or not n.input:
+                return str(n.op_type)
+            name = n.input[0]
+        return ""
 
     def info(nodes: Any) -> tuple[TensorInfo, ...]:
         return tuple(
@@ -237,7 +251,7 @@ def _signature(model: onnx.ModelProto, sess: Any, opset: int) -> ModelSignature:
         outputs=outputs,
         metadata={m.key: m.value for m in model.metadata_props},
         producer=f"{model.producer_name} {model.producer_version}".strip(),
-        output_ops=tuple(producers.get(o.name, "") for o in outputs),
+        output_ops=tuple(producer(o.name) for o in outputs),
         opset=opset,
     )
 
@@ -515,6 +529,76 @@ def card_from_custom(custom: Any) -> ModelCard | None:
         return ModelCard.model_validate_json(text)
     except ValidationError:
         return None
+
+
+# ------------------------------------------------------------------------------------ inspect
+def inspect_model(
+    model_path: str | os.PathLike[str],
+    *,
+    task: Task | None = None,
+    fmt: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    card_fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Adapter: what ``publish`` would infer for a model, writing nothing.
+
+    Returns:
+        A JSON-able dict: ``opset``, ``producer``, ``inputs``/``outputs`` (name, shape, dtype),
+        ``dynamic_axes``, ``metadata_keys``, ``card`` (the card publish would sign, without
+        variants) and ``reasons``; or, when the format cannot be told, ``error`` instead of
+        ``card``.
+
+    Raises:
+        RegistryError: the file is not a model publish accepts (``validate_onnx``).
+    """
+    path = Path(model_path)
+    info = validate_onnx(path)
+    sig = info.signature
+
+    def tensors(ts: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
+
+    out: dict[str, Any] = {
+        "model": str(path),
+        "opset": info.opset,
+        "producer": sig.producer,
+        "inputs": tensors(sig.inputs),
+        "outputs": tensors(sig.outputs),
+        "dynamic_axes": {
+            t.name: [i for i, d in enumerate(t.shape) if _static(d) is None]
+            for t in (*sig.inputs, *sig.outputs)
+            if any(_static(d) is None for d in t.shape)
+        },
+        "metadata_keys": sorted(sig.metadata),
+    }
+    if info.opset < QUANT_OPSET:
+        out["note"] = (
+            f"opset {info.opset}: published as is; --quantize int8 converts a copy to opset "
+            f"{QUANT_OPSET} first"
+        )
+    notes: list[str] = []
+    try:
+        card = _build_card(
+            path,
+            info,
+            name="inspect",
+            version="0.0.0",
+            task=task,
+            input_size=input_size,
+            labels=labels,
+            fmt=fmt,
+            card_fields=card_fields,
+            notes=notes,
+        )
+    except RegistryError as e:
+        out["error"] = str(e)
+    else:
+        card_dict = card.model_dump(mode="json", exclude={"name", "version", "variants"})
+        out["card"] = card_dict
+        out["format"] = card.postprocess.detection_format if card.task == "detection" else None
+    out["reasons"] = notes
+    return out
 
 
 # ------------------------------------------------------------------------------------ listing
