@@ -369,26 +369,38 @@ def _nms_separate(outs: list[F32], spec: PostprocessSpec, inp: InputSpec) -> Can
 
 
 # ------------------------------------------------------------------------- SSD-style
+def _boxes_index(outs: list[F32], names: Sequence[str]) -> int | None:
+    """The boxes output: the one ending in 4 values; by name when several do (an SSD with 3
+    classes plus background has scores (1, N, 4) too)."""
+    fours = [i for i, o in enumerate(outs) if o.ndim >= 2 and o.shape[-1] == 4]
+    if len(fours) > 1 and len(names) == len(outs):
+        named = [i for i in fours if any(k in names[i].lower() for k in ("box", "loc"))]
+        fours = named or fours
+    return fours[0] if fours else None
+
+
 def _decode_boxes_scores(
-    outs: list[F32], spec: PostprocessSpec, inp: InputSpec, nc: int
+    outs: list[F32], spec: PostprocessSpec, inp: InputSpec, nc: int, names: Sequence[str] = ()
 ) -> Candidates:
     if len(outs) < 2:
         raise DecodeError(f"boxes_scores expects boxes and scores outputs, got {_shapes(outs)}")
-    boxes = [o for o in outs if o.ndim >= 2 and o.shape[-1] == 4]
-    if not boxes:
+    bi = _boxes_index(outs, names)
+    if bi is None:
         raise DecodeError(f"boxes_scores: no (1, N, 4) boxes output among {_shapes(outs)}")
-    b = _squeeze_batch(boxes[0])
+    b = _squeeze_batch(outs[bi])
     n = b.shape[0]
-    rest = [_squeeze_batch(o) for o in outs if o is not boxes[0] and o.ndim >= 2]
+    rest = [_squeeze_batch(o) for i, o in enumerate(outs) if i != bi and o.ndim >= 2]
     scores = next((s for s in rest if s.ndim == 2 and n in s.shape), None)
     if b.ndim != 2 or scores is None:
         raise DecodeError(
-            f"boxes_scores: boxes {boxes[0].shape} need scores (1, {n}, C) or (1, C, {n}); "
+            f"boxes_scores: boxes {outs[bi].shape} need scores (1, {n}, C) or (1, C, {n}); "
             f"got {_shapes(outs)}"
         )
     s = scores if scores.shape[0] == n and scores.shape[1] != n else scores.T  # (N, C)
-    if spec.background_class:
-        s = s[:, 1:]
+    # With a background column, class ids stay column indices: SSD label lists name the
+    # background first ("BACKGROUND", "person", ...), so labels[id] is still right.
+    first = 1 if spec.background_class else 0
+    s = s[:, first:]
     if s.shape[1] == 0:
         raise DecodeError(f"boxes_scores: no classes left in scores {scores.shape}")
     best = s.max(axis=1)
@@ -399,7 +411,7 @@ def _decode_boxes_scores(
     return Candidates(
         _scaled(b[keep], spec, inp),
         best[keep].astype(np.float32),
-        s[keep].argmax(axis=1).astype(np.int32),
+        (s[keep].argmax(axis=1) + first).astype(np.int32),
         False,
     )
 
@@ -416,7 +428,11 @@ DECODERS: dict[DetectionFormat, Decoder] = {
 
 
 def decode(
-    outputs: list[F32], spec: PostprocessSpec, inp: InputSpec, classes: int = 0
+    outputs: list[F32],
+    spec: PostprocessSpec,
+    inp: InputSpec,
+    classes: int = 0,
+    names: Sequence[str] = (),
 ) -> Candidates:
     """Candidates from a detector's outputs, by the card's format.
 
@@ -425,8 +441,11 @@ def decode(
         spec: the card's post-processing (format, thresholds, strides...).
         inp: the model input (grid formats need its size; normalised boxes are scaled to it).
         classes: the number of labels, 0 when unknown (helps tell (1, N, K) from (1, K, N)).
+        names: the graph's output names (tell boxes from scores where shapes cannot).
 
     Raises:
         DecodeError: the outputs do not fit the format; the message lists their shapes.
     """
+    if spec.detection_format == "boxes_scores":
+        return _decode_boxes_scores(outputs, spec, inp, classes, names)
     return DECODERS[spec.detection_format](outputs, spec, inp, classes)

@@ -238,7 +238,7 @@ class _Detect(_Reader):
         spec = self.spec
         floats = [self._finite(o, i) for i, o in enumerate(outputs)]
         try:
-            cand = decode(floats, spec, self.input_spec, len(self.labels))
+            cand = decode(floats, spec, self.input_spec, len(self.labels), self.output_names)
         except DecodeError as e:
             raise self._error(f"{spec.detection_format} detection output: {e}", "shape") from e
         if cand.scores.size == 0:

@@ -102,6 +102,9 @@ class Inferred:
 
 
 def _static(d: Dim) -> int | None:
+    """A fixed dimension, or None; digit strings count (yolov7's export writes "100")."""
+    if isinstance(d, str) and d.isdigit():
+        d = int(d)
     return d if isinstance(d, int) and d > 0 else None
 
 
@@ -420,6 +423,8 @@ def _guess(
     if _picodet(shapes):
         return "detection", "picodet", f"{len(outs)} outputs: scores + DFL per stride = PicoDet"
     box4 = [i for i, s in enumerate(shapes) if len(s) >= 2 and s[-1] == 4]
+    if len(box4) > 1:  # scores of 3 classes + background end in 4 too: go by name
+        box4 = [i for i in box4 if any(k in outs[i].name.lower() for k in ("box", "loc"))]
     if len(box4) == 1:
         n = shapes[box4[0]][-2]
         others = [s for i, s in enumerate(shapes) if i != box4[0]]
