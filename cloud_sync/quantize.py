@@ -26,7 +26,7 @@ publisher's kernels.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_OP_TYPES",
     "GateResult",
     "accuracy_gate",
+    "match_detections",
     "quantize_int8",
     "simulated_session",
 ]
@@ -71,7 +72,8 @@ class GateResult:
     """The outcome of comparing an INT8 variant with its FP32 model.
 
     Attributes:
-        metric_name: ``"top1_agreement"`` (classification) or ``"mean_relative_error"``.
+        metric_name: ``"top1_agreement"`` (classification), ``"detection_f1"`` (detection)
+            or ``"mean_relative_error"``.
         value: the metric's value.
         drop: the accuracy lost: ``1 - agreement`` or the relative error (inf if non-finite).
         passed: ``drop <= max_drop``.
@@ -228,6 +230,41 @@ def quantize_int8(
     return dst
 
 
+DetectFn = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+"""One sample's outputs → (boxes (N, 4) x1, y1, x2, y2, class ids (N,))."""
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, _EPS))
+
+
+def match_detections(
+    ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], iou: float = 0.5
+) -> int:
+    """Pure: how many ``got`` boxes match a ``ref`` box of the same class at IoU >= ``iou``,
+    each ref box matched at most once (greedy, in ``got`` order: best score first)."""
+    (rb, rc), (gb, gc) = ref, got
+    if len(rc) == 0 or len(gc) == 0:
+        return 0
+    ious = _iou(np.asarray(gb, np.float64), np.asarray(rb, np.float64))
+    ious[np.asarray(gc)[:, None] != np.asarray(rc)[None, :]] = 0.0
+    used = np.zeros(len(rc), bool)
+    n = 0
+    for row in ious:
+        row = np.where(used, 0.0, row)
+        j = int(row.argmax())
+        if row[j] >= iou:
+            used[j] = True
+            n += 1
+    return n
+
+
 def _run(sess: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(o, dtype=np.float64) for o in sess.run(None, feeds)]
 
@@ -240,6 +277,7 @@ def accuracy_gate(
     task: str,
     max_drop: float = 0.01,
     constants: Mapping[str, np.ndarray] | None = None,
+    detect: DetectFn | None = None,
 ) -> GateResult:
     """Compare an INT8 model with its FP32 original on held-back samples, one at a time.
 
@@ -249,9 +287,13 @@ def accuracy_gate(
         samples: model inputs stacked on axis 0, as ``quantize_int8`` takes them; NOT the
             calibration samples.
         task: the card's task; ``"classification"`` compares top-1 classes of the first
-            output, anything else the relative L2 error of every output.
+            output; ``"detection"`` with ``detect`` compares decoded detections (F1 of INT8
+            boxes matched to FP32 boxes of the same class at IoU >= 0.5: raw detector outputs
+            hold thousands of unused candidates and logits, whose relative error says little);
+            anything else the relative L2 error of every output.
         max_drop: the largest drop that passes.
         constants: extra inputs fed with every sample (from the card).
+        detect: decodes one sample's outputs into ``(boxes (N, 4) xyxy, class ids (N,))``.
 
     Returns:
         The metric, the drop and whether it passed.
@@ -265,12 +307,18 @@ def accuracy_gate(
     s8, name8, _ = _input_of(p8, simulated=True, constants=consts)
     data = _check_samples(samples, "samples", p32).astype(dtype, copy=False)
     agree, errors, finite = 0, [], True
+    matched = n_ref = n_got = 0
+    boxes = task == "detection" and detect is not None
     try:
         for i in range(len(data)):
             x = data[i : i + 1]
             a, b = _run(s32, {**consts, name: x}), _run(s8, {**consts, name8: x})
             finite = finite and all(np.isfinite(o).all() for o in b)
-            if task == "classification":
+            if boxes and finite:
+                ref, got = detect(a), detect(b)  # type: ignore[misc]
+                m = match_detections(ref, got)
+                matched, n_ref, n_got = matched + m, n_ref + len(ref[1]), n_got + len(got[1])
+            elif task == "classification":
                 agree += int(np.argmax(a[0].reshape(-1)) == np.argmax(b[0].reshape(-1)))
             else:
                 errors += [
@@ -288,6 +336,14 @@ def accuracy_gate(
         metric, value = "top1_agreement", agree / n
         drop = 1.0 - value if finite else float("inf")
         what = f"top-1 agreement {value:.4f} on {n} held-back samples ({n - agree} differ)"
+    elif boxes:
+        metric = "detection_f1"
+        value = 2 * matched / (n_ref + n_got) if n_ref + n_got else 1.0
+        drop = 1.0 - value if finite else float("inf")
+        what = (
+            f"detection F1 {value:.4f} on {n} held-back samples ({matched} of {n_ref} FP32 "
+            f"boxes found again among {n_got} INT8 boxes, same class, IoU >= 0.5)"
+        )
     else:
         metric, value = "mean_relative_error", float(np.mean(errors)) if finite else float("inf")
         drop = value

@@ -191,3 +191,63 @@ def test_an_unknown_layout_is_refused_listing_shapes_and_formats(tmp_path: Path)
     # a named format the outputs do not fit is refused at decode with the shapes
     raw = publish(repo, path, name="odd", version="1.0.0", task="raw")
     assert raw.card.task == "raw"
+
+
+# ------------------------------------------------------------------------------------ pieces
+def test_top_left_letterbox_puts_the_picture_at_the_origin_and_maps_back() -> None:
+    from agent.pipeline.preprocess import Preprocessor
+    from agent.protocol.card import InputSpec
+
+    spec = InputSpec(width=64, height=64, pad_position="top_left", pad_value=114, scale=1.0)
+    frame = np.full((32, 64, 3), 200, np.uint8)  # 2:1 → 64x32 picture, 32 rows of padding
+    tensor, t = Preprocessor(spec)(frame)
+    assert (tensor[0, :, :32] == 200).all() and (tensor[0, :, 32:] == 114).all()
+    assert (t.pad_x, t.pad_y, t.scale_x) == (0.0, 0.0, 1.0)
+    assert t.to_source(np.array([[0, 0, 64, 32]])).tolist() == [[0, 0, 64, 32]]
+
+
+def test_center_crop_cuts_the_middle_of_the_short_side_scaled_frame() -> None:
+    from agent.pipeline.preprocess import Preprocessor
+    from agent.protocol.card import InputSpec
+
+    spec = InputSpec(width=224, height=224, resize="center_crop", scale=1.0)
+    frame = np.zeros((512, 1024, 3), np.uint8)  # short side 512 → 256, crop 224 of it
+    frame[:, 456:568] = 255  # a bar in the middle: 112 px wide → 56 px after scaling by 1/2
+    tensor, t = Preprocessor(spec)(frame)
+    cols = np.flatnonzero(tensor[0, 0, 100] > 127)
+    assert 84 <= cols[0] <= 85 and 138 <= cols[-1] <= 140  # centred: 112 ± 28
+    # the input covers the frame's centre: 448 of its 1024 columns (224 at scale 1/2)
+    x1, y1, x2, y2 = t.to_source(np.array([[0, 0, 224, 224]]))[0]
+    assert (x1, y1, x2, y2) == pytest.approx((288, 32, 736, 480), abs=1)
+
+
+def test_class_agnostic_nms_keeps_one_box_per_place() -> None:
+    from agent.pipeline.postprocess import make_postprocessor
+    from agent.pipeline.preprocess import FrameTransform
+    from agent.protocol.card import InputSpec, PostprocessSpec
+
+    # two classes, same place (YOLOv8 rows): class-aware keeps both, agnostic the better one
+    out = np.zeros((1, 6, 2), np.float32)
+    out[0, :4] = [[50, 50], [50, 51], [20, 20], [20, 20]]
+    out[0, 4:] = [[0.9, 0.1], [0.1, 0.8]]
+    inp = InputSpec(width=100, height=100)
+    t = FrameTransform(100, 100, 1.0, 1.0, 0.0, 0.0)
+    for agnostic, want in [(False, [0, 1]), (True, [0])]:
+        spec = PostprocessSpec(format="yolov8", class_agnostic_nms=agnostic)
+        dets = make_postprocessor("detection", spec, ["a", "b"], inp)([out], t).detections
+        assert [d.label_id for d in dets] == want
+
+
+def test_match_detections_needs_the_same_class_and_overlap() -> None:
+    from cloud_sync.quantize import match_detections
+
+    ref = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0, 1]))
+    same = (np.array([[0, 0, 10, 11], [20, 20, 30, 30]], float), np.array([0, 1]))
+    other_class = (np.array([[0, 0, 10, 10]], float), np.array([1]))
+    moved = (np.array([[5, 5, 15, 15]], float), np.array([0]))
+    twice = (np.array([[0, 0, 10, 10], [0, 0, 10, 10]], float), np.array([0, 0]))
+    assert match_detections(ref, same) == 2
+    assert match_detections(ref, other_class) == 0
+    assert match_detections(ref, moved) == 0  # IoU 25/175
+    assert match_detections(ref, twice) == 1  # a ref box is matched once
+    assert match_detections(ref, (np.zeros((0, 4)), np.zeros(0))) == 0

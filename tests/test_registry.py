@@ -498,3 +498,45 @@ def test_interrupted_rotation_is_finished_by_the_next(repo: Repository) -> None:
     save_signer(generate_signer(), current)  # stands in for the revoked old key
     assert repo.rotate_root_key("snapshot") == 3
     assert load_signer(current).public_key.keyid in repo.root().roles["snapshot"].keyids
+
+
+# --------------------------------------------------------------------------------- old opsets
+def test_an_opset_11_model_publishes_as_is_and_its_int8_is_made_at_opset_13(
+    repo: Repository, tmp_path: Path, test_models: dict[str, Path], digits_pngs: Path
+) -> None:
+    """Publish keeps the original bytes of an old-opset model; only the INT8 variant is made
+    from a copy converted to opset 13 (QDQ per channel needs it), and the card says so."""
+    import onnx
+
+    m = onnx.load(str(test_models["digits"] / "model.onnx"))
+    # Conv/Relu/MaxPool/Flatten/Gemm/Softmax on (1, 10) mean the same at opset 11: the
+    # digits graph re-declared at 11 is what an old exporter would have written.
+    del m.opset_import[:]
+    m.opset_import.append(onnx.helper.make_opsetid("", 11))
+    m.ir_version = 6
+    onnx.checker.check_model(m, full_check=True)
+    old = tmp_path / "old" / "model.onnx"
+    old.parent.mkdir()
+    old.write_bytes(m.SerializeToString())
+    (old.parent / "card.json").write_bytes((test_models["digits"] / "card.json").read_bytes())
+
+    result = publish(
+        repo,
+        old,
+        name="digits11",
+        version="1.0.0",
+        calibration_dir=digits_pngs,
+        quantize="int8",
+        max_accuracy_drop=0.05,
+    )
+    variants = {v.precision: v for v in result.card.variants}
+    assert variants["fp32"].opset == 11 and variants["int8"].opset == 13
+    assert any("converted opset 11 -> 13" in n for n in result.notes), result.notes
+    fp32 = repo.targets_dir / "models/digits11/1.0.0" / f"{variants['fp32'].sha256}.model.onnx"
+    assert fp32.read_bytes() == old.read_bytes()
+    int8 = (
+        repo.targets_dir / "models/digits11/1.0.0" / (f"{variants['int8'].sha256}.model.int8.onnx")
+    )
+    q = onnx.load(str(int8))
+    assert [o.version for o in q.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    assert result.gate is not None and result.gate.passed

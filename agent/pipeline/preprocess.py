@@ -126,6 +126,19 @@ class _Geometry:
     left: int  # its offset in the model input
     top: int
     transform: FrameTransform
+    crop: tuple[int, int, int, int] | None = None  # source ROI (x, y, w, h) for center_crop
+
+
+def _crop_geometry(src_w: int, src_h: int, dst_w: int, dst_h: int, ratio: float) -> _Geometry:
+    """center_crop: the frame scaled so it covers the input enlarged by 1/ratio (ImageNet:
+    short side 256 for a 224 crop), and the input-sized centre cut out of it."""
+    r = max(dst_w / src_w, dst_h / src_h) / ratio
+    roi_w = max(1, min(src_w, round(dst_w / r)))
+    roi_h = max(1, min(src_h, round(dst_h / r)))
+    x0, y0 = (src_w - roi_w) // 2, (src_h - roi_h) // 2
+    sx, sy = dst_w / roi_w, dst_h / roi_h
+    t = FrameTransform(src_w, src_h, sx, sy, -x0 * sx, -y0 * sy)
+    return _Geometry(dst_w, dst_h, 0, 0, t, (x0, y0, roi_w, roi_h))
 
 
 def _geometry(
@@ -198,6 +211,10 @@ class Preprocessor:
         g = self._last
         if g is None or g.transform.src_w != w or g.transform.src_h != h:
             spec = self.spec
+            if spec.resize == "center_crop":
+                g = _crop_geometry(w, h, spec.width, spec.height, spec.crop_ratio)
+                self._last = g
+                return g
             g = _geometry(
                 w,
                 h,
@@ -226,6 +243,9 @@ class Preprocessor:
         img = self._check_frame(frame)
         spec = self.spec
         g = self._geometry_for(img.shape[1], img.shape[0])
+        if g.crop is not None:
+            x0, y0, cw, ch = g.crop
+            img = img[y0 : y0 + ch, x0 : x0 + cw]
         gray_model = spec.channels == 1
         src_is_gray = img.ndim == 2
         # Colour→grey on whichever of the frame or the resized picture is smaller.

@@ -67,8 +67,13 @@ class InputSpec(BaseModel):
         "rgb", description="Channel order the model expects"
     )
     layout: Literal["nchw", "nhwc"] = Field("nchw", description="Tensor layout")
-    resize: Literal["letterbox", "stretch"] = Field(
-        "letterbox", description="letterbox keeps aspect ratio and pads; stretch distorts"
+    resize: Literal["letterbox", "stretch", "center_crop"] = Field(
+        "letterbox",
+        description="letterbox keeps aspect ratio and pads; stretch distorts; center_crop "
+        "scales the short side to size / crop_ratio and cuts the centre (ImageNet classifiers)",
+    )
+    crop_ratio: float = Field(
+        0.875, gt=0.0, le=1.0, description="center_crop: input size / resized short side"
     )
     pad_value: int = Field(114, ge=0, le=255, description="Letterbox padding grey level")
     scale: float = Field(1.0 / 255.0, gt=0, description="Pixel value multiplier applied first")
@@ -111,6 +116,11 @@ class PostprocessSpec(BaseModel):
     score_threshold: float = Field(0.25, ge=0.0, le=1.0, description="detection/heatmap: min score")
     iou_threshold: float = Field(0.45, ge=0.0, le=1.0, description="detection: NMS IoU threshold")
     max_detections: int = Field(100, ge=1, le=10000, description="detection: results to keep")
+    class_agnostic_nms: bool = Field(
+        False,
+        description="detection: NMS across classes (a box suppresses overlapping boxes of "
+        "any class), as YOLOX's demo and several exporters' references do",
+    )
     box_format: Literal["cxcywh", "xyxy"] = Field("cxcywh", description="detection: box encoding")
     has_objectness: bool = Field(
         True, description="detection: rows are [box, obj, cls...] (YOLOv5) vs [box, cls...] (v8)"

@@ -733,6 +733,23 @@ def _for_quantization(stage: Path, opset: int, notes: list[str]) -> Path:
     return dst
 
 
+def _detector(card: ModelCard) -> Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The card's own decoder, in model-input pixels: what the device will make of outputs."""
+    from agent.pipeline.postprocess import make_postprocessor
+    from agent.pipeline.preprocess import FrameTransform
+
+    inp = card.input
+    reader = make_postprocessor(card.task, card.postprocess, card.labels, inp)
+    identity = FrameTransform(inp.width, inp.height, 1.0, 1.0, 0.0, 0.0)
+
+    def detect(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        dets = reader([o.astype(np.float32) for o in outputs], identity).detections
+        boxes = np.array([d.box for d in dets], np.float64).reshape(-1, 4)
+        return boxes, np.array([d.label_id for d in dets], np.int64)
+
+    return detect
+
+
 def _int8_variant(
     stage: Path,
     card: ModelCard,
@@ -756,7 +773,13 @@ def _int8_variant(
         quantize_int8(fp32, int8, split[0], constants=consts)
         steps("gate")
         gate = accuracy_gate(
-            fp32, int8, split[1], task=card.task, max_drop=max_drop, constants=consts
+            fp32,
+            int8,
+            split[1],
+            task=card.task,
+            max_drop=max_drop,
+            constants=consts,
+            detect=_detector(card) if card.task == "detection" else None,
         )
     except ModelError as e:
         raise RegistryError(f"{where}: {e}", reason="model") from e
