@@ -272,3 +272,38 @@ def test_an_opset11_yolox_publishes_with_int8_gated_on_decoded_boxes(tmp_path: P
     assert gate is not None and gate.metric_name == "detection_f1" and gate.passed, gate
     assert {v.precision: v.opset for v in result.card.variants} == {"fp32": 11, "int8": 13}
     assert result.card.postprocess.detection_format == "yolox"
+
+
+# ------------------------------------------------------------------------------------ heat map
+def test_ppocr_v4_detector_published_with_the_readme_flags_finds_the_lines() -> None:
+    from tests.test_postprocess import LINES
+
+    path = wheel_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
+    from cloud_sync.registry.commands import parse_card_fields
+
+    flags = parse_card_fields(
+        [
+            "input.color=bgr",
+            "input.mean=0.5",
+            "input.std=0.5",
+            "postprocess.score_threshold=0.5",
+            "postprocess.min_area=10",
+        ]
+    )
+    report = inspect_model(path, input_size=(640, 640), card_fields=flags)
+    assert report["opset"] == 12 and report["card"]["task"] == "heatmap"
+    card = ModelCard.model_validate({**report["card"], "name": "ppocr"})
+    model = RunnableModel(card, OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"]))
+    img = np.full((480, 960, 3), 255, np.uint8)
+    truth = []
+    for text, org, scale, thick in LINES:
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        truth.append((org[0], org[1] - th, org[0] + tw, org[1] + base))
+    result, _ = model.infer(img)
+    boxes = [d.box for d in result.detections]
+    assert len(boxes) == len(LINES), boxes
+    for x1, y1, x2, y2 in truth:
+        hits = [b for b in boxes if x1 <= (b[0] + b[2]) / 2 <= x2 and y1 <= (b[1] + b[3]) / 2 <= y2]
+        assert len(hits) == 1, f"line {(x1, y1, x2, y2)}: {boxes}"
+    model.backend.close()

@@ -199,7 +199,9 @@ def card_for_local_model(
     input_size: tuple[int, int] | None = None,
     labels: Sequence[str] | None = None,
 ) -> ModelCard:
-    """The card for a local ONNX file: ``card.json`` beside it, else one derived from the model.
+    """The card for a local ONNX file: ``NAME.card.json`` beside ``NAME.onnx`` (what
+    ``edgefleet model inspect --card-out`` writes), or ``card.json`` beside ``model.onnx`` (a
+    registry version's folder), else one derived from the model.
 
     A card found on disk wins for everything it says; ``task`` overrides its task only when
     given. Labels come from ``labels.txt`` beside the model when present.
@@ -207,8 +209,12 @@ def card_for_local_model(
     Raises:
         ModelError: the card is invalid, or a dynamic input has no ``input_size``.
     """
-    card_file = model_path.parent / "card.json"
-    if card_file.is_file() and (model_path.parent / "model.onnx").exists():
+    card_file = model_path.with_suffix(".card.json")
+    if not card_file.is_file():
+        card_file = model_path.parent / "card.json"
+        if not (model_path.parent / "model.onnx").exists():
+            card_file = model_path.parent / "no-card"
+    if card_file.is_file():
         try:
             card = ModelCard.model_validate_json(card_file.read_text())
         except ValueError as e:

@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 from typing import IO, Any, get_args
 
 from agent.protocol.card import Task
@@ -151,6 +152,12 @@ def add_registry_commands(
     ins.add_argument("--input-size", type=str, metavar="WxH", help="model input size")
     ins.add_argument("--labels", metavar="FILE", help="class names, one per line")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument(
+        "--card-out",
+        metavar="FILE",
+        help="write the card (e.g. MODEL.card.json beside MODEL.onnx, which edgefleet-agent "
+        "run/bench then use for the local file)",
+    )
     _card_args(ins)
     ins.set_defaults(fn=_inspect)
 
@@ -222,6 +229,13 @@ def _inspect(args: argparse.Namespace) -> int:
         labels=args.labels,
         card_fields=parse_card_fields(args.set),
     )
+    if args.card_out and "card" in report:
+        from agent.fsutil import atomic_write_bytes
+        from agent.protocol.card import ModelCard
+
+        stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(args.model).stem)
+        card = ModelCard.model_validate({**report["card"], "name": stem.lstrip("._-") or "model"})
+        atomic_write_bytes(Path(args.card_out), (card.model_dump_json(indent=2) + "\n").encode())
     if args.json:
         print(json.dumps(report, indent=2))
         return 0 if "card" in report else 1

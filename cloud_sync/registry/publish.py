@@ -305,6 +305,8 @@ def set_field(fields: dict[str, Any], path: str, value: Any) -> None:
             nxt = {}
             d[part] = nxt
         d = nxt
+    if isinstance(d.get(parts[-1]), (list, tuple)) and not isinstance(value, (list, tuple)):
+        value = [value]  # input.mean=0.5 for a per-channel tuple
     d[parts[-1]] = value
 
 
