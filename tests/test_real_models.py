@@ -307,3 +307,85 @@ def test_ppocr_v4_detector_published_with_the_readme_flags_finds_the_lines() -> 
         hits = [b for b in boxes if x1 <= (b[0] + b[2]) / 2 <= x2 and y1 <= (b[1] + b[3]) / 2 <= y2]
         assert len(hits) == 1, f"line {(x1, y1, x2, y2)}: {boxes}"
     model.backend.close()
+
+
+# ------------------------------------------------------------------------------------ deployed
+@pytest.mark.broker
+@pytest.mark.video
+def test_a_real_opset11_yolox_is_published_deployed_and_finds_the_letters_in_a_stream(
+    tmp_path: Path, broker: Any, test_models: dict[str, Path]
+) -> None:
+    """The whole path with a model nobody here made: publish (format inferred, INT8 at opset
+    13), signed delivery over MQTT, build, golden trial, hot swap, and the pipeline's JSONL
+    results hold the five letters of each frame."""
+    import json
+
+    from agent.config import parse_config
+    from agent.service import Agent
+    from cloud_sync.deploy import deploy
+    from cloud_sync.registry.publish import publish
+    from tests.conftest import wait_for
+    from tests.test_delivery import DEVICE, Fleet
+
+    path = wheel_file("ddddocr", "common_det.onnx")
+    frames = [captcha(seed=200 + i) for i in range(12)]
+    video = tmp_path / "captcha.mkv"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 10, (400, 160))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i in range(15):
+        cv2.imwrite(str(cal / f"{i:03d}.png"), captcha(seed=100 + i))
+
+    fleet = Fleet(tmp_path, broker, video, test_models)
+    fleet.server.start()
+    try:
+        publish(
+            fleet.repo,
+            path,
+            name="captcha",
+            version="1.0.0",
+            calibration_dir=cal,
+            quantize="int8",
+            max_accuracy_drop=0.1,
+            card_fields=FLAGS["ddddocr"],
+        )
+        results = tmp_path / "results.jsonl"
+        cfg = parse_config(
+            {
+                "device_id": DEVICE,
+                "data_dir": str(tmp_path / "data"),
+                "profile": "x86-cpu",
+                "pipelines": [
+                    {
+                        "name": "front",
+                        "source": str(video),
+                        "model": "captcha",
+                        "loop": True,
+                        "sink": {"jsonl": str(results)},
+                    }
+                ],
+                "broker": {"url": broker.url},
+                "trust": {"root": str(fleet.repo_dir / "root.json")},
+                "update": {"health_window_s": 0.5, "health_min_frames": 3, "max_latency_ratio": 20},
+            }
+        )
+        fleet.agent = Agent(cfg)
+        fleet.agent.start()
+        deploy(fleet.repo_dir, broker.url, DEVICE, "captcha@1.0.0", pipeline="front")
+        rep = fleet.wait_phase("committed", version="1.0.0", timeout=180)
+        assert rep.active_version == "1.0.0" and rep.last_error is None
+
+        def lines() -> list[dict[str, Any]]:
+            if not results.is_file():
+                return []
+            rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+            return [r for r in rows if (r.get("model"), r.get("version")) == ("captcha", "1.0.0")]
+
+        assert wait_for(lambda: len(lines()) >= 10, 60), f"{len(lines())} results"
+        counts = [len(r.get("detections", [])) for r in lines()]
+        assert sum(c == 5 for c in counts) >= 0.8 * len(counts), counts
+    finally:
+        fleet.close()
