@@ -24,13 +24,20 @@ from agent.config import (
     EngineConfig,
     OnnxRuntimeEngine,
     PipelineConfig,
+    TensorRTEngine,
     TrustConfig,
     load_config,
 )
 from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json, remove_stale_temps
-from agent.pipeline.model import RunnableModel, card_for_local_model, load_golden, parse_size
+from agent.pipeline.model import (
+    RunnableModel,
+    card_for_local_model,
+    card_input_size,
+    load_golden,
+    parse_size,
+)
 from agent.pipeline.preprocess import constant_feeds, image_input_name
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import JsonlSink, Sink
@@ -103,6 +110,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "edgefleet" / "engines"
 
 
+def _trt_fp16_flag(backend: str) -> bool:
+    """TensorRT can build fp16 from an fp32 file (it has ``BuilderFlag.FP16``; 11 has not)."""
+    if backend != "tensorrt":
+        return False
+    try:
+        import tensorrt as trt
+    except Exception:  # the build will say why TensorRT is unusable
+        return True
+    from agent.engine.tensorrt import weak_typing
+
+    return weak_typing(trt)
+
+
 def open_local_model(
     path: Path,
     *,
@@ -132,6 +152,7 @@ def open_local_model(
         candidate_precisions,
         choose_precision,
         measure_variant,
+        variant_file,
     )
 
     if not path.is_file():
@@ -144,6 +165,25 @@ def open_local_model(
         threads = profile.cpu_threads
     providers = engine.providers if isinstance(engine, OnnxRuntimeEngine) else None
     workspace = (profile.tensorrt.workspace_mb << 20) if profile and profile.tensorrt else 1 << 30
+    trt_opts: dict[str, Any] = {}
+    if backend_name == "tensorrt":
+        from agent.engine.shapes import fixed_profiles, onnx_input_shapes
+
+        trt_engine = engine if isinstance(engine, TensorRTEngine) else None
+        if trt_engine is not None and trt_engine.workspace_mb:
+            workspace = trt_engine.workspace_mb << 20
+        try:
+            shapes = onnx_input_shapes(str(path))
+        except Exception as e:  # a file onnx cannot read: the build says why, in full
+            log.warning("model=%s input shapes unreadable: %s", path, e)
+            shapes = {}
+        trt_opts = {
+            "dla_core": trt_engine.dla_core if trt_engine is not None else None,
+            "profiles": fixed_profiles(
+                shapes, parse_size(input_size) or card_input_size(path), model=str(path)
+            )
+            or None,
+        }
 
     def load(file: Path, precision: str) -> Backend:
         progress(f"opening {file.name} ({precision}) on {backend_name}")
@@ -157,10 +197,13 @@ def open_local_model(
             threads=threads,
             providers=providers,
             workspace_bytes=workspace,
+            **trt_opts,
             **(build_test_opts or {}),
         )
 
-    first = load(path, "fp32")
+    # DLA runs fp16 or int8 only: the first engine of a DLA pipeline is fp16
+    first_prec = "fp16" if trt_opts.get("dla_core") is not None else "fp32"
+    first = load(path, first_prec)
     try:
         card = card_for_local_model(
             path,
@@ -175,8 +218,16 @@ def open_local_model(
         v.precision: v.file for v in card.variants if (path.parent / v.file).is_file()
     }
     golden = path.parent / "golden.npz"
-    allowed = list(profile.precisions) if profile is not None else ["fp32"]
-    cands = candidate_precisions(allowed, variants, backend_name) if variants else []
+    allowed = list(profile.precisions) if profile is not None else [first_prec]
+    if first_prec != "fp32":
+        allowed = [p for p in allowed if p != "fp32"]
+    cands = (
+        candidate_precisions(
+            allowed, variants, backend_name, fp16_from_fp32=_trt_fp16_flag(backend_name)
+        )
+        if variants
+        else []
+    )
     if len(cands) <= 1 or not golden.is_file():
         return RunnableModel(card, first)
     # Several variants: measure each on this device, on the golden inputs.
@@ -188,10 +239,11 @@ def open_local_model(
     try:
         for prec in cands:
             try:
+                file = variant_file(prec, variants)
                 b = (
                     first
-                    if variants[prec] == path.name
-                    else load(path.parent / variants[prec], prec)
+                    if file == path.name and prec == first_prec
+                    else load(path.parent / file, prec)
                 )
             except EdgefleetError as e:
                 measurements.append(Measurement(prec, None, None, error=str(e)))

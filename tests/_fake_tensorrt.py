@@ -1,12 +1,33 @@
 """Test double: fake ``tensorrt`` and ``pycuda.driver`` modules that run ONNX Runtime inside.
 
 No machine here has a GPU, so the native TensorRT adapter would otherwise never execute in
-CI. These fakes model the TensorRT 10 Python API surface the adapter uses (names, argument
-order, return values: ``None`` from failed factories, ``False`` from failed setters) and
-pycuda's per-thread context stack, so the adapter's own logic - return-value checks,
-profiles, buffer growth, context push/pop from worker threads, clean-up - runs for real.
-They are no evidence that TensorRT itself behaves this way: the ``tensorrt``-marked tests on
-a Jetson are.
+CI. They are no evidence that TensorRT itself behaves this way: the ``tensorrt``-marked tests
+on a device are (``scripts/hardware_check``).
+
+What the fake promises, and only where the adapter depends on it (checked against NVIDIA's
+bindings' documented API, TensorRT 10.3 - 11.x):
+
+- **Factories raise, methods return None.** ``Builder``, ``Runtime`` and ``OnnxParser`` are
+  pybind11 constructors: a NULL from the C++ factory raises ``TypeError: pybind11::init():
+  factory function returned nullptr`` (``FAIL`` names which fail); ``create_network``,
+  ``create_builder_config``, ``deserialize_cuda_engine``, ``create_execution_context`` return
+  None on failure; setters return False.
+- **``nptype`` raises ``TypeError``** for types NumPy lacks (bf16, fp8, int4, fp4, e8m0).
+- **Versions** (``make_trt_module(version)``): 10.x has ``BuilderFlag.FP16``/``INT8``; 11.x has
+  neither (strong typing): Q/DQ networks build as INT8 without flags, fp16 needs fp16 tensors.
+- **Asynchronous execution.** ``execute_async_v3`` and the ``memcpy_*_async`` calls are queued
+  on their stream and happen at ``Stream.synchronize()``: a host buffer read before the
+  synchronize holds stale data, as on a GPU.
+- pycuda's per-thread context stack: allocations, copies and execution need a current context;
+  a non-current ``detach`` is refused (it would leak).
+- Parser errors are objects with ``desc()`` and ``str()``; their texts are the fake's own.
+
+The "engine" is ``MAGIC + header + ONNX bytes``; executing it runs the ONNX model with ONNX
+Runtime on the bytes found at the tensor addresses in fake device memory. The header records
+the builder settings (flags, pools, profiles, DLA core) so tests can see what reached TensorRT.
+
+``fake_site()`` writes importable ``tensorrt`` and ``pycuda`` packages that load this module,
+for the agent's spawned build child (which cannot see ``sys.modules`` of the test process).
 
 The "engine" is ``MAGIC + header + ONNX bytes``; executing it runs the ONNX model with ONNX
 Runtime on the bytes found at the tensor addresses in fake device memory.
@@ -16,9 +37,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import threading
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +63,7 @@ class FakeCuda:
         self.tls = threading.local()
         self.live_contexts = 0
         self.pushes_from_threads: set[int] = set()
+        self.streams: dict[int, Any] = {}
 
     def stack(self) -> list[Any]:
         if not hasattr(self.tls, "stack"):
@@ -117,18 +141,34 @@ def make_cuda_module(state: FakeCuda) -> types.ModuleType:
             del state.mem[self.ptr]  # KeyError on a double free
 
     class Stream:
-        handle = 0xBEEF
+        def __init__(self) -> None:
+            state.require_context("cuStreamCreate")
+            self.handle = next(state.addr)
+            self.queue: list[Any] = []
+            state.streams[self.handle] = self
 
         def synchronize(self) -> None:
             state.require_context("cuStreamSynchronize")
+            while self.queue:
+                self.queue.pop(0)()
+
+    def _enqueue(stream: Any, work: Any) -> None:
+        if stream is None:  # the legacy default stream: synchronous
+            work()
+        else:
+            stream.queue.append(work)
 
     def memcpy_htod_async(dest: Any, src: np.ndarray, stream: Any = None) -> None:
         state.require_context("cuMemcpyHtoDAsync")
-        raw = np.ascontiguousarray(src).view(np.uint8).ravel().tobytes()
         buf = state.mem[int(dest)]
-        if len(raw) > len(buf):
-            raise RuntimeError(f"copy of {len(raw)} bytes into a {len(buf)}-byte allocation")
-        buf[: len(raw)] = raw
+        if src.nbytes > len(buf):
+            raise RuntimeError(f"copy of {src.nbytes} bytes into a {len(buf)}-byte allocation")
+
+        def work() -> None:  # reads the pinned source when the stream gets to it
+            raw = np.ascontiguousarray(src).view(np.uint8).ravel().tobytes()
+            buf[: len(raw)] = raw
+
+        _enqueue(stream, work)
 
     def memcpy_dtoh_async(dest: np.ndarray, src: Any, stream: Any = None) -> None:
         state.require_context("cuMemcpyDtoHAsync")
@@ -136,7 +176,11 @@ def make_cuda_module(state: FakeCuda) -> types.ModuleType:
         n = dest.nbytes
         if n > len(buf):
             raise RuntimeError(f"copy of {n} bytes out of a {len(buf)}-byte allocation")
-        dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(buf[:n]), np.uint8)
+
+        def work() -> None:
+            dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(buf[:n]), np.uint8)
+
+        _enqueue(stream, work)
 
     m.init = lambda flags=0: None  # type: ignore[attr-defined]
     m.get_driver_version = lambda: 12020  # type: ignore[attr-defined]
@@ -182,8 +226,25 @@ LayerType = _Enum("QUANTIZE", "DEQUANTIZE", "OTHER")
 TensorIOMode = _Enum("INPUT", "OUTPUT")
 
 
-def _np_type(elem_type: int) -> type:
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).type  # type: ignore[no-any-return]
+# ONNX element types TensorRT has and NumPy has not: the fake's DataType stand-ins for them.
+_NO_NUMPY = {
+    onnx.TensorProto.BFLOAT16: "DataType.BF16",
+    onnx.TensorProto.FLOAT8E4M3FN: "DataType.FP8",
+    onnx.TensorProto.INT4: "DataType.INT4",
+}
+
+
+def _np_type(elem_type: int) -> Any:
+    if elem_type in _NO_NUMPY:
+        return _NO_NUMPY[elem_type]
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).type
+
+
+def nptype(trt_type: Any) -> type:
+    """As ``tensorrt.nptype``: the NumPy type, ``TypeError`` where NumPy has none."""
+    if isinstance(trt_type, str):
+        raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+    return trt_type  # type: ignore[no-any-return]
 
 
 def _dims(vi: onnx.ValueInfoProto) -> tuple[int, ...]:
@@ -238,8 +299,18 @@ class _ParserError:
         return f"In node -1 with name:  and operator:  (parseGraph): INVALID_GRAPH: {self._desc}"
 
 
+FAIL: set[str] = set()  # factory names that fail: "Builder", "Runtime", "OnnxParser"
+_NULLPTR = "pybind11::init(): factory function returned nullptr"
+
+
+def _factory(name: str) -> None:
+    if name in FAIL or name in os.environ.get("EDGEFLEET_FAKE_TRT_FAIL", "").split(","):
+        raise TypeError(_NULLPTR)
+
+
 class OnnxParser:
     def __init__(self, network: Network, logger: Any) -> None:
+        _factory("OnnxParser")
         self.network = network
         self.errors: list[_ParserError] = []
 
@@ -321,9 +392,10 @@ class BuilderConfig:
 
 
 class Builder:
-    num_DLA_cores = 0
+    num_DLA_cores = int(os.environ.get("EDGEFLEET_FAKE_TRT_DLA_CORES", "0"))
 
     def __init__(self, logger: Any) -> None:
+        _factory("Builder")
         self.logger = logger
 
     def create_network(self, flags: int) -> Network:
@@ -357,12 +429,28 @@ class Builder:
                 return None
         if config.timing_cache is not None:
             config.timing_cache.data += b"+"
-        header = json.dumps({"profiles": shapes, "flags": sorted(config.flags)}).encode()
+        if (
+            STRONG
+            and "INT8" not in config.flags
+            and any(layer.type == "QUANTIZE" for layer in network.layers)
+        ):
+            config.flags.add("INT8(strongly typed Q/DQ)")  # what TRT 11 does by itself
+        header = json.dumps(
+            {
+                "profiles": shapes,
+                "flags": sorted(config.flags),
+                "pools": config.pools,
+                "device_type": config.default_device_type,
+                "dla_core": config.DLA_core,
+                "trt_version": VERSION,
+            }
+        ).encode()
         return MAGIC + len(header).to_bytes(4, "little") + header + network.model_bytes
 
 
 class Runtime:
     def __init__(self, logger: Any) -> None:
+        _factory("Runtime")
         self.logger = logger
         self.DLA_core = -1
 
@@ -461,47 +549,60 @@ class ExecutionContext:
         st = STATE.stack() if STATE is not None else []
         if not st:
             raise RuntimeError("enqueueV3 without a current CUDA context")
-        if stream_handle != 0xBEEF:
-            return False
         assert STATE is not None
-        feeds = {}
-        for n in self.engine.input_names:
-            t = self.engine.tensors[n]
-            nbytes = int(np.prod(self.shapes[n])) * np.dtype(t.dtype).itemsize
-            raw = bytes(STATE.mem[self.addresses[n]][:nbytes])
-            feeds[n] = np.frombuffer(raw, t.dtype).reshape(self.shapes[n])
-        names = [o.name for o in self.engine.session.get_outputs()]
-        for n, out in zip(names, self.engine.session.run(None, feeds), strict=True):
-            raw = np.ascontiguousarray(out).view(np.uint8).ravel().tobytes()
-            STATE.mem[self.addresses[n]][: len(raw)] = raw
+        stream = STATE.streams.get(int(stream_handle))
+        if stream is None:
+            return False
+        state, shapes, addresses = STATE, dict(self.shapes), dict(self.addresses)
+
+        def work() -> None:  # runs when the stream gets to it, not now
+            feeds = {}
+            for n in self.engine.input_names:
+                t = self.engine.tensors[n]
+                nbytes = int(np.prod(shapes[n])) * np.dtype(t.dtype).itemsize
+                raw = bytes(state.mem[addresses[n]][:nbytes])
+                feeds[n] = np.frombuffer(raw, t.dtype).reshape(shapes[n])
+            names = [o.name for o in self.engine.session.get_outputs()]
+            for n, out in zip(names, self.engine.session.run(None, feeds), strict=True):
+                raw = np.ascontiguousarray(out).view(np.uint8).ravel().tobytes()
+                state.mem[addresses[n]][: len(raw)] = raw
+
+        stream.queue.append(work)
         self.executions += 1
         return True
 
 
 STATE: FakeCuda | None = None
+VERSION = "10.3.0"
+STRONG = False  # TensorRT 11: strongly typed networks, no precision flags
 
 
-def make_trt_module() -> types.ModuleType:
+def make_trt_module(version: str = "10.3.0") -> types.ModuleType:
+    """A ``tensorrt`` module of ``version``: 11.x has no ``BuilderFlag.FP16``/``INT8``."""
+    global VERSION, STRONG
+    VERSION, STRONG = version, int(version.split(".")[0]) >= 11
     m = types.ModuleType("tensorrt")
-    m.__version__ = "10.3.0-fake"  # type: ignore[attr-defined]
+    m.__version__ = version  # type: ignore[attr-defined]
+    flags = ("GPU_FALLBACK", "TF32") if STRONG else ("FP16", "INT8", "GPU_FALLBACK", "TF32")
     for name, obj in {
         "ILogger": ILogger,
         "IProgressMonitor": IProgressMonitor,
         "MemoryPoolType": MemoryPoolType,
-        "BuilderFlag": BuilderFlag,
+        "BuilderFlag": _Enum(*flags),
         "DeviceType": DeviceType,
         "LayerType": LayerType,
         "TensorIOMode": TensorIOMode,
         "Builder": Builder,
         "OnnxParser": OnnxParser,
         "Runtime": Runtime,
-        "nptype": lambda t: t,
+        "nptype": nptype,
+        "float16": np.float16,
     }.items():
         setattr(m, name, obj)
     return m
 
 
-def install(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+def install(monkeypatch: pytest.MonkeyPatch, version: str = "10.3.0") -> FakeCuda:
     """Put the fakes in ``sys.modules`` for one test; returns the driver state to inspect."""
     global STATE
     state = FakeCuda()
@@ -509,8 +610,34 @@ def install(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     cuda = make_cuda_module(state)
     pkg = types.ModuleType("pycuda")
     pkg.driver = cuda  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tensorrt", make_trt_module())
+    monkeypatch.setitem(sys.modules, "tensorrt", make_trt_module(version))
     monkeypatch.setitem(sys.modules, "pycuda", pkg)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
     monkeypatch.setattr(Builder, "num_DLA_cores", 0)
+    monkeypatch.setattr(sys.modules[__name__], "FAIL", set())
     return state
+
+
+def fake_site(root: Path) -> Path:
+    """Write importable ``tensorrt`` / ``pycuda`` packages backed by this module into
+    ``root`` (for a process that imports them itself: the agent's spawned build child).
+    ``EDGEFLEET_FAKE_TRT_VERSION``, ``EDGEFLEET_FAKE_TRT_DLA_CORES`` and
+    ``EDGEFLEET_FAKE_TRT_FAIL`` (comma-separated factory names) configure them."""
+    here = str(Path(__file__).resolve().parent.parent)
+    (root / "tensorrt").mkdir(parents=True, exist_ok=True)
+    (root / "pycuda").mkdir(exist_ok=True)
+    head = f"import os, sys\nsys.path.insert(0, {here!r})\nimport tests._fake_tensorrt as _f\n"
+    (root / "tensorrt" / "__init__.py").write_text(
+        head
+        + "_m = _f.make_trt_module(os.environ.get('EDGEFLEET_FAKE_TRT_VERSION', '10.3.0'))\n"
+        + "globals().update({k: v for k, v in vars(_m).items() if not k.startswith('__')})\n"
+        + "__version__ = _m.__version__\n"
+    )
+    (root / "pycuda" / "__init__.py").write_text("")
+    (root / "pycuda" / "driver.py").write_text(
+        head
+        + "if _f.STATE is None:\n    _f.STATE = _f.FakeCuda()\n"
+        + "globals().update({k: v for k, v in vars(_f.make_cuda_module(_f.STATE)).items()"
+        + " if not k.startswith('__')})\n"
+    )
+    return root

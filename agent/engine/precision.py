@@ -41,6 +41,7 @@ def candidate_precisions(
     backend: str,
     *,
     cuda_provider: bool = False,
+    fp16_from_fp32: bool = True,
 ) -> list[str]:
     """Pure: the precisions worth measuring for one model on one device and backend.
 
@@ -48,8 +49,9 @@ def candidate_precisions(
       * the device profile must list the precision (e.g. no int8 on a Jetson Nano);
       * fp32 needs the fp32 file;
       * fp16 needs a GPU path: TensorRT builds it from an fp16 file or from the fp32 file
-        (builder flag); ONNX Runtime runs it only with a CUDA provider (``cuda_provider``) and
-        an fp16 file, since the CPU provider has few fp16 kernels and is not faster;
+        (builder flag; not on TensorRT 11, which has none: ``fp16_from_fp32`` False); ONNX
+        Runtime runs it only with a CUDA provider (``cuda_provider``) and an fp16 file, since
+        the CPU provider has few fp16 kernels and is not faster;
       * int8 needs its own QDQ variant file (calibration happens at publish time, not here).
 
     Args:
@@ -57,9 +59,11 @@ def candidate_precisions(
         available_variants: precision to file name, from the model card's variants.
         backend: ``"tensorrt"`` or ``"onnxruntime"``.
         cuda_provider: the ONNX Runtime session has the CUDA (or TensorRT) provider.
+        fp16_from_fp32: TensorRT can build fp16 from the fp32 file (``BuilderFlag.FP16``).
 
     Returns:
-        Candidate precisions, highest precision first (may be empty).
+        Candidate precisions, highest precision first (may be empty); ``variant_file`` names
+        the file each one is built from.
 
     Raises:
         ValueError: unknown backend or precision name.
@@ -75,7 +79,7 @@ def candidate_precisions(
             continue
         if p == "fp16":
             if backend == "tensorrt":
-                ok = bool(files & {"fp16", "fp32"})
+                ok = "fp16" in files or (fp16_from_fp32 and "fp32" in files)
             else:
                 ok = cuda_provider and "fp16" in files
         else:
@@ -83,6 +87,24 @@ def candidate_precisions(
         if ok:
             out.append(p)
     return out
+
+
+def variant_file(precision: str, available_variants: Mapping[str, str]) -> str:
+    """Pure: the file a candidate precision is built from: its own variant file, or for fp16
+    without one the fp32 file (TensorRT's FP16 builder flag; ``candidate_precisions`` offers
+    that only where the backend can).
+
+    Raises:
+        ValueError: no file for that precision (it was not a candidate).
+    """
+    f = available_variants.get(precision) or (
+        available_variants.get("fp32") if precision == "fp16" else None
+    )
+    if not f:
+        raise ValueError(
+            f"no file for precision {precision!r} among variants {dict(available_variants)}"
+        )
+    return f
 
 
 @dataclass(frozen=True)

@@ -86,15 +86,81 @@ def platform_facts(device_index: int = 0) -> dict[str, str]:
 
 
 def _import_trt() -> tuple[Any, Any]:
+    """``tensorrt`` and ``pycuda.driver`` (running an engine needs both)."""
+    trt = _import_tensorrt()
     try:
         import pycuda.driver as cuda
-        import tensorrt as trt
     except Exception as e:
+        raise ModelError(
+            f"TensorRT backend unavailable: cannot import pycuda.driver: {e}; use the "
+            "onnxruntime backend on this machine",
+            reason="unavailable",
+        ) from e
+    return trt, cuda
+
+
+def _import_tensorrt() -> Any:
+    """``tensorrt`` alone: building an engine needs no pycuda."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or OSError from a missing libnvinfer
         raise ModelError(
             f"TensorRT backend unavailable: {e}; use the onnxruntime backend on this machine",
             reason="unavailable",
         ) from e
-    return trt, cuda
+    return trt
+
+
+def _create(what: str, factory: Any, *args: Any, model: str, reason: str) -> Any:
+    """Call a TensorRT factory (``trt.Builder``, ``trt.Runtime``, ``trt.OnnxParser``).
+
+    Their pybind11 constructors never return None: a NULL from the C++ factory raises
+    ``TypeError: pybind11::init(): factory function returned nullptr``. Both are handled.
+
+    Raises:
+        ModelError: (``reason``) the factory failed; the message says which and why.
+    """
+    try:
+        obj = factory(*args)
+    except TypeError as e:
+        raise ModelError(
+            f"TensorRT could not create {what} ({e}); out of GPU memory, or no usable GPU",
+            model=model,
+            reason=reason,
+        ) from e
+    if obj is None:
+        raise ModelError(f"TensorRT could not create {what}", model=model, reason=reason)
+    return obj
+
+
+def weak_typing(trt: Any) -> bool:
+    """Whether this TensorRT takes precision builder flags (``BuilderFlag.FP16``/``INT8``).
+
+    TensorRT 11 removed them (deprecated from 10.12, "superseded by strong typing"): every
+    network is strongly typed, INT8 comes from the model's Q/DQ nodes alone, and FP16 needs a
+    model whose tensors are fp16 (an fp16 variant file); there is no building fp16 from fp32.
+    """
+    flags = getattr(trt, "BuilderFlag", None)
+    return flags is not None and hasattr(flags, "FP16") and hasattr(flags, "INT8")
+
+
+def numpy_dtype(trt: Any, trt_dtype: Any, name: str, model: str) -> np.dtype:
+    """The NumPy dtype of a TensorRT tensor type.
+
+    Raises:
+        ModelError: (``"unsupported"``) a type NumPy has no equivalent for (bf16, fp8, int4,
+            fp4, e8m0: ``trt.nptype`` raises ``TypeError`` for them).
+    """
+    try:
+        dtype: np.dtype = np.dtype(trt.nptype(trt_dtype))
+        return dtype
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelError(
+            f"tensor {name!r} has TensorRT type {trt_dtype}, which has no NumPy equivalent "
+            f"({e}); this backend feeds and reads NumPy arrays, so the engine is not supported",
+            model=model,
+            reason="unsupported",
+        ) from e
 
 
 def _make_logger(trt: Any) -> Any:
@@ -198,7 +264,7 @@ def _parse_onnx(
         raise ModelError(
             f"TensorRT could not create a network for {model}", model=model, reason="build"
         )
-    parser = trt.OnnxParser(network, logger)
+    parser = _create("an ONNX parser", trt.OnnxParser, network, logger, model=model, reason="build")
     data = onnx_path.read_bytes()
     # path= lets the parser find external weight files next to the model.
     if not parser.parse(data, str(onnx_path)):
@@ -259,6 +325,11 @@ def _add_profile(
         )
 
 
+def _has_fp16_inputs(trt: Any, network: Any) -> bool:
+    half = getattr(trt, "float16", None)
+    return any(network.get_input(i).dtype == half for i in range(network.num_inputs))
+
+
 def _has_qdq(trt: Any, network: Any) -> bool:
     qdq = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
     return any(network.get_layer(i).type in qdq for i in range(network.num_layers))
@@ -282,6 +353,7 @@ def _configure(
             model=model,
             reason="precision",
         )
+    weak = weak_typing(trt)
     if precision == "int8":
         # Explicit quantization only: the scales come from the model's Q/DQ nodes, so no
         # calibrator. FP16 too, so the layers between Q/DQ pairs need not run in FP32.
@@ -293,11 +365,20 @@ def _configure(
                 model=model,
                 reason="precision",
             )
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
+        if weak:  # TensorRT 11: a strongly typed network builds Q/DQ as INT8 by itself
+            config.set_flag(trt.BuilderFlag.INT8)
+            config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    else:
+        if weak:
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif not _has_fp16_inputs(trt, network):
+            raise ModelError(
+                f"fp16 requested but TensorRT {trt.__version__} has no FP16 builder flag "
+                "(strong typing) and this file is fp32; publish an fp16 variant",
+                model=model,
+                reason="precision",
+            )
+    elif hasattr(trt.BuilderFlag, "TF32"):
         # TF32 is on by default (Ampere and later, e.g. Orin): it rounds conv/matmul inputs to
         # 10-bit mantissas. "fp32" must match the fp32 accuracy the model was published with.
         config.clear_flag(trt.BuilderFlag.TF32)
@@ -379,17 +460,13 @@ def build_engine(
             failed (``"build"``, TensorRT's logged errors in the message).
         OSError: the output cannot be written.
     """
-    trt, _ = _import_trt()
+    trt = _import_tensorrt()
     onnx_path = Path(onnx_path)
     model = str(onnx_path)
     if not onnx_path.is_file():
         raise ModelError(f"model file {onnx_path} does not exist", model=model, reason="load")
     logger = _make_logger(trt)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise ModelError(
-            "TensorRT could not create a builder (no GPU?)", model=model, reason="build"
-        )
+    builder = _create("a builder", trt.Builder, logger, model=model, reason="build")
     network, parser = _parse_onnx(trt, builder, logger, onnx_path, model)
     config = builder.create_builder_config()
     if config is None:
@@ -508,11 +585,9 @@ class TensorRTBackend(Backend):
     def _open(self, engine_bytes: bytes, dla_core: int | None) -> None:
         trt, cuda = self._trt, self._cuda
         self._logger = _make_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
-        if self._runtime is None:
-            raise ModelError(
-                "TensorRT could not create a runtime", model=self.model_name, reason="unavailable"
-            )
+        self._runtime = _create(
+            "a runtime", trt.Runtime, self._logger, model=self.model_name, reason="unavailable"
+        )
         if dla_core is not None:
             self._runtime.DLA_core = int(dla_core)
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
@@ -541,7 +616,7 @@ class TensorRTBackend(Backend):
                     model=self.model_name,
                     reason="unsupported",
                 )
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            dtype = numpy_dtype(trt, self._engine.get_tensor_dtype(name), name, self.model_name)
             shape = tuple(int(d) for d in self._engine.get_tensor_shape(name))
             spec = TensorSpec(name, tuple(d if d >= 0 else None for d in shape), dtype.name)
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:

@@ -191,6 +191,30 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def card_file_for(model_path: Path) -> Path | None:
+    """The card that goes with a local model file: ``NAME.card.json`` beside ``NAME.onnx``, or
+    ``card.json`` beside ``model.onnx`` (a registry version's folder); None when there is none."""
+    own = model_path.with_suffix(".card.json")
+    if own.is_file():
+        return own
+    folder = model_path.parent / "card.json"
+    if folder.is_file() and (model_path.parent / "model.onnx").exists():
+        return folder
+    return None
+
+
+def card_input_size(model_path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` of the card beside a model, None without a valid one."""
+    f = card_file_for(model_path)
+    if f is None:
+        return None
+    try:
+        card = ModelCard.model_validate_json(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return card.input.width, card.input.height
+
+
 def card_for_local_model(
     model_path: Path,
     backend: Backend,
@@ -209,12 +233,8 @@ def card_for_local_model(
     Raises:
         ModelError: the card is invalid, or a dynamic input has no ``input_size``.
     """
-    card_file = model_path.with_suffix(".card.json")
-    if not card_file.is_file():
-        card_file = model_path.parent / "card.json"
-        if not (model_path.parent / "model.onnx").exists():
-            card_file = model_path.parent / "no-card"
-    if card_file.is_file():
+    card_file = card_file_for(model_path)
+    if card_file is not None:
         try:
             card = ModelCard.model_validate_json(card_file.read_text())
         except ValueError as e:

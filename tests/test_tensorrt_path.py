@@ -1,0 +1,255 @@
+"""The agent's TensorRT path against the fake bindings (``tests/_fake_tensorrt.py``, which says
+what it promises): factories that raise, types NumPy lacks, TensorRT 11's strong typing, engine
+settings that reach the builder, and ``open_local_model`` → spawned child build → cache →
+open, with the fake importable in the child too.
+
+No GPU here: these prove the adapter's logic, not TensorRT's behaviour (``scripts/hardware_check``
+on a device does that).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import tests._fake_tensorrt as fake
+from agent.engine.precision import candidate_precisions, variant_file
+from agent.errors import ModelError
+
+
+def _conv_model(path: Path, *, dynamic: bool = False, dtype: int = TensorProto.FLOAT) -> Path:
+    """A 1-conv model, input [1, 3, H, W] (H, W dynamic when asked)."""
+    hw: list[Any] = ["h", "w"] if dynamic else [16, 16]
+    x = helper.make_tensor_value_info("images", dtype, [1, 3, *hw])
+    y = helper.make_tensor_value_info("out", dtype, [1, 2, *hw])
+    w = helper.make_tensor(
+        "w", dtype, [2, 3, 1, 1], np.linspace(-1, 1, 6).astype(np.float32).tolist()
+    )
+    g = helper.make_graph([helper.make_node("Conv", ["images", "w"], ["out"])], "c", [x], [y], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def _header(engine: Path) -> dict[str, Any]:
+    data = engine.read_bytes()
+    n = int.from_bytes(data[8:12], "little")
+    return dict(json.loads(data[12 : 12 + n]))
+
+
+# ------------------------------------------------------------------------------------ 1. fp16
+def test_fp16_on_tensorrt_is_built_from_the_fp32_file_when_there_is_no_fp16_file() -> None:
+    variants = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    cands = candidate_precisions(["fp32", "fp16", "int8"], variants, "tensorrt")
+    assert cands == ["fp32", "fp16", "int8"]
+    # every candidate has a file: the KeyError of variants["fp16"] is gone
+    assert [variant_file(p, variants) for p in cands] == [
+        "model.onnx",
+        "model.onnx",
+        "model.int8.onnx",
+    ]
+    assert variant_file("fp16", {**variants, "fp16": "model.fp16.onnx"}) == "model.fp16.onnx"
+    # TensorRT 11 (no FP16 builder flag): fp16 only from an fp16 file
+    strong = candidate_precisions(["fp32", "fp16"], variants, "tensorrt", fp16_from_fp32=False)
+    assert strong == ["fp32"]
+    with pytest.raises(ValueError, match="no file for precision 'int8'"):
+        variant_file("int8", {"fp32": "model.onnx"})
+
+
+# ------------------------------------------------------------------------------------ 2. factories
+@pytest.mark.parametrize("factory", ["Builder", "OnnxParser"])
+def test_a_failing_build_factory_is_a_model_error(
+    factory: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake.install(monkeypatch)
+    fake.FAIL.add(factory)
+    from agent.engine.tensorrt import build_engine
+
+    with pytest.raises(ModelError, match="could not create") as e:
+        build_engine(_conv_model(tmp_path / "m.onnx"), tmp_path / "m.engine")
+    assert e.value.reason == "build"
+    assert isinstance(e.value.__cause__, TypeError) and "nullptr" in str(e.value.__cause__)
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_a_failing_runtime_factory_is_a_model_error_not_a_type_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = fake.install(monkeypatch)
+    from agent.engine.tensorrt import TensorRTBackend, build_engine
+
+    engine = tmp_path / "m.engine"
+    build_engine(_conv_model(tmp_path / "m.onnx"), engine)
+    fake.FAIL.add("Runtime")
+    with pytest.raises(ModelError, match="could not create a runtime") as e:
+        TensorRTBackend.from_engine_file(engine)
+    assert e.value.reason == "unavailable"
+    assert state.live_contexts == 0 and not state.stack()  # the CUDA context was released
+
+
+# ------------------------------------------------------------------------------------ 4. nptype
+def test_a_bf16_tensor_is_unsupported_not_a_type_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake.install(monkeypatch)
+    from agent.engine.tensorrt import TensorRTBackend, build_engine
+
+    x = helper.make_tensor_value_info("images", TensorProto.BFLOAT16, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])
+    node = helper.make_node("Cast", ["images"], ["out"], to=TensorProto.FLOAT)
+    m = helper.make_model(
+        helper.make_graph([node], "bf16", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    engine = tmp_path / "m.engine"
+    build_engine(tmp_path / "m.onnx", engine)
+    with pytest.raises(ModelError, match="no NumPy equivalent") as e:
+        TensorRTBackend.from_engine_file(engine)
+    assert e.value.reason == "unsupported"
+
+
+# ------------------------------------------------------------------------------------ 3. TRT 11
+def test_tensorrt_11_builds_int8_from_qdq_without_flags_and_refuses_fp16_from_fp32(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, test_models: dict[str, Path]
+) -> None:
+    fake.install(monkeypatch, version="11.4.0")
+    import tensorrt as trt
+
+    from agent.engine.tensorrt import build_engine, weak_typing
+
+    assert not weak_typing(trt) and not hasattr(trt.BuilderFlag, "FP16")
+    from cloud_sync.quantize import quantize_int8
+
+    digits = test_models["digits"] / "model.onnx"
+    with np.load(test_models["digits"] / "test_set.npz") as z:
+        x = np.asarray(z["images"][:40], np.float32)[:, None] / 255.0
+    qdq = quantize_int8(digits, tmp_path / "q.onnx", x)
+    prof = {"input": [[1, 1, 8, 8]] * 3}  # its batch axis is dynamic
+    build_engine(qdq, tmp_path / "q.engine", precision="int8", profiles=prof)  # no AttributeError
+    assert "INT8(strongly typed Q/DQ)" in _header(tmp_path / "q.engine")["flags"]
+    with pytest.raises(ModelError, match="no FP16 builder flag") as e:
+        build_engine(digits, tmp_path / "f.engine", precision="fp16", profiles=prof)
+    assert e.value.reason == "precision"
+    build_engine(digits, tmp_path / "f32.engine", precision="fp32", profiles=prof)
+
+
+def test_tensorrt_10_sets_the_precision_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake.install(monkeypatch, version="10.3.0")
+    from agent.engine.tensorrt import build_engine
+
+    build_engine(_conv_model(tmp_path / "m.onnx"), tmp_path / "m.engine", precision="fp16")
+    assert "FP16" in _header(tmp_path / "m.engine")["flags"]
+
+
+# ------------------------------------------------------------------------------------ 6. pycuda
+def test_building_needs_no_pycuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # import pycuda now raises ImportError
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    from agent.engine.tensorrt import build_engine
+
+    build_engine(_conv_model(tmp_path / "m.onnx"), tmp_path / "m.engine")
+    assert (tmp_path / "m.engine").is_file()
+
+
+# ------------------------------------------------------------------------------------ fake
+def test_the_fake_executes_asynchronously_like_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host read before ``synchronize`` sees stale data (what would hide a missing sync)."""
+    fake.install(monkeypatch)
+    import pycuda.driver as cuda
+
+    ctx = cuda.Device(0).make_context()
+    try:
+        stream = cuda.Stream()
+        dev = cuda.mem_alloc(16)
+        src = np.arange(4, dtype=np.float32)
+        out = np.zeros(4, np.float32)
+        cuda.memcpy_htod_async(dev, src, stream)
+        cuda.memcpy_dtoh_async(out, dev, stream)
+        assert not out.any()  # nothing happened yet
+        stream.synchronize()
+        assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
+        dev.free()
+    finally:
+        ctx.detach()
+
+
+# ------------------------------------------------------------------------------------ 5 + path
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake importable by the spawned build child (and this process)."""
+    root = fake.fake_site(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("EDGEFLEET_FAKE_TRT_DLA_CORES", "2")
+    return root
+
+
+def test_the_agents_own_path_builds_in_a_child_caches_and_passes_engine_settings(
+    site: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """open_local_model → load_backend → spawned child build (fake imported there) → cache →
+    TensorRTBackend; workspace_mb, dla_core and a profile from input_size reach the builder."""
+    fake.install(monkeypatch)  # this process: the same fake, with driver state to inspect
+    from agent.config import TensorRTEngine
+    from agent.profiles import get_profile
+    from agent.service import open_local_model
+
+    model = _conv_model(tmp_path / "dyn.onnx", dynamic=True)
+    cache = tmp_path / "cache"
+    engine_cfg = TensorRTEngine(workspace_mb=64, dla_core=1)
+    profile = get_profile("jetson-orin-nano")
+    kw: dict[str, Any] = {"task": "raw", "engine": engine_cfg, "profile": profile}
+    with pytest.raises(ModelError, match="input_size") as e:
+        open_local_model(model, cache_dir=cache, **kw)
+    assert e.value.reason == "shape"
+
+    runnable = open_local_model(model, input_size="32x24", cache_dir=cache, **kw)
+    try:
+        assert runnable.backend.info.name == "tensorrt"
+        assert runnable.backend.info.device == "dla:1"
+        engines = list(cache.rglob("*.engine")) or [
+            p for p in cache.rglob("*") if p.is_file() and p.read_bytes()[:8] == fake.MAGIC
+        ]
+        assert len(engines) == 1, list(cache.rglob("*"))
+        h = _header(engines[0])
+        assert h["pools"] == {"WORKSPACE": 64 << 20}
+        assert (h["device_type"], h["dla_core"]) == ("DLA", 1)
+        assert h["profiles"] == {"images": [[1, 3, 24, 32]] * 3}
+        out = runnable.backend.run({"images": np.ones((1, 3, 24, 32), np.float32)})
+        assert out[0].shape == (1, 2, 24, 32)
+    finally:
+        runnable.backend.close()
+    # a second open is a cache hit: no new build
+    again = open_local_model(model, input_size="32x24", cache_dir=cache, **kw)
+    again.backend.close()
+    assert (
+        len([p for p in cache.rglob("*") if p.is_file() and p.read_bytes()[:8] == fake.MAGIC]) == 1
+    )
+
+
+def test_a_child_build_whose_builder_fails_is_a_model_error(
+    site: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake.install(monkeypatch)
+    monkeypatch.setenv("EDGEFLEET_FAKE_TRT_FAIL", "Builder")
+    from agent.config import TensorRTEngine
+    from agent.service import open_local_model
+
+    with pytest.raises(ModelError, match="could not create a builder"):
+        open_local_model(
+            _conv_model(tmp_path / "m.onnx"),
+            task="raw",
+            engine=TensorRTEngine(),
+            cache_dir=tmp_path / "cache",
+        )
