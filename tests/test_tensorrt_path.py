@@ -253,3 +253,43 @@ def test_a_child_build_whose_builder_fails_is_a_model_error(
             engine=TensorRTEngine(),
             cache_dir=tmp_path / "cache",
         )
+
+
+# ------------------------------------------------------------------------------------ versions
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("10.3.0", True),
+        ("10.16.1.11", True),
+        ("11.4.0", True),
+        ("8.5.2", False),
+        ("10.2.0", False),
+        ("12.0.0", False),
+        ("x.y", False),
+    ],
+)
+def test_supported_tensorrt_versions(version: str, ok: bool) -> None:
+    from agent.engine.tensorrt import version_supported
+
+    assert version_supported(version)[0] is ok
+
+
+@pytest.mark.parametrize(("version", "fp16"), [("10.3.0", "builder flag"), ("11.4.0", "only")])
+def test_check_says_which_tensorrt_precisions_and_dla_cores(
+    version: str, fp16: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.install(monkeypatch, version=version)
+    monkeypatch.setattr(fake.Builder, "num_DLA_cores", 2)
+    from agent.engine.tensorrt import tensorrt_available
+
+    ok, detail = tensorrt_available()
+    assert ok and f"tensorrt {version}" in detail and "2 DLA core(s)" in detail
+    assert fp16 in detail and "int8 (Q/DQ)" in detail
+
+
+def test_an_unsupported_tensorrt_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.install(monkeypatch, version="8.5.2")
+    from agent.engine.tensorrt import tensorrt_available
+
+    ok, detail = tensorrt_available()
+    assert not ok and "8.5.2 is not supported" in detail

@@ -35,16 +35,54 @@ ProgressFn = Callable[[str, float], None]
 Profiles = Mapping[str, Sequence[Sequence[int]]]
 
 
+# Supported TensorRT versions: 10.3 (JetPack 6) up to 11.x. 8.x (JetPack 5) creates implicit-batch
+# networks from create_network(0) and lacks parts of the name-based I/O API used here.
+MIN_VERSION, MAX_MAJOR = (10, 3), 11
+
+
+def version_supported(version: str) -> tuple[bool, str]:
+    """Pure: whether a TensorRT version string is one this backend supports, and why not."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False, f"tensorrt version {version!r} is not MAJOR.MINOR..."
+    if (major, minor) < MIN_VERSION or major > MAX_MAJOR:
+        return False, (
+            f"tensorrt {version} is not supported: this agent needs "
+            f"{MIN_VERSION[0]}.{MIN_VERSION[1]} to {MAX_MAJOR}.x (JetPack 6 ships 10.3)"
+        )
+    return True, ""
+
+
+def capabilities(trt: Any) -> str:
+    """What this TensorRT can build: precisions (by typing mode) and DLA cores."""
+    prec = (
+        "fp32, fp16 (builder flag), int8 (Q/DQ)"
+        if weak_typing(trt)
+        else "fp32, fp16 only from fp16 models (strong typing), int8 (Q/DQ)"
+    )
+    try:
+        builder = trt.Builder(_make_logger(trt))
+        dla = f"{int(builder.num_DLA_cores)} DLA core(s)"
+    except Exception as e:  # no usable GPU: a builder cannot be made
+        dla = f"DLA cores unknown (no builder: {e})"
+    return f"precisions {prec}; {dla}"
+
+
 def tensorrt_available() -> tuple[bool, str]:
     """Whether TensorRT, pycuda and a CUDA device are usable here, and why not.
 
     Returns:
-        ``(True, "tensorrt 10.3.0, pycuda, <gpu name>")`` or ``(False, <reason>)``.
+        ``(True, "tensorrt 10.3.0, pycuda, <gpu name>; precisions ...; N DLA core(s)")`` or
+        ``(False, <reason>)``.
     """
     try:
         import tensorrt as trt
     except Exception as e:  # ImportError, or OSError from a missing libnvinfer
         return False, f"cannot import tensorrt: {e}"
+    ok, why = version_supported(str(trt.__version__))
+    if not ok:
+        return False, why
     try:
         import pycuda.driver as cuda
     except Exception as e:
@@ -56,7 +94,7 @@ def tensorrt_available() -> tuple[bool, str]:
         name = cuda.Device(0).name()
     except Exception as e:
         return False, f"tensorrt {trt.__version__} found, but CUDA init failed: {e}"
-    return True, f"tensorrt {trt.__version__}, pycuda, {name}"
+    return True, f"tensorrt {trt.__version__}, pycuda, {name}; {capabilities(trt)}"
 
 
 def platform_facts(device_index: int = 0) -> dict[str, str]:
