@@ -293,3 +293,46 @@ def test_an_unsupported_tensorrt_is_not_available(monkeypatch: pytest.MonkeyPatc
 
     ok, detail = tensorrt_available()
     assert not ok and "8.5.2 is not supported" in detail
+
+
+# ------------------------------------------------------------------------------------ hw check
+def test_hardware_check_refuses_cleanly_without_a_gpu(tmp_path: Path) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "hardware_check.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "no TensorRT GPU here" in res.stderr and "nothing was built" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_hardware_check_runs_end_to_end_against_the_fake(site: Path, tmp_path: Path) -> None:
+    """The script's whole path (child builds, cache hits, edgefleet-agent bench on TensorRT,
+    report) with the fake bindings importable: what a device will run, minus the GPU."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "hardware_check.py"
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{script.parent.parent}"}
+    res = subprocess.run(
+        [sys.executable, str(script), "--skip-tests", "--frames", "5", "--models", "digits",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(next((tmp_path / "out").glob("hardware-report-*.json")).read_text())
+    assert [(b["model"], b["precision"], b["ok"]) for b in report["builds"]] == [
+        ("digits", "fp32", True),
+        ("digits", "fp16", True),
+        ("digits", "int8", True),
+    ]
+    assert all(b["cache_hit_s"] < b["cold_build_s"] for b in report["builds"])
+    assert report["bench"][0]["ok"] and report["bench"][0]["report"]["backend"] == "tensorrt"
+    assert (tmp_path / "out").glob("hardware-report-*.md")
