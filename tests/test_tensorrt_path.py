@@ -336,3 +336,63 @@ def test_hardware_check_runs_end_to_end_against_the_fake(site: Path, tmp_path: P
     assert all(b["cache_hit_s"] < b["cold_build_s"] for b in report["builds"])
     assert report["bench"][0]["ok"] and report["bench"][0]["report"]["backend"] == "tensorrt"
     assert (tmp_path / "out").glob("hardware-report-*.md")
+
+
+# ------------------------------------------------------------------------------------ update
+@pytest.mark.broker
+@pytest.mark.video
+def test_a_delivered_model_updates_on_tensorrt_with_precision_choice_and_hot_swap(
+    site: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    broker: Any,
+    test_models: dict[str, Path],
+) -> None:
+    """Registry → MQTT → update manager on a Jetson profile with the TensorRT backend: each
+    precision the profile allows is built in a spawned child (the fake imported there),
+    measured against the golden outputs, the fastest passing one runs, then a second version
+    hot-swaps in. Before, fp16 on such a profile was a KeyError left in 'building'."""
+    fake.install(monkeypatch)
+    from agent.config import parse_config
+    from agent.service import Agent
+    from tests.conftest import wait_for
+    from tests.test_delivery import DEVICE, Fleet, write_digit_loop
+
+    video = write_digit_loop(test_models, tmp_path / "digits.mkv")
+    fleet = Fleet(tmp_path, broker, video, test_models)
+    fleet.server.start()
+    try:
+        fleet.publish("digits", "1.0.0")
+        cfg = parse_config(
+            {
+                "device_id": DEVICE,
+                "data_dir": str(tmp_path / "data"),
+                "profile": "jetson-orin-nano",
+                "engine": {"type": "tensorrt"},
+                "pipelines": [
+                    {"name": "front", "source": str(video), "model": "digits", "loop": True}
+                ],
+                "broker": {"url": broker.url},
+                "trust": {"root": str(fleet.repo_dir / "root.json")},
+                "update": {"health_window_s": 0.5, "health_min_frames": 5, "max_latency_ratio": 20},
+            }
+        )
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        fleet.agent = Agent(cfg)
+        fleet.agent.start()
+        fleet.deploy("digits@1.0.0")
+        rep = fleet.wait_phase("committed", version="1.0.0", timeout=120)
+        assert rep.last_error is None
+        model = fleet.pipe.model
+        assert model.backend.info.name == "tensorrt"
+        assert model.backend.info.precision in ("fp32", "fp16")
+        assert wait_for(lambda: fleet.pipe.metrics.counters["frames_inferred"] > 10, 30)
+
+        fleet.publish("digits", "1.1.0")
+        fleet.deploy("digits@1.1.0")
+        rep = fleet.wait_phase("committed", version="1.1.0", timeout=120)
+        assert fleet.running() == "digits@1.1.0" and rep.last_error is None
+        before = fleet.pipe.metrics.counters["frames_inferred"]
+        assert wait_for(lambda: fleet.pipe.metrics.counters["frames_inferred"] > before + 5, 30)
+    finally:
+        fleet.close()
