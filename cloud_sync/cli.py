@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from cloud_sync import __version__
 
@@ -78,21 +79,18 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
-    from datetime import timedelta
     from pathlib import Path
 
     from cloud_sync.registry.repo import Repository
     from cloud_sync.registry.serve import ChunkServer
 
     repo = Repository(Path(args.repo))
+    keep_fresh = metadata_keeper(repo)
 
     def tick(now: float) -> None:
         from datetime import datetime, timezone
 
-        if repo.refresh_timestamp(
-            datetime.fromtimestamp(now, timezone.utc), min_remaining=timedelta(hours=12)
-        ):
-            print("re-signed timestamp.json before it expired", flush=True)
+        keep_fresh(datetime.fromtimestamp(now, timezone.utc))
 
     server = ChunkServer(
         Path(args.repo),
@@ -111,6 +109,45 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server.serve_forever(stop)
     return 0
+
+
+def metadata_keeper(repo: Any, *, warn_every_s: float = 6 * 3600) -> Any:
+    """A ``tick(now)`` for ``registry serve``: re-sign the online roles at half their lifetime
+    (``Repository.refresh_thresholds``) and log a warning for any role near expiry (root
+    and offline roles weeks ahead), at most every ``warn_every_s``."""
+    import logging
+    from datetime import datetime
+
+    from cloud_sync.registry.freshness import assess
+    from cloud_sync.registry.keys import RegistryError
+
+    log = logging.getLogger("edgefleet.registry")
+    last_warned: list[datetime] = []
+
+    def tick(now: datetime) -> tuple[str, ...]:
+        online = tuple(r for r in ("targets", "snapshot", "timestamp") if repo.has_key(r))
+        try:
+            done: tuple[str, ...] = repo.refresh_expiring(
+                now, min_remaining=repo.refresh_thresholds(), roles=online
+            )
+        except RegistryError as e:
+            log.error("registry metadata not re-signed: %s; retrying at the next tick", e)
+            done = ()
+        if done:
+            log.warning("re-signed %s before expiry", ", ".join(done))
+            print(f"re-signed {', '.join(done)} before expiry", flush=True)
+        if not last_warned or (now - last_warned[0]).total_seconds() >= warn_every_s:
+            lifetimes = {r: d * 2 for r, d in repo.refresh_thresholds().items()}
+            online_map = {r: repo.has_key(r) for r in lifetimes}
+            bad = [
+                st for st in assess(repo.expiries(), lifetimes, online_map, now) if st.level != "ok"
+            ]
+            for st in bad:
+                log.warning("registry %s", st.message)
+            last_warned[:] = [now]
+        return done
+
+    return tick
 
 
 def _deploy(args: argparse.Namespace) -> int:

@@ -120,6 +120,15 @@ def add_registry_commands(
         "default 1; N keys are made)",
     )
     init.set_defaults(fn=_init)
+    st = reg_sub.add_parser("status", help="each role's version and expiry; warnings ahead")
+    st.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(fn=_status)
+    rr = reg_sub.add_parser(
+        "renew-root", help="re-sign root with a new expiry (needs the root key; offline step)"
+    )
+    rr.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    rr.set_defaults(fn=_renew_root)
 
     model = subparsers.add_parser("model", help="publish and list model versions")
     model_sub = model.add_subparsers(dest="model_cmd", required=True)
@@ -269,6 +278,44 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"labels {', '.join(labels[:8])}{more}")
     if card["task"] == "classification":
         print(f"softmax applied by the agent: {post['softmax']}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit 0 when every role is fine, 1 with a warning, 2 when one has expired."""
+    from datetime import datetime, timezone
+
+    from cloud_sync.registry.freshness import assess
+    from cloud_sync.registry.repo import Repository
+
+    repo = Repository(args.repo)
+    lifetimes = {r: d * 2 for r, d in repo.refresh_thresholds().items()}
+    now = datetime.now(timezone.utc)
+    rows = assess(repo.expiries(), lifetimes, {r: repo.has_key(r) for r in lifetimes}, now)
+    if args.json:
+        print(json.dumps([
+            {"role": r.role, "version": r.version, "expires": r.expires.isoformat(),
+             "remaining_s": int(r.remaining.total_seconds()), "online_key": r.online,
+             "level": r.level, "message": r.message}
+            for r in rows
+        ], indent=2))  # fmt: skip
+    else:
+        print(f"{'ROLE':<10} {'VERSION':>7}  {'EXPIRES (UTC)':<17} {'KEY':<8} STATUS")
+        for r in rows:
+            key = "online" if r.online else "offline"
+            print(f"{r.role:<10} {r.version:>7}  {r.expires:%Y-%m-%d %H:%M} {key:<8} {r.message}")
+    levels = {r.level for r in rows}
+    return 2 if "expired" in levels else 1 if "warn" in levels else 0
+
+
+def _renew_root(args: argparse.Namespace) -> int:
+    from cloud_sync.registry.repo import Repository
+
+    repo = Repository(args.repo)
+    version = repo.renew_root()
+    _, expires = repo.expiries()["root"]
+    print(f"root v{version} signed, valid until {expires:%Y-%m-%d}; devices follow it at their "
+          f"next refresh")  # fmt: skip
     return 0
 
 

@@ -566,11 +566,20 @@ class Repository:
             return True
 
     def refresh_expiring(
-        self, now: datetime, *, min_remaining: timedelta = timedelta(hours=6)
+        self,
+        now: datetime,
+        *,
+        min_remaining: timedelta | Mapping[str, timedelta] = timedelta(hours=6),
+        roles: tuple[str, ...] = ("targets", "snapshot", "timestamp"),
     ) -> tuple[str, ...]:
         """Re-sign whichever of targets, snapshot and timestamp expire within ``min_remaining``.
 
         A new targets needs a new snapshot, and a new snapshot a new timestamp.
+
+        Args:
+            now: the signing time.
+            min_remaining: one threshold, or one per role (``refresh_thresholds``).
+            roles: the roles this caller may re-sign (whose keys it holds).
 
         Returns:
             The roles re-signed, e.g. ``("snapshot", "timestamp")``; empty when none.
@@ -579,9 +588,13 @@ class Repository:
             RegistryError: signing or writing failed.
         """
         t = _utc(now)
+
+        def limit(role: str) -> timedelta:
+            return min_remaining[role] if isinstance(min_remaining, Mapping) else min_remaining
+
         with self.transaction():
             due = {
-                role: md.signed.expires - t <= min_remaining
+                role: role in roles and md.signed.expires - t <= limit(role)
                 for role, md in (
                     ("targets", self._targets),
                     ("snapshot", self._snapshot),
@@ -594,6 +607,57 @@ class Repository:
             if due["targets"]:
                 return ("targets", "snapshot", "timestamp")
             return ("snapshot", "timestamp") if due["snapshot"] else ("timestamp",)
+
+    def refresh_thresholds(self) -> dict[str, timedelta]:
+        """Re-sign a role when half its lifetime is left (timestamp 1 d: at 12 h; snapshot
+        7 d: at 3.5 d; targets 90 d: at 45 d), so a registry that cannot sign for a while
+        (host down, key offline) still has half a lifetime of slack."""
+        return {r: timedelta(days=self._expiry_days[r]) / 2 for r in ROLES}
+
+    def expiries(self) -> dict[str, tuple[int, datetime]]:
+        """``{role: (version, expires)}`` of root, targets, snapshot and timestamp."""
+        return {
+            "root": (self._root.signed.version, self._root.signed.expires),
+            "targets": (self._targets.signed.version, self._targets.signed.expires),
+            "snapshot": (self._snapshot.signed.version, self._snapshot.signed.expires),
+            "timestamp": (self._timestamp.signed.version, self._timestamp.signed.expires),
+        }
+
+    def has_key(self, role: str) -> bool:
+        """Whether this host holds a signing key of ``role`` (online key)."""
+        return (self.keys_dir / f"{role}.pem").is_file()
+
+    def renew_root(self, *, now: datetime | None = None) -> int:
+        """Re-sign the root with the same keys and a new expiry, in a new version.
+
+        Needs the root key(s) (offline: bring them to the host, run this, take them away).
+        Devices follow the new root at their next refresh (client workflow 5.3).
+
+        Returns:
+            The new root version.
+
+        Raises:
+            RegistryError: a root key is missing or the new root does not verify.
+        """
+        t = _utc(now)
+        with self.transaction():
+            old_root = self._root
+            new_root = Metadata.from_bytes(old_root.to_bytes())
+            r = new_root.signed
+            if not isinstance(r, Root):
+                raise RegistryError("root metadata is not a root", reason="metadata")
+            r.version += 1
+            r.expires = t + timedelta(days=self._expiry_days["root"])
+            data = _sign_all(new_root, self._signers("root", old_root.signed))
+            try:  # client workflow 5.3.4 and 5.3.5: old and new threshold
+                old_root.signed.verify_delegate("root", new_root.signed_bytes, new_root.signatures)
+                r.verify_delegate("root", new_root.signed_bytes, new_root.signatures)
+            except RepositoryError as e:
+                raise RegistryError(f"renewed root v{r.version} does not verify: {e}") from e
+            _write(self.metadata_dir / f"{r.version}.root.json", data)
+            _write(self.path / "root.json", data)
+            self._root = new_root
+            return r.version
 
     def rotate_root_key(self, role: str, *, now: datetime | None = None) -> int:
         """Replace the key in ``keys/ROLE.pem`` with a new one, in a new root version.
