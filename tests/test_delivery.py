@@ -292,7 +292,13 @@ def test_expired_timestamp_freezes_nothing_in(fleet: Fleet) -> None:
     fleet.repo.refresh_timestamp(long_ago, min_remaining=timedelta(days=3650))
     fleet.deploy("digits@1.0.0")
     assert wait_for(lambda: "expired" in (fleet.last().last_error or "").lower(), 30), fleet.last()
+    assert "waiting" in (fleet.last().last_error or "")
     assert fleet.running() is None
+    # Expired is not rejected: once the registry re-signs, the same desired state goes through
+    # (it was kept, and retried with backoff), with no new deploy.
+    fleet.repo.refresh_expiring(datetime.now(timezone.utc), min_remaining=timedelta(days=3650))
+    rep = fleet.wait_phase("committed", version="1.0.0", timeout=60)
+    assert fleet.running() == "digits@1.0.0" and rep.last_error is None
 
 
 def test_golden_mismatch_is_rejected(fleet: Fleet, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import BadDataError, EdgefleetError, ModelError, TransportError
+from agent.pipeline.backoff import Backoff
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
@@ -49,7 +50,7 @@ from agent.update.machine import (
     should_attempt,
 )
 from agent.update.store import ModelStore
-from agent.update.tuf_client import TufClient
+from agent.update.tuf_client import MetadataExpired, TufClient
 
 log = logging.getLogger(__name__)
 P = UpdatePhase
@@ -134,6 +135,9 @@ class UpdateManager:
         self.retry_s = retry_s
         self._retry_payload: bytes | None = None
         self._resume: dict[str, PipelineTarget] = {}
+        # Retries back off (capped, jittered) while the trouble lasts: a fleet whose registry
+        # is down or whose metadata expired does not ask it all at once, every retry_s.
+        self._backoff = Backoff(base_s=retry_s, cap_s=8 * retry_s, jitter=0.5)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -204,7 +208,12 @@ class UpdateManager:
                 self.idle.set()
 
     def _retry(self) -> None:
-        """Retry what transport trouble interrupted (runs on the manager's thread)."""
+        """Retry what transport trouble interrupted (runs on the manager's thread), when the
+        backoff says it is time."""
+        if (self._retry_payload is None and not self._resume) or not self._backoff.ready(
+            self.clock()
+        ):
+            return
         try:
             if self._retry_payload is not None:
                 payload, self._retry_payload = self._retry_payload, None
@@ -246,9 +255,15 @@ class UpdateManager:
             return
         except TransportError as e:
             self._retry_payload = payload
+            delay = self._backoff.failed(self.clock())
+            what = (
+                "registry metadata expired"
+                if isinstance(e, MetadataExpired)
+                else ("registry unreachable")
+            )
             self._fail_all(
-                f"registry unreachable, desired state revision {envelope.signed.revision} not "
-                f"applied yet (retrying every {self.retry_s:g} s): {e}; {keep}"
+                f"waiting: {what}, desired state revision {envelope.signed.revision} not "
+                f"applied yet (next try in {delay:.0f} s): {e}; {keep}"
             )
             return
         except OSError as e:  # disk full or read-only under DATA_DIR/tuf: retried like an outage
@@ -262,6 +277,7 @@ class UpdateManager:
         except BadDataError as e:
             self._fail_all(f"cannot verify desired state: {e}; {keep}")
             return
+        self._backoff.succeeded()
         desired = envelope.signed
         if verdict is Verdict.SAME and self.state.applied_revision == desired.revision:
             return
@@ -341,9 +357,9 @@ class UpdateManager:
         try:
             files, card = self._fetch(name, target)
         except TransportError as e:
+            delay = self._backoff.failed(self.clock())
             self.errors[name] = (
-                f"{target} fetch interrupted: {e}; resuming in {self.retry_s:g} s, "
-                f"{self._keeping()}"
+                f"{target} fetch interrupted: {e}; resuming in {delay:.0f} s, {self._keeping()}"
             )
             self._advance(attempt, P.WAITING, str(e))
             self._resume[name] = target

@@ -35,6 +35,12 @@ class UpdateRejected(BadDataError):
     """Metadata or a target failed TUF verification (never retried as is)."""
 
 
+class MetadataExpired(TransportError):
+    """The registry's newest metadata has expired: it has not re-signed it (down, or its key
+    offline), or a broker replays old metadata (a freeze). Either way nothing is trusted; the
+    device keeps what runs and asks again later, when a re-signed copy may be there."""
+
+
 @contextlib.contextmanager
 def _metadata_errors(what: str) -> Iterator[None]:
     """Map ngclient's metadata errors onto the two roots (bad data vs transport)."""
@@ -44,6 +50,11 @@ def _metadata_errors(what: str) -> Iterator[None]:
         raise UpdateRejected(f"TUF metadata longer than allowed: {e}") from e
     except tuf_exc.DownloadError as e:
         raise TransportError(f"registry unreachable during {what}: {e}") from e
+    except tuf_exc.ExpiredMetadataError as e:
+        raise MetadataExpired(
+            f"registry metadata expired during {what} ({e}): the registry has not re-signed "
+            "it yet (or an old copy is replayed); nothing from it is trusted meanwhile"
+        ) from e
     except tuf_exc.RepositoryError as e:
         raise UpdateRejected(f"TUF metadata rejected: {type(e).__name__}: {e}") from e
 
