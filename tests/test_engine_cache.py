@@ -417,3 +417,65 @@ def test_load_backend_raises_only_model_errors(
         with pytest.raises(ModelError) as err:
             load_backend(model, backend="tensorrt", cache=cache)
         assert err.value.reason == "unavailable"
+
+
+def test_a_build_child_dies_with_its_agent(tmp_path: Path, test_models: dict[str, Path]) -> None:
+    """SIGKILL the process that started a build: the build child goes too (PR_SET_PDEATHSIG),
+    so a restarted agent never builds the same engine twice at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys\n"
+        "from agent.engine.build import load_backend\n"
+        "load_backend(sys.argv[1], backend='onnxruntime', cache_dir=sys.argv[2],"
+        " platform={}, _test_sleep_s=60)\n"
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-c", code, str(test_models["digits"] / "model.onnx"), str(tmp_path)]
+    )
+
+    def build_children() -> list[int]:
+        # the spawn child runs multiprocessing's spawn main: find it by parent and argv
+        found = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                status = (d / "status").read_text()
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"\nPPid:\t{agent.pid}\n" in status and b"spawn_main" in cmd:  # not the tracker
+                found.append(int(d.name))
+        return found
+
+    try:
+        deadline = time.monotonic() + 30
+        kids: list[int] = []
+        while time.monotonic() < deadline and not kids:
+            kids = build_children()
+            time.sleep(0.1)
+        assert kids, "the build child never started"
+        time.sleep(2.0)  # let it get past its start-up and into the (sleeping) build
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(10)
+        deadline = time.monotonic() + 10
+        alive = kids
+        while time.monotonic() < deadline and alive:
+            alive = [k for k in kids if Path(f"/proc/{k}").exists() and not _zombie(k)]
+            time.sleep(0.1)
+        assert not alive, f"build child {alive} outlived its agent"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True

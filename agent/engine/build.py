@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -294,7 +295,7 @@ def _run_child(
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=_child_main,
-        args=(send, backend, str(onnx_path), str(out_path), precision, opts),
+        args=(send, backend, str(onnx_path), str(out_path), precision, opts, os.getpid()),
         name=f"engine-build-{backend}",
         daemon=True,
     )
@@ -372,6 +373,24 @@ def _run_child(
 # ---- child process side ---------------------------------------------------------------
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A SIGKILLed or OOM-killed agent runs no clean-up, and an orphaned build would go on using
+    the Jetson's memory while the restarted agent builds the same engine again. If the parent
+    died before this call, exit now (the signal would never come).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _apply_test_hooks(opts: dict[str, Any], out_path: str) -> None:
     """Test-only hooks, applied before any heavy import so the tests stay fast."""
     sleep_s = opts.pop("_test_sleep_s", None)
@@ -431,8 +450,11 @@ def _child_main(
     out_path: str,
     precision: str,
     opts: dict[str, Any],
+    parent_pid: int = 0,
 ) -> None:
     """Entry point of the build process: build, then report ``ok`` or ``error`` on ``conn``."""
+    if parent_pid:
+        die_with_parent(parent_pid)
     lock = threading.Lock()  # TensorRT's progress monitor calls from several threads
 
     def send(msg: tuple[Any, ...]) -> None:
