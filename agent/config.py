@@ -170,6 +170,13 @@ class UpdateConfig(_Strict):
     retry_s: float = Field(
         10.0, gt=0, le=3600, description="Retry interval after the registry was unreachable"
     )
+    max_tries: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Starts of one version that a restart may cut short (power cut, watchdog) "
+        "before it is rejected; downloads always resume",
+    )
     health_window_s: float = Field(30.0, ge=0, le=86400, description="Watch time before commit")
     health_min_frames: int = Field(20, ge=0, le=1_000_000, description="Frames needed to commit")
     max_error_rate: float = Field(0.05, ge=0, le=1, description="Errors/frames allowed in window")

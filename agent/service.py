@@ -481,6 +481,7 @@ class Agent:
             open_model=open_model,
             publish_reported=self.session.publish_reported,
             retry_s=upd.retry_s,
+            max_tries=upd.max_tries,
             stop_event=stop_updates,
             # test-only, as EDGEFLEET_TEST_BUILD_SLEEP_S above
             trial_sleep_s=float(os.environ.get("EDGEFLEET_TEST_TRIAL_SLEEP_S") or 0.0),

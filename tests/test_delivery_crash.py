@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ BIN = Path(sys.executable).parent
 
 
 class AgentProcess:
-    def __init__(self, fleet: Fleet, health_window_s: float) -> None:
+    def __init__(
+        self, fleet: Fleet, health_window_s: float, *, max_tries: int = 3, retry_s: float = 10
+    ) -> None:
         self.fleet = fleet
         self.data = fleet.tmp / "data"
         self.config = fleet.tmp / "agent.toml"
@@ -47,6 +49,8 @@ class AgentProcess:
             "[update]\n"
             f"health_window_s = {health_window_s}\n"
             "health_min_frames = 5\n"
+            f"max_tries = {max_tries}\n"
+            f"retry_s = {retry_s}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -109,20 +113,21 @@ def proc_fleet(
 
 
 @pytest.mark.parametrize(
-    ("kill_in", "health_window_s", "extra_env", "expected_phase"),
+    ("kill_in", "health_window_s", "extra_env"),
     [
-        ("building", 0.5, {"EDGEFLEET_TEST_BUILD_SLEEP_S": "60"}, "rejected"),
-        ("trial", 0.5, {"EDGEFLEET_TEST_TRIAL_SLEEP_S": "60"}, "rejected"),
-        ("active", 120.0, {}, "rolled_back"),
+        ("building", 0.5, {"EDGEFLEET_TEST_BUILD_SLEEP_S": "60"}),
+        ("trial", 0.5, {"EDGEFLEET_TEST_TRIAL_SLEEP_S": "60"}),
+        ("active", 120.0, {}),
     ],
 )
-def test_kill_during_update_restarts_on_committed_model(
+def test_kill_during_update_restarts_on_committed_model_then_tries_again(
     proc_fleet: Fleet,
     kill_in: str,
     health_window_s: float,
     extra_env: dict[str, str],
-    expected_phase: str,
 ) -> None:
+    """A power cut mid-update is not the model's fault: the agent comes back on the committed
+    model, starts the version again (try 2 of 3) and commits it."""
     f = proc_fleet
     f.publish("digits", "1.0.0")
     f.publish("digits", "1.1.0")
@@ -140,25 +145,66 @@ def test_kill_during_update_restarts_on_committed_model(
         assert wait_for(lambda: phase_of(f, "1.1.0") == kill_in, 60), latest(f)
         agent.kill9()
         # Third life: no sleep hook, short health window.
-        agent = AgentProcess(f, health_window_s=0.5)
+        agent = AgentProcess(f, health_window_s=0.5, retry_s=1)
         agent.start()
-        assert wait_for(lambda: agent.running() == "digits@1.0.0", 60), agent.status()
-        assert wait_for(lambda: phase_of(f, "1.1.0") == expected_phase, 30), latest(f)
-        rep = latest(f)
-        assert rep is not None
-        assert f"interrupted by agent restart during {kill_in}" in (
-            rep.pipelines[0].last_error or ""
-        )
-        # Not retried: the retained desired state still names 1.1.0, the agent stays on 1.0.0.
-        n_before = len(f.reported)
-        assert not wait_for(lambda: agent.running() == "digits@1.1.0", 5)
-        assert all(r.pipelines[0].phase.value != "fetching" for r in f.reported[n_before:])
+        assert wait_for(lambda: phase_of(f, "1.1.0") == "committed", 90), latest(f)
+        assert wait_for(lambda: agent.running() == "digits@1.1.0", 30), agent.status()
+        why = f"interrupted by agent restart during {kill_in}; starting try 2 of 3"
+        assert any(why in (r.pipelines[0].last_error or "") for r in f.reported), [
+            r.pipelines[0].last_error for r in f.reported
+        ]
         store_state = json.loads((agent.data / "models" / "state.json").read_text())
-        assert store_state["pipelines"]["front"]["committed"] == {
-            "model": "digits",
-            "version": "1.0.0",
-        }
+        front = store_state["pipelines"]["front"]
+        assert front["committed"] == {"model": "digits", "version": "1.1.0"}
+        assert front["attempt"]["tries"] == 2 and front["rejected"] == []
         assert not list((agent.data / "models").rglob("*.tmp")), "temp files left behind"
+    finally:
+        agent.stop()
+
+
+def test_a_version_whose_every_try_is_cut_short_is_rejected(proc_fleet: Fleet) -> None:
+    """Two tries (max_tries = 2), both killed while building: rejected, not retried, the
+    committed model keeps running."""
+    f = proc_fleet
+    f.publish("digits", "1.0.0")
+    f.publish("digits", "1.1.0")
+    agent = AgentProcess(f, health_window_s=0.5, max_tries=2, retry_s=1)
+    agent.start()
+
+    def attempt() -> tuple[str, int] | None:
+        try:
+            a = json.loads((agent.data / "models" / "state.json").read_text())["pipelines"][
+                "front"
+            ]["attempt"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return (a["target"]["version"], a["tries"]) if a and a["phase"] == "building" else None
+
+    def building_try(n: int) -> Callable[[], bool]:
+        return lambda: attempt() == ("1.1.0", n)
+
+    def runs(life: AgentProcess, ref: str) -> Callable[[], bool]:
+        return lambda: life.running() == ref
+
+    try:
+        f.deploy("digits@1.0.0")
+        assert wait_for(lambda: phase_of(f, "1.0.0") == "committed", 60), latest(f)
+        agent.stop()
+        for n in (1, 2):
+            agent = AgentProcess(f, health_window_s=0.5, max_tries=2, retry_s=1)
+            agent.start(EDGEFLEET_TEST_BUILD_SLEEP_S="60")
+            if n == 1:
+                assert wait_for(runs(agent, "digits@1.0.0"), 60)
+                f.deploy("digits@1.1.0")
+            assert wait_for(building_try(n), 60), latest(f)
+            agent.kill9()
+        agent = AgentProcess(f, health_window_s=0.5, max_tries=2, retry_s=1)
+        agent.start()
+        assert wait_for(lambda: phase_of(f, "1.1.0") == "rejected", 60), latest(f)
+        rep = latest(f)
+        assert rep is not None and "2 of 2 tries cut short" in (rep.pipelines[0].last_error or "")
+        assert wait_for(lambda: agent.running() == "digits@1.0.0", 30)
+        assert not wait_for(lambda: agent.running() == "digits@1.1.0", 5)
     finally:
         agent.stop()
 

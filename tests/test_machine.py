@@ -157,7 +157,7 @@ def test_recover_after_crash(
         pipelines={"front": PipelineSlot(committed=OLD, active=active, attempt=attempt)},
     )
     later = T0 + timedelta(minutes=3)
-    rec = recover_after_crash(state, now=later)
+    rec = recover_after_crash(state, now=later, max_tries=1)  # its last try: rejected
     slot = rec.state.pipelines["front"]
     assert [a.kind for a in rec.actions] == kinds
     run = next(a for a in rec.actions if a.kind == "run")
@@ -166,19 +166,58 @@ def test_recover_after_crash(
     assert (slot.attempt.phase if slot.attempt else None) is after
     if rejected:
         assert phase is not None
-        why = f"interrupted by agent restart during {phase.value}"
-        assert slot.attempt is not None and slot.attempt.reason == why
+        why = f"interrupted by agent restart during {phase.value}, 1 of 1 tries cut short"
+        assert slot.attempt is not None and slot.attempt.reason.startswith(why)
         assert slot.attempt.updated_at == later
-        assert rec.actions[0].reason == why and rec.actions[0].model == NEW
+        assert rec.actions[0].reason.startswith(why) and rec.actions[0].model == NEW
         assert not should_attempt(rec.state, "front", NEW)
     # pure: the input is untouched
     assert state.pipelines["front"].active == active
     assert (state.pipelines["front"].attempt.phase if attempt else None) is phase
 
 
+@pytest.mark.parametrize("phase", [P.BUILDING, P.TRIAL, P.ACTIVE])
+def test_an_interrupted_update_starts_again_until_its_tries_are_used_up(
+    phase: UpdatePhase,
+) -> None:
+    """Counted like boots: a power cut during a build is not the model's fault."""
+    state = UpdateState(
+        pipelines={"front": PipelineSlot(committed=OLD, active=OLD, attempt=attempt_in(phase))}
+    )
+    for n in (2, 3):
+        rec = recover_after_crash(state, now=T0, max_tries=3)
+        slot = rec.state.pipelines["front"]
+        assert slot.attempt is not None
+        assert (slot.attempt.phase, slot.attempt.tries) == (P.WAITING, n)
+        assert f"starting try {n} of 3" in slot.attempt.reason
+        assert [a.kind for a in rec.actions] == ["run", "resume"] and not slot.rejected
+        assert slot.active == OLD  # the committed model runs meanwhile
+        # the new try gets as far as the same phase and is cut short again
+        a = slot.attempt
+        for to in (P.FETCHING, P.VERIFIED, P.BUILDING, P.TRIAL, P.ACTIVE):
+            a.advance(to, now=T0)
+            if to is phase:
+                break
+        state = record_attempt(rec.state, a)
+    rec = recover_after_crash(state, now=T0, max_tries=3)
+    slot = rec.state.pipelines["front"]
+    assert slot.rejected == ["det@1.4.0"] and rec.actions[0].kind == "rejected"
+    assert "3 of 3 tries cut short" in rec.actions[0].reason
+    UpdateState.model_validate_json(rec.state.model_dump_json())  # tries persists
+
+
+def test_state_files_without_tries_still_load() -> None:
+    a = attempt_in(P.BUILDING)
+    raw = UpdateState(pipelines={"front": PipelineSlot(attempt=a)}).model_dump(mode="json")
+    del raw["pipelines"]["front"]["attempt"]["tries"]
+    loaded = UpdateState.model_validate(raw)
+    assert loaded.pipelines["front"].attempt is not None
+    assert loaded.pipelines["front"].attempt.tries == 1
+
+
 def test_recover_without_committed_model_runs_nothing() -> None:
     state = UpdateState(pipelines={"a": PipelineSlot(attempt=attempt_in(P.TRIAL))})
-    rec = recover_after_crash(state, now=T0)
+    rec = recover_after_crash(state, now=T0, max_tries=1)
     assert [(x.kind, x.model) for x in rec.actions] == [("rejected", NEW), ("run", None)]
 
 

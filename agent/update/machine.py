@@ -73,13 +73,20 @@ class UpdateAttempt:
     updated_at: datetime
     phase: UpdatePhase = UpdatePhase.WAITING
     reason: str = ""
+    tries: int = 1  # how many times this target was started (interruptions count, as boots do)
 
     @classmethod
     def start(
-        cls, pipeline: str, target: ModelRef, *, revision: int | None, now: datetime
+        cls,
+        pipeline: str,
+        target: ModelRef,
+        *,
+        revision: int | None,
+        now: datetime,
+        tries: int = 1,
     ) -> UpdateAttempt:
         """A new attempt in ``waiting``."""
-        return cls(pipeline, target, revision, started_at=now, updated_at=now)
+        return cls(pipeline, target, revision, started_at=now, updated_at=now, tries=tries)
 
     @property
     def terminal(self) -> bool:
@@ -221,13 +228,21 @@ class Recovery:
     actions: list[RecoveryAction]
 
 
-def recover_after_crash(state: UpdateState, *, now: datetime) -> Recovery:
+DEFAULT_MAX_TRIES = 3
+
+
+def recover_after_crash(
+    state: UpdateState, *, now: datetime, max_tries: int = DEFAULT_MAX_TRIES
+) -> Recovery:
     """Decide what to run after the agent (re)started with this persisted state.
 
-    Every pipeline runs its last committed model. An attempt that was building, on trial or
-    active when the agent died is treated as the cause: it becomes rejected (rolled back if
-    it was active, the only exit the machine allows from there) and its version is not retried.
-    An attempt still waiting, fetching or verified resumes (its downloads were verified).
+    Every pipeline runs its last committed model. An attempt still waiting, fetching or
+    verified resumes (its downloads were verified). One that was building, on trial or active
+    when the agent died is counted the way a bootloader counts boots: a power cut or a
+    watchdog reboot is not the model's fault, so it starts again (its ``tries`` one higher);
+    only when ``max_tries`` starts were all cut short (a model that crashes the build or the
+    trial every time) is it rejected (rolled back if it was active, the only exit the machine
+    allows from there) and not retried.
     """
     new = state.model_copy(deep=True)
     actions: list[RecoveryAction] = []
@@ -237,9 +252,24 @@ def recover_after_crash(state: UpdateState, *, now: datetime) -> Recovery:
         if attempt is not None and not attempt.terminal:
             if attempt.phase in RESUMABLE:
                 resume = True
+            elif attempt.tries < max_tries:
+                was = attempt.phase
+                attempt = UpdateAttempt.start(
+                    name, attempt.target, revision=attempt.revision, now=now,
+                    tries=attempt.tries + 1,
+                )  # fmt: skip
+                attempt.reason = (
+                    f"interrupted by agent restart during {was.value}; starting try "
+                    f"{attempt.tries} of {max_tries}"
+                )
+                slot.attempt = attempt
+                resume = True
             else:
                 was = attempt.phase
-                reason = f"interrupted by agent restart during {was.value}"
+                reason = (
+                    f"interrupted by agent restart during {was.value}, {attempt.tries} of "
+                    f"{max_tries} tries cut short: the model seems to bring the agent down"
+                )
                 attempt.advance(
                     P.ROLLED_BACK if was is P.ACTIVE else P.REJECTED, now=now, reason=reason
                 )
@@ -249,9 +279,8 @@ def recover_after_crash(state: UpdateState, *, now: datetime) -> Recovery:
         what = "last committed version" if slot.committed else "no committed model yet"
         actions.append(RecoveryAction(name, "run", slot.committed, what))
         if resume and attempt is not None:
-            actions.append(
-                RecoveryAction(name, "resume", attempt.target, f"resume {attempt.phase.value}")
-            )
+            why = attempt.reason or f"resume {attempt.phase.value}"
+            actions.append(RecoveryAction(name, "resume", attempt.target, why))
     return Recovery(new, actions)
 
 

@@ -102,6 +102,7 @@ class UpdateManager:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = utcnow,
         retry_s: float = 10.0,
+        max_tries: int = 3,
         stop_event: threading.Event | None = None,
         trial_sleep_s: float = 0.0,
     ) -> None:
@@ -133,6 +134,7 @@ class UpdateManager:
         # Transport trouble is retried: the desired state whose refresh failed, and attempts
         # left in waiting/fetching/verified (by an outage, or by a restart: crash recovery).
         self.retry_s = retry_s
+        self.max_tries = max_tries
         self._retry_payload: bytes | None = None
         self._resume: dict[str, PipelineTarget] = {}
         # Retries back off (capped, jittered) while the trouble lasts: a fleet whose registry
@@ -143,7 +145,7 @@ class UpdateManager:
 
     def recover(self) -> None:
         """After a (re)start: persist the crash verdicts, then run every committed model."""
-        rec = recover_after_crash(self.state, now=self.wall())
+        rec = recover_after_crash(self.state, now=self.wall(), max_tries=self.max_tries)
         self.state = rec.state
         self.store.save_state(self.state)
         for action in rec.actions:
@@ -153,6 +155,9 @@ class UpdateManager:
                 log.warning("pipeline=%s %s: %s", action.pipeline, action.model, action.reason)
             elif action.kind == "resume" and action.model is not None:
                 self._resume[action.pipeline] = action.model
+                if action.reason.startswith("interrupted"):
+                    self.errors[action.pipeline] = f"{action.model} {action.reason}"
+                    log.warning("pipeline=%s %s: %s", action.pipeline, action.model, action.reason)
             elif action.kind == "run" and action.model is not None and pipe is not None:
                 try:
                     model = self._open_version(action.model, lambda s: None)
