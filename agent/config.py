@@ -185,6 +185,25 @@ class UpdateConfig(_Strict):
     )
 
 
+class StorageConfig(_Strict):
+    """What the device keeps on disk: models that can still run, and a few engines."""
+
+    keep_engines: int = Field(
+        6,
+        ge=1,
+        le=1000,
+        description="Engine cache entries kept after each settled update (most recently used; "
+        "the running engines are always the most recent)",
+    )
+    max_mb: int | None = Field(
+        None,
+        ge=64,
+        le=10_000_000,
+        description="Budget for models + engines under data_dir; above it after clean-up the "
+        "device reports a warning (none: no budget)",
+    )
+
+
 class TelemetryConfig(_Strict):
     """Periodic telemetry and the on-disk outbox that carries it across outages."""
 
@@ -272,6 +291,9 @@ class AgentConfig(_Strict):
     broker: BrokerConfig | None = Field(None, description="Cloud connection (none = local only)")
     trust: TrustConfig | None = Field(None, description="TUF trust root for model delivery")
     update: UpdateConfig = Field(default_factory=UpdateConfig, description="Update behaviour")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="On-disk bounds for models and engines"
+    )
     telemetry: TelemetryConfig = Field(
         default_factory=TelemetryConfig, description="Telemetry sent when [broker] is set"
     )

@@ -472,6 +472,16 @@ class Agent:
                 build_test_opts=self.build_test_opts,
             )
 
+        engines_dir = cfg.data_dir / "engines"
+
+        def prune_engines() -> int:
+            from agent.engine.cache import EngineCache
+
+            removed = EngineCache(engines_dir).prune(
+                keep=cfg.storage.keep_engines, temp_max_age_s=3600.0
+            )
+            return len(removed)
+
         self.updates = UpdateManager(
             device_id=cfg.device_id,
             profile=self.profile,
@@ -482,6 +492,8 @@ class Agent:
             publish_reported=self.session.publish_reported,
             retry_s=upd.retry_s,
             max_tries=upd.max_tries,
+            prune_engines=prune_engines,
+            storage_budget_mb=cfg.storage.max_mb,
             stop_event=stop_updates,
             # test-only, as EDGEFLEET_TEST_BUILD_SLEEP_S above
             trial_sleep_s=float(os.environ.get("EDGEFLEET_TEST_TRIAL_SLEEP_S") or 0.0),

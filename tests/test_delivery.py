@@ -569,3 +569,34 @@ def test_update_of_one_pipeline_keeps_a_shared_local_model_running(fleet: Fleet)
     assert wait_for(lambda: back.metrics.counters["frames_inferred"] > before + 10, 20)
     assert back.metrics.counters["errors"] == 0, back.last_error
     assert closed == [], "the model 'back' still runs was closed"
+
+
+def test_a_device_that_took_many_updates_keeps_about_three_versions(fleet: Fleet) -> None:
+    """After each settled update the device keeps what can still run (committed, previous,
+    in flight) and the most recent engines ([storage] keep_engines), and removes the rest."""
+    fleet.publish("digits", "1.0.0")
+    agent = fleet.start_agent()
+    agent.updates.prune_engines = _pruner(fleet, keep=3)  # as [storage] keep_engines = 3
+    data = fleet.tmp / "data"
+    for i in range(8):
+        version = f"1.{i}.0" if i else "1.0.0"
+        if i:
+            fleet.publish("digits", version)
+        fleet.deploy(f"digits@{version}")
+        fleet.wait_phase("committed", version=version)
+        installed = sorted(str(r) for r in agent.updates.store.installed())
+        want = {f"digits@{version}"} | ({f"digits@1.{i - 1}.0"} if i else set())
+        assert set(installed) == want, installed  # committed + previous (nothing in flight)
+        folders = [p for p in (data / "models" / "versions" / "digits").iterdir() if p.is_dir()]
+        assert len(folders) <= 2, folders
+        engines = [p for p in (data / "engines").iterdir() if not p.name.startswith(".")]
+        assert len(engines) <= 3, engines
+    objects = list((data / "models" / "objects").iterdir())
+    assert 0 < len(objects) <= 2 * 4  # the files of two versions at most
+    assert not list((data / "tuf" / "targets" / "incoming").rglob("*.onnx"))
+
+
+def _pruner(fleet: Fleet, keep: int) -> Any:
+    from agent.engine.cache import EngineCache
+
+    return lambda: len(EngineCache(fleet.tmp / "data" / "engines").prune(keep=keep))

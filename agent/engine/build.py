@@ -339,6 +339,10 @@ def _run_child(
         send.close()
         recv.close()
         proc.close()
+    if outcome is not None and outcome[0] == "error" and outcome[2] == "nospace":
+        raise OSError(
+            errno.ENOSPC, f"{backend} build of {model} ran out of disk space: {outcome[1]}"
+        )
     if outcome is not None and outcome[0] == "error":
         raise EngineBuildError(
             f"{backend} build of {model} failed: {outcome[1]}",
@@ -486,6 +490,9 @@ def _child_main(
         send(("ok", os.path.getsize(out_path)))
     except ModelError as e:
         send(("error", str(e), e.reason or "build"))
+    except OSError as e:  # a full disk is the device's trouble, not the model's: retried
+        reason = "nospace" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "build"
+        send(("error", f"{type(e).__name__}: {e}", reason))
     except BaseException as e:  # report everything: the parent turns it into EngineBuildError
         send(("error", f"{type(e).__name__}: {e}", "build"))
     finally:
@@ -578,7 +585,8 @@ def load_backend(
 
     Raises:
         ModelError: the model is missing or cannot be built or loaded, even after one rebuild
-            (``EngineBuildError`` for build failures); never another exception type.
+            (``EngineBuildError`` for build failures).
+        OSError: (``ENOSPC``) the disk is full: a condition to wait out, not the model's fault.
     """
     onnx_path = Path(onnx_path)
     model = model_name or str(onnx_path)
@@ -657,7 +665,13 @@ def load_backend(
             ) from e
     except ModelError:
         raise
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the disk, not the model: the update manager waits and retries
+        raise ModelError(
+            f"cannot open {model} on {backend}: {e}", model=model, reason="config"
+        ) from e
+    except ValueError as e:
         raise ModelError(
             f"cannot open {model} on {backend}: {e}", model=model, reason="config"
         ) from e

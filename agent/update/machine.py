@@ -35,8 +35,9 @@ MAX_REJECTED = 64
 ALLOWED: Mapping[UpdatePhase, frozenset[UpdatePhase]] = {
     P.WAITING: frozenset({P.FETCHING}),
     P.FETCHING: frozenset({P.VERIFIED, P.REJECTED, P.WAITING}),
-    P.VERIFIED: frozenset({P.BUILDING, P.REJECTED}),
-    P.BUILDING: frozenset({P.TRIAL, P.REJECTED}),
+    # back to waiting: the device's disk refused (full); the version is not at fault
+    P.VERIFIED: frozenset({P.BUILDING, P.REJECTED, P.WAITING}),
+    P.BUILDING: frozenset({P.TRIAL, P.REJECTED, P.WAITING}),
     P.TRIAL: frozenset({P.ACTIVE, P.REJECTED}),
     P.ACTIVE: frozenset({P.COMMITTED, P.ROLLED_BACK}),
     P.COMMITTED: frozenset(),

@@ -103,6 +103,8 @@ class UpdateManager:
         wall: Callable[[], datetime] = utcnow,
         retry_s: float = 10.0,
         max_tries: int = 3,
+        prune_engines: Callable[[], int] | None = None,
+        storage_budget_mb: int | None = None,
         stop_event: threading.Event | None = None,
         trial_sleep_s: float = 0.0,
     ) -> None:
@@ -135,6 +137,8 @@ class UpdateManager:
         # left in waiting/fetching/verified (by an outage, or by a restart: crash recovery).
         self.retry_s = retry_s
         self.max_tries = max_tries
+        self.prune_engines = prune_engines
+        self.storage_budget_mb = storage_budget_mb
         self._retry_payload: bytes | None = None
         self._resume: dict[str, PipelineTarget] = {}
         # Retries back off (capped, jittered) while the trouble lasts: a fleet whose registry
@@ -402,8 +406,19 @@ class UpdateManager:
             return
         except OSError as e:  # disk full while storing or building: not half-installed
             self.progress.pop(name, None)
-            self._reject(attempt, f"{target} not installed, the device's disk refused: {e}; "
-                                  f"{self._keeping()}")  # fmt: skip
+            if attempt.phase not in (P.VERIFIED, P.BUILDING):
+                self._reject(attempt, f"{target} not installed, the device's disk refused: "
+                                      f"{e}; {self._keeping()}")  # fmt: skip
+                return
+            # The disk, not the version: free what can go, wait and try again.
+            self._collect_garbage()
+            delay = self._backoff.failed(self.clock())
+            self.errors[name] = (
+                f"{target} waiting: the device's disk refused ({e}); retrying in {delay:.0f} s, "
+                f"{self._keeping()}"
+            )
+            self._advance(attempt, P.WAITING, str(e))
+            self._resume[name] = target
             return
         finally:
             shutil.rmtree(self._download_dir(target), ignore_errors=True)
@@ -412,6 +427,7 @@ class UpdateManager:
     def _reject(self, attempt: UpdateAttempt, message: str) -> None:
         self.errors[attempt.pipeline] = message
         self._advance(attempt, P.REJECTED, message)
+        self._collect_garbage()
 
     def _download_dir(self, target: PipelineTarget) -> Path:
         return self.tuf.target_dir / "incoming" / target.model / target.version
@@ -461,6 +477,50 @@ class UpdateManager:
                 f"model offers precisions {sorted(offered)}, device profile {self.profile.name} "
                 f"runs {sorted(allowed)}"
             )
+
+    def _collect_garbage(self) -> None:
+        """Keep what can still run (committed, previous, active, in flight) and remove the
+        rest: other model versions and their objects, partial downloads of versions no longer
+        wanted, and engines beyond ``keep_engines``. Runs after each settled update and before
+        retrying on a full disk. Never raises: a failed clean-up is logged and reported."""
+        try:
+            result = self.store.gc(keep=())
+            wanted = self.store.referenced()
+            incoming = self.tuf.target_dir / "incoming"
+            if incoming.is_dir():
+                for model_dir in incoming.iterdir():
+                    for version_dir in model_dir.iterdir() if model_dir.is_dir() else ():
+                        ref = PipelineTarget(model=model_dir.name, version=version_dir.name)
+                        if ref not in wanted:
+                            shutil.rmtree(version_dir, ignore_errors=True)
+            engines = self.prune_engines() if self.prune_engines is not None else 0
+            log.info(
+                "device=%s storage: removed %d versions, %d bytes of models, %d engines",
+                self.device_id, len(result.versions), result.bytes, engines,
+            )  # fmt: skip
+            self._check_budget()
+        except Exception as e:  # never let clean-up take an update down
+            log.exception("storage clean-up failed")
+            self.errors["storage"] = f"storage clean-up failed: {e}"
+
+    def _check_budget(self) -> None:
+        if self.storage_budget_mb is None:
+            return
+        used = sum(
+            f.stat().st_size
+            for root in (self.store.root, self.store.root.parent / "engines")
+            if root.is_dir()
+            for f in root.rglob("*")
+            if f.is_file()
+        )
+        if used > self.storage_budget_mb << 20:
+            self.errors["storage"] = (
+                f"models and engines use {used >> 20} MiB after clean-up, over the "
+                f"[storage] max_mb budget of {self.storage_budget_mb} MiB: only what can still "
+                "run is kept; raise the budget or run fewer/smaller models"
+            )
+        else:
+            self.errors.pop("storage", None)
 
     def _release(self, model: RunnableModel | None) -> None:
         """Close a model no pipeline runs any more (local models can be shared)."""
@@ -538,6 +598,7 @@ class UpdateManager:
         if verdict.outcome == "commit":
             self._advance(attempt, P.COMMITTED, verdict.reason)
             self._release(old)
+            self._collect_garbage()
             return
         pipe.swap_model(old)
         model.close()
@@ -546,6 +607,7 @@ class UpdateManager:
         )
         self.errors[attempt.pipeline] = message
         self._advance(attempt, P.ROLLED_BACK, message)
+        self._collect_garbage()
 
     # --- reporting ---------------------------------------------------------------------------
 

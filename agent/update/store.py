@@ -389,6 +389,10 @@ class ModelStore:
 
     # --- maintenance -------------------------------------------------------------------------
 
+    def referenced(self) -> set[ModelRef]:
+        """Versions the state still needs: committed, previous, active, in flight."""
+        return self._referenced_by_state()
+
     def _referenced_by_state(self) -> set[ModelRef]:
         refs: set[ModelRef] = set()
         for slot in self.load_state().pipelines.values():
