@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from agent.fsutil import atomic_write_bytes
@@ -92,6 +93,26 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     rev.add_argument("name", help="device id, svc:NAME or op:NAME")
     rev.add_argument("--dir", required=True, type=Path)
     rev.set_defaults(fn=_ca_revoke)
+    crl = csub.add_parser(
+        "refresh-crl", help="re-sign crl.pem when half its validity is gone; reload the broker"
+    )
+    crl.add_argument("--dir", required=True, type=Path)
+    crl.add_argument("--days", type=int, default=30, help="validity of the new CRL")
+    crl.add_argument("--force", action="store_true", help="re-sign even when not due")
+    crl.add_argument(
+        "--install", type=Path, default=None, metavar="PATH",
+        help="copy the CRL here (the broker's crlfile) when rewritten or when it differs",
+    )  # fmt: skip
+    crl.add_argument(
+        "--reload", default=None, metavar="CMD",
+        help="run after a rewrite, e.g. 'systemctl reload mosquitto' (Mosquitto reads the CRL "
+             "at start and on SIGHUP)",
+    )  # fmt: skip
+    crl.set_defaults(fn=_ca_refresh_crl)
+    st = csub.add_parser("status", help="expiry of the CA, broker cert, CRL and identities")
+    st.add_argument("--dir", required=True, type=Path)
+    st.add_argument("--warn-days", type=int, default=30)
+    st.set_defaults(fn=_ca_status)
     acl = csub.add_parser("broker-config", help="write the Mosquitto ACL and TLS listener config")
     acl.add_argument("--dir", required=True, type=Path)
     acl.add_argument("--out", required=True, type=Path)
@@ -113,6 +134,13 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     en.add_argument("--conf-dir", type=Path, default=Path("/etc/edgefleet"),
                     help="where the bundle will live on the device")  # fmt: skip
     en.set_defaults(fn=_enroll)
+    rn = dsub.add_parser(
+        "renew", help="a new certificate for an enrolled device (the old one is revoked)"
+    )
+    rn.add_argument("device_id")
+    rn.add_argument("--ca", required=True, type=Path, help="the CA directory")
+    rn.add_argument("--out", required=True, type=Path, help="writes OUT/DEVICE_ID/device.crt|key")
+    rn.set_defaults(fn=_renew)
 
 
 def _ca_init(args: argparse.Namespace) -> int:
@@ -143,6 +171,65 @@ def _ca_revoke(args: argparse.Namespace) -> int:
     r = ca.revoke(args.name)
     print(f"revoked {r.name} (serial {r.serial:x}); {ca.crl_file} rewritten: "
           "copy it to the broker and restart or reload it")  # fmt: skip
+    return 0
+
+
+def _ca_refresh_crl(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    ca = FleetCA(args.dir)
+    within = timedelta(days=args.days * 10) if args.force else None
+    rewritten = ca.refresh_crl(days=args.days, within=within)
+    installed = False
+    if args.install is not None:
+        data = ca.crl_file.read_bytes()
+        if not args.install.is_file() or args.install.read_bytes() != data:
+            atomic_write_bytes(args.install, data)
+            installed = True
+    if not rewritten and not installed:
+        print(f"{ca.crl_file} valid until {ca.crl_next_update():%Y-%m-%d %H:%M}; not due")
+        return 0
+    print(f"{ca.crl_file} re-signed, valid until {ca.crl_next_update():%Y-%m-%d %H:%M}"
+          + (f"; installed as {args.install}" if installed else ""))  # fmt: skip
+    if args.reload:
+        res = subprocess.run(shlex.split(args.reload), check=False)
+        if res.returncode != 0:
+            print(f"reload command failed with exit {res.returncode}: {args.reload}")
+            return 1
+    return 0
+
+
+def ca_warnings(ca: FleetCA, now: datetime, warn: timedelta) -> list[tuple[str, datetime, str]]:
+    """Pure-ish: ``(what, expires, level)`` for everything the CA signed, level ``ok``,
+    ``warn`` (within ``warn``) or ``expired``."""
+    out = []
+    for what, exp in sorted(ca.expiries().items(), key=lambda kv: kv[1]):
+        level = "expired" if exp <= now else "warn" if exp - now <= warn else "ok"
+        out.append((what, exp, level))
+    return out
+
+
+def _ca_status(args: argparse.Namespace) -> int:
+    """Exit 0 all fine, 1 something expires within --warn-days, 2 something has expired."""
+    ca = FleetCA(args.dir)
+    now = datetime.now(timezone.utc)
+    rows = ca_warnings(ca, now, timedelta(days=args.warn_days))
+    for what, exp, level in rows:
+        left = exp - now
+        print(f"{level.upper():<8} {what:<28} {exp:%Y-%m-%d %H:%M}  ({left.days} d left)")
+    levels = {lv for _, _, lv in rows}
+    return 2 if "expired" in levels else 1 if "warn" in levels else 0
+
+
+def _renew(args: argparse.Namespace) -> int:
+    ca = FleetCA(args.ca)
+    creds = ca.renew(args.device_id, args.out / args.device_id)
+    print(
+        f"{args.device_id}: new certificate {creds.cert} (key {creds.key}); the old one is "
+        f"revoked ({ca.crl_file} rewritten: reload the broker); install the pair on the "
+        "device as its [broker] cert_file/key_file and restart the agent"
+    )
     return 0
 
 

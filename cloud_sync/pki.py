@@ -245,6 +245,61 @@ class FleetCA:
         self.write_crl(now=now)
         return revoked
 
+    def crl_next_update(self) -> datetime | None:
+        """When ``crl.pem`` stops being valid (Mosquitto then refuses every handshake)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return crl.next_update_utc
+
+    def refresh_crl(
+        self, *, now: datetime | None = None, days: int = 30, within: timedelta | None = None
+    ) -> bool:
+        """Re-sign ``crl.pem`` when it expires within ``within`` (default: half of ``days``),
+        or is missing or unreadable. Returns True when it was rewritten."""
+        now = now or datetime.now(timezone.utc)
+        within = within if within is not None else timedelta(days=days) / 2
+        nxt = self.crl_next_update()
+        if nxt is not None and nxt - now > within:
+            return False
+        self.write_crl(now=now, days=days)
+        return True
+
+    def renew(self, name: str, out: Path, *, days: int = 825,
+              now: datetime | None = None) -> Credentials:  # fmt: skip
+        """A new certificate and key for an identity whose certificate nears expiry; the old
+        one is revoked (CRL rewritten), so only the new one connects from then on.
+
+        Raises:
+            PkiError: ``name`` has no live certificate (enroll it instead).
+        """
+        live = self.active(name)
+        if live is None:
+            raise PkiError(f"{name} has no live certificate to renew; enroll it instead")
+        role = live.role
+        bare = name.split(":", 1)[1] if ":" in name else name
+        self.revoke(name, now=now)
+        return self.issue(role, bare, out, days=days, now=now)  # type: ignore[arg-type]
+
+    def expiries(self) -> dict[str, datetime]:
+        """``{what: expires}``: the CA, the broker certificate, the CRL and every live
+        identity (``device:NAME``, ``svc:NAME``, ``op:NAME``)."""
+        out = {"ca": self.cert.not_valid_after_utc}
+        server = self.dir / "server" / "server.crt"
+        if server.is_file():
+            cert = x509.load_pem_x509_certificate(server.read_bytes())
+            out["broker certificate"] = cert.not_valid_after_utc
+        nxt = self.crl_next_update()
+        if nxt is not None:
+            out["crl"] = nxt
+        for r in self.issued():
+            if r.revoked_at is None:
+                out[r.name if ":" in r.name else f"device:{r.name}"] = datetime.fromisoformat(
+                    r.not_after
+                )
+        return out
+
     def write_crl(self, *, now: datetime | None = None, days: int = 30) -> Path:
         """(Re)write ``crl.pem`` with every revoked serial; valid ``days`` (re-run before)."""
         now = now or datetime.now(timezone.utc)

@@ -231,6 +231,100 @@ def test_committed_broker_templates_are_current() -> None:
     assert (d / "edgefleet.acl").read_text() == render_acl("edgefleet/v1", services)
     base = "/etc/mosquitto/edgefleet"
     assert (d / "edgefleet.conf").read_text() == render_mosquitto_conf(
-        port=8883, host="0.0.0.0", ca=f"{base}/ca.crt", cert=f"{base}/server.crt",
-        key=f"{base}/server.key", crl=f"{base}/crl.pem", acl=f"{base}/edgefleet.acl",
+        port=8883,
+        host="0.0.0.0",
+        ca=f"{base}/ca.crt",
+        cert=f"{base}/server.crt",
+        key=f"{base}/server.key",
+        crl=f"{base}/crl.pem",
+        acl=f"{base}/edgefleet.acl",
     )
+
+
+# --------------------------------------------------------------------------------- a year on
+class AgedFleet(SecureFleet):
+    """A SecureFleet whose CA, broker certificate and identities were made ``days`` ago."""
+
+    def __init__(self, tmp: Path, days: int) -> None:
+        from datetime import datetime, timedelta, timezone
+
+        self.tmp = tmp
+        self.start = datetime.now(timezone.utc) - timedelta(days=days)
+        self.ca = FleetCA.init(tmp / "ca", now=self.start)
+        self.ca.issue_server(("127.0.0.1", "localhost"), now=self.start)
+        self.creds = {
+            "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a", now=self.start),
+            "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest", now=self.start),
+        }
+        (tmp / "broker").mkdir()
+        self.broker = Mosquitto(tmp / "broker")
+        self.write_config()
+        self.clients = []
+
+
+def test_a_ca_left_alone_for_a_year_still_admits_its_devices(tmp_path: Path) -> None:
+    """The CRL is valid 30 days; without a refresh Mosquitto refuses every client after that.
+    The daily `edgefleet ca refresh-crl` (systemd/edgefleet-crl.timer) re-signs it at half
+    its validity: run over a year on an injected clock, the broker admits the device today."""
+    from datetime import datetime, timedelta, timezone
+
+    stale = AgedFleet(tmp_path / "stale", days=365)
+    stale.broker.start()
+    try:
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            stale.connect("dev-a", cid="expired-crl")  # the bug: nobody re-signed the CRL
+    finally:
+        stale.close()
+
+    fleet = AgedFleet(tmp_path / "kept", days=365)
+    t, rewrites = fleet.start, 0
+    while t <= datetime.now(timezone.utc):
+        rewrites += fleet.ca.refresh_crl(now=t)  # the timer, once a day
+        t += timedelta(days=1)
+    assert 20 <= rewrites <= 30  # every ~15 days, not every day
+    fleet.broker.start()
+    try:
+        fleet.connect("dev-a", cid="a-year-on")
+        fleet.connect("svc:ingest", cid="svc-a-year-on")
+    finally:
+        fleet.close()
+
+
+def test_a_device_certificate_is_renewed_and_the_old_one_refused(
+    fleet: SecureFleet, tmp_path: Path
+) -> None:
+    from cloud_sync.enroll import ca_warnings
+
+    old = fleet.creds["dev-a"]
+    fleet.connect("dev-a", cid="old-cert")
+    new = fleet.ca.renew("dev-a", tmp_path / "renewed" / "dev-a")
+    fleet.broker.stop()
+    fleet.broker.start()  # reload: the rewritten CRL names the old certificate
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        fleet.connect("dev-a", cid="old-cert-again")
+    fleet.creds["dev-a"] = new
+    fleet.connect("dev-a", cid="new-cert")
+    assert old.cert.read_bytes() != new.cert.read_bytes()
+    from datetime import datetime, timedelta, timezone
+
+    rows = ca_warnings(fleet.ca, datetime.now(timezone.utc) + timedelta(days=800), timedelta(30))
+    assert ("device:dev-a", "warn") in {(w, lv) for w, _, lv in rows}
+    assert any(w == "crl" and lv == "expired" for w, _, lv in rows)  # 800 d on, unrefreshed
+
+
+def test_refresh_crl_command_installs_and_reloads_only_when_due(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cloud_sync.cli import main
+
+    ca = FleetCA.init(tmp_path / "ca", now=datetime.now(timezone.utc) - timedelta(days=20))
+    target, marker = tmp_path / "broker" / "crl.pem", tmp_path / "reloaded"
+    argv = ["ca", "refresh-crl", "--dir", str(ca.dir), "--install", str(target),
+            "--reload", f"touch {marker}"]  # fmt: skip
+    assert main(argv) == 0  # 20 of 30 days gone: due
+    assert marker.exists() and target.read_bytes() == ca.crl_file.read_bytes()
+    nxt = ca.crl_next_update()
+    assert nxt is not None and nxt > datetime.now(timezone.utc) + timedelta(days=29)
+    marker.unlink()
+    assert main(argv) == 0  # fresh now: nothing rewritten, no reload
+    assert not marker.exists()

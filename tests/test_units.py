@@ -17,7 +17,9 @@ needs_systemd = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is n
 def test_the_three_units_exist() -> None:
     names = {u.name for u in UNITS}
     assert names == {"edgefleet-agent.service", "edgefleet-ingest.service",
-                     "edgefleet-registry.service"}  # fmt: skip
+                     "edgefleet-registry.service", "edgefleet-crl.service"}  # fmt: skip
+    timer = UNITS[0].parent / "edgefleet-crl.timer"
+    assert "OnCalendar=daily" in timer.read_text() and "Persistent=true" in timer.read_text()
 
 
 @needs_systemd
@@ -35,7 +37,7 @@ def test_unit_syntax(unit: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "unit,limit",
     [("edgefleet-agent.service", 2.5), ("edgefleet-ingest.service", 2.0),
-     ("edgefleet-registry.service", 2.0)],
+     ("edgefleet-registry.service", 2.0), ("edgefleet-crl.service", 2.5)],
 )  # fmt: skip
 def test_exposure_score(unit: str, limit: float, tmp_path: Path) -> None:
     path = next(u for u in UNITS if u.name == unit)
