@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,7 @@ class Agent:
         # process first, so fault tests can kill the agent while it builds. Read once, here.
         sleep = os.environ.get("EDGEFLEET_TEST_BUILD_SLEEP_S")
         self.build_test_opts: dict[str, Any] = {"_test_sleep_s": float(sleep)} if sleep else {}
+        self.clock_problem: str | None = None  # the wall clock is implausible (start-up check)
         self.session: Any = None  # DeviceSession when [broker] is configured
         self.outbox: Any = None  # Outbox, OutboxSender, TelemetryReporter with [broker]
         self.outbox_sender: Any = None
@@ -307,6 +309,16 @@ class Agent:
             )
         return self.models[key]
 
+    def _check_clock(self) -> str | None:
+        from agent.clock import clock_problem, last_seen_time
+
+        d = self.cfg.data_dir
+        seen = last_seen_time([d / "status.json", d / "models" / "state.json"])
+        problem = clock_problem(datetime.now(timezone.utc), seen)
+        if problem:
+            log.error("device=%s %s", self.cfg.device_id, problem)
+        return problem
+
     def start(self) -> None:
         """Open every model and start every pipeline.
 
@@ -318,6 +330,7 @@ class Agent:
         # the TUF client sweep their own folders)
         for stale in remove_stale_temps(self.cfg.data_dir):
             log.info("removed %s left by an interrupted write", stale.name)
+        self.clock_problem = self._check_clock()
         try:
             for p in self.cfg.pipelines:
                 sinks: list[Sink] = []
@@ -505,6 +518,8 @@ class Agent:
             ),
         )
         self.updates.recover()
+        if self.clock_problem:
+            self.updates.errors["clock"] = self.clock_problem  # in the reported state
         self.updates.start()
 
     def stop(self) -> None:

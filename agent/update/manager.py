@@ -624,7 +624,7 @@ class UpdateManager:
                 phase = P.COMMITTED
             else:
                 phase = P.WAITING
-            err = self.errors.newest(name, "*")
+            err = self.errors.newest(name, "*", "storage", "clock")
             reports.append(
                 PipelineReport(
                     name=name,
