@@ -175,6 +175,7 @@ def run_suite(
     model_mb: int = 16,
     health_window_s: float = 1.5,
     settle_timeout_s: float = 120.0,
+    retry_s: float = 10.0,
     log: Any = None,
 ) -> dict[str, Any]:
     """Run ``kills`` kill/restart rounds; return the summary (see ``main``)."""
@@ -191,7 +192,7 @@ def run_suite(
         "EDGEFLEET_TEST_TRIAL_SLEEP_S": str(trial_sleep_s),
     }
     rounds: list[Round] = []
-    agent = AgentProcess(fleet, health_window_s=health_window_s)
+    agent = AgentProcess(fleet, health_window_s=health_window_s, retry_s=retry_s)
     t_start = time.monotonic()
     try:
         publish_padded(fleet, "1.0.0", model_mb)
@@ -224,7 +225,7 @@ def run_suite(
             agent.kill9()
             # the dead agent's status.json would answer for the new one until it writes its own
             (agent.data / "status.json").unlink(missing_ok=True)
-            agent = AgentProcess(fleet, health_window_s=health_window_s)
+            agent = AgentProcess(fleet, health_window_s=health_window_s, retry_s=retry_s)
             t_restart = time.monotonic()
             agent.start(**env)
             settled = wait_for(

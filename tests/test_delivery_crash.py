@@ -49,6 +49,8 @@ class AgentProcess:
             "[update]\n"
             f"health_window_s = {health_window_s}\n"
             "health_min_frames = 5\n"
+            # no test here is about latency: a loaded machine's jitter must not roll back
+            "max_latency_ratio = 20.0\n"
             f"max_tries = {max_tries}\n"
             f"retry_s = {retry_s}\n"
         )

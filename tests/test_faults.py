@@ -90,7 +90,7 @@ def test_crash_suite_five_kills_keeps_every_invariant(tmp_path: Path) -> None:
     suite: ModuleType = load_module_from_path("crash_suite", ROOT / "scripts" / "crash_suite.py")
     summary = suite.run_suite(
         5, tmp_path, seed=5, build_sleep_s=0.5, trial_sleep_s=0.3, model_mb=2,
-        health_window_s=0.5,
+        health_window_s=0.5, retry_s=1.0,
     )  # fmt: skip
     assert summary["kills"] == 5
     assert summary["failures"] == 0, json.dumps(summary["failed_rounds"], indent=2)
