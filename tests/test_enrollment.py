@@ -231,13 +231,8 @@ def test_committed_broker_templates_are_current() -> None:
     assert (d / "edgefleet.acl").read_text() == render_acl("edgefleet/v1", services)
     base = "/etc/mosquitto/edgefleet"
     assert (d / "edgefleet.conf").read_text() == render_mosquitto_conf(
-        port=8883,
-        host="0.0.0.0",
-        ca=f"{base}/ca.crt",
-        cert=f"{base}/server.crt",
-        key=f"{base}/server.key",
-        crl=f"{base}/crl.pem",
-        acl=f"{base}/edgefleet.acl",
+        port=8883, host="0.0.0.0", ca=f"{base}/ca.crt", cert=f"{base}/server.crt",
+        key=f"{base}/server.key", crl=f"{base}/crl.pem", acl=f"{base}/edgefleet.acl",
     )
 
 

@@ -237,11 +237,7 @@ def _migration_5(conn: Connection) -> None:
 
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _migration_1,
-    _migration_2,
-    _migration_3,
-    _migration_4,
-    _migration_5,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
 ]
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
