@@ -118,7 +118,6 @@ def metadata_keeper(repo: Any, *, warn_every_s: float = 6 * 3600) -> Any:
     import logging
     from datetime import datetime
 
-    from cloud_sync.registry.freshness import assess
     from cloud_sync.registry.keys import RegistryError
 
     log = logging.getLogger("edgefleet.registry")
@@ -137,11 +136,7 @@ def metadata_keeper(repo: Any, *, warn_every_s: float = 6 * 3600) -> Any:
             log.warning("re-signed %s before expiry", ", ".join(done))
             print(f"re-signed {', '.join(done)} before expiry", flush=True)
         if not last_warned or (now - last_warned[0]).total_seconds() >= warn_every_s:
-            lifetimes = {r: d * 2 for r, d in repo.refresh_thresholds().items()}
-            online_map = {r: repo.has_key(r) for r in lifetimes}
-            bad = [
-                st for st in assess(repo.expiries(), lifetimes, online_map, now) if st.level != "ok"
-            ]
+            bad = [st for st in repo.freshness(now) if st.level != "ok"]
             for st in bad:
                 log.warning("registry %s", st.message)
             last_warned[:] = [now]

@@ -14,7 +14,6 @@ import pytest
 from tuf.api.exceptions import ExpiredMetadataError
 
 from cloud_sync.cli import metadata_keeper
-from cloud_sync.registry.freshness import assess
 from cloud_sync.registry.publish import publish
 from cloud_sync.registry.repo import Repository
 from tests.test_registry import Client
@@ -72,9 +71,7 @@ def test_a_role_whose_key_is_not_on_the_host_is_not_resigned_and_is_warned_about
     (repo.keys_dir / "targets.pem").rename(tmp_path / "targets.pem")  # kept offline
     resigned = _run_serve(repo, start, now, timedelta(hours=6))
     assert "targets" not in resigned and "snapshot" in resigned
-    lifetimes = {r: d * 2 for r, d in repo.refresh_thresholds().items()}
-    online = {r: repo.has_key(r) for r in lifetimes}
-    status = {s.role: s for s in assess(repo.expiries(), lifetimes, online, now)}
+    status = {s.role: s for s in repo.freshness(now)}
     assert status["targets"].level == "warn" and not status["targets"].online
     assert "not on this host" in status["targets"].message
     assert status["snapshot"].level == "ok" and status["timestamp"].level == "ok"
@@ -87,9 +84,7 @@ def test_root_warns_a_month_ahead_and_renew_root_extends_it(
     start = now - timedelta(days=340)  # root (365 d) has 25 days left
     repo = Repository.init(tmp_path / "repo", now=start)
     _run_serve(repo, start, now, timedelta(hours=12))
-    lifetimes = {r: d * 2 for r, d in repo.refresh_thresholds().items()}
-    online = {r: repo.has_key(r) for r in lifetimes}
-    root = {s.role: s for s in assess(repo.expiries(), lifetimes, online, now)}["root"]
+    root = {s.role: s for s in repo.freshness(now)}["root"]
     assert root.level == "warn" and "renew-root" in root.message
 
     client = Client(Repository(repo.path), tmp_path / "device")
@@ -98,7 +93,7 @@ def test_root_warns_a_month_ahead_and_renew_root_extends_it(
     assert version == 2 and repo.expiries()["root"][1] > now + timedelta(days=364)
     client.updater().refresh()  # and follows the renewed root (client workflow 5.3)
     assert client.trusted_root().version == 2
-    root = {s.role: s for s in assess(repo.expiries(), lifetimes, online, now)}["root"]
+    root = {s.role: s for s in repo.freshness(now)}["root"]
     assert root.level == "ok"
 
 

@@ -67,6 +67,11 @@ _build_locks_guard = threading.Lock()
 _build_slot = threading.Lock()
 
 
+def disk_full(e: OSError) -> bool:
+    """The file system is out of space or quota: wait and retry, the model is not at fault."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _normalise_opts(backend: str, opts: Mapping[str, Any]) -> dict[str, Any]:
     """Pure: the builder options of ``backend`` with defaults filled in.
 
@@ -491,8 +496,7 @@ def _child_main(
     except ModelError as e:
         send(("error", str(e), e.reason or "build"))
     except OSError as e:  # a full disk is the device's trouble, not the model's: retried
-        reason = "nospace" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "build"
-        send(("error", f"{type(e).__name__}: {e}", reason))
+        send(("error", f"{type(e).__name__}: {e}", "nospace" if disk_full(e) else "build"))
     except BaseException as e:  # report everything: the parent turns it into EngineBuildError
         send(("error", f"{type(e).__name__}: {e}", "build"))
     finally:
@@ -665,13 +669,9 @@ def load_backend(
             ) from e
     except ModelError:
         raise
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and disk_full(e):
             raise  # the disk, not the model: the update manager waits and retries
-        raise ModelError(
-            f"cannot open {model} on {backend}: {e}", model=model, reason="config"
-        ) from e
-    except ValueError as e:
         raise ModelError(
             f"cannot open {model} on {backend}: {e}", model=model, reason="config"
         ) from e

@@ -163,13 +163,8 @@ def _yolo(
 
 
 def _box_rows(spec: PostprocessSpec, inp: InputSpec) -> Callable[[F32, Any], F32]:
-    def f(b4: F32, _sel: Any) -> F32:
-        b = np.ascontiguousarray(b4.T, dtype=np.float32)
-        if spec.box_normalized:
-            b = b * np.array([inp.width, inp.height] * 2, np.float32)
-        return b if spec.box_format == "xyxy" else _cxcywh_to_xyxy(b)
-
-    return f
+    """Boxes of attributes-first YOLO columns (4, n) as (n, 4) xyxy input pixels."""
+    return lambda b4, _sel: _scaled(np.ascontiguousarray(b4.T, dtype=np.float32), spec, inp)
 
 
 def _decode_yolov5(outs: list[F32], spec: PostprocessSpec, inp: InputSpec, nc: int) -> Candidates:
@@ -308,6 +303,7 @@ def _count(outs: list[F32], rows: int) -> int:
 
 
 def _scaled(b: F32, spec: PostprocessSpec, inp: InputSpec) -> F32:
+    """(n, 4) boxes as the card encodes them → xyxy in model-input pixels."""
     b = np.asarray(b, np.float32)
     if spec.box_normalized:
         b = b * np.array([inp.width, inp.height] * 2, np.float32)

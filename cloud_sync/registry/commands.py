@@ -285,13 +285,10 @@ def _status(args: argparse.Namespace) -> int:
     """Exit 0 when every role is fine, 1 with a warning, 2 when one has expired."""
     from datetime import datetime, timezone
 
-    from cloud_sync.registry.freshness import assess
     from cloud_sync.registry.repo import Repository
 
     repo = Repository(args.repo)
-    lifetimes = {r: d * 2 for r, d in repo.refresh_thresholds().items()}
-    now = datetime.now(timezone.utc)
-    rows = assess(repo.expiries(), lifetimes, {r: repo.has_key(r) for r in lifetimes}, now)
+    rows = repo.freshness(datetime.now(timezone.utc))
     if args.json:
         print(json.dumps([
             {"role": r.role, "version": r.version, "expires": r.expires.isoformat(),

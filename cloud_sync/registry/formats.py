@@ -181,16 +181,20 @@ def _size(
     image: TensorInfo, meta: dict[str, str], given: tuple[int, int] | None
 ) -> tuple[int | None, int | None, str]:
     shape = image.shape
-    layout_nhwc = _static(shape[3]) in (1, 3) and _static(shape[1]) not in (1, 3)
-    h, w = (shape[1], shape[2]) if layout_nhwc else (shape[2], shape[3])
+    h, w = (shape[1], shape[2]) if _nhwc(shape) else (shape[2], shape[3])
     if _static(h) and _static(w):
         return _static(w), _static(h), "the input shape"
     if given:
         return given[0], given[1], "--input-size"
-    if _imgsz(meta):
-        iw, ih = _imgsz(meta)  # type: ignore[misc]
-        return iw, ih, "metadata imgsz"
+    imgsz = _imgsz(meta)
+    if imgsz:
+        return imgsz[0], imgsz[1], "metadata imgsz"
     return None, None, ""
+
+
+def _nhwc(shape: tuple[Dim, ...]) -> bool:
+    """A rank-4 image input with channels last: (1, H, W, 1|3)."""
+    return _static(shape[3]) in (1, 3) and _static(shape[1]) not in (1, 3)
 
 
 def _paddle_constants(sig: ModelSignature, w: int, h: int) -> list[dict[str, Any]]:
@@ -243,18 +247,9 @@ def infer_format(
     if w and h:
         inp.update(width=w, height=h)
         reasons.append(f"input size {w}x{h} from {size_from}")
-    layout = (
-        "nhwc"
-        if _static(image.shape[3]) in (1, 3)
-        and _static(image.shape[1])
-        not in (
-            1,
-            3,
-        )
-        else "nchw"
-    )
-    channels = _static(image.shape[3] if layout == "nhwc" else image.shape[1])
-    if layout == "nhwc":
+    nhwc = _nhwc(image.shape)
+    channels = _static(image.shape[3] if nhwc else image.shape[1])
+    if nhwc:
         inp["layout"] = "nhwc"
     if channels == 1:
         inp.update(channels=1, color="gray")

@@ -54,6 +54,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined,unused-ignore]
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.fsutil import atomic_write_bytes, fsync_dir
+from cloud_sync.registry.freshness import RoleStatus, assess
 from cloud_sync.registry.keys import RegistryError, generate_signer, load_signer, save_signer
 
 __all__ = [
@@ -608,11 +609,20 @@ class Repository:
                 return ("targets", "snapshot", "timestamp")
             return ("snapshot", "timestamp") if due["snapshot"] else ("timestamp",)
 
+    def lifetimes(self) -> dict[str, timedelta]:
+        """How long each role's metadata stays valid once signed (``repo.json`` policy)."""
+        return {r: timedelta(days=self._expiry_days[r]) for r in ROLES}
+
     def refresh_thresholds(self) -> dict[str, timedelta]:
         """Re-sign a role when half its lifetime is left (timestamp 1 d: at 12 h; snapshot
         7 d: at 3.5 d; targets 90 d: at 45 d), so a registry that cannot sign for a while
         (host down, key offline) still has half a lifetime of slack."""
-        return {r: timedelta(days=self._expiry_days[r]) / 2 for r in ROLES}
+        return {r: life / 2 for r, life in self.lifetimes().items()}
+
+    def freshness(self, now: datetime) -> list[RoleStatus]:
+        """Each role's version, expiry and warning level at ``now`` (``freshness.assess``)."""
+        online = {r: self.has_key(r) for r in ROLES}
+        return assess(self.expiries(), self.lifetimes(), online, _utc(now))
 
     def expiries(self) -> dict[str, tuple[int, datetime]]:
         """``{role: (version, expires)}`` of root, targets, snapshot and timestamp."""
