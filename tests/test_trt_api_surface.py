@@ -171,7 +171,10 @@ def test_the_list_covers_every_trt_attribute_the_backend_names() -> None:
     """A new ``trt.X`` in the backend must be added to USED (and so checked above)."""
     import re
 
-    src = (Path(__file__).resolve().parent.parent / "agent/engine/tensorrt.py").read_text()
+    engine = Path(__file__).resolve().parent.parent / "agent" / "engine"
+    src = "".join(
+        (engine / f).read_text() for f in ("tensorrt.py", "trt_build.py", "trt_common.py")
+    )
     named = set(re.findall(r"\btrt\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Z][A-Za-z0-9_]*)*)", src))
     named -= {"ILogger.__init__", "IProgressMonitor.__init__"}
     assert named <= set(USED), sorted(named - set(USED))

@@ -479,7 +479,7 @@ def _child_main(
         if backend == "onnxruntime":
             _build_onnxruntime(onnx_path, out_path, opts, progress)
         else:
-            from agent.engine.tensorrt import build_engine
+            from agent.engine.trt_build import build_engine  # no pycuda: build side only
 
             build_engine(
                 onnx_path,
@@ -618,7 +618,7 @@ def load_backend(
                 timing_cache_path=str(timing_cache_path) if timing_cache_path else None,
             )
             if platform is None:
-                from agent.engine.tensorrt import platform_facts
+                from agent.engine.trt_common import platform_facts
 
                 plat = {**platform_facts(), "l4t_version": _l4t_version()}
             else:
