@@ -21,7 +21,7 @@ import pytest
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.pipeline.model import RunnableModel
 from agent.protocol.card import ModelCard
-from cloud_sync.registry.publish import inspect_model
+from cloud_sync.registry.model_file import inspect_model
 from tests._format_models import (
     FORMATS,
     Box,

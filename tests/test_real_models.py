@@ -31,7 +31,7 @@ import pytest
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.pipeline.model import RunnableModel
 from agent.protocol.card import ModelCard
-from cloud_sync.registry.publish import inspect_model
+from cloud_sync.registry.model_file import inspect_model
 
 pytestmark = pytest.mark.slow
 

@@ -228,7 +228,7 @@ def parse_card_fields(items: list[str]) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from cloud_sync.registry.publish import inspect_model
+    from cloud_sync.registry.model_file import inspect_model
 
     report = inspect_model(
         args.model,
