@@ -24,7 +24,13 @@ import paho.mqtt.client as mqtt
 from agent.errors import BadDataError, TransportError
 from agent.fsutil import atomic_write_bytes
 from agent.protocol.fetch import BadMessage
-from agent.protocol.state import DesiredState, DeviceState, PipelineTarget, SignedDesired
+from agent.protocol.state import (
+    MAX_REVISION,
+    DesiredState,
+    DeviceState,
+    PipelineTarget,
+    SignedDesired,
+)
 from agent.protocol.topics import DEFAULT_ROOT, Topics
 from agent.sync.mqtt import parse_broker_url, service_client
 from agent.update.desired import sign_desired, verify_desired
@@ -113,19 +119,13 @@ def deploy(
     try:
         probe = f"{topic_root}/operators/{client_id}/probe"
         retained = _retained(client, [desired_topic, state_topic], probe, retained_wait_s)
-        prev: DesiredState | None = None
-        if retained.get(desired_topic):
-            try:
-                prev = SignedDesired.decode(retained[desired_topic]).signed
-            except BadMessage:
-                prev = None
-        record = repo_dir / "desired" / f"{device_id}.json"
-        last_issued = 0
-        if record.is_file():
-            try:
-                last_issued = SignedDesired.decode(record.read_bytes()).signed.revision
-            except BadMessage:
-                last_issued = 0
+        trust = repo.desired_trust()
+        # the retained message is whatever the broker holds: only a validly signed one counts
+        held = retained_desired(
+            retained.get(desired_topic, b""), desired_topic, topics, dict(trust.keys),
+            trust.threshold,
+        )  # fmt: skip
+        prev = newest(last_issued(repo_dir, device_id), held)
         pipelines = dict(prev.pipelines) if prev else {}
         if pipeline is not None:
             names = [pipeline]
@@ -145,10 +145,9 @@ def deploy(
                 )
         for n in names:
             pipelines[n] = target
-        revision = max(prev.revision if prev else 0, last_issued) + 1
         state = DesiredState(
             device_id=device_id,
-            revision=revision,
+            revision=next_revision(device_id, prev),
             issued_at=now or datetime.now(timezone.utc),
             pipelines=pipelines,
         )
@@ -158,7 +157,7 @@ def deploy(
         info.wait_for_publish(10)
         if not info.is_published():
             raise TransportError(f"broker {broker_url} did not acknowledge the desired state")
-        atomic_write_bytes(record, payload)
+        atomic_write_bytes(_record_path(repo_dir, device_id), payload)
         return envelope
     finally:
         client.disconnect()
@@ -178,6 +177,58 @@ def last_issued(repo_dir: Path, device_id: str) -> DesiredState | None:
         return SignedDesired.decode(record.read_bytes()).signed
     except (BadMessage, OSError):
         return None
+
+
+def retained_desired(
+    payload: bytes, topic: str, topics: Topics, keys: Mapping[str, Any], threshold: int
+) -> DesiredState | None:
+    """The body of a retained desired state if it is validly signed for the device its topic
+    names, else ``None``: what ``deploy`` and the rollout publisher may build on.
+
+    Anyone who can write the topic could have planted it; merging an unsigned message's
+    pipelines or revision would make the registry sign them.
+    """
+    if not payload:
+        return None
+    try:
+        envelope = SignedDesired.decode(payload)
+    except BadMessage:
+        return None
+    device_id = envelope.signed.device_id
+    if topic != topics.device(device_id, "desired"):
+        return None
+    try:
+        verify_desired(
+            envelope, trusted_keys=keys, threshold=threshold, device_id=device_id,
+            last_revision=None,
+        )  # fmt: skip
+    except BadDataError:
+        return None
+    return envelope.signed
+
+
+def newest(record: DesiredState | None, retained: DesiredState | None) -> DesiredState | None:
+    """The higher revision of our record and the verified retained state."""
+    if record is None or (retained is not None and retained.revision > record.revision):
+        return retained
+    return record
+
+
+def next_revision(device_id: str, prev: DesiredState | None) -> int:
+    """One above ``prev``.
+
+    Raises:
+        RegistryError: the revision space is used up (only possible with a key that signed
+            far past what this registry issues).
+    """
+    revision = (prev.revision if prev else 0) + 1
+    if revision > MAX_REVISION:
+        raise RegistryError(
+            f"device {device_id} is at desired revision {revision - 1}, the maximum; "
+            "re-enroll the device to start its revisions again",
+            reason="revision",
+        )
+    return revision
 
 
 class DesiredPublisher:
@@ -273,48 +324,23 @@ class DesiredPublisher:
             return
         if not msg.payload:
             return
-        try:
-            envelope = SignedDesired.decode(bytes(msg.payload))
-        except BadMessage:
+        if self._keys is None:
             return
-        if not self._trusted(envelope, msg.topic):
+        body = retained_desired(bytes(msg.payload), msg.topic, self.topics, *self._keys)
+        if body is None:
             return
-        body = envelope.signed
         with self._lock:
             seen = self._retained.get(body.device_id)
             if seen is None or body.revision > seen.revision:
                 self._retained[body.device_id] = body
 
-    def _trusted(self, envelope: SignedDesired, topic: str) -> bool:
-        """Whether ``envelope`` is validly signed for the device its topic names."""
-        if self._keys is None:
-            return False
-        device_id = envelope.signed.device_id
-        if topic != self.topics.device(device_id, "desired"):
-            return False
-        keys, threshold = self._keys
-        try:
-            verify_desired(
-                envelope,
-                trusted_keys=keys,
-                threshold=threshold,
-                device_id=device_id,
-                last_revision=None,
-            )
-        except BadDataError:
-            return False
-        return True
-
     # --- publishing ----------------------------------------------------------------------
 
     def base(self, device_id: str) -> DesiredState | None:
         """The newest of our record and the broker's validly signed retained state."""
-        record = last_issued(self.repo_dir, device_id)
         with self._lock:
             retained = self._retained.get(device_id)
-        if record is None or (retained is not None and retained.revision > record.revision):
-            return retained
-        return record
+        return newest(last_issued(self.repo_dir, device_id), retained)
 
     def next_state(
         self, device_id: str, changes: Mapping[str, PipelineTarget], now: datetime
@@ -323,7 +349,7 @@ class DesiredPublisher:
         prev = self.base(device_id)
         return DesiredState(
             device_id=device_id,
-            revision=(prev.revision if prev else 0) + 1,
+            revision=next_revision(device_id, prev),
             issued_at=now,
             pipelines={**(prev.pipelines if prev else {}), **changes},
         )

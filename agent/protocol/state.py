@@ -49,6 +49,10 @@ SEMVER_PATTERN = (
 )
 CONTRACT_PATTERN = r"^[0-9]{1,4}\.[0-9]{1,4}$"
 MAX_REVISION = 2**53 - 1  # exact in every JSON implementation
+# A revision more than this above the last one accepted is refused by devices and never
+# issued by the registry (one deploy adds 1), so no single message, even validly signed, can
+# push a device to MAX_REVISION and leave it unable to take another desired state.
+MAX_REVISION_STEP = 1_000_000
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 PipelineName = Annotated[str, StringConstraints(pattern=PIPELINE_PATTERN)]

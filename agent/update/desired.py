@@ -12,7 +12,9 @@ never described by the claims it makes):
 1. a threshold of distinct trusted keys signed the body (``reason="signature"``/``"threshold"``);
 2. the body names this device (``"device"``);
 3. its contract major version is ours (``"contract"``);
-4. its revision is not lower than the last accepted one (``"rollback"``); equal → ``SAME``.
+4. its revision is not lower than the last accepted one (``"rollback"``); equal → ``SAME``;
+5. nor more than ``MAX_REVISION_STEP`` above it (``"jump"``), so no single message can use up
+   the revision space.
 
 A compromised broker can therefore delay an update but neither forge nor replay one. Callers
 must pass the highest revision they have *accepted* (persisted before acting on it), not the
@@ -39,11 +41,17 @@ from securesystemslib.signer import (  # type: ignore[attr-defined,unused-ignore
 
 from agent.errors import BadDataError
 from agent.protocol import CONTRACT_VERSION
-from agent.protocol.state import DesiredState, SignatureEntry, SignedDesired, contract_major
+from agent.protocol.state import (
+    MAX_REVISION_STEP,
+    DesiredState,
+    SignatureEntry,
+    SignedDesired,
+    contract_major,
+)
 
 ROOT_FIELD = "x-edgefleet-desired"
 
-RejectReason = Literal["signature", "threshold", "device", "rollback", "contract"]
+RejectReason = Literal["signature", "threshold", "device", "rollback", "jump", "contract"]
 
 
 class Verdict(Enum):
@@ -214,6 +222,12 @@ def verify_desired(
             )
         if rev == last_revision:
             return Verdict.SAME
+        if rev - last_revision > MAX_REVISION_STEP:
+            raise reject(
+                "jump",
+                f"desired state revision {rev} is {rev - last_revision} above the accepted"
+                f" revision {last_revision} (at most {MAX_REVISION_STEP} allowed): ignored, {keep}",
+            )
     return Verdict.ACCEPT
 
 
