@@ -248,6 +248,15 @@ class ApiConfig(_Strict):
     max_image_mpix: float = Field(
         40.0, gt=0, le=1000, description="Largest decoded image (megapixels); larger is 413"
     )
+    max_connections: int = Field(
+        64, ge=1, le=512, description="Open connections at once; more get 503 and are closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="A request's line and headers must arrive within this"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A request's body must arrive within this after headers"
+    )
 
     @model_validator(mode="after")
     def _auth(self) -> ApiConfig:

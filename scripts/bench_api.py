@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-concurrent", type=int, default=2, help="[api] max_concurrent")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     ap.add_argument("--payload", choices=["jpeg", "npy"], default="jpeg", help="request body")
-    ap.add_argument("--http", default="auto", help="uvicorn HTTP parser: auto, h11, httptools")
+    ap.add_argument("--http", default="httptools", help="uvicorn HTTP parser: httptools, h11")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     args = ap.parse_args(argv)
 

@@ -56,3 +56,10 @@ def test_agent_unit_keeps_cameras_and_gpu_reachable() -> None:
                    "ReadWritePaths=/var/lib/edgefleet"):  # fmt: skip
         assert needed in text
     assert "PrivateDevices=yes" not in text  # it would hide the cameras and the GPU
+
+
+def test_agent_unit_bounds_descriptors_below_select_limit() -> None:
+    """The API's connection cap plus cameras and MQTT fit; paho's select() needs fds < 1024."""
+    text = next(u for u in UNITS if u.name == "edgefleet-agent.service").read_text()
+    m = re.search(r"^LimitNOFILE=(\d+)$", text, re.M)
+    assert m is not None and int(m.group(1)) <= 1024

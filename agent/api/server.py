@@ -8,6 +8,7 @@ server, so requests in flight finish first.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from agent.api.app import create_app
+from agent.api.guard import GuardStats, guarded_protocol
 from agent.config import ApiConfig
 from agent.errors import ConfigError, EdgefleetError
 from agent.pipeline.runner import Pipeline
@@ -45,12 +47,42 @@ def resolve_token(cfg: ApiConfig) -> str | None:
     return token
 
 
+def _protocol_class(http: str) -> type[asyncio.Protocol]:
+    if http == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    raise ValueError(f"http must be 'httptools' or 'h11', got {http!r}")
+
+
 class ApiServer:
     """uvicorn ``Server`` for one app, on a daemon thread."""
 
-    def __init__(self, app: FastAPI, addr: str, port: int, *, http: str = "auto") -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        addr: str,
+        port: int,
+        *,
+        http: str = "httptools",
+        max_connections: int = 64,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
+    ) -> None:
         self.app = app
-        self.http = http  # uvicorn's HTTP parser: "auto" = httptools when installed, else h11
+        self.http = http  # uvicorn's HTTP parser: "httptools" (a dependency) or "h11"
+        self.guard_stats = GuardStats()
+        self.protocol = guarded_protocol(
+            _protocol_class(http),
+            max_connections=max_connections,
+            header_timeout_s=header_timeout_s,
+            body_timeout_s=body_timeout_s,
+            stats=self.guard_stats,
+        )
         self.addr = addr
         self.requested_port = port
         self.port = port
@@ -73,7 +105,14 @@ class ApiServer:
             max_body_bytes=int(cfg.max_body_mb * (1 << 20)),
             max_image_pixels=int(cfg.max_image_mpix * 1e6),
         )
-        return cls(app, cfg.addr, cfg.port)
+        return cls(
+            app,
+            cfg.addr,
+            cfg.port,
+            max_connections=cfg.max_connections,
+            header_timeout_s=cfg.header_timeout_s,
+            body_timeout_s=cfg.body_timeout_s,
+        )
 
     @property
     def url(self) -> str:
@@ -105,7 +144,7 @@ class ApiServer:
             self.app,
             log_level="warning",
             access_log=False,
-            http=self.http,
+            http=self.protocol,  # uvicorn's protocol for self.http, with the guard's limits
             lifespan="off",
             ws="none",
             loop="asyncio",
