@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 # atomic_write_bytes' temp names: ".{target name}.{mkstemp's 8 characters}.tmp"
-OUR_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+OUR_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp\Z")
 # python-tuf's _persist_file: tempfile.NamedTemporaryFile in the metadata folder, "tmp" + 8
-TUF_TEMP = re.compile(r"^tmp[a-z0-9_]{8}$")
+TUF_TEMP = re.compile(r"^tmp[a-z0-9_]{8}\Z")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:

@@ -37,7 +37,7 @@ from agent.update.desired import sign_desired, verify_desired
 from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
 
-_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[0-9][0-9A-Za-z.+-]*)$")
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[0-9][0-9A-Za-z.+-]*)\Z")
 
 
 def parse_ref(ref: str) -> PipelineTarget:

@@ -95,9 +95,10 @@ fi
 if [ -n "$BUNDLE" ]; then
   say "copying the enrollment bundle $BUNDLE to $ETC"
   for f in "$BUNDLE"/*; do
-    install -m 0644 "$f" "$ETC/$(basename "$f")"
+    # a private key is created 0640, never world-readable, not even until a later chmod
+    case "$f" in *.key) mode=0640 ;; *) mode=0644 ;; esac
+    install -m "$mode" "$f" "$ETC/$(basename "$f")"
   done
-  [ -f "$ETC/device.key" ] && chmod 0640 "$ETC/device.key"
 fi
 if [ ! -f "$ETC/agent.toml" ]; then
   say "writing a config skeleton $ETC/agent.toml (edit it: device_id, pipelines, broker)"

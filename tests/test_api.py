@@ -689,3 +689,14 @@ def test_schemathesis_finds_no_server_error(agent: Agent) -> None:
 
     run()
     assert 200 in seen and any(400 <= s < 500 for s in seen), sorted(set(seen))
+
+
+@pytest.mark.parametrize(
+    "header", [b"{[]: 1}", b"{{}: 1}", b"{'descr': '<f4', 'fortran_order': False, 'shape': ([],)}"]
+)
+def test_npy_header_that_cannot_be_built_is_a_payload_error(header: bytes) -> None:
+    """A header literal that cannot be built (unhashable key) is a 400, not a 500."""
+    body = header + b" " * (118 - len(header)) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+    with pytest.raises(PayloadError):
+        parse_npy(data)

@@ -11,11 +11,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install-device.sh"
 
 
-def run(*args: str, root: Path) -> str:
+def run(*args: str, root: Path, path: str = "/usr/bin:/bin:/usr/sbin:/sbin") -> str:
     r = subprocess.run(["bash", str(SCRIPT), "--root", str(root), "--no-user", "--no-systemctl",
                         *args], capture_output=True, text=True, timeout=900, check=False,
-                       env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
-                            "PYTHON": sys.base_prefix + "/bin/python3"})  # fmt: skip
+                       env={"PATH": path, "PYTHON": sys.base_prefix + "/bin/python3"})  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 
@@ -33,7 +32,15 @@ def test_install_rerun_uninstall_purge(tmp_path: Path) -> None:
     bundle.mkdir()
     (bundle / "device.key").write_text("-----BEGIN PRIVATE KEY-----\n")
     (bundle / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
-    out = run("--bundle", str(bundle), root=root)
+    # every `install` the script runs is logged: the key must be created private, not
+    # chmod-ed afterwards (it would be world-readable in between)
+    shims, log = tmp_path / "shims", tmp_path / "install.log"
+    shims.mkdir()
+    (shims / "install").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec /usr/bin/install "$@"\n')
+    (shims / "install").chmod(0o755)
+    out = run("--bundle", str(bundle), root=root, path=f"{shims}:/usr/bin:/bin:/usr/sbin:/sbin")
+    key_installs = [ln for ln in log.read_text().splitlines() if ln.endswith("/device.key")]
+    assert key_installs and all(ln.startswith("-m 0640 ") for ln in key_installs), key_installs
     assert "writing a config skeleton" in out
     venv = root / "opt/edgefleet/venv"
     agent = venv / "bin/edgefleet-agent"

@@ -214,7 +214,8 @@ def parse_npy(data: bytes) -> np.ndarray:
 def _npy_header(raw: bytes) -> dict[str, Any]:
     try:
         header = ast.literal_eval(raw.decode("latin1"))
-    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+        # TypeError: a literal that cannot be built, e.g. {[]: 1} (an unhashable key)
         raise PayloadError(f".npy header is not a Python literal: {e}") from e
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
         raise PayloadError(".npy header must be a dict of descr, fortran_order and shape")

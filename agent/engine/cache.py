@@ -45,8 +45,8 @@ _TRASH_PREFIX = ".trash-"
 _TEMP_PREFIXES = (_BUILD_PREFIX, _STAGE_PREFIX, _TRASH_PREFIX)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-_DEVICE_RE = re.compile(r"^(cpu|gpu|dla:\d+)$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DEVICE_RE = re.compile(r"^(cpu|gpu|dla:\d+)\Z")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 # (input name, min shape, opt shape, max shape)
 Profile = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]

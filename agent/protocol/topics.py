@@ -32,7 +32,7 @@ KINDS = (
     "cmd",
     "cmd/result",
 )
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 REGISTRY_SHARE_GROUP = "registry"
 
 

@@ -88,11 +88,11 @@ HOLD_BACK_EVERY = 5
 GOLDEN_COUNT = 4
 GOLDEN_MAX_BYTES = 8 << 20  # uncompressed golden inputs: one 640x640 RGB float32 input, not 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ModelCard.name
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # ModelCard.name
 _NUM = r"(?:0|[1-9][0-9]*)"
 _PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _SEMVER = re.compile(rf"({_NUM})\.({_NUM})\.({_NUM})(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?")
-_MODEL_TARGET = re.compile(r"^models/([^/]+)/([^/]+)/([^/]+)$")
+_MODEL_TARGET = re.compile(r"^models/([^/]+)/([^/]+)/([^/]+)\Z")
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,10 @@ MAX_THRESHOLD = 16
 # Target paths must survive the MQTT fetch request pattern (agent/protocol/fetch.py:
 # ``targets/`` + 64 hex + ``.`` + path within 512 characters of [A-Za-z0-9._/-]); no segment
 # starts with a dot, so ``..`` and hidden files cannot occur.
-_TARGET_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+_TARGET_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*\Z")
 MAX_TARGET_PATH = 400
 _SERIALIZER = JSONSerializer(compact=False)
-_ROOT_FILE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+_ROOT_FILE = re.compile(r"^([1-9][0-9]*)\.root\.json\Z")
 _S = TypeVar("_S", Root, Snapshot, Targets, Timestamp)  # as Metadata's own T
 
 

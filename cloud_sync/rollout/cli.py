@@ -13,8 +13,17 @@ from typing import Any
 
 from agent.errors import BadDataError
 from cloud_sync.ingest.commands import DEFAULT_DB
+from cloud_sync.secrets import redact_url, resolve_db_url
 from cloud_sync.units import argparse_type as _arg
 
+DB_HELP = (
+    "sqlite:///file or postgresql+psycopg://…; default: the systemd credential db-url, "
+    f"else EDGEFLEET_DB, else {DEFAULT_DB} (keeps a password off the command line)"
+)
+
+
+def _db(args: argparse.Namespace) -> str:
+    return resolve_db_url(args.db, DEFAULT_DB)
 
 def _soak(text: str) -> float:
     from cloud_sync.units import parse_duration
@@ -55,7 +64,7 @@ def add_rollout_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     st = rsub.add_parser("status", help="one rollout in detail, or all of them")
     st.add_argument("id", nargs="?", default=None, metavar="ID")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
+    st.add_argument("--db", default=None, help=DB_HELP)
     st.set_defaults(fn=_status)
     for name, what in (
         ("pause", "stop sending updates (outcomes are still tracked)"),
@@ -71,7 +80,7 @@ def add_rollout_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _common(p: argparse.ArgumentParser, *, broker: bool) -> None:
-    p.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
+    p.add_argument("--db", default=None, help=DB_HELP)
     if broker:
         p.add_argument("--repo", required=True, help="registry directory")
         p.add_argument("--broker", required=True, help="mqtt://host:port")
@@ -139,12 +148,13 @@ def _start(args: argparse.Namespace) -> int:
     now = _now()
     spec = _spec(args, now)
     check_published(Repository(Path(args.repo)), [spec.ref])
-    store = open_store(args.db)
+    store = open_store(_db(args))
     try:
         row = db.create(store, spec, start(spec, now), now)
         print(row.state.history[-1].message, flush=True)
         if args.detach:
-            print(f"recorded; `edgefleet rollout controller --db {args.db} --repo {args.repo} "
+            shown = redact_url(_db(args))
+            print(f"recorded; `edgefleet rollout controller --db {shown} --repo {args.repo} "
                   f"--broker {args.broker}` drives it", flush=True)  # fmt: skip
             return 0
         return _drive(args, store, spec.id)
@@ -214,12 +224,12 @@ def _controller(args: argparse.Namespace) -> int:
     from cloud_sync.ingest.store import open_store
     from cloud_sync.rollout.controller import RolloutController
 
-    store = open_store(args.db)
+    store = open_store(_db(args))
     ctl = RolloutController(store, Path(args.repo), args.broker, topic_root=args.topic_root,
                             on_log=lambda m: print(m, flush=True))  # fmt: skip
     stop = _stopper()
-    print(f"rollout controller on {args.db}, ticking every {args.every:g}s; SIGTERM stops",
-          flush=True)  # fmt: skip
+    print(f"rollout controller on {redact_url(_db(args))}, ticking every {args.every:g}s; "
+          "SIGTERM stops", flush=True)  # fmt: skip
     try:
         ctl.run(stop, every_s=args.every)
     finally:
@@ -234,7 +244,7 @@ def _status(args: argparse.Namespace) -> int:
     from cloud_sync.rollout import db
     from cloud_sync.rollout.report import progress_line, summary
 
-    store = open_store(args.db)
+    store = open_store(_db(args))
     try:
         now = _now()
         rows = [db.get(store, args.id)] if args.id else db.list_rollouts(store)
@@ -260,7 +270,7 @@ def _command(args: argparse.Namespace) -> int:
     from cloud_sync.rollout.controller import COMMANDS, RolloutController
     from cloud_sync.rollout.report import progress_line
 
-    store = open_store(args.db)
+    store = open_store(_db(args))
     try:
         if args.command == "abort":
             ctl = RolloutController(store, Path(args.repo), args.broker,

@@ -28,8 +28,8 @@ from agent.protocol.state import DEVICE_ID_PATTERN
 from cloud_sync.rollout.fleet import DeviceView
 
 _DEVICE = re.compile(DEVICE_ID_PATTERN)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _TOKEN = re.compile(r"\s*(?:(?P<op>[(),&!*])|(?P<word>[^\s(),&!]+))")
 _KEYWORDS = {"and", "or", "not", "all"}
 
