@@ -32,10 +32,10 @@ def test_growth_refuses_a_run_too_short_for_its_windows() -> None:
 @pytest.mark.video
 def test_short_soak_drops_the_stream_updates_the_model_and_samples_rss(tmp_path: Path) -> None:
     result = soak.run_soak(
-        40.0, tmp_path, drop_every_s=12.0, drop_for_s=3.0, update_every_s=20.0,
+        26.0, tmp_path, drop_every_s=8.0, drop_for_s=2.5, update_every_s=14.0,
         sample_every_s=1.0, health_window_s=1.0,
     )  # fmt: skip
-    summary = soak.summarize(result, warmup_s=5.0, window_s=8.0, max_growth=50.0)
+    summary = soak.summarize(result, warmup_s=4.0, window_s=7.0, max_growth=50.0)
     assert not summary["problems"], summary
     assert summary["drops"] >= 2 and summary["reconnects"] >= 1, summary
     assert summary["updates"] >= 1 and summary["updates_committed"] == summary["updates"]
