@@ -81,6 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
+    from agent.protocol.topics import REGISTRY_SHARE_GROUP
+    from cloud_sync.pki import service_share_group
     from cloud_sync.registry.repo import Repository
     from cloud_sync.registry.serve import ChunkServer
 
@@ -97,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.broker,
         root=args.topic_root,
         client_id=f"edgefleet-registry-{args.replica}",
+        share_group=service_share_group(REGISTRY_SHARE_GROUP),  # the deployment's, when mTLS
         on_tick=tick,
         workers=args.workers,
         **({} if args.max_transfers is None else {"max_transfers": args.max_transfers}),

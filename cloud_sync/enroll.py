@@ -88,6 +88,11 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     ident.add_argument("--dir", required=True, type=Path)
     ident.add_argument("--role", choices=SERVICE_ROLES, required=True)
     ident.add_argument("--out", type=Path, default=None, help="default: DIR/identities/NAME")
+    ident.add_argument(
+        "--replicas", type=int, default=None, metavar="N",
+        help="issue NAME-1 … NAME-N, one per ingest worker or registry replica (the broker "
+             "allows one connection per identity)",
+    )  # fmt: skip
     ident.set_defaults(fn=_ca_identity)
     rev = csub.add_parser("revoke", help="revoke an identity's certificate, rewrite crl.pem")
     rev.add_argument("name", help="device id, svc:NAME or op:NAME")
@@ -158,11 +163,20 @@ def _ca_server(args: argparse.Namespace) -> int:
 
 def _ca_identity(args: argparse.Namespace) -> int:
     ca = FleetCA(args.dir)
-    cn = identity_name(args.role, args.name)
-    out = args.out or args.dir / "identities" / cn.replace(":", "-")
-    creds = ca.issue(args.role, args.name, out)
-    print(f"{cn} ({args.role}): {creds.cert} (key {creds.key}); "
-          "run `edgefleet ca broker-config` to update the broker's ACL")  # fmt: skip
+    if args.replicas is not None and not 1 <= args.replicas <= 100:
+        raise PkiError(f"--replicas must be 1..100, got {args.replicas}")
+    names = ([args.name] if args.replicas is None
+             else [f"{args.name}-{i}" for i in range(1, args.replicas + 1)])  # fmt: skip
+    for name in names:
+        cn = identity_name(args.role, name)
+        out = args.dir / "identities" / cn.replace(":", "-")
+        if args.out is not None:
+            out = args.out if args.replicas is None else args.out / cn.replace(":", "-")
+        creds = ca.issue(args.role, name, out)
+        group = f"; shared-subscription group in {creds.share_group}" if creds.share_group else ""
+        print(f"{cn} ({args.role}): {creds.cert} (key {creds.key}){group}")
+    print("run `edgefleet ca broker-config` to update the broker's ACL; give each running "
+          "service its own identity (the broker keeps one connection per identity)")  # fmt: skip
     return 0
 
 

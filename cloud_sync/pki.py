@@ -5,10 +5,18 @@
 - ``ca.key`` / ``ca.crt``: the fleet CA (ECDSA P-256; TLS stacks everywhere speak it);
 - ``issued.json``: every certificate issued (identity, role, serial, expiry, revoked);
 - ``crl.pem``: the revocation list Mosquitto loads (``crlfile``), rewritten on each revoke;
-- ``server/``: the broker's certificate; ``identities/NAME/``: service and operator identities.
+- ``server/``: the broker's certificate; ``identities/NAME/``: service and operator identities;
+- ``share-groups.json`` (0600): the deployment's secret shared-subscription group per service
+  role. Mosquitto 2.0 lets any client join any shared subscription (its ACL file does not check
+  SUBSCRIBE), and a device in a service's group makes the broker drop that share of every
+  device's messages; a group name nobody can guess keeps devices out. ``issue`` writes it
+  next to an ingest or registry identity's certificate (``share-group``), where the service
+  finds it (``service_share_group``).
 
 An identity's certificate carries its name as the subject CN, which the broker takes as the
-MQTT username (``use_identity_as_username true``) for its ACL. Device ids cannot contain
+MQTT username (``use_identity_as_username true``) for its ACL, and as its client id
+(``use_username_as_clientid true``): one connection per identity, so every ingest worker and
+registry replica gets its own (``svc:ingest-1``, ``svc:ingest-2``). Device ids cannot contain
 ``:``, so service identities (``svc:ingest``, ``op:alice``) never collide with a device.
 All cryptography is the ``cryptography`` package's; this module only picks the parameters.
 """
@@ -17,7 +25,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import asdict, dataclass
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
@@ -35,6 +47,10 @@ Role = Literal["device", "ingest", "registry", "operator"]
 ROLE_PREFIX: dict[str, str] = {
     "device": "", "ingest": "svc:", "registry": "svc:", "operator": "op:",
 }  # fmt: skip
+SHARED_ROLES = ("ingest", "registry")  # roles that take their volume through $share groups
+SHARE_GROUP_FILE = "share-group"  # next to a service's certificate: its group name
+
+log = logging.getLogger(__name__)
 
 
 class PkiError(BadDataError):
@@ -54,11 +70,12 @@ class Issued:
 
 @dataclass(frozen=True)
 class Credentials:
-    """Where an identity's files are."""
+    """Where an identity's files are (``share_group``: ingest and registry identities)."""
 
     cert: Path
     key: Path
     ca: Path
+    share_group: Path | None = None
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -213,9 +230,29 @@ class FleetCA:
         key = _new_key()
         cert = self._sign(cn, key, server=False, days=days, now=now)
         creds = self._write_pair(out, "device" if role == "device" else "client", cert, key)
+        if role in SHARED_ROLES:
+            group = out / SHARE_GROUP_FILE
+            _write_secret(group, f"{self.share_group(role)}\n".encode())
+            creds = replace(creds, share_group=group)
         rec = Issued(cn, role, cert.serial_number, cert.not_valid_after_utc.isoformat())
         self._save([*self.issued(), rec])
         return creds
+
+    def share_group(self, role: str) -> str:
+        """The deployment's shared-subscription group for a service role, made on first use:
+        ``ROLE-`` and 128 random bits, so no device can guess it and join.
+
+        Raises:
+            PkiError: a role without shared subscriptions.
+        """
+        if role not in SHARED_ROLES:
+            raise PkiError(f"role {role!r} has no shared-subscription group; {SHARED_ROLES} do")
+        path = self.dir / "share-groups.json"
+        groups: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+        if role not in groups:
+            groups[role] = f"{role}-{secrets.token_hex(16)}"
+            _write_secret(path, json.dumps(groups, indent=1).encode() + b"\n")
+        return groups[role]
 
     def issue_server(self, hosts: tuple[str, ...], *, days: int = 825,
                      now: datetime | None = None) -> Credentials:  # fmt: skip
@@ -320,3 +357,36 @@ class FleetCA:
         crl = b.sign(self.key, hashes.SHA256())
         atomic_write_bytes(self.crl_file, crl.public_bytes(serialization.Encoding.PEM))
         return self.crl_file
+
+
+def service_share_group(default: str, env: Mapping[str, str] | None = None) -> str:
+    """The shared-subscription group a cloud service joins: the name in ``share-group`` next to
+    its certificate (``EDGEFLEET_TLS_CERT``, an identity from ``edgefleet ca identity``), else
+    ``default`` (plain brokers, tests, the demo). Read once, at start-up.
+
+    With a certificate but no ``share-group`` beside it (an identity issued before group names
+    were secret), logs a warning: any device can join the public ``default`` group, and the
+    broker then drops that device's share of every device's messages.
+
+    Raises:
+        PkiError: the file holds something that is not a topic-safe group name.
+    """
+    env = os.environ if env is None else env
+    cert = env.get("EDGEFLEET_TLS_CERT")
+    if not cert:
+        return default
+    path = Path(cert).parent / SHARE_GROUP_FILE
+    try:
+        name = path.read_text().strip()
+    except FileNotFoundError:
+        log.warning(
+            "no %s next to %s: joining the public shared-subscription group %r, which any "
+            "device can join (the broker then drops its share of every device's messages); "
+            "re-issue the identity (`edgefleet ca revoke`, `edgefleet ca identity`), which "
+            "writes %s",
+            SHARE_GROUP_FILE, cert, default, SHARE_GROUP_FILE,
+        )  # fmt: skip
+        return default
+    if not valid_device_id(name):
+        raise PkiError(f"{path} holds {name[:80]!r}, not a group name (letters, digits, _.-)")
+    return name

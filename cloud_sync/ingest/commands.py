@@ -21,9 +21,11 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
     ing.add_argument("--topic-root", default="edgefleet/v1")
     ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
-    ing.add_argument("--share-group", default="ingest", metavar="NAME",
-                     help="the workers' shared-subscription group; 'none': one worker on plain "
-                          "subscriptions (keeps them across Mosquitto 2.0 restarts)")  # fmt: skip
+    ing.add_argument("--share-group", default=None, metavar="NAME",
+                     help="the workers' shared-subscription group (default: the deployment's, "
+                          "from share-group next to EDGEFLEET_TLS_CERT, else 'ingest'); 'none': "
+                          "one worker on plain subscriptions (kept across Mosquitto 2.0 "
+                          "restarts)")  # fmt: skip
     ing.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
@@ -78,12 +80,14 @@ def _retention(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from agent.errors import TransportError
     from cloud_sync.ingest.store import open_store
-    from cloud_sync.ingest.worker import IngestWorker, freeze_startup_heap
+    from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap
+    from cloud_sync.pki import service_share_group
 
     store = open_store(args.db)
+    share = args.share_group or service_share_group(SHARE_GROUP)
     worker = IngestWorker(
         args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}",
-        share_group=None if args.share_group == "none" else args.share_group,
+        share_group=None if share == "none" else share,
     )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
