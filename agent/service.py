@@ -268,9 +268,18 @@ def open_local_model(
 class Agent:
     """The daemon: pipelines from config, status file, signal handling."""
 
-    def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
+        # the wall clock for signed-metadata expiry and update records (scripts/year_sim.py
+        # runs devices on a simulated year through it)
+        self.wall = wall
         self.profile_name, self.profile, self.profile_reason = resolve_profile(cfg.profile)
         self.pipelines: list[Pipeline] = []
         self.models: dict[str, RunnableModel] = {}
@@ -314,7 +323,7 @@ class Agent:
 
         d = self.cfg.data_dir
         seen = last_seen_time([d / "status.json", d / "models" / "state.json"])
-        problem = clock_problem(datetime.now(timezone.utc), seen)
+        problem = clock_problem(self.wall(), seen)
         if problem:
             log.error("device=%s %s", self.cfg.device_id, problem)
         return problem
@@ -472,7 +481,7 @@ class Agent:
         )
         self.session.on_connected.append(chunks.resubscribe)
         fetcher = MqttFetcher(chunks, resume_dir=cfg.data_dir / "tuf" / "partial")
-        tuf = TufClient(cfg.data_dir, trust.root, fetcher)
+        tuf = TufClient(cfg.data_dir, trust.root, fetcher, clock=self.wall)
 
         def open_model(path: Path, progress: Callable[[str], None]) -> RunnableModel:
             return open_local_model(
@@ -505,6 +514,7 @@ class Agent:
             publish_reported=self.session.publish_reported,
             retry_s=upd.retry_s,
             max_tries=upd.max_tries,
+            wall=self.wall,
             prune_engines=prune_engines,
             storage_budget_mb=cfg.storage.max_mb,
             stop_event=stop_updates,

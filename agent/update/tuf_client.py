@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,20 @@ def _metadata_errors(what: str) -> Iterator[None]:
 class TufClient:
     """One device's TUF state and the ngclient calls the update manager needs."""
 
-    def __init__(self, data_dir: Path, trust_root: Path, fetcher: FetcherInterface) -> None:
-        """Raises: UpdateRejected when the provisioned trust root cannot be read."""
+    def __init__(
+        self,
+        data_dir: Path,
+        trust_root: Path,
+        fetcher: FetcherInterface,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """Raises: UpdateRejected when the provisioned trust root cannot be read.
+
+        ``clock``: the time metadata expiry is judged at (default: ngclient's own reading of
+        the system clock); the year-long simulation passes its simulated time.
+        """
+        self.clock = clock
         self.metadata_dir = data_dir / "tuf" / "metadata"
         self.target_dir = data_dir / "tuf" / "targets"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +107,10 @@ class TufClient:
                 fetcher=self.fetcher,
                 bootstrap=self.bootstrap,
             )
+            if self.clock is not None:
+                # ngclient reads the clock once, into the trusted set it builds in its
+                # constructor, and judges every expiry by it; it has no parameter for it
+                updater._trusted_set.reference_time = self.clock()
             updater.refresh()
         self._updater = updater
 
