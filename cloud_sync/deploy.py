@@ -32,7 +32,7 @@ from agent.protocol.state import (
     SignedDesired,
 )
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import parse_broker_url, service_client
+from agent.sync.mqtt import CallbackGuard, parse_broker_url, service_client
 from agent.update.desired import sign_desired, verify_desired
 from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
@@ -71,7 +71,7 @@ def _retained(
         elif msg.retain:
             got[msg.topic] = bytes(msg.payload)
 
-    client.on_message = on_message
+    client.on_message = CallbackGuard(f"deploy probe={probe}").wrap(on_message)
     for t in topics:
         client.subscribe(t, qos=1)
     client.subscribe(probe, qos=1)
@@ -267,6 +267,7 @@ class DesiredPublisher:
         self._probed = threading.Event()
         self._client: mqtt.Client | None = None
         self._keys: tuple[dict[str, Any], int] | None = None
+        self.guard = CallbackGuard(f"desired-publisher={self.client_id}")
 
     # --- connection ----------------------------------------------------------------------
 
@@ -283,12 +284,9 @@ class DesiredPublisher:
         Raises:
             TransportError: the broker cannot be reached.
         """
-        trust = Repository(self.repo_dir).desired_trust()
-        self._keys = (dict(trust.keys), trust.threshold)
         host, port, _tls = parse_broker_url(self.broker_url)
         client = service_client(self.client_id, self.broker_url)
-        client.on_message = self._on_message
-        client.on_connect = self._on_connect
+        self.attach(client)
         try:
             client.connect(host, port, keepalive=30)
         except OSError as e:
@@ -301,6 +299,15 @@ class DesiredPublisher:
                 f"broker {self.broker_url} did not answer the retained-state probe in "
                 f"{self.retained_wait_s:g} s"
             )
+
+    def attach(self, client: mqtt.Client) -> None:
+        """Load the desired-state trust and set this publisher's callbacks, guarded (nothing
+        a retained message holds ends paho's thread), on ``client`` (``connect`` does this;
+        the fuzzer drives the callbacks through a client of its own)."""
+        trust = Repository(self.repo_dir).desired_trust()
+        self._keys = (dict(trust.keys), trust.threshold)
+        client.on_message = self.guard.wrap(self._on_message)
+        client.on_connect = self.guard.wrap(self._on_connect)
 
     def close(self) -> None:
         """Disconnect (idempotent)."""

@@ -20,7 +20,9 @@ Response (binary on ``…/fetch/resp``), MQTT 3.1.1 having no properties to carr
 with header ``{"id", "path", "offset", "total", "status": "ok"|"not_found"|"error"|"bad_request"
 |"busy", "error", "retry_after_s"}``. ``total`` is the file size, so the device learns it from
 the first window. Both are parsed from untrusted bytes and fail with ``BadMessage``, never
-anything else.
+anything else: a request is at most ``MAX_REQUEST`` bytes, a header ``MAX_HEADER`` and the data
+``MAX_CHUNK``; offsets and sizes are at most ``MAX_FILE`` (1 TiB); JSON nested deeper than
+pydantic's parser allows (a few hundred levels) or holding numbers out of range is refused.
 
 ``busy`` (only ever sent to a request with ``busy_ok``): the registry is serving as many
 transfers as it admits; no data, ``total`` 0, and ``retry_after_s`` (present only on ``busy``)
@@ -39,7 +41,6 @@ device goes back to the shared topic when that replica answers ``busy`` or stops
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any, Literal
 
@@ -56,6 +57,8 @@ from agent.errors import BadDataError
 
 MAX_CHUNK = 256 * 1024  # hard cap on a window, whatever a device asks for
 MAX_HEADER = 4096
+MAX_REQUEST = 4096  # bytes of a request; a real one is about 250
+MAX_FILE = 1 << 40  # bytes of a registry file, and so of any offset or size on the wire
 _PATH_PATTERN = r"^(metadata|targets)/[A-Za-z0-9._/-]{1,512}$"
 _FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok", "sticky_ok")
 _REPLICA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # topic-safe, like a device id
@@ -72,7 +75,7 @@ class FetchRequest(BaseModel):
 
     id: str = Field(min_length=1, max_length=64, description="Request id, echoed in the response")
     path: str = Field(pattern=_PATH_PATTERN, description="metadata/NAME or targets/PATH")
-    offset: int = Field(ge=0, le=1 << 40, description="First byte")
+    offset: int = Field(ge=0, le=MAX_FILE, description="First byte")
     length: int = Field(ge=1, le=MAX_CHUNK, description="Bytes wanted")
     sent_at: float | None = Field(
         None, ge=0, le=1e11, description="Device wall clock at sending, seconds since the epoch"
@@ -103,12 +106,18 @@ class FetchRequest(BaseModel):
     @classmethod
     def decode(cls, payload: bytes) -> FetchRequest:
         """Raises: BadMessage."""
+        if len(payload) > MAX_REQUEST:
+            raise BadMessage(
+                f"fetch request of {len(payload)} bytes is over the {MAX_REQUEST}-byte limit"
+            )
         try:
             req = cls.model_validate_json(payload)
         except ValidationError as e:
             raise BadMessage(
                 f"bad fetch request: {e.errors()[0]['msg'] if e.errors() else e}"
             ) from e
+        except (ValueError, RecursionError) as e:  # defensive: the parser's own limits
+            raise BadMessage(f"bad fetch request: {type(e).__name__}: {str(e)[:200]}") from e
         if ".." in req.path.split("/"):
             raise BadMessage(f"bad fetch request: path {req.path!r} climbs out of the repository")
         return req
@@ -121,8 +130,8 @@ class FetchHeader(BaseModel):
 
     id: str = Field(min_length=1, max_length=64)
     path: str = Field(max_length=600)
-    offset: int = Field(ge=0)
-    total: int = Field(ge=0, description="Size of the whole file")
+    offset: int = Field(ge=0, le=MAX_FILE)
+    total: int = Field(ge=0, le=MAX_FILE, description="Size of the whole file")
     status: Literal["ok", "not_found", "error", "bad_request", "busy"] = "ok"
     error: str = Field("", max_length=500)
     retry_after_s: float | None = Field(
@@ -151,10 +160,18 @@ def decode_response(payload: bytes) -> tuple[FetchHeader, bytes]:
     (n,) = struct.unpack(">I", payload[:4])
     if n > MAX_HEADER or 4 + n > len(payload):
         raise BadMessage(f"fetch response header length {n} is out of range")
+    # pydantic's own JSON parser, as for every other message: it refuses nesting deeper than
+    # a few hundred levels, numbers out of range and invalid UTF-8 with a ValidationError.
+    # json.loads raised RecursionError on a 1,500-deep header, which ended paho's thread.
     try:
-        header = FetchHeader.model_validate(json.loads(payload[4 : 4 + n]))
-    except (ValueError, ValidationError) as e:
-        raise BadMessage(f"bad fetch response header: {e}") from e
+        header = FetchHeader.model_validate_json(payload[4 : 4 + n])
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        what = errors[0]["msg"] if errors else str(e)[:200]
+        raise BadMessage(f"bad fetch response header: {where or '<root>'}: {what}") from e
+    except (ValueError, RecursionError) as e:  # defensive: the parser's own limits
+        raise BadMessage(f"bad fetch response header: {type(e).__name__}: {str(e)[:200]}") from e
     data = payload[4 + n :]
     if len(data) > MAX_CHUNK:
         raise BadMessage(f"fetch response carries {len(data)} bytes, more than {MAX_CHUNK}")

@@ -21,8 +21,9 @@ from pydantic import BaseModel
 
 from agent.fsutil import atomic_write_bytes
 from agent.protocol import CONTRACT_VERSION
-from agent.protocol.fetch import FetchRequest
+from agent.protocol.fetch import MAX_CHUNK, MAX_FILE, MAX_HEADER, MAX_REQUEST, FetchRequest
 from agent.protocol.state import (
+    MAX_MESSAGE,
     DesiredState,
     DeviceState,
     PipelineReport,
@@ -34,6 +35,7 @@ from agent.protocol.state import (
     UpdatePhase,
 )
 from agent.protocol.telemetry import (
+    MAX_SNAPSHOT_BYTES,
     Classification,
     Detection,
     DeviceStats,
@@ -337,6 +339,22 @@ def example_json(model: BaseModel) -> str:
     return json.dumps(json.loads(model.model_dump_json()), indent=2, ensure_ascii=False)
 
 
+def _limits_paragraph() -> list[str]:
+    """The payload limits every receiver enforces, from the constants that enforce them."""
+    return [
+        f"**Limits.** A payload over its limit is dropped by the receiver, which counts it and"
+        f" logs it without flooding its log; it never costs the receiver its connection. Sizes:"
+        f" JSON messages {MAX_MESSAGE:,} bytes (snapshots {Snapshot.max_bytes:,}: a"
+        f" {MAX_SNAPSHOT_BYTES >> 20} MiB JPEG in base64), chunk requests {MAX_REQUEST:,} bytes,"
+        f" chunk answers a {MAX_HEADER:,}-byte header and {MAX_CHUNK:,} bytes of data. JSON"
+        " nests at most about 200 levels (pydantic's JSON parser; real messages nest a few)."
+        " Numbers must fit their field's bounds; non-finite ones (`1e999`, `NaN`, `Infinity`)"
+        " and integers of more than 4,300 digits are refused wherever they appear. File"
+        f" offsets and sizes are at most {MAX_FILE:,} bytes (1 TiB). Text and topics must be"
+        " valid UTF-8.",
+    ]
+
+
 def render_protocol_doc() -> str:
     """Pure: the text of ``docs/protocol.md``."""
     lines = [
@@ -353,6 +371,8 @@ def render_protocol_doc() -> str:
         " fields are rejected) and carries `contract` (`MAJOR.MINOR`) where it has a body of its"
         " own. JSON Schemas (draft 2020-12) are in [`docs/schema/`](schema/), with"
         " [`index.json`](schema/index.json) mapping each to its topic.",
+        "",
+        *_limits_paragraph(),
         "",
         "| topic | direction | QoS | retained | payload schema | content |",
         "|---|---|---|---|---|---|",

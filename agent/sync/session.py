@@ -4,7 +4,9 @@ paho runs its network loop in its own thread and reconnects by itself (exponenti
 a per-device random floor, so a fleet that lost the broker together does not return in
 lock-step). Incoming desired-state payloads are handed to a callback without any work done in
 paho's thread. The session is connected only after the broker *accepted* the connection
-(Frigate's MQTT client marks itself connected even after a refusal: not here).
+(Frigate's MQTT client marks itself connected even after a refusal: not here), and only while
+paho's network thread runs: every callback is guarded (``agent.sync.mqtt.CallbackGuard``), and
+should that thread end all the same, ``connected`` says so instead of paho's stale state.
 """
 
 from __future__ import annotations
@@ -19,11 +21,35 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import BrokerConfig
-from agent.protocol.state import DeviceState, ReportedState
+from agent.protocol.fetch import BadMessage
+from agent.protocol.state import DeviceState, ReportedState, SignedDesired
 from agent.protocol.topics import Topics
-from agent.sync.mqtt import make_client, parse_broker_url
+from agent.sync.mqtt import CallbackGuard, make_client, parse_broker_url
 
 log = logging.getLogger(__name__)
+
+
+class LinkState(threading.Event):
+    """Set while the session is connected: after the broker accepted the connection, until it
+    is lost, and only while the network thread that serves it is alive.
+
+    paho keeps its state "connected" when its network thread ends on an exception (nothing
+    then reads the socket, sends keepalives or reconnects), so ``is_set()`` also asks whether
+    that thread still runs and calls ``on_dead`` when it does not; ``thread`` is None before
+    ``start``, after ``stop`` and when the client is driven by an outside loop
+    (``agent.sim.netloop``), which leaves no thread of the client's own to lose.
+    """
+
+    def __init__(self, on_dead: Callable[[], None]) -> None:
+        super().__init__()
+        self.thread: threading.Thread | None = None
+        self._on_dead = on_dead
+
+    def is_set(self) -> bool:
+        if self.thread is not None and not self.thread.is_alive():
+            self._on_dead()
+            return False
+        return super().is_set()
 
 
 class DeviceSession:
@@ -43,7 +69,8 @@ class DeviceSession:
         self.topics = Topics(cfg.topic_root)
         self.birth = birth
         self.on_desired = on_desired
-        self.connected = threading.Event()
+        self.connected = LinkState(self._network_thread_died)
+        self.guard = CallbackGuard(f"device={device_id}")
         # Called from paho's thread after each accepted (re)connect, e.g. to resubscribe.
         self.on_connected: list[Callable[[], None]] = []
         self.last_error = ""
@@ -65,14 +92,27 @@ class DeviceSession:
         self.client.will_set(
             self.topics.device(device_id, "state"), offline.encode(), qos=1, retain=True
         )
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.message_callback_add(self.topics.device(device_id, "desired"), self._on_desired)
+        self.client.on_connect = self.guard.wrap(self._on_connect)
+        self.client.on_disconnect = self.guard.wrap(self._on_disconnect)
+        self.client.message_callback_add(
+            self.topics.device(device_id, "desired"), self.guard.wrap(self._on_desired)
+        )
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         self.client.connect_async(self._host, self._port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
+        # paho names no accessor for its network thread; it is the one loop_start just made
+        self.connected.thread = getattr(self.client, "_thread", None)
+
+    def _network_thread_died(self) -> None:
+        """Said once ``connected`` finds paho's thread gone (paho itself still says connected)."""
+        if not self.last_error.startswith("MQTT network thread"):
+            self.last_error = (
+                f"MQTT network thread ended (broker {self.cfg.url}); no MQTT until the agent"
+                " restarts"
+            )
+            log.error("device=%s %s", self.device_id, self.last_error)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish the offline state (a clean exit sends no LWT) and disconnect."""
@@ -88,6 +128,8 @@ class DeviceSession:
         # paho loses a disconnect() issued while its thread is inside reconnect(); repeat it
         # now that the thread is gone so no connection attempt survives stop().
         self.client.disconnect()
+        self.connected.clear()
+        self.connected.thread = None
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None
@@ -106,7 +148,7 @@ class DeviceSession:
         self.last_error = ""
         self.connected.set()
         for callback in self.on_connected:
-            callback()
+            self.guard.wrap(callback)()  # one that fails does not keep the others from running
         log.info(
             "device=%s mqtt connected to %s (connect #%d)",
             self.device_id,
@@ -123,6 +165,13 @@ class DeviceSession:
             log.warning("device=%s mqtt disconnected: %s; paho reconnects", self.device_id, rc)
 
     def _on_desired(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Hand the payload on; an oversized one is refused here, before it is queued (the
+        update manager holds messages while it works)."""
+        if len(msg.payload) > SignedDesired.max_bytes:
+            raise BadMessage(
+                f"desired state of {len(msg.payload)} bytes is over the"
+                f" {SignedDesired.max_bytes}-byte limit; dropped"
+            )
         self.on_desired(bytes(msg.payload))
 
     def publish_reported(self, reported: ReportedState) -> None:

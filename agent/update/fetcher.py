@@ -59,6 +59,7 @@ from agent.protocol.fetch import (
     decode_response,
 )
 from agent.protocol.topics import DEFAULT_ROOT, Topics
+from agent.sync.mqtt import CallbackGuard
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class ChunkClient:
     runs), ``stale_responses`` (answers no transfer waits for: late duplicates, answers to
     someone else's junk), ``bad_responses`` (undecodable), ``busy_responses`` (``busy``
     answers), ``timeouts`` (windows unanswered in time), ``window_cuts`` (halvings of
-    ``cwnd``); and the flow state ``rto`` (current timeout), ``srtt``, ``cwnd``.
+    ``cwnd``); and the flow state ``rto`` (current timeout), ``srtt``, ``cwnd``. ``guard``
+    counts, by reason, the answers the response callback dropped (undecodable ones included).
     """
 
     def __init__(
@@ -260,7 +262,9 @@ class ChunkClient:
         self._routes: dict[str, queue.SimpleQueue[tuple[FetchHeader, bytes]]] = {}
         self._token = secrets.token_hex(4)
         self._seq = 0
-        client.message_callback_add(self.resp_topic, self._on_message)
+        # paho's network thread runs the callback: whatever an answer holds must not end it
+        self.guard = CallbackGuard(f"device={device_id} fetch")
+        client.message_callback_add(self.resp_topic, self.guard.wrap(self._on_message))
         self.resubscribe()
 
     # -- MQTT plumbing ------------------------------------------------------------------
@@ -284,11 +288,10 @@ class ChunkClient:
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
         try:
             header, data = decode_response(payload)
-        except BadMessage as e:
+        except BadMessage:
             with self._lock:
                 self.bad_responses += 1
-            log.warning("fetch: undecodable response on %s dropped: %s", msg.topic, e)
-            return
+            raise  # dropped; the guard logs the first of each kind and counts them
         with self._lock:
             route = self._routes.get(header.id)
             if route is None:
