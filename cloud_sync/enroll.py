@@ -117,6 +117,10 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     st = csub.add_parser("status", help="expiry of the CA, broker cert, CRL and identities")
     st.add_argument("--dir", required=True, type=Path)
     st.add_argument("--warn-days", type=int, default=30)
+    st.add_argument(
+        "--textfile", type=Path, default=None, metavar="FILE",
+        help="also write the expiries as Prometheus metrics (node_exporter textfile collector)",
+    )  # fmt: skip
     st.set_defaults(fn=_ca_status)
     acl = csub.add_parser("broker-config", help="write the Mosquitto ACL and TLS listener config")
     acl.add_argument("--dir", required=True, type=Path)
@@ -219,7 +223,15 @@ def ca_warnings(ca: FleetCA, now: datetime, warn: timedelta) -> list[tuple[str, 
     ``warn`` (within ``warn``) or ``expired``."""
     out = []
     for what, exp in sorted(ca.expiries().items(), key=lambda kv: kv[1]):
-        level = "expired" if exp <= now else "warn" if exp - now <= warn else "ok"
+        ahead = warn
+        if what == "crl":
+            # the CRL lives 30 days and the daily timer re-signs it at half; it is worth a
+            # warning only once it is past that point by a margin (the timer is not running),
+            # else `ca status` would warn about a healthy CRL every day
+            last = ca.crl_last_update()
+            if last is not None:
+                ahead = min(warn, (exp - last) / 3)
+        level = "expired" if exp <= now else "warn" if exp - now <= ahead else "ok"
         out.append((what, exp, level))
     return out
 
@@ -232,6 +244,10 @@ def _ca_status(args: argparse.Namespace) -> int:
     for what, exp, level in rows:
         left = exp - now
         print(f"{level.upper():<8} {what:<28} {exp:%Y-%m-%d %H:%M}  ({left.days} d left)")
+    if args.textfile is not None:
+        from cloud_sync.expiry import write_textfile
+
+        write_textfile(args.textfile, [("ca", what, exp, lv) for what, exp, lv in rows])
     levels = {lv for _, _, lv in rows}
     return 2 if "expired" in levels else 1 if "warn" in levels else 0
 

@@ -290,6 +290,14 @@ class FleetCA:
             return None
         return crl.next_update_utc
 
+    def crl_last_update(self) -> datetime | None:
+        """When ``crl.pem`` was signed (its ``lastUpdate``)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return crl.last_update_utc
+
     def refresh_crl(
         self, *, now: datetime | None = None, days: int = 30, within: timedelta | None = None
     ) -> bool:
