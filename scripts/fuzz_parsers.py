@@ -158,9 +158,9 @@ def _around(doc: Any, path: tuple[Any, ...]) -> tuple[bytes, bytes]:
 
 
 def _hostile(doc: Any, max_bytes: int = 8 * MB) -> st.SearchStrategy[bytes]:
-    """Deep nesting, huge numbers, payloads of 1 MB to ``max_bytes`` and invalid UTF-8: the
-    whole payload, or in place of one value of ``doc`` (so that they get past the first
-    check)."""
+    """Deep nesting, huge numbers, payloads of 1 MB (or ``max_bytes`` if less) to
+    ``max_bytes`` and invalid UTF-8: the whole payload, or in place of one value of ``doc`` (so
+    that they get past the first check)."""
     plain = json.dumps(doc).encode()
     where = st.sampled_from(_paths(doc))
 
@@ -174,7 +174,7 @@ def _hostile(doc: Any, max_bytes: int = 8 * MB) -> st.SearchStrategy[bytes]:
         if kind == "number":
             return head + draw(st.sampled_from(HUGE_NUMBERS)) + tail
         if kind == "big":  # (strategies are cached by their arguments: none holds MBs)
-            n = draw(st.integers(MB, max_bytes))
+            n = draw(st.integers(min(MB, max_bytes), max_bytes))
             shape = draw(st.sampled_from(["string", "array", "padding"]))
             if shape == "padding":
                 return plain + b" " * n
@@ -281,7 +281,7 @@ def targets(tmp: Path) -> list[Target]:
         _fetcher_target(),
         _publisher_target(tmp),
         # a card arrives in a signed target of bounded length, hence smaller hostile inputs
-        Target("card", ModelCard.model_validate_json, _payloads(_card_example(), MB),
+        Target("card", ModelCard.model_validate_json, _payloads(_card_example(), 256 << 10),
                (ValueError,)),
         Target("config", _config_target(tmp),
                st.binary(max_size=300) | _mutated_text(EXAMPLE_TOML.decode()).map(str.encode),
