@@ -43,28 +43,30 @@ def repo(tmp_path: Path) -> Path:
 def test_admission_is_first_come_first_served() -> None:
     adm = Admission(2)
     a, b, c, d = (("a", "p"), ("b", "p"), ("c", "p"), ("d", "p"))
-    assert adm.check(a, 0.0) is None and adm.check(b, 0.0) is None
+    assert adm.check(a, 0.0).admitted and adm.check(b, 0.0).admitted
     hint_c = adm.check(c, 0.1)
     hint_d = adm.check(d, 0.2)
-    assert hint_c is not None and hint_d is not None and hint_d >= hint_c
+    assert not hint_c.admitted and not hint_d.admitted and hint_c.in_line and hint_d.in_line
+    assert hint_d.retry_after_s >= hint_c.retry_after_s
     adm.done(a, 1.0)
-    assert adm.check(d, 1.1) is not None  # c is first in line, d must not jump it
-    assert adm.check(c, 1.2) is None
-    assert adm.check(a, 1.3) is None  # a late re-send of a finished transfer (grace)
+    assert not adm.check(d, 1.1).admitted  # c is first in line, d must not jump it
+    assert adm.check(c, 1.2).admitted
+    assert adm.check(a, 1.3).admitted  # a late re-send of a finished transfer (grace)
     adm.done(b, 2.0)
-    assert adm.check(d, 2.1) is None
+    assert adm.check(d, 2.1).admitted
     assert set(adm.active) == {c, d}
 
 
 def test_admission_forgets_idle_transfers_and_absent_waiters() -> None:
     adm = Admission(1, idle_s=5.0)
-    assert adm.check(("a", "p"), 0.0) is None
+    assert adm.check(("a", "p"), 0.0).admitted
     hint = adm.check(("b", "p"), 1.0)
-    assert hint is not None
-    assert adm.check(("c", "p"), 1.0) is not None
+    assert not hint.admitted
+    assert not adm.check(("c", "p"), 1.0).admitted
     # a stops asking (crashed device); b never comes back; c keeps asking
-    assert adm.check(("c", "p"), 7.0 + 2 * hint) is None
+    assert adm.check(("c", "p"), 7.0 + 2 * hint.retry_after_s).admitted
     assert ("b", "p") not in adm.waiting
+    assert adm.waiting_of("b") == 0 and adm.active_of("a") == 0 and adm.active_of("c") == 1
 
 
 def test_clock_skew_cancels_out() -> None:
@@ -287,21 +289,32 @@ def test_two_devices_through_one_transfer_slot(
 
 
 @pytest.mark.broker
-def test_old_devices_and_expired_requests(
+def test_old_devices_wait_in_line_unanswered_and_expired_requests(
     narrow_server: ChunkServer, broker: Mosquitto, repo: Path
 ) -> None:
-    (repo / "targets" / "big.bin").write_bytes(_bytes(300 * KB, 5))
+    big_path = "targets/big.bin"
+    big = repo / big_path
+    big.write_bytes(_bytes(300 * KB, 5))
+    other = ("other", str(big.resolve()))
     with narrow_server._lock:  # another device holds the only transfer slot
-        assert narrow_server._admission is not None
-        assert (
-            narrow_server._admission.check(("other", "targets/big.bin"), time.monotonic()) is None
-        )
+        assert narrow_server._admission.check(other, time.monotonic()).admitted
     raw = RawDevice(broker, "old")
+    new = RawDevice(broker, "new")
     try:
-        # an old device (no busy_ok) is served as before, with the header it knows
-        header = raw.ask("o1", "targets/big.bin")
+        # An old device (no busy_ok) does not know "busy": it gets no answer while it waits in
+        # line (it asks again after its timeout, as for a lost message)...
+        raw.publish(
+            json.dumps({"id": "o1", "path": big_path, "offset": 0, "length": 64 * KB}).encode()
+        )
+        with pytest.raises(queue.Empty):
+            raw.wait("o1", timeout=1.0)
+        usage = narrow_server.usage("old")
+        assert usage is not None and (usage.held, usage.waiting, usage.transfers) == (1, 1, 0)
+        assert raw.ask("o2", "targets/missing.bin").status == "not_found"  # no line for these
+        # ... and once the place is free, its re-send is served with the header it knows.
+        narrow_server._release(other)
+        header = raw.ask("o1", big_path)
         assert (header.status, header.total, header.retry_after_s) == ("ok", 300 * KB, None)
-        assert raw.ask("o2", "targets/missing.bin").status == "not_found"
 
         def flow(rid: str, path: str, sent_at: float) -> dict[str, Any]:
             return {
@@ -314,18 +327,19 @@ def test_old_devices_and_expired_requests(
                 "busy_ok": True,
             }
 
-        raw.publish(json.dumps(flow("n1", "targets/big.bin", time.time())).encode())
-        busy, data = raw.wait("n1")
+        new.publish(json.dumps(flow("n1", big_path, time.time())).encode())
+        busy, data = new.wait("n1")
         assert busy.status == "busy" and busy.retry_after_s and data == b""
-        raw.publish(json.dumps(flow("n2", "targets/missing.bin", time.time())).encode())
-        assert raw.wait("n2")[0].status == "not_found"  # single-window answers skip the line
-        raw.publish(json.dumps(flow("n3", "targets/big.bin", time.time() - 30)).encode())
+        new.publish(json.dumps(flow("n2", "targets/missing.bin", time.time())).encode())
+        assert new.wait("n2")[0].status == "not_found"  # single-window answers skip the line
+        new.publish(json.dumps(flow("n3", big_path, time.time() - 30)).encode())
         with pytest.raises(queue.Empty):
-            raw.wait("n3", timeout=1.0)
+            new.wait("n3", timeout=1.0)
         stats = narrow_server.stats()
-        assert stats.expired == 1 and stats.busy == 1
+        assert stats.expired == 1 and stats.busy == 1 and stats.held == 1
     finally:
         raw.close()
+        new.close()
 
 
 class DroppingServer(ChunkServer):

@@ -6,44 +6,66 @@ the broker hands each request to exactly one replica, which answers on
 ``ROOT/devices/D/fetch/resp`` (QoS 1) with the window ``[offset, offset + length)`` of
 ``repo_dir/<path>`` and the file's total size.
 
-The server trusts nothing in a request: the path must match the contract's pattern, contain no
-``..``, and still lie inside ``repo_dir`` once resolved (symlinks included); anything else is
-answered ``bad_request`` when an id can be recovered, counted and dropped otherwise. Content is
-never checked here: devices verify every byte against signed TUF metadata.
+The server trusts nothing in a request. The path must match the contract's pattern and
+normalise (``canonical_path``: ``targets/./x`` and ``targets//x`` are ``targets/x``; ``..``
+and hidden segments are refused), and once resolved, symlinks included, it must still lie in
+``repo_dir/metadata`` or ``repo_dir/targets``: nothing else below ``repo_dir`` is served, so
+a link ``targets/k -> ../keys`` is refused. Refusals are answered ``bad_request`` with the
+reason when an id can be recovered, counted and dropped otherwise. Content is never checked
+here: devices verify every byte against signed TUF metadata. Every paho callback catches
+whatever it raises (a request must cost at most itself, never paho's network thread).
 
 Requests are served on paho's network thread by default: a window is one ``pread`` from the
 page cache, and handing it to a pool only adds thread switches (``scripts/bench_transfer.py``:
 196 MB/s on paho's thread against 169 MB/s with a pool of 4, 10 MB file, 64 KiB windows,
 8 in flight); ``workers=N`` turns the pool on for slow disks.
 
-Flow control (requests with ``busy_ok``, see ``agent.protocol.fetch``): at most
-``max_transfers`` transfers — a (device, path) pair — are served at once; the others get a
-cheap ``busy`` answer with ``retry_after_s`` and wait in a first-come-first-served line
-(``Admission``). A transfer is released when the window holding the end of its file is
-served, or after ``IDLE_S`` without a request. A single-window file (metadata) needs no
-admission. Replicas admit on their own, so a device that understands it (``sticky_ok``) is told
-which replica answered and sends the rest of the transfer to that replica's own topic
-(``ROOT/devices/+/fetch/req/CLIENT_ID``, subscribed next to the shared one): the replica that
-admitted a transfer sees all its windows, the last one included. Without that, a transfer
-needed a place on every replica (its requests alternated between them) and held each for
-``IDLE_S`` after it ended on another (measured at 1,000 devices, two replicas: 68,000 busy
-answers in one rollout). Requests that waited longer than the device's ``timeout_s`` are dropped
-unanswered: the device has asked again already. Admission runs on paho's thread before the
-pool, so neither the pool's queue nor paho's outgoing queue grows with the number of devices:
-``max_transfers x window`` answers at most (32 x 32 by default, against
-``MAX_QUEUED_RESPONSES``). Requests without ``busy_ok`` (older devices) are served as before.
+Admission (``cloud_sync.registry.admission``), for every request, in this order:
+
+1. Rate: a device (the id in the topic) may send ``device_rate`` requests per second
+   (bucket ``device_burst``); the rest are dropped before they are parsed.
+2. Transfers: a transfer is a (device, resolved file) pair, so aliases of one file are one
+   transfer. At most ``max_transfers`` are served at once, at most ``device_transfers`` of
+   one device; the others wait in a first-come-first-served line where a device holds at
+   most ``device_waiting`` places. A transfer is released when the window holding the end of
+   its file is served, or after ``IDLE_S`` without a request. A single-window file (metadata)
+   needs no admission. A device that understands ``busy`` (``busy_ok``) is answered ``busy``
+   with ``retry_after_s``; an older one gets no answer while it waits (its place is kept
+   ``HOLD_TTL_S`` after each request) and is served when it asks again after its own
+   timeout, which every fetcher version does. With the line full, ``busy`` for the first and
+   nothing for the second, without a place.
+3. Data rate: a device may draw ``device_byte_rate`` bytes per second (bucket
+   ``device_byte_burst``, so a whole model of that size comes at full speed); beyond, it is
+   told ``busy`` until its share is back (or, without ``busy_ok``, not answered).
+4. Queue: an answer is queued only while the bytes of answers not yet acknowledged by the
+   broker stay within ``device_queued_bytes`` for its device and ``max_queued_bytes`` for all
+   (each answer counts its payload + 1 KiB, ``answer_queue``); otherwise it is dropped
+   (``shed``) and the device asks again. paho keeps a payload and, until written, its
+   packet: memory stays under twice the bound.
+
+What this cannot do: every request still costs the replica its reading. Measured here under
+a flood, 9 in 10 requests dropped over the rate: ~70 µs of CPU per request, most of it paho's,
+about 15,000 requests/s per core. A flood faster than that delays everyone's requests in the
+broker and must be stopped there (Mosquitto 2.0 has no per-client rate limit: revoke the device
+the rate-limit log line names, or run more replicas, which split the flood).
+
+Requests that waited longer than the device's ``timeout_s`` are dropped unanswered: the device
+has asked again already. Replicas admit on their own, so a device that understands it
+(``sticky_ok``) is told which replica answered and sends the rest of the transfer to that
+replica's own topic (``ROOT/devices/+/fetch/req/CLIENT_ID``, subscribed next to the shared
+one): the replica that admitted a transfer sees all its windows, the last one included.
+Without that, a transfer needed a place on every replica (its requests alternated between
+them) and held each for ``IDLE_S`` after it ended on another (measured at 1,000 devices, two
+replicas: 68,000 busy answers in one rollout).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import ssl
-import stat
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -63,25 +85,54 @@ from agent.protocol.fetch import (
 )
 from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics, valid_device_id
 from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
+from cloud_sync.registry.admission import (
+    ANSWER_OVERHEAD,
+    GRACE_S,
+    HOLD_TTL_S,
+    IDLE_S,
+    MAX_RETRY_S,
+    MIN_RETRY_S,
+    Admission,
+    Decision,
+    DeviceAccounts,
+    DeviceUsage,
+    PathError,
+    ServeLimits,
+    TransferKey,
+    _Clocks,
+    canonical_path,
+)
+from cloud_sync.registry.answer_queue import AnswerQueue, Outcome
+from cloud_sync.registry.served_tree import (
+    ServedTree,
+    fits_one_window,
+    read_window,
+    resolve_repo_path,
+)
+
+__all__ = [
+    "GRACE_S",
+    "IDLE_S",
+    "MAX_REQUEST_BYTES",
+    "Admission",
+    "ChunkServer",
+    "DeviceUsage",
+    "ServeLimits",
+    "ServerStats",
+    "_Clocks",
+    "read_window",
+    "resolve_repo_path",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096  # a valid request is < 700 bytes; bigger ones are not even parsed
-# paho's outgoing queue (x 64 KB: 128 MB at most): bounded memory under a flood; it sets the
-# transfers served at once (32 x the largest window, 64). Since transfers stick to the replica
-# that admitted them, two replicas serve 64 transfers between them.
-MAX_QUEUED_RESPONSES = 2048
-RESOLVE_TTL_S = 1.0  # how long a resolved request path is reused
-RESOLVE_CACHE = 256  # resolved request paths kept
-MAX_INFLIGHT = 100  # QoS 1 responses awaiting PUBACK (paho's default of 20 throttles windows)
-MAX_TRANSFERS = MAX_QUEUED_RESPONSES // 64  # 64 = the largest device window (agent config)
-IDLE_S = 5.0  # an admitted transfer without a request for this long is released
-GRACE_S = 5.0  # after a transfer's last window, its late re-sends are served without admission
-MIN_RETRY_S = 0.25  # bounds of the retry_after_s hint in busy answers
-MAX_RETRY_S = 10.0
-MAX_WAITING = 100_000  # transfers kept in line; beyond, busy without a place in line
-BASE_DRIFT = 0.01  # s/s: how fast a device's clock-offset floor may rise (clock drift)
-MAX_CLOCKS = 100_000  # devices whose clock offset is remembered
+# QoS 1 answers awaiting PUBACK: no count limit (0), the byte bounds decide. A count shared by
+# all devices lets one device's unacknowledged answers hold everyone's back in paho's queue
+# (paho's default of 20 also throttled windows).
+MAX_INFLIGHT = 0
+MAX_TRANSFERS = ServeLimits().max_transfers
+LOG_EVERY_S = 10.0  # one log line per kind of refusal this often (a flood must not flood logs)
 
 
 @dataclass
@@ -100,6 +151,14 @@ class ServerStats:
         expired: dropped unanswered because they waited longer than the device's timeout.
         admitted: transfers admitted.
         exempt: single-window files served without admission.
+        rate_limited: dropped unread: the device was over its request rate.
+        throttled: not served now: the device was over its data rate (``busy``, or held).
+        held: unanswered while their transfer waits in line (devices without ``busy_ok``).
+        refused: transfers refused a place in line (the device's or the fleet's line full).
+        shed: answers not queued: a queued-bytes bound (the device's or the fleet's) was hit.
+        aliases: requests whose path was not in its canonical form (served as that form).
+        queued_bytes: bytes of answers in paho's outgoing queue now (see ``ServeLimits``).
+        peak_queued_bytes: the most there ever were.
         by_device: requests per device id.
         bytes_by_device: data bytes per device id.
     """
@@ -115,52 +174,16 @@ class ServerStats:
     expired: int = 0
     admitted: int = 0
     exempt: int = 0
+    rate_limited: int = 0
+    throttled: int = 0
+    held: int = 0
+    refused: int = 0
+    shed: int = 0
+    aliases: int = 0
+    queued_bytes: int = 0
+    peak_queued_bytes: int = 0
     by_device: dict[str, int] = field(default_factory=dict)
     bytes_by_device: dict[str, int] = field(default_factory=dict)
-
-
-def resolve_repo_path(repo_root: Path, path: str) -> Path | None:
-    """The file ``path`` names inside ``repo_root`` (already resolved), or None if it escapes.
-
-    ``path`` is a validated contract path (``metadata/…`` or ``targets/…``). Symlinks are
-    followed before the check, so a link pointing out of the repository is refused too.
-    """
-    try:
-        candidate = (repo_root / path).resolve()
-    except (OSError, RuntimeError):  # a symlink loop (RuntimeError up to Python 3.12)
-        return None
-    if candidate == repo_root or not candidate.is_relative_to(repo_root):
-        return None
-    return candidate
-
-
-def read_window(file: Path, offset: int, length: int) -> tuple[int, bytes]:
-    """``(file size, bytes [offset, offset + length))``; empty data at or past the end.
-
-    Raises:
-        FileNotFoundError: no such file, or not a regular file.
-        OSError: the file cannot be read.
-    """
-    # O_NOFOLLOW: ``file`` is already resolved, so a symlink here was swapped in after the check.
-    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileNotFoundError(f"{file} is not a regular file")
-        total = st.st_size
-        if offset >= total:
-            return total, b""
-        return total, os.pread(fd, min(length, MAX_CHUNK, total - offset), offset)
-    finally:
-        os.close(fd)
-
-
-def _fits(file: Path, length: int) -> bool:
-    """True when ``file`` is at most ``length`` bytes (one window holds all of it)."""
-    try:
-        return os.stat(file).st_size <= length
-    except OSError:
-        return True  # answered not_found/error at once: nothing to queue
 
 
 def _recover_id(payload: bytes) -> tuple[str, str] | None:
@@ -177,113 +200,26 @@ def _recover_id(payload: bytes) -> tuple[str, str] | None:
     return rid, path[:600] if isinstance(path, str) else ""
 
 
-TransferKey = tuple[str, str]  # (device id, path)
+def _charge(req: FetchRequest) -> int:
+    """Queue bytes to reserve for the answer to ``req`` (the largest it can be)."""
+    return 4 + 300 + 2 * len(req.path) + min(req.length, MAX_CHUNK) + ANSWER_OVERHEAD
 
 
-@dataclass
-class _Waiter:
-    last: float  # last request seen
-    ttl: float  # gone from the line when not seen for this long
+class _LogLimiter:
+    """At most one log line per kind every ``every_s``; tells how many were left out."""
 
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}
 
-class Admission:
-    """Pure: which transfers are served now, and a first-come-first-served line for the rest.
-
-    Not thread-safe (the server holds its lock). Every method takes ``now`` (monotonic s).
-
-    Args:
-        max_transfers: transfers served at once (>= 1).
-        idle_s: an admitted transfer not heard from for this long is released.
-        grace_s: a finished transfer's late requests are served without admission this long.
-    """
-
-    def __init__(
-        self, max_transfers: int, *, idle_s: float = IDLE_S, grace_s: float = GRACE_S
-    ) -> None:
-        if max_transfers < 1:
-            raise ValueError(f"max_transfers must be >= 1, got {max_transfers}")
-        self.max_transfers = max_transfers
-        self.idle_s = idle_s
-        self.grace_s = grace_s
-        self.active: dict[TransferKey, list[float]] = {}  # key -> [admitted at, last seen]
-        self.finished: OrderedDict[TransferKey, float] = OrderedDict()  # key -> grace until
-        self.waiting: OrderedDict[TransferKey, _Waiter] = OrderedDict()
-        self.avg_s = 1.0  # moving average of an admitted transfer's duration
-
-    def is_served(self, key: TransferKey, now: float) -> bool:
-        """True when ``key`` is admitted (or just finished); refreshes it."""
-        act = self.active.get(key)
-        if act is not None:
-            act[1] = now
-            return True
-        until = self.finished.get(key)
-        return until is not None and until > now
-
-    def check(self, key: TransferKey, now: float) -> float | None:
-        """None: serve ``key`` now (admitting it if needed); else the ``retry_after_s`` hint."""
-        if self.is_served(key, now):
+    def __call__(self, kind: str, now: float) -> int | None:
+        """None: stay silent; else log now, mentioning the returned count left out."""
+        at, skipped = self._last.get(kind, (-self.every_s, 0))
+        if now - at < self.every_s:
+            self._last[kind] = (at, skipped + 1)
             return None
-        self._expire(now)
-        free = self.max_transfers - len(self.active)
-        w = self.waiting.get(key)
-        if w is None:
-            if len(self.waiting) >= MAX_WAITING:
-                return MAX_RETRY_S
-            w = self.waiting[key] = _Waiter(now, 0.0)
-        w.last = now
-        pos = 0
-        for k in self.waiting:  # expired entries were removed by _expire
-            if k == key:
-                break
-            pos += 1
-        if pos < free:
-            del self.waiting[key]
-            self.active[key] = [now, now]
-            return None
-        ahead = pos - max(free, 0) + 1
-        retry = min(MAX_RETRY_S, max(MIN_RETRY_S, ahead * self.avg_s / self.max_transfers))
-        w.ttl = 2 * retry + 2.0
-        return retry
-
-    def done(self, key: TransferKey, now: float) -> None:
-        """``key`` served its last window (or failed): free its place."""
-        act = self.active.pop(key, None)
-        if act is None:
-            return
-        self.avg_s = 0.8 * self.avg_s + 0.2 * max(0.0, now - act[0])
-        self.finished[key] = now + self.grace_s
-        self.finished.move_to_end(key)
-
-    def _expire(self, now: float) -> None:
-        for key in [k for k, a in self.active.items() if now - a[1] > self.idle_s]:
-            del self.active[key]
-        while self.finished and next(iter(self.finished.values())) <= now:
-            self.finished.popitem(last=False)
-        for key in [k for k, w in self.waiting.items() if now - w.last > w.ttl]:
-            del self.waiting[key]
-
-
-class _Clocks:
-    """Pure: per device, the floor of ``receive wall time - sent_at`` (delay + clock offset).
-
-    A request's queueing delay is its own ``receive - sent_at`` minus that floor, so the two
-    clocks need not agree. The floor may rise ``BASE_DRIFT`` s per s (clock drift).
-    """
-
-    def __init__(self) -> None:
-        self.floor: OrderedDict[str, tuple[float, float]] = OrderedDict()  # dev -> (floor, at)
-
-    def delay(self, device_id: str, sent_at: float, now_wall: float, *, learn: bool) -> float:
-        """Seconds the request has waited beyond the fastest one seen from this device."""
-        sample = now_wall - sent_at
-        old = self.floor.get(device_id)
-        floor = sample if old is None else min(sample, old[0] + BASE_DRIFT * (now_wall - old[1]))
-        if learn:
-            self.floor[device_id] = (floor, now_wall)
-            self.floor.move_to_end(device_id)
-            if len(self.floor) > MAX_CLOCKS:
-                self.floor.popitem(last=False)
-        return sample - floor
+        self._last[kind] = (now, 0)
+        return skipped
 
 
 @dataclass
@@ -293,14 +229,15 @@ class _Job:
     device_id: str
     req: FetchRequest
     file: Path
-    admitted: bool
+    key: TransferKey | None  # the admitted transfer, released at its last window
+    reserved: int = 0  # queue bytes reserved for the answer
 
 
 class ChunkServer:
     """One registry replica answering chunk requests for every device.
 
     Args:
-        repo_dir: the TUF repository (``metadata/`` and ``targets/`` below it).
+        repo_dir: the TUF repository (``metadata/`` and ``targets/`` below it are served).
         broker_url: ``mqtt://host:port`` or ``mqtts://host:port``.
         root: topic root.
         client_id: MQTT client id, unique per replica.
@@ -310,8 +247,9 @@ class ChunkServer:
         on_tick: called with ``time.time()`` about every second from ``serve_forever`` (the
             registry re-signs timestamp metadata there before it expires).
         workers: 0 serves on paho's thread; N > 0 uses a pool of N threads.
-        max_transfers: transfers (device, path) served at once for devices that understand
-            ``busy``; 0 turns admission control off.
+        max_transfers: transfers served at once (overrides ``limits.max_transfers``); 0: no
+            fleet-wide limit (the per-device limits still apply).
+        limits: per-device and fleet-wide limits (default ``ServeLimits()``).
         tls_context: for ``mqtts://``; default: from the environment (``EDGEFLEET_TLS_*``,
             see ``agent.sync.mqtt.configure_service_tls``).
 
@@ -329,16 +267,27 @@ class ChunkServer:
         share_group: str | None = REGISTRY_SHARE_GROUP,
         on_tick: Callable[[float], None] | None = None,
         workers: int = 0,
-        max_transfers: int = MAX_TRANSFERS,
+        max_transfers: int | None = None,
+        limits: ServeLimits | None = None,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        if workers < 0 or max_transfers < 0:
+        if workers < 0 or (max_transfers is not None and max_transfers < 0):
             raise ValueError(
                 f"workers and max_transfers must be >= 0, got {workers}, {max_transfers}"
             )
-        self._admission = Admission(max_transfers) if max_transfers else None
+        limits = limits or ServeLimits()
+        if max_transfers is not None:
+            limits = limits.model_copy(update={"max_transfers": max_transfers})
+        self.limits = limits
+        self._admission = Admission(
+            limits.max_transfers,
+            device_transfers=limits.device_transfers,
+            device_waiting=limits.device_waiting,
+        )
+        self._accounts = DeviceAccounts(limits)
         self._clocks = _Clocks()
-        self.repo_root = Path(repo_dir).resolve()
+        self._tree = ServedTree(Path(repo_dir))
+        self.repo_root = self._tree.repo_root
         self.host, self.port, tls = parse_broker_url(broker_url)
         self.topics = Topics(root)
         self.subscription = self.topics.shared(share_group, "fetch/req")
@@ -353,10 +302,11 @@ class ChunkServer:
         self._sub_mid: int | None = None
         self._sub_failure = ""
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunk") if workers else None
-        self._resolved: OrderedDict[str, tuple[Path | None, float]] = OrderedDict()
+        self._log_limit = _LogLimiter()
         self.client = make_client(client_id, clean=True)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
-        self.client.max_queued_messages_set(MAX_QUEUED_RESPONSES)
+        # A backstop only: the byte bound (each answer charged >= ANSWER_OVERHEAD) is tighter.
+        self.client.max_queued_messages_set(limits.max_queued_bytes // ANSWER_OVERHEAD + 16)
         if tls and tls_context is not None:
             self.client.tls_set_context(tls_context)
         elif tls:
@@ -364,9 +314,11 @@ class ChunkServer:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
-        self.client.message_callback_add(self.topics.all_devices("fetch/req"), self._on_message)
-        if self.direct is not None:
-            self.client.message_callback_add(self.direct, self._on_message)
+        self.client.on_publish = self._on_publish
+        self._answers = AnswerQueue(self.client, self._accounts, self._lock)
+        # Every subscription of this client is a request topic: one callback for all, without
+        # paho's per-message topic matching (~10 % of a flood's cost; _intake parses anyway).
+        self.client.on_message = self._on_message
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -433,156 +385,236 @@ class ChunkServer:
         with self._lock:
             return replace(
                 self._stats,
+                queued_bytes=self._accounts.queued_bytes,
+                peak_queued_bytes=self._accounts.peak_queued_bytes,
                 by_device=dict(self._stats.by_device),
                 bytes_by_device=dict(self._stats.bytes_by_device),
             )
 
-    # -- paho callbacks (network thread) ------------------------------------------------
+    def usage(self, device_id: str) -> DeviceUsage | None:
+        """A copy of one device's usage (rate, transfers, line, queued bytes, peaks)."""
+        with self._lock:
+            return self._accounts.usage(device_id)
+
+    # -- paho callbacks (network thread): none lets an exception reach paho ------------------
 
     def _on_connect(
         self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
-        if reason.is_failure:
-            self._sub_failure = f"CONNACK {reason}"
-            log.warning("chunk server %s: broker refused connection: %s", self.client_id, reason)
-            return
-        subs = [(self.subscription, 1)] + ([(self.direct, 1)] if self.direct else [])
-        rc, mid = client.subscribe(subs)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._sub_failure = f"subscribe rc={rc}"
-            log.warning("chunk server %s: subscribe failed rc=%s", self.client_id, rc)
-            return
-        self._sub_mid = mid
+        try:
+            if reason.is_failure:
+                self._sub_failure = f"CONNACK {reason}"
+                log.warning(
+                    "chunk server %s: broker refused connection: %s", self.client_id, reason
+                )
+                return
+            subs = [(self.subscription, 1)] + ([(self.direct, 1)] if self.direct else [])
+            rc, mid = client.subscribe(subs)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._sub_failure = f"subscribe rc={rc}"
+                log.warning("chunk server %s: subscribe failed rc=%s", self.client_id, rc)
+                return
+            self._sub_mid = mid
+        except Exception:
+            log.exception("chunk server %s: on_connect failed; paho reconnects", self.client_id)
 
     def _on_subscribe(
         self, _c: mqtt.Client, _ud: Any, mid: int, reasons: list[Any], _props: Any
     ) -> None:
-        if mid != self._sub_mid:
-            return
-        if any(r.is_failure for r in reasons):
-            self._sub_failure = f"SUBACK {[str(r) for r in reasons]}"
-            log.error(
-                "chunk server %s: broker refused %s: %s",
-                self.client_id,
-                self.subscription,
-                self._sub_failure,
-            )
-            return
-        self._sub_failure = ""
-        self._ready.set()
+        try:
+            if mid != self._sub_mid:
+                return
+            if any(r.is_failure for r in reasons):
+                self._sub_failure = f"SUBACK {[str(r) for r in reasons]}"
+                log.error(
+                    "chunk server %s: broker refused %s: %s",
+                    self.client_id,
+                    self.subscription,
+                    self._sub_failure,
+                )
+                return
+            self._sub_failure = ""
+            self._ready.set()
+        except Exception:
+            log.exception("chunk server %s: on_subscribe failed", self.client_id)
 
     def _on_disconnect(
         self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         self._ready.clear()
-        if reason.is_failure:
-            log.warning(
-                "chunk server %s: disconnected (%s); paho reconnects", self.client_id, reason
-            )
+        try:
+            if reason.is_failure:
+                log.warning(
+                    "chunk server %s: disconnected (%s); paho reconnects", self.client_id, reason
+                )
+        except Exception:
+            log.exception("chunk server %s: on_disconnect failed", self.client_id)
+
+    def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
+        """The broker acknowledged an answer: its bytes leave the outgoing queue."""
+        try:
+            self._answers.acknowledged(mid)
+        except Exception:
+            log.exception("chunk server %s: on_publish failed", self.client_id)
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
         try:
-            job = self._intake(msg.topic, payload)
+            try:
+                topic = msg.topic  # decodes UTF-8
+            except UnicodeDecodeError:
+                self._count(requests=1, dropped=1)
+                self._log("topic", time.monotonic(), "chunk request on a non-UTF-8 topic dropped")
+                return
+            payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+            job = self._intake(topic, payload)
+            if job is not None:
+                self._dispatch(job)
         except Exception:  # a bug here must cost one request, not the replica
-            log.exception("chunk request on %s crashed the handler; dropped", msg.topic)
+            log.exception("chunk request crashed the handler; dropped")
             self._count(errors=1, dropped=1)
-            return
-        if job is None:
-            return
-        if self._pool is None:
-            self._finish(job)
-        else:
-            self._pool.submit(self._finish, job)
 
     # -- serving ------------------------------------------------------------------------
 
-    def _serve(self, topic: str, payload: bytes) -> None:
-        """Answer one request on this thread; never raises."""
-        try:
-            job = self._intake(topic, payload)
-        except Exception:
-            log.exception("chunk request on %s crashed the handler; dropped", topic)
-            self._count(errors=1, dropped=1)
-            return
-        if job is not None:
+    def _dispatch(self, job: _Job) -> None:
+        """Answer ``job`` on this thread, or hand it to the pool; never raises."""
+        if self._pool is None:
             self._finish(job)
+            return
+        try:
+            self._pool.submit(self._finish, job)
+        except RuntimeError:  # the pool is shut down: stop() is under way
+            self._unreserve(job)
 
     def _intake(self, topic: str, payload: bytes) -> _Job | None:
-        """Parse, check and admit one request (paho's thread: cheap, no file reads).
+        """Rate-limit, parse, check and admit one request (cheap: no file reads).
 
-        Bad, forbidden, expired and not-admitted requests are answered (or dropped) here;
-        the rest come back as a ``_Job`` for ``_finish``.
+        Bad, forbidden, expired, over-rate and not-admitted requests are answered (or dropped)
+        here; the rest come back as a ``_Job`` for ``_finish``, with queue bytes reserved.
         """
+        now = time.monotonic()
         parsed = self.topics.parse(topic)
+        device_id = parsed[0] if parsed is not None and parsed[1] == "fetch/req" else None
         with self._lock:
             self._stats.requests += 1
-            if parsed is not None:
-                dev = parsed[0]
-                self._stats.by_device[dev] = self._stats.by_device.get(dev, 0) + 1
-        if parsed is None or parsed[1] != "fetch/req":
+            allowed = True
+            if device_id is not None:
+                by = self._stats.by_device
+                by[device_id] = by.get(device_id, 0) + 1
+                allowed = self._accounts.request(device_id, now)
+                if not allowed:
+                    self._stats.rate_limited += 1
+        if device_id is None:
             self._count(dropped=1)
-            log.warning("chunk request on unexpected topic %r dropped", topic)
+            self._log("topic", now, "chunk request on unexpected topic %r dropped", topic[:200])
             return None
-        device_id = parsed[0]
-        req_or_header = self._decode(payload)
-        if req_or_header is None:
+        if not allowed:
+            self._log(
+                "rate",
+                now,
+                "chunk requests from %s over its rate (%s/s); dropped. A device that keeps on is "
+                "broken or hostile: revoke it (edgefleet ca revoke %s --dir CA)",
+                device_id,
+                self.limits.device_rate,
+                device_id,
+            )
             return None
-        if isinstance(req_or_header, FetchHeader):
-            self._publish(device_id, req_or_header, b"")
+        decoded = self._decode(payload)
+        if decoded is None:
             return None
-        req, file = req_or_header
+        if isinstance(decoded, FetchHeader):
+            self._publish(device_id, decoded, b"")
+            return None
+        req, file = decoded
         if self._expired(device_id, req, learn=True):
             return None
-        admitted = False
-        if req.busy_ok and self._admission is not None:
-            key = (device_id, req.path)
-            with self._lock:
-                was_active = key in self._admission.active
-                retry = self._admission.check(key, time.monotonic())
-                admitted = retry is None and key in self._admission.active
-                if admitted and not was_active:
+        return self._admit(device_id, req, file, now)
+
+    def _admit(self, device_id: str, req: FetchRequest, file: Path, now: float) -> _Job | None:
+        """Admission for one valid request: a ``_Job``, or None (answered busy or dropped).
+
+        In order: the transfer's place (or a single-window file's exemption), the device's
+        data rate, the queue bytes for the answer.
+        """
+        key = (device_id, str(file))
+        # A single-window file is cheaper to serve than to queue: no admission.
+        single = req.offset == 0 and fits_one_window(file, req.length)
+        with self._lock:
+            adm = self._admission
+            if single and not adm.is_served(key, now):
+                decision = Decision(True)
+                self._stats.exempt += 1
+            else:
+                was_active = key in adm.active
+                decision = adm.check(key, now, ttl_s=None if req.busy_ok else HOLD_TTL_S)
+                if decision.admitted and not was_active and key in adm.active:
                     self._stats.admitted += 1
-            if retry is not None and req.offset == 0 and _fits(file, req.length):
-                self._count(exempt=1)  # a single-window file: cheaper to serve than to queue
-                with self._lock:
-                    self._admission.waiting.pop(key, None)
-            elif retry is not None:
-                self._count(busy=1)
-                busy = FetchHeader(
-                    id=req.id,
-                    path=req.path,
-                    offset=req.offset,
-                    total=0,
-                    status="busy",
-                    retry_after_s=round(retry, 3),
-                )
-                self._publish(device_id, busy, b"")
-                return None
-        return _Job(device_id, req, file, admitted)
+            self._accounts.note_transfers(
+                device_id, adm.active_of(device_id), adm.waiting_of(device_id)
+            )
+            if decision.admitted:
+                wait = self._accounts.draw(device_id, min(req.length, MAX_CHUNK), now)
+                if wait is not None:
+                    self._stats.throttled += 1
+                    retry = min(MAX_RETRY_S, max(MIN_RETRY_S, wait))
+                    decision = Decision(False, retry, in_line=True)
+            if decision.admitted:
+                reserved = _charge(req)
+                if not self._accounts.reserve(device_id, reserved):
+                    self._stats.shed += 1
+                    return None
+                admitted = key in adm.active
+                return _Job(device_id, req, file, key if admitted else None, reserved)
+            if not decision.in_line:
+                self._stats.refused += 1
+                self._accounts.count(device_id, "refused")
+            if not req.busy_ok:
+                if decision.in_line:
+                    self._stats.held += 1
+                    self._accounts.count(device_id, "held")
+                return None  # no answer it understands: it asks again after its timeout
+            self._stats.busy += 1
+            self._accounts.count(device_id, "busy")
+        busy = FetchHeader(
+            id=req.id,
+            path=req.path,
+            offset=req.offset,
+            total=0,
+            status="busy",
+            retry_after_s=round(decision.retry_after_s, 3),
+            error="" if decision.in_line else "the registry's line is full for this device",
+        )
+        self._publish(device_id, busy, b"")
+        return None
 
     def _finish(self, job: _Job) -> None:
         """Read and answer an accepted request; never raises."""
         try:
             if self._expired(job.device_id, job.req, learn=False):
+                self._unreserve(job)
                 return
             header, data = self._read(job.req, job.file)
-            if job.admitted and (
+            if job.key is not None and (
                 header.status != "ok" or job.req.offset + len(data) >= header.total
             ):
-                self._release((job.device_id, job.req.path))
+                self._release(job.key)
         except Exception:  # a bug here must cost one request, not the replica
             log.exception("chunk request from %s crashed the handler; dropped", job.device_id)
             self._count(errors=1, dropped=1)
+            self._unreserve(job)
             return
-        self._publish(job.device_id, header, data)
+        self._publish(job.device_id, header, data, reserved=job.reserved)
+
+    def _unreserve(self, job: _Job) -> None:
+        self._answers.release(job.device_id, job.reserved)
 
     def _release(self, key: TransferKey) -> None:
-        if self._admission is None:
-            return
         with self._lock:
             if key in self._admission.active:
                 self._admission.done(key, time.monotonic())
+                dev = key[0]
+                self._accounts.note_transfers(
+                    dev, self._admission.active_of(dev), self._admission.waiting_of(dev)
+                )
 
     def _expired(self, device_id: str, req: FetchRequest, *, learn: bool) -> bool:
         """True (counted) when the request waited longer than the device waits for it."""
@@ -610,23 +642,38 @@ class ChunkServer:
                 return None
             rid, path = recovered
             return self._status(rid, path, 0, "bad_request", str(e))
-        file = self._resolve(req.path)
+        try:
+            canon = canonical_path(req.path)
+        except PathError as e:
+            self._count(bad_requests=1)
+            return self._status(req.id, req.path, req.offset, "bad_request", f"{e}; refused")
+        if canon != req.path:
+            self._count(aliases=1)
+        file = self._tree.resolve(canon)
         if file is None:
             self._count(bad_requests=1)
-            log.warning("chunk request %s for %r escapes the repository; refused", req.id, req.path)
+            self._log(
+                "escape",
+                time.monotonic(),
+                "chunk request %s for %r leads out of metadata/ and targets/; refused",
+                req.id,
+                req.path,
+            )
             return self._status(
                 req.id,
                 req.path,
                 req.offset,
                 "bad_request",
-                f"path {req.path!r} is outside the repository",
+                f"path {req.path!r} is outside the served metadata/ and targets/",
             )
         return req, file
 
     def answer(self, payload: bytes) -> tuple[FetchHeader | None, bytes]:
         """The answer to one request payload, or ``(None, b"")`` when none can be sent.
 
-        Counts into ``stats()``; never raises for bad input (malformed, forbidden, missing).
+        No admission, rate or queue bound (for tests and tools answering one request at a
+        time). Counts into ``stats()``; never raises for bad input (malformed, forbidden,
+        missing).
         """
         decoded = self._decode(payload)
         if decoded is None:
@@ -657,45 +704,30 @@ class ChunkServer:
             id=req.id, path=req.path, offset=req.offset, total=total, replica=replica
         ), data
 
-    def _resolve(self, path: str) -> Path | None:
-        """``resolve_repo_path`` with a small cache of recent answers.
-
-        Resolving walks every component with ``lstat`` (5 calls here, ~90 µs, more than the
-        read itself) and a transfer asks for one path many times.
-        An entry lives ``RESOLVE_TTL_S``: a symlink the operator re-points inside the
-        repository takes effect that much later; the final ``open`` uses ``O_NOFOLLOW`` anyway.
-        """
-        now = time.monotonic()
-        with self._lock:
-            hit = self._resolved.get(path)
-            if hit is not None and now - hit[1] < RESOLVE_TTL_S:
-                return hit[0]
-        file = resolve_repo_path(self.repo_root, path)
-        with self._lock:
-            self._resolved[path] = (file, now)
-            self._resolved.move_to_end(path)
-            while len(self._resolved) > RESOLVE_CACHE:
-                self._resolved.popitem(last=False)
-        return file
-
     @staticmethod
     def _status(rid: str, path: str, offset: int, status: Any, error: str) -> FetchHeader:
         return FetchHeader(
             id=rid, path=path, offset=offset, total=0, status=status, error=error[:500]
         )
 
-    def _publish(self, device_id: str, header: FetchHeader, data: bytes) -> None:
-        info = self.client.publish(
-            self.topics.device(device_id, "fetch/resp"), encode_response(header, data), qos=1
+    def _publish(self, device_id: str, header: FetchHeader, data: bytes, reserved: int = 0) -> None:
+        """Queue one answer within the byte bounds (``reserved`` exchanged); never raises."""
+        topic = self.topics.device(device_id, "fetch/resp")
+        outcome, rc = self._answers.send(
+            device_id, topic, encode_response(header, data), reserved=reserved
         )
-        # NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if outcome is Outcome.SHED:
+            self._count(shed=1)
+            return
+        if outcome is Outcome.FAILED:
             self._count(errors=1, dropped=1)
-            log.warning(
+            self._log(
+                "queue",
+                time.monotonic(),
                 "chunk response %s to %s not queued (rc=%s); the device will retry",
                 header.id,
                 device_id,
-                info.rc,
+                rc,
             )
             return
         with self._lock:
@@ -703,6 +735,17 @@ class ChunkServer:
             self._stats.bytes_sent += len(data)
             by = self._stats.bytes_by_device
             by[device_id] = by.get(device_id, 0) + len(data)
+
+    def _log(self, kind: str, now: float, msg: str, *args: Any) -> None:
+        """A warning, at most one per ``kind`` every ``LOG_EVERY_S``."""
+        with self._lock:
+            skipped = self._log_limit(kind, now)
+        if skipped is None:
+            return
+        if skipped:
+            log.warning(msg + " (%d more like it not logged)", *args, skipped)
+        else:
+            log.warning(msg, *args)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
