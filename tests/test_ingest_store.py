@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -10,13 +11,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.errors import BadDataError
 from agent.protocol.schema import EXAMPLES
 from cloud_sync.ingest.store import (
+    DEAD_LETTER_KEEP,
     DEVICE_TELEMETRY,
     EVENTS,
     LATEST,
     BadRecord,
     Store,
+    dead_letter_row,
     make_engine,
     migrate,
     open_store,
@@ -186,6 +190,16 @@ def test_bad_records_are_typed_and_store_nothing(store: Store) -> None:
     assert store.counts()["telemetry"] == 0 and store.counts()["events"] == 0
 
 
+def test_an_integer_beyond_64_bits_is_bad_data(store: Store) -> None:
+    """sqlite3 raises a bare OverflowError, PostgreSQL 'bigint out of range': both BadDataError,
+    so the ingest worker dead-letters the message instead of dying on it."""
+    with pytest.raises(BadDataError):
+        store.add_events([{**event(1, T0), "frame_seq": 2**70}])
+    with pytest.raises(BadDataError):
+        store.add_telemetry_batch([{**telemetry(), "outbox": {"depth": 2**70}}])
+    assert store.counts()["events"] == store.counts()["telemetry"] == 0
+
+
 def test_groups_are_stored_and_shown(store: Store) -> None:
     store.upsert_state({**state("cam-1"), "groups": ["lobby", "canary"]}, now=T0)
     store.upsert_state(state("cam-2"), now=T0)  # an agent without groups (older contract)
@@ -220,6 +234,25 @@ def test_dead_letters(store: Store) -> None:
     [dl] = store.dead_letters()
     assert dl["payload"] == b"\xff{not json" and dl["reason"] == "not JSON"
     assert dl["received_at"] == T0 and dl["topic"].endswith("/telemetry")
+    assert dl["payload_bytes"] == 10
+    assert dl["payload_sha256"] == hashlib.sha256(b"\xff{not json").hexdigest()
+
+
+def test_a_dead_letter_keeps_a_bounded_prefix_and_storable_text(store: Store) -> None:
+    """20 MB refused: 4 KiB kept, with the whole length and hash; a reason quoting a NUL or a
+    lone surrogate (PostgreSQL text takes neither) is stored escaped."""
+    big = bytes(range(256)) * (20 * 2**20 // 256)
+    store.add_dead_letters([("edgefleet/v1/devices/x/snapshots", big, "too big\x00\udcff"),
+                            ("t" * 70_000, b"x", "long topic")], now=T0)  # fmt: skip
+    long_topic, dl = store.dead_letters()
+    assert bytes(dl["payload"]) == big[:DEAD_LETTER_KEEP] and dl["payload_bytes"] == len(big)
+    assert dl["payload_sha256"] == hashlib.sha256(big).hexdigest()
+    assert dl["reason"] == "too big\\x00\\udcff"
+    assert len(long_topic["topic"]) == 512 and long_topic["payload_bytes"] == 1
+    store.dead_letter("t", big, "r", now=T0, keep=10)
+    assert bytes(store.dead_letters(1)[0]["payload"]) == big[:10]
+    row = dead_letter_row("t", b"", "r", now=T0)
+    assert (row["payload"], row["payload_bytes"]) == (b"", 0)
 
 
 def test_retention(store: Store) -> None:
@@ -257,13 +290,13 @@ def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 5
+    assert s.version() == LATEST == 6
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6] and s.counts()["telemetry"] == 2
     s.close()
 
 
@@ -288,6 +321,25 @@ def test_upgrade_from_v1(db_url: str) -> None:
         assert {"backend", "precision"} <= cols
         assert c.execute(sa.text("SELECT fps_out FROM telemetry")).scalar() == 5.0
     assert s.add_telemetry(telemetry()) == 2
+    s.close()
+
+
+def test_upgrade_to_v6_measures_the_dead_letters_kept_whole(db_url: str) -> None:
+    """Dead letters stored before v6 hold their whole payload: v6 adds its length and hash."""
+    engine = make_engine(db_url)
+    assert migrate(engine, upto=5) == 5
+    with engine.begin() as c:
+        for payload in (b"{oops", b"", None):
+            c.execute(
+                sa.text("INSERT INTO dead_letters (received_at, topic, payload, reason)"
+                        " VALUES (:t, 'x', :p, 'r')"),
+                {"t": T0.replace(tzinfo=None), "p": payload},
+            )  # fmt: skip
+    engine.dispose()
+    s = open_store(db_url)
+    got = [(d["payload_bytes"], d["payload_sha256"]) for d in s.dead_letters()][::-1]
+    empty = (0, hashlib.sha256(b"").hexdigest())
+    assert got == [(5, hashlib.sha256(b"{oops").hexdigest()), empty, empty]
     s.close()
 
 

@@ -3,30 +3,50 @@
 Takes plain dicts (a validated wire message's ``model_dump(mode="json")``), so it does not
 depend on the message models. Telemetry and events are written with ``ON CONFLICT DO NOTHING``
 on their natural key, so a message MQTT delivers twice (QoS 1 is at-least-once) is stored once.
-The schema is versioned: ``open_store`` applies the missing migrations in one transaction.
+The tables and their migrations are in ``schema.py``; ``open_store`` applies the missing ones.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from agent.errors import BadDataError, TransportError
+from agent.errors import BadDataError
+from cloud_sync.ingest.schema import (
+    DEAD_LETTERS,
+    DEVICE_TELEMETRY,
+    DEVICES,
+    EVENTS,
+    LATEST,
+    MIGRATIONS,
+    PIPELINE_STATE,
+    ROLLOUTS,
+    SNAPSHOTS,
+    TABLES,
+    TELEMETRY,
+    StoreUnavailable,
+    UtcDateTime,
+    guard,
+    make_engine,
+    migrate,
+    schema_version,
+)
 
 log = logging.getLogger(__name__)
+_guard = guard
 
 MAX_REASON = 1000  # characters of a dead letter's reason kept
-PG_MIGRATION_LOCK = 0x6564_6765_666C  # pg_advisory_xact_lock key: one migrator at a time
+MAX_TOPIC = 512  # characters of a dead letter's topic kept (a topic may be 64 KiB)
+DEAD_LETTER_KEEP = 4096  # bytes of a dead letter's payload kept (with its length and SHA-256)
 
 
 class BadRecord(BadDataError):
@@ -41,284 +61,6 @@ class BadRecord(BadDataError):
         super().__init__(message)
         self.kind = kind
         self.field = field
-
-
-class StoreUnavailable(TransportError):
-    """The database could not be reached or was busy; the write may be retried."""
-
-
-# --- schema ----------------------------------------------------------------------------------
-
-
-class UtcDateTime(sa.types.TypeDecorator[datetime]):
-    """Aware UTC datetimes in, aware UTC datetimes out, on both backends.
-
-    SQLite has no time zone type: values are stored as naive UTC text (one fixed format, so the
-    UNIQUE keys compare correctly) and read back with ``tzinfo=UTC``.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-ROW_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite rowid needs INTEGER
-
-
-def _define(md: sa.MetaData, version: int) -> sa.MetaData:
-    """The tables as they are at schema ``version`` (1 for migration 1, LATEST for queries)."""
-    ts = UtcDateTime
-    sa.Table(
-        "devices", md,
-        sa.Column("device_id", sa.String(64), primary_key=True),
-        sa.Column("online", sa.Boolean),  # NULL: never sent a birth message or will
-        sa.Column("agent_version", sa.String(64)),
-        sa.Column("profile", sa.String(64)),
-        sa.Column("contract", sa.String(16)),
-        sa.Column("tags", JSON),
-        sa.Column("pipelines", JSON),
-        *([sa.Column("groups", JSON)] if version >= 4 else []),
-        sa.Column("first_seen", ts, nullable=False),
-        sa.Column("last_seen", ts, nullable=False),
-    )  # fmt: skip
-    sa.Table(
-        "pipeline_state", md,
-        sa.Column("device_id", sa.String(64),
-                  sa.ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True),
-        sa.Column("pipeline", sa.String(64), primary_key=True),
-        sa.Column("phase", sa.String(16), nullable=False),
-        sa.Column("active_model", sa.String(128)),
-        sa.Column("active_version", sa.String(64)),
-        sa.Column("target_model", sa.String(128)),
-        sa.Column("target_version", sa.String(64)),
-        sa.Column("backend", sa.String(64)),
-        sa.Column("precision", sa.String(8)),
-        sa.Column("last_error", sa.Text),
-        sa.Column("desired_revision", sa.BigInteger),
-        sa.Column("updated_at", ts, nullable=False),
-    )  # fmt: skip
-    telemetry_v2 = (
-        [sa.Column("backend", sa.String(64)), sa.Column("precision", sa.String(8))]
-        if version >= 2
-        else []
-    )
-    sa.Table(
-        "telemetry", md,
-        sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-        sa.Column("device_id", sa.String(64), nullable=False),
-        sa.Column("ts", ts, nullable=False),
-        sa.Column("pipeline", sa.String(64), nullable=False),
-        sa.Column("fps_in", sa.Float), sa.Column("fps_out", sa.Float),
-        sa.Column("frames_dropped", sa.BigInteger), sa.Column("errors", sa.BigInteger),
-        sa.Column("p50_ms", sa.Float), sa.Column("p95_ms", sa.Float), sa.Column("p99_ms", sa.Float),
-        sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
-        *telemetry_v2,
-        # also the index for "latest row of each pipeline" (fleet view)
-        sa.UniqueConstraint("device_id", "pipeline", "ts", name="uq_telemetry_key"),
-        sa.Index("ix_telemetry_device_ts", "device_id", "ts"),
-    )  # fmt: skip
-    sa.Table(
-        "device_telemetry", md,
-        sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-        sa.Column("device_id", sa.String(64), nullable=False),
-        sa.Column("ts", ts, nullable=False),
-        sa.Column("cpu_percent", sa.Float), sa.Column("mem_used_mb", sa.Float),
-        sa.Column("mem_total_mb", sa.Float), sa.Column("disk_used_pct", sa.Float),
-        sa.Column("gpu_load_pct", sa.Float),
-        sa.Column("temperatures", JSON), sa.Column("power", JSON),
-        sa.Column("outbox_depth", sa.BigInteger), sa.Column("outbox_dropped", sa.BigInteger),
-        # also serves as the (device_id, ts) index
-        sa.UniqueConstraint("device_id", "ts", name="uq_device_telemetry_key"),
-    )  # fmt: skip
-    sa.Table(
-        "events", md,
-        sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-        sa.Column("device_id", sa.String(64), nullable=False),
-        sa.Column("ts", ts, nullable=False),
-        sa.Column("pipeline", sa.String(64), nullable=False),
-        sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
-        sa.Column("frame_seq", sa.BigInteger, nullable=False),
-        sa.Column("top_label", sa.String(128)), sa.Column("top_score", sa.Float),
-        sa.Column("n_detections", sa.Integer),
-        sa.Column("payload", JSON),
-        sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq", name="uq_events_key"),
-        sa.Index("ix_events_device_ts", "device_id", "ts"),
-    )  # fmt: skip
-    if version >= 3:
-        sa.Table(
-            "snapshots", md,
-            sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-            sa.Column("device_id", sa.String(64), nullable=False),
-            sa.Column("ts", ts, nullable=False),
-            sa.Column("pipeline", sa.String(64), nullable=False),
-            sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
-            sa.Column("frame_seq", sa.BigInteger, nullable=False),
-            sa.Column("width", sa.Integer, nullable=False),
-            sa.Column("height", sa.Integer, nullable=False),
-            sa.Column("jpeg", sa.LargeBinary, nullable=False),
-            sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq",
-                                name="uq_snapshots_key"),
-            sa.Index("ix_snapshots_device_ts", "device_id", "ts"),
-        )  # fmt: skip
-    if version >= 5:
-        sa.Table(
-            "rollouts", md,
-            sa.Column("id", sa.String(64), primary_key=True),
-            sa.Column("model", sa.String(128), nullable=False),
-            sa.Column("version", sa.String(64), nullable=False),
-            sa.Column("pipeline", sa.String(64)),  # NULL: every pipeline of each device
-            sa.Column("status", sa.String(16), nullable=False),
-            sa.Column("spec", JSON, nullable=False),  # RolloutSpec, JSON mode
-            sa.Column("state", JSON, nullable=False),  # RolloutState, JSON mode
-            sa.Column("created_at", ts, nullable=False),
-            sa.Column("updated_at", ts, nullable=False),
-            sa.Column("rev", sa.Integer, nullable=False),  # optimistic concurrency
-            sa.Index("ix_rollouts_status", "status", "created_at"),
-            sa.Index("ix_rollouts_model", "model", "version"),
-        )  # fmt: skip
-    sa.Table(
-        "dead_letters", md,
-        sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-        sa.Column("received_at", ts, nullable=False, index=True),
-        sa.Column("topic", sa.Text, nullable=False),
-        sa.Column("payload", sa.LargeBinary),
-        sa.Column("reason", sa.Text, nullable=False),
-    )  # fmt: skip
-    return md
-
-
-SCHEMA_VERSION = sa.Table(
-    "schema_version",
-    sa.MetaData(),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("applied_at", UtcDateTime, nullable=False),
-)
-
-
-def _migration_1(conn: Connection) -> None:
-    """Initial schema."""
-    _define(sa.MetaData(), 1).create_all(conn)
-
-
-def _migration_2(conn: Connection) -> None:
-    """Telemetry rows keep the backend and precision, to tell fp16 from int8 on a dashboard."""
-    conn.execute(sa.text("ALTER TABLE telemetry ADD COLUMN backend VARCHAR(64)"))
-    conn.execute(sa.text("ALTER TABLE telemetry ADD COLUMN precision VARCHAR(8)"))
-
-
-def _migration_3(conn: Connection) -> None:
-    """Opt-in camera snapshots (JPEG), for pipelines that enable them."""
-    _define(sa.MetaData(), 3).tables["snapshots"].create(conn)
-
-
-def _migration_4(conn: Connection) -> None:
-    """Devices report their groups, for rollout targets (``group:lobby``)."""
-    typ = "JSONB" if conn.dialect.name == "postgresql" else "JSON"
-    conn.execute(sa.text(f"ALTER TABLE devices ADD COLUMN groups {typ}"))
-
-
-def _migration_5(conn: Connection) -> None:
-    """Staged rollouts: spec and state of each, for the controller and ``edgefleet rollout``."""
-    _define(sa.MetaData(), 5).tables["rollouts"].create(conn)
-
-
-# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
-MIGRATIONS: list[Callable[[Connection], None]] = [
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
-]
-LATEST = len(MIGRATIONS)
-TABLES = _define(sa.MetaData(), LATEST).tables
-DEVICES, PIPELINE_STATE = TABLES["devices"], TABLES["pipeline_state"]
-TELEMETRY, DEVICE_TELEMETRY = TABLES["telemetry"], TABLES["device_telemetry"]
-EVENTS, DEAD_LETTERS = TABLES["events"], TABLES["dead_letters"]
-SNAPSHOTS, ROLLOUTS = TABLES["snapshots"], TABLES["rollouts"]
-
-
-def schema_version(conn: Connection) -> int:
-    """The version the database is at (0 for an empty database)."""
-    if not sa.inspect(conn).has_table("schema_version"):
-        return 0
-    return int(conn.execute(sa.select(sa.func.max(SCHEMA_VERSION.c.version))).scalar() or 0)
-
-
-def migrate(engine: Engine, upto: int = LATEST, *, now: datetime | None = None) -> int:
-    """Apply the missing migrations up to ``upto`` in one transaction; returns the version.
-
-    Safe to call from several workers at once: SQLite takes the write lock at BEGIN IMMEDIATE,
-    PostgreSQL an advisory lock, so the second one finds the work done.
-
-    Raises:
-        BadDataError: the database is at a newer version than this code knows.
-    """
-    now = now or datetime.now(timezone.utc)
-    with _guard("migrate"), engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
-        SCHEMA_VERSION.create(conn, checkfirst=True)
-        current = schema_version(conn)
-        if current > LATEST:
-            raise BadDataError(
-                f"database schema is at version {current}, this edgefleet knows up to {LATEST};"
-                " upgrade edgefleet, not opening the store"
-            )
-        for version in range(current + 1, upto + 1):
-            MIGRATIONS[version - 1](conn)
-            conn.execute(sa.insert(SCHEMA_VERSION).values(version=version, applied_at=now))
-            log.info("ingest store migrated to schema version %s", version)
-        return max(current, upto)
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``sqlite:///path`` (WAL, foreign keys, real transactions) or PostgreSQL."""
-    if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
-
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # The sqlite3 module's own transaction handling skips BEGIN before DDL, which would
-            # make migrations non-atomic: take control of BEGIN ourselves (SQLAlchemy recipe).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # IMMEDIATE: take the write lock up front, so a writer waits (busy timeout) instead
-            # of failing when its read snapshot goes stale mid-transaction.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
-
-
-@contextmanager
-def _guard(what: str) -> Iterator[None]:
-    """Wrap driver errors into the two roots: bad data or a store that may come back."""
-    try:
-        yield
-    except (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError) as e:
-        raise BadDataError(f"{what} rejected by the database: {str(e.orig)[:300]}") from e
-    except sa_exc.DBAPIError as e:
-        raise StoreUnavailable(f"{what} failed, database unavailable: {str(e.orig)[:300]}") from e
-
-
-guard = _guard  # for other adapters on this database (rollouts)
 
 
 # --- dict → rows (pure) ----------------------------------------------------------------------
@@ -426,6 +168,29 @@ def event_row(msg: Mapping[str, Any]) -> dict[str, Any]:
         "top_label": None if top is None else top.get("label"),
         "top_score": None if top is None else top["score"],
         "n_detections": len(detections), "payload": dict(msg),
+    }  # fmt: skip
+
+
+def _text(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, storable in any text column: PostgreSQL text
+    holds no U+0000 and neither backend takes lone surrogates (a reason may quote bad input)."""
+    value = value[:limit].replace("\x00", "\\x00")
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def dead_letter_row(
+    topic: str, payload: bytes, reason: str, *, now: datetime, keep: int = DEAD_LETTER_KEEP
+) -> dict[str, Any]:
+    """Pure: the ``dead_letters`` row of a message that could not be stored.
+
+    Keeps the first ``keep`` bytes of the payload with its whole length and SHA-256, so a
+    20 MB payload costs a few KiB and can still be matched against what a device sent.
+    """
+    return {
+        "received_at": now, "topic": _text(topic, MAX_TOPIC),
+        "payload": bytes(payload[:keep]), "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "reason": _text(reason, MAX_REASON),
     }  # fmt: skip
 
 
@@ -637,19 +402,45 @@ class Store:
         return dict(row._mapping) if row is not None else None
 
     def dead_letter(
-        self, topic: str, payload: bytes, reason: str, *, now: datetime | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        reason: str,
+        *,
+        now: datetime | None = None,
+        keep: int = DEAD_LETTER_KEEP,
     ) -> None:
-        """Keep a message that could not be parsed or stored, with why, for a human to see."""
-        row = {
-            "received_at": now or datetime.now(timezone.utc), "topic": topic,
-            "payload": bytes(payload), "reason": reason[:MAX_REASON],
-        }  # fmt: skip
-        with _guard(f"dead letter from {topic}"), self.engine.begin() as conn:
-            conn.execute(sa.insert(DEAD_LETTERS), [row])
-        log.warning("dead letter topic=%s bytes=%s reason=%s", topic, len(payload), reason[:200])
+        """Keep a message that could not be parsed or stored, with why, for a human to see.
+
+        Only the first ``keep`` bytes of the payload are kept (``dead_letter_row``).
+        """
+        self.add_dead_letters([(topic, payload, reason)], now=now, keep=keep)
+
+    def add_dead_letters(
+        self,
+        letters: Sequence[tuple[str, bytes, str]],
+        *,
+        now: datetime | None = None,
+        keep: int = DEAD_LETTER_KEEP,
+    ) -> None:
+        """Store many ``(topic, payload, reason)`` dead letters in one transaction.
+
+        Raises:
+            StoreUnavailable: the database is unreachable; nothing was stored.
+        """
+        if not letters:
+            return
+        now = now or datetime.now(timezone.utc)
+        rows = [dead_letter_row(t, p, r, now=now, keep=keep) for t, p, r in letters]
+        with _guard(f"dead letter from {rows[0]['topic']}"), self.engine.begin() as conn:
+            conn.execute(sa.insert(DEAD_LETTERS), rows)
+        for r in rows:
+            log.warning("dead letter topic=%s bytes=%s sha256=%s reason=%s", r["topic"],
+                        r["payload_bytes"], r["payload_sha256"], r["reason"][:200])  # fmt: skip
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest dead letters first."""
+        """The newest dead letters first: ``payload`` is the first bytes of the message (all of it
+        when ``len(payload) == payload_bytes``), ``payload_sha256`` the hash of the whole."""
         q = sa.select(DEAD_LETTERS).order_by(DEAD_LETTERS.c.id.desc()).limit(limit)
         with _guard("read dead letters"), self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
@@ -815,6 +606,7 @@ def open_store(url: str) -> Store:
 
 __all__ = [
     "DEAD_LETTERS",
+    "DEAD_LETTER_KEEP",
     "DEVICES",
     "DEVICE_TELEMETRY",
     "EVENTS",
@@ -823,10 +615,13 @@ __all__ = [
     "PIPELINE_STATE",
     "ROLLOUTS",
     "SNAPSHOTS",
+    "TABLES",
     "TELEMETRY",
     "BadRecord",
     "Store",
     "StoreUnavailable",
+    "UtcDateTime",
+    "dead_letter_row",
     "event_row",
     "guard",
     "make_engine",
