@@ -73,6 +73,7 @@ from agent.protocol.telemetry import Telemetry  # noqa: E402
 from agent.protocol.topics import Topics  # noqa: E402
 from agent.service import Agent  # noqa: E402
 from agent.sync.mqtt import make_client  # noqa: E402
+from cloud_sync.ingest.flow import Received  # noqa: E402
 from cloud_sync.ingest.store import DEVICE_TELEMETRY, TELEMETRY, Store, open_store  # noqa: E402
 from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap  # noqa: E402
 
@@ -627,7 +628,7 @@ class TimingWorker(IngestWorker):
         self.target = 0
         self.suback = suback_event(self.client)
 
-    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write(self, batch: list[Received]) -> None:
         super()._write(batch)
         self.last_commit = time.monotonic()
         self.written += len(batch)

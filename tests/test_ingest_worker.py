@@ -29,6 +29,7 @@ from agent.protocol.schema import EXAMPLES, EXTRA_EXAMPLES
 from agent.protocol.state import DeviceState, ReportedState, UpdatePhase
 from agent.protocol.telemetry import InferenceEvent, Telemetry
 from agent.protocol.topics import Topics
+from cloud_sync.ingest.flow import Received
 from cloud_sync.ingest.store import (
     DEAD_LETTERS,
     DEVICE_TELEMETRY,
@@ -166,7 +167,9 @@ def test_every_message_kind_round_trip(ingest: Ingest) -> None:
     assert wait_for(arrived, 15), ingest.store.counts()
     t1 = datetime.now(timezone.utc)
     assert ingest.store.counts()["dead_letters"] == 0 and worker.counts["dead_letters"] == 0
-    assert {k: worker.counts[k] for k in KINDS} == {k: 2 if k == "events" else 1 for k in KINDS}
+    # the worker counts a batch once its transaction committed: a moment after the rows show
+    want_counts = {k: 2 if k == "events" else 1 for k in KINDS}
+    assert wait_for(lambda: {k: worker.counts[k] for k in KINDS} == want_counts, 5), worker.counts
 
     sent = wire(EXAMPLE_OF["state"])
     [dev] = rows(ingest.store, DEVICES)
@@ -241,7 +244,7 @@ def test_every_message_kind_round_trip(ingest: Ingest) -> None:
     assert wait_for(lambda: ingest.stored(canary), 10)
     counts = ingest.store.counts()
     assert (counts["telemetry"], counts["device_telemetry"], counts["events"]) == (2, 2, 2)
-    assert worker.counts["telemetry"] == 3 and worker.counts["events"] == 3
+    assert wait_for(lambda: worker.counts["telemetry"] == 3 and worker.counts["events"] == 3, 5)
 
 
 # --- dead letters ----------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def test_malformed_payloads_become_dead_letters(
     )
     letters = new_letters()
     assert Counter((d["topic"], bytes(d["payload"])) for d in letters) == sent
-    assert worker.counts["dead_letters"] == counted + len(cases)
+    assert wait_for(lambda: worker.counts["dead_letters"] == counted + len(cases), 5)
     for d in letters:
         assert d["received_at"].tzinfo is not None, d
         parsed = TOPICS.parse(d["topic"])
@@ -436,7 +439,7 @@ def test_a_message_the_database_refuses_does_not_stop_the_worker(ingest: Ingest)
         assert counts["events"] == 1 and counts["dead_letters"] == 1
         [letter] = ingest.store.dead_letters()
         assert letter["topic"] == TOPICS.device(DEVICE, "events") and "database" in letter["reason"]
-    assert worker.counts["dead_letters"] == counts["dead_letters"]
+    assert wait_for(lambda: worker.counts["dead_letters"] == counts["dead_letters"], 5)
 
 
 def test_reported_states_are_written_as_one_group_and_a_refused_one_is_found(
@@ -448,12 +451,12 @@ def test_reported_states_are_written_as_one_group_and_a_refused_one_is_found(
     worker = IngestWorker(broker.url, store)
     topics = Topics()
 
-    def rep(device: str, phase: str, error: str | None = None) -> tuple[str, bytes]:
+    def rep(device: str, phase: str, error: str | None = None) -> Received:
         p = REPORTED.pipelines[0].model_copy(
             update={"phase": UpdatePhase(phase), "last_error": error}
         )
         msg = REPORTED.model_copy(update={"device_id": device, "pipelines": [p]})
-        return topics.device(device, "reported"), msg.encode()
+        return Received(topics.device(device, "reported"), msg.encode())
 
     worker._write([rep("d1", "fetching"), rep("d2", "rejected", "bad\x00byte"),
                    rep("d3", "trial"), rep("d1", "committed")])  # fmt: skip
@@ -477,13 +480,13 @@ def test_state_and_reported_jump_a_telemetry_backlog(tmp_path: Any) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'i.db'}")
     worker = IngestWorker("mqtt://127.0.0.1:1", store, batch_size=500)
     batches: list[list[str]] = []
-    worker._write = lambda batch: batches.append([t for t, _ in batch])  # type: ignore[method-assign]
+    worker._write = lambda batch: batches.append([r.topic for r in batch])  # type: ignore[method-assign]
     topics = Topics()
     for i in range(2000):
-        worker.enqueue(topics.device(f"d{i % 50}", "telemetry"), b"{}")
-    worker.enqueue(topics.device("d7", "reported"), b"{}")
-    worker.enqueue(topics.device("d8", "state"), b"{}")
-    assert worker.backlog() == 2000 + 2 * 2  # each control message also queues a wake-up
+        worker._enqueue(Received(topics.device(f"d{i % 50}", "telemetry"), b"{}"))
+    worker._enqueue(Received(topics.device("d7", "reported"), b"{}"))
+    worker._enqueue(Received(topics.device("d8", "state"), b"{}"))
+    assert worker._queue.qsize() == 2000 + 2  # each control message also queues a wake-up
     worker._thread = threading.Thread(target=worker._run, daemon=True)
     worker._thread.start()
     worker._queue.put(None)

@@ -38,6 +38,14 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                           "(e.g. 30d), checked every --retention-every")  # fmt: skip
     ing.add_argument("--retention-every", type=DURATION, default=3600.0, metavar="DURATION",
                      help="how often to apply --keep (default 1h)")  # fmt: skip
+    ing.add_argument("--max-unacked", type=int, default=10_000, metavar="N",
+                     help="messages received and not yet stored, at most; then the worker stops "
+                          "reading and the broker keeps the rest (default 10000)")  # fmt: skip
+    ing.add_argument("--max-unacked-mb", type=float, default=64.0, metavar="MB",
+                     help="the same bound in MiB (default 64)")  # fmt: skip
+    ing.add_argument("--dead-letter-bytes", type=int, default=4096, metavar="N",
+                     help="bytes of a refused payload kept in dead_letters, with its length and "
+                          "SHA-256 (default 4096)")  # fmt: skip
     ing.set_defaults(fn=_ingest)
 
     fleet = sub.add_parser("fleet", help="fleet state from the ingest database")
@@ -88,6 +96,8 @@ def _ingest(args: argparse.Namespace) -> int:
     worker = IngestWorker(
         args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}",
         share_group=None if share == "none" else share,
+        max_unacked=args.max_unacked, max_unacked_bytes=int(args.max_unacked_mb * 2**20),
+        dead_letter_keep=args.dead_letter_bytes,
     )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
@@ -117,7 +127,11 @@ def _ingest(args: argparse.Namespace) -> int:
                 next_retention = time.monotonic() + args.retention_every
             if stop.wait(10):
                 break
-            print(f"ingest counts: {dict(worker.counts)}", flush=True)
+            if worker.error is not None:  # a bug ended the writer: exit, the unit restarts us
+                print(f"ingest writer died: {worker.error!r}", flush=True)
+                return 1
+            print(f"ingest counts: {dict(worker.counts)}; unacknowledged "
+                  f"{worker.backlog()}", flush=True)  # fmt: skip
     finally:
         if web is not None:
             web.stop()

@@ -15,11 +15,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.errors import TransportError
 from cloud_sync.ingest.worker import IngestWorker
 
 
 class IngestCollector(Collector):
-    """``edgefleet_ingest_messages_total{kind}`` and ``edgefleet_device_*`` gauges."""
+    """``edgefleet_ingest_messages_total{kind}``, the back-pressure figures
+    (``edgefleet_ingest_unacked_*``, ``_window_full_seconds_total``, ``_store_failures_total``,
+    ``_store_up``) and the ``edgefleet_device_*`` gauges (skipped while the database is down)."""
 
     def __init__(self, worker: IngestWorker) -> None:
         self.worker = worker
@@ -33,7 +36,11 @@ class IngestCollector(Collector):
         for kind, n in sorted(self.worker.counts.items()):
             msgs.add_metric([kind], n)
         yield msgs
-        fleet = self.worker.store.fleet()
+        yield from self._flow()
+        try:
+            fleet = self.worker.store.fleet()
+        except TransportError:  # the database is down: the worker's own figures still count
+            return
         online = GaugeMetricFamily("edgefleet_devices_online", "Devices whose last state is online")
         online.add_metric([], sum(1 for d in fleet if d.get("online")))
         yield online
@@ -59,6 +66,36 @@ class IngestCollector(Collector):
         yield fps
         yield p95
         yield errors
+
+    def _flow(self) -> Iterator[Any]:
+        """Back-pressure: the unacknowledged window, time spent full, store failures."""
+        w = self.worker
+        window = w.window
+        unacked = GaugeMetricFamily(
+            "edgefleet_ingest_unacked_messages",
+            "Messages received and not yet acknowledged (stored or dead-lettered first)",
+        )
+        unacked.add_metric([], window.messages)
+        yield unacked
+        unacked_bytes = GaugeMetricFamily(
+            "edgefleet_ingest_unacked_bytes", "Bytes of the unacknowledged messages"
+        )
+        unacked_bytes.add_metric([], window.bytes)
+        yield unacked_bytes
+        full = CounterMetricFamily(
+            "edgefleet_ingest_window_full_seconds",
+            "Time the MQTT reader waited for room (the broker held the rest meanwhile)",
+        )
+        full.add_metric([], window.full_s)
+        yield full
+        failures = CounterMetricFamily(
+            "edgefleet_ingest_store_failures", "Writes that failed with the database unavailable"
+        )
+        failures.add_metric([], w.store_failures)
+        yield failures
+        up = GaugeMetricFamily("edgefleet_ingest_store_up", "1 while writes succeed, else 0")
+        up.add_metric([], 0 if w.store_down_since is not None else 1)
+        yield up
 
 
 def serve_metrics(worker: IngestWorker, port: int, addr: str = "127.0.0.1") -> WSGIServer:
