@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = rsub.add_parser("serve", help="serve the registry's metadata and targets over MQTT")
     s.add_argument("--repo", required=True, help="registry directory")
+    s.add_argument(
+        "--keys-dir", default=None,
+        help="online keys (timestamp, snapshot, targets) to re-sign with; default: REPO.keys."
+             " Serving refuses to start while it can read the root key",
+    )  # fmt: skip
     s.add_argument("--broker", required=True, help="mqtt://host:port")
     s.add_argument("--topic-root", default="edgefleet/v1")
     s.add_argument("--replica", default="1", help="replica name (several share the load)")
@@ -73,7 +78,49 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="downloads served at once (others are told to wait: 'busy'); 0 = no limit;"
              " default 32",
     )  # fmt: skip
+    for flag, kind, text in (
+        ("--device-transfers", int, "downloads one device is served at once (default 2)"),
+        ("--device-rate", float, "requests per second one device may send (default 1000)"),
+        ("--device-mb-per-s", float, "MiB/s one device may draw after a 64 MiB burst (default 16)"),
+        ("--queue-mb", int, "MiB of answers queued for the broker, all devices (default 64)"),
+        ("--device-queue-mb", int, "MiB of answers queued for one device (default 8)"),
+    ):
+        s.add_argument(flag, type=kind, default=None, help=text)
     s.set_defaults(fn=_serve)
+
+
+def serve_limits(args: argparse.Namespace) -> Any:
+    """The ``ServeLimits`` the ``registry serve`` flags ask for (defaults where unset).
+
+    Raises:
+        RegistryError: (reason ``"usage"``) a value out of range.
+    """
+    from pydantic import ValidationError
+
+    from cloud_sync.registry.admission import ServeLimits
+    from cloud_sync.registry.keys import RegistryError
+
+    mib = 1024 * 1024
+
+    def scaled(value: float | None, unit: int) -> int | None:
+        return None if value is None else int(value * unit)
+
+    given = {
+        "max_transfers": args.max_transfers,
+        "device_transfers": args.device_transfers,
+        "device_rate": args.device_rate,
+        "device_byte_rate": scaled(args.device_mb_per_s, mib),
+        "max_queued_bytes": scaled(args.queue_mb, mib),
+        "device_queued_bytes": scaled(args.device_queue_mb, mib),
+    }
+    try:
+        return ServeLimits(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RegistryError(
+            f"registry serve: {err['loc'][0] if err['loc'] else 'limits'}: {err['msg']}",
+            reason="usage",
+        ) from e
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,12 +128,17 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from agent.protocol.topics import REGISTRY_SHARE_GROUP
-    from cloud_sync.pki import service_share_group
+    from cloud_sync.registry.keys import check_serving_keys, default_keys_dir
     from cloud_sync.registry.repo import Repository
     from cloud_sync.registry.serve import ChunkServer
 
-    repo = Repository(Path(args.repo))
+    keys_dir = Path(args.keys_dir) if args.keys_dir else default_keys_dir(args.repo)
+    warning = check_serving_keys(Path(args.repo), keys_dir)  # raises: keys it must not hold
+    if warning:
+        logging.getLogger("edgefleet.registry").warning("%s", warning)
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    limits = serve_limits(args)
+    repo = Repository(Path(args.repo), keys_dir=keys_dir)
     keep_fresh = metadata_keeper(repo)
 
     def tick(now: float) -> None:
@@ -99,10 +151,9 @@ def _serve(args: argparse.Namespace) -> int:
         args.broker,
         root=args.topic_root,
         client_id=f"edgefleet-registry-{args.replica}",
-        share_group=service_share_group(REGISTRY_SHARE_GROUP),  # the deployment's, when mTLS
         on_tick=tick,
         workers=args.workers,
-        **({} if args.max_transfers is None else {"max_transfers": args.max_transfers}),
+        limits=limits,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())

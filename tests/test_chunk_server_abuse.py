@@ -48,9 +48,9 @@ BIG = "targets/models/m/1.0.0/big.bin"
 BIG_SIZE = 16 * MB
 LAST_ROUND: dict[str, Any] = {}  # what the last honest_round's devices reported
 CHILD = "import sys; from tests.test_chunk_server_abuse import {0} as f; f(*sys.argv[1:])"
-# The attacker's requests per second: 4x what ServeLimits lets one device send. Far faster, the
-# flood itself (the attacker's process, Mosquitto, paho reading it) takes the CPU the honest
-# devices need on a 2-core test machine; see the module docstring.
+# The attacker's requests per second: twice what ServeLimits lets one device send. Far faster
+# (~25,000/s from a Python client), reading the flood takes the replica's whole core and the
+# honest requests wait behind it in the broker: see cloud_sync/registry/serve.py.
 FLOOD_RATE = 2000.0
 
 
@@ -140,7 +140,8 @@ def test_request_rate_and_queued_bytes_per_device() -> None:
     )
     acc = DeviceAccounts(lim)
     assert sum(acc.request("evil", 0.0) for _ in range(50)) == 10  # the burst, then nothing
-    assert acc.request("evil", 0.05)  # 100/s: 5 more tokens after 50 ms
+    assert not acc.request("evil", 0.05)  # the 40 refused count too: it must slow down first
+    assert acc.request("evil", 0.2)  # 100/s: back in credit
     assert acc.request("honest", 0.05)  # another device's bucket is its own
     assert acc.reserve("evil", MAX_ANSWER_CHARGE)
     assert not acc.reserve("evil", 1)  # its own bound
@@ -150,7 +151,7 @@ def test_request_rate_and_queued_bytes_per_device() -> None:
     assert acc.reserve("third", 1)
     evil = acc.usage("evil")
     assert evil is not None
-    assert (evil.requests, evil.rate_limited, evil.shed) == (51, 40, 1)
+    assert (evil.requests, evil.rate_limited, evil.shed) == (52, 41, 1)
     assert evil.queued_bytes == 0 and evil.peak_queued_bytes == MAX_ANSWER_CHARGE
     assert acc.peak_queued_bytes == 2 * MAX_ANSWER_CHARGE
 

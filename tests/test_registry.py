@@ -124,18 +124,22 @@ def digits_pngs(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str,
 # --------------------------------------------------------------------------------- init
 def test_init_makes_0600_keys_and_metadata_ngclient_accepts(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "repo", expiry_days={"timestamp": 2}, thresholds={"root": 2})
-    keys = sorted(p.name for p in repo.keys_dir.iterdir())
+    # keys beside the served repository, never in it; the root key apart, to be taken offline
+    assert repo.keys_dir == tmp_path / "repo.keys"
+    assert not (repo.path / "keys").exists()
+    keys = sorted(str(p.relative_to(repo.keys_dir)) for p in repo.keys_dir.rglob("*.pem"))
     assert keys == [
         "desired.pem",
-        "root.2.pem",
-        "root.pem",
+        "offline/root.2.pem",
+        "offline/root.pem",
         "snapshot.pem",
         "targets.pem",
         "timestamp.pem",
     ]
-    for p in repo.keys_dir.iterdir():
+    for p in repo.keys_dir.rglob("*.pem"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
-    assert stat.S_IMODE(repo.keys_dir.stat().st_mode) & 0o077 == 0
+    for d in (repo.keys_dir, repo.keys_dir / "offline"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert sorted(p.name for p in repo.metadata_dir.iterdir()) == [
         "1.root.json",
         "1.snapshot.json",
@@ -389,13 +393,13 @@ def test_root_key_rotation_reaches_a_device_holding_the_old_root(
     repo: Repository, tmp_path: Path, test_models: dict[str, Path]
 ) -> None:
     old_root = repo.trusted_root_bytes()
-    old_root_key = load_signer(repo.keys_dir / "root.pem").public_key.keyid
+    old_root_key = load_signer(repo.keys_dir / "offline" / "root.pem").public_key.keyid
     old_desired = repo.desired_signer().public_key.keyid
     assert repo.rotate_root_key("root") == 2
     assert repo.rotate_root_key("timestamp") == 3
     assert repo.rotate_root_key("desired") == 4
-    assert sorted(p.name for p in repo.keys_dir.iterdir() if "pending" in p.name) == []
-    new_root_key = load_signer(repo.keys_dir / "root.pem").public_key.keyid
+    assert sorted(p.name for p in repo.keys_dir.rglob("*pending*")) == []
+    new_root_key = load_signer(repo.keys_dir / "offline" / "root.pem").public_key.keyid
     assert new_root_key != old_root_key and repo.root().roles["root"].keyids == [new_root_key]
 
     # v2 is signed by both the old and the new root key: the chain a device verifies

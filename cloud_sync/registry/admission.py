@@ -78,25 +78,27 @@ class ServeLimits(BaseModel):
         2, ge=0, le=1000, description="Places one device may hold in the line"
     )
     device_rate: float = Field(
-        500.0,
+        1000.0,
         gt=0,
         le=1_000_000,
-        description="Requests per second one device may send, sustained (token bucket); the "
-        "rest are dropped unread. 500/s: 32 MB/s in 64 KiB windows, as device_byte_rate",
+        description="Requests per second one device may send, sustained (token bucket). "
+        "Requests over it are dropped unread and still count: a device that keeps sending "
+        "faster is not served at all until it slows down. 1000/s is twice what the data rate "
+        "allows in 32 KiB windows",
     )
     device_burst: int = Field(
-        1000,
+        2000,
         ge=1,
         le=1_000_000,
-        description="Requests one device may send at once (bucket size): 62 MiB in 64 KiB "
-        "windows before the rate applies",
+        description="Requests one device may send at once (bucket size)",
     )
     device_byte_rate: int = Field(
-        32 * MiB,
+        16 * MiB,
         ge=MAX_CHUNK,
         le=100 * 1024 * MiB,
-        description="Data bytes per second one device may draw, sustained: a device that asks "
-        "for more is told busy until its share is back (or, without busy_ok, not answered)",
+        description="Data bytes per second one device may draw, sustained (134 Mbit/s): a device "
+        "that asks for more is told busy until its share is back (without busy_ok: not "
+        "answered). It binds only a device drawing far more than its share",
     )
     device_byte_burst: int = Field(
         64 * MiB,
@@ -416,7 +418,11 @@ class DeviceAccounts:
         return acc
 
     def request(self, device_id: str, now: float) -> bool:
-        """Count one request; False (counted ``rate_limited``) when over the device's rate."""
+        """Count one request; False (counted ``rate_limited``) when over the device's rate.
+
+        Every request takes a token, refused ones too (down to ``-device_burst``): a device
+        that keeps sending faster than ``device_rate`` stays refused until it slows down.
+        """
         acc = self._account(device_id, now)
         acc.usage.requests += 1
         lim = self.limits
@@ -424,11 +430,11 @@ class DeviceAccounts:
             float(lim.device_burst), acc.tokens + max(0.0, now - acc.at) * lim.device_rate
         )
         acc.at = now
-        if acc.tokens < 1.0:
+        allowed = acc.tokens >= 1.0
+        acc.tokens = max(-float(lim.device_burst), acc.tokens - 1.0)
+        if not allowed:
             acc.usage.rate_limited += 1
-            return False
-        acc.tokens -= 1.0
-        return True
+        return allowed
 
     def draw(self, device_id: str, nbytes: int, now: float) -> float | None:
         """Take ``nbytes`` of the device's data rate: None when granted, else the seconds until

@@ -5,9 +5,12 @@ Hook them in with ``add_registry_commands(sub)`` on the CLI's sub-parsers; each 
 raises ``RegistryError`` (an ``EdgefleetError``) on failure, which the CLI prints as
 ``edgefleet: error: …``::
 
-    edgefleet registry init DIR [--expiry-days ROLE=DAYS]... [--threshold ROLE=N]...
-    edgefleet model publish MODEL.onnx --repo DIR --name NAME --version SEMVER [--task T]
-        [--input-size WxH] [--labels FILE] [--calibration DIR] [--quantize int8]
+    edgefleet registry init DIR [--keys-dir KEYS] [--expiry-days ROLE=DAYS]...
+        [--threshold ROLE=N]...
+    edgefleet registry status --repo DIR [--keys-dir KEYS] [--json]
+    edgefleet registry renew-root --repo DIR [--keys-dir KEYS]
+    edgefleet model publish MODEL.onnx --repo DIR [--keys-dir KEYS] --name NAME --version SEMVER
+        [--task T] [--input-size WxH] [--labels FILE] [--calibration DIR] [--quantize int8]
         [--max-accuracy-drop X] [--force] [--format F] [--set FIELD=VALUE]...
     edgefleet model inspect MODEL.onnx [--format F] [--set FIELD=VALUE]... [--json]
     edgefleet model list --repo DIR [--json]
@@ -105,6 +108,7 @@ def add_registry_commands(
     reg_sub = reg.add_subparsers(dest="registry_cmd", required=True)
     init = reg_sub.add_parser("init", help="create keys and version-1 TUF metadata in DIR")
     init.add_argument("dir", metavar="DIR", help="new registry folder")
+    _keys_arg(init, "where the keys go: never inside DIR (default: DIR.keys, beside it)")
     init.add_argument(
         "--expiry-days",
         action="append",
@@ -122,12 +126,14 @@ def add_registry_commands(
     init.set_defaults(fn=_init)
     st = reg_sub.add_parser("status", help="each role's version and expiry; warnings ahead")
     st.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    _keys_arg(st, "where the keys are: roles with a key there show as online")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=_status)
     rr = reg_sub.add_parser(
         "renew-root", help="re-sign root with a new expiry (needs the root key; offline step)"
     )
     rr.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    _keys_arg(rr, "where the root key is: its offline copy (root.pem or offline/root.pem)")
     rr.set_defaults(fn=_renew_root)
 
     model = subparsers.add_parser("model", help="publish and list model versions")
@@ -135,6 +141,7 @@ def add_registry_commands(
     pub = model_sub.add_parser("publish", help="validate, quantize, gate and sign a model")
     pub.add_argument("model", metavar="MODEL.onnx", help="the FP32 ONNX model")
     pub.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
+    _keys_arg(pub, "where the targets, snapshot and timestamp keys are")
     pub.add_argument("--name", required=True, help="model name")
     pub.add_argument("--version", required=True, metavar="SEMVER", help="e.g. 1.2.0")
     pub.add_argument("--task", choices=get_args(Task), help="override the card's task")
@@ -175,6 +182,15 @@ def add_registry_commands(
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(fn=_list)
     return {"registry": reg_sub, "model": model_sub}
+
+
+def _keys_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument(
+        "--keys-dir",
+        metavar="KEYS",
+        default=None,
+        help=f"{text}; default DIR.keys (DIR/keys for a registry made before keys moved out)",
+    )
 
 
 def _card_args(p: argparse.ArgumentParser) -> None:
@@ -287,7 +303,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from cloud_sync.registry.repo import Repository
 
-    repo = Repository(args.repo)
+    repo = Repository(args.repo, keys_dir=args.keys_dir)
     rows = repo.freshness(datetime.now(timezone.utc))
     if args.json:
         print(json.dumps([
@@ -308,7 +324,7 @@ def _status(args: argparse.Namespace) -> int:
 def _renew_root(args: argparse.Namespace) -> int:
     from cloud_sync.registry.repo import Repository
 
-    repo = Repository(args.repo)
+    repo = Repository(args.repo, keys_dir=args.keys_dir)
     version = repo.renew_root()
     _, expires = repo.expiries()["root"]
     print(f"root v{version} signed, valid until {expires:%Y-%m-%d}; devices follow it at their "
@@ -321,15 +337,21 @@ def _init(args: argparse.Namespace) -> int:
 
     repo = Repository.init(
         args.dir,
+        keys_dir=args.keys_dir,
         expiry_days=parse_pairs(args.expiry_days, "--expiry-days", float),
         thresholds=parse_pairs(args.threshold, "--threshold", int),
     )
     trust = repo.desired_trust()
+    keys = repo.keys_dir
     print(f"registry created in {repo.path} (root v{repo.versions().root})")
     print(f"  root keys:    {', '.join(k[:16] for k in repo.root().roles['root'].keyids)}")
     print(f"  desired keys: {', '.join(k[:16] for k in trust.keys)}")
     print(f"  provision devices with {repo.path / 'root.json'}")
-    print(f"  private keys in {repo.keys_dir} (mode 0600): keep them off the serving hosts")
+    print(f"  private keys in {keys} (mode 0600), outside the served folder:")
+    print("    timestamp, snapshot, targets: what `registry serve` re-signs with; desired: deploy")
+    print(f"    {keys / 'offline'}: the root key. Move it to offline storage now: `registry")
+    print("    serve` refuses to start while it can read it; `registry renew-root --keys-dir")
+    print("    PATH` reads it from there")
     return 0
 
 
@@ -337,7 +359,7 @@ def _publish(args: argparse.Namespace) -> int:
     from cloud_sync.registry.publish import publish
     from cloud_sync.registry.repo import Repository
 
-    repo = Repository(args.repo)
+    repo = Repository(args.repo, keys_dir=args.keys_dir)
     result = publish(
         repo,
         args.model,

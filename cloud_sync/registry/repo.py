@@ -1,17 +1,27 @@
 """Adapter: the model registry's TUF repository on disk, built with python-tuf's Metadata API.
 
 Layout of a repository folder ``DIR`` (what ``tuf.ngclient.Updater`` fetches is under
-``metadata/`` and ``targets/``, named as it requests them with ``consistent_snapshot``)::
+``metadata/`` and ``targets/``, named as it requests them with ``consistent_snapshot``; the chunk
+server serves nothing else)::
 
     DIR/repo.json                    expiry policy (days per role); not served
     DIR/root.json                    the current root: provision devices with it
-    DIR/keys/{root,targets,snapshot,timestamp,desired}.pem   ed25519 PKCS#8, mode 0600
-                                     (``ROLE.2.pem``… for thresholds above 1)
     DIR/metadata/N.root.json         every root version, N = 1, 2, …
     DIR/metadata/timestamp.json      the only unversioned file
     DIR/metadata/N.snapshot.json     every snapshot version
     DIR/metadata/N.targets.json      every targets version
     DIR/targets/DIRS/SHA256.NAME     target ``DIRS/NAME`` (ngclient's hash-prefixed naming)
+
+and its keys (ed25519 PKCS#8, mode 0600; ``ROLE.2.pem``… for thresholds above 1) outside it,
+in ``DIR.keys`` unless told otherwise (``cloud_sync.registry.keys``)::
+
+    DIR.keys/{targets,snapshot,timestamp}.pem   online: ``registry serve`` re-signs with them
+    DIR.keys/desired.pem                        desired-state signing (deploy, rollouts)
+    DIR.keys/offline/root.pem                   offline: keep it off the serving hosts
+
+A repository made before keys moved out keeps them in ``DIR/keys``: it is still opened (the
+keys are read from there when ``DIR.keys`` does not exist), and ``registry serve`` refuses it
+with the commands that move them.
 
 The desired-state signing key is named in the SIGNED root, under
 ``root.signed.unrecognized_fields["x-edgefleet-desired"] = {"keys": {keyid: key dict},
@@ -55,7 +65,18 @@ from tuf.api.serialization.json import JSONSerializer
 
 from agent.fsutil import atomic_write_bytes, fsync_dir
 from cloud_sync.registry.freshness import RoleStatus, assess
-from cloud_sync.registry.keys import RegistryError, generate_signer, load_signer, save_signer
+from cloud_sync.registry.keys import (
+    KEY_DIR_MODE,
+    RegistryError,
+    default_keys_dir,
+    generate_signer,
+    is_inside,
+    key_files,
+    key_home,
+    legacy_keys_dir,
+    load_signer,
+    save_signer,
+)
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
@@ -208,8 +229,15 @@ class Repository:
         targets_dir: what ngclient's ``target_base_url`` must point at.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, keys_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         """Open an existing repository and load its current metadata.
+
+        Args:
+            path: the repository folder.
+            keys_dir: where its keys are (default ``DIR.keys``; ``DIR/keys`` for a repository
+                made before keys moved out, when ``DIR.keys`` does not exist).
 
         Raises:
             RegistryError: (reason ``"metadata"``) not a repository, or its metadata is
@@ -218,7 +246,13 @@ class Repository:
         self.path = Path(path)
         self.metadata_dir = self.path / "metadata"
         self.targets_dir = self.path / "targets"
-        self.keys_dir = self.path / "keys"
+        if keys_dir is not None:
+            self.keys_dir = Path(keys_dir)
+        else:
+            self.keys_dir = default_keys_dir(self.path)
+            legacy = legacy_keys_dir(self.path)
+            if not self.keys_dir.exists() and legacy.is_dir():
+                self.keys_dir = legacy
         self._lock_fd: int | None = None
         self._lock_depth = 0
         self._load()
@@ -229,6 +263,7 @@ class Repository:
         cls,
         path: str | os.PathLike[str],
         *,
+        keys_dir: str | os.PathLike[str] | None = None,
         expiry_days: Mapping[str, float] | None = None,
         thresholds: Mapping[str, int] | None = None,
         now: datetime | None = None,
@@ -237,6 +272,7 @@ class Repository:
 
         Args:
             path: the repository folder (created; must not hold keys or metadata yet).
+            keys_dir: where the keys go (default ``DIR.keys``); never inside ``path``.
             expiry_days: days each of root/targets/snapshot/timestamp stays valid
                 (defaults in ``DEFAULT_EXPIRY_DAYS``).
             thresholds: signatures needed per role, including ``"desired"`` (default 1);
@@ -252,6 +288,14 @@ class Repository:
         """
         days, thr = _check_policy(expiry_days, thresholds)
         root_dir = Path(path)
+        keys = Path(keys_dir) if keys_dir is not None else default_keys_dir(root_dir)
+        if is_inside(keys, root_dir):
+            raise RegistryError(
+                f"keys folder {keys} is inside the repository {root_dir}, whose files are "
+                f"served; expected one beside it (default {default_keys_dir(root_dir)})",
+                path=str(keys),
+                reason="usage",
+            )
         for sub in ("keys", "metadata", "targets"):
             if (root_dir / sub).exists():
                 raise RegistryError(
@@ -260,19 +304,26 @@ class Repository:
                     path=str(root_dir),
                     reason="exists",
                 )
+        if any(keys.rglob("*.pem")):
+            raise RegistryError(
+                f"{keys} already holds keys; expected a new or empty folder: move them away or "
+                "pass another --keys-dir",
+                path=str(keys),
+                reason="exists",
+            )
         t = _utc(now)
         try:
-            (root_dir / "keys").mkdir(parents=True, mode=0o700)
+            root_dir.mkdir(parents=True, exist_ok=True)
+            for d in (keys, key_home(keys, "root")):
+                d.mkdir(parents=True, exist_ok=True, mode=KEY_DIR_MODE)
+                os.chmod(d, KEY_DIR_MODE)  # mkdir's mode is masked by the umask
         except OSError as e:
-            raise RegistryError(
-                f"cannot create {root_dir / 'keys'}: {e}", path=str(root_dir)
-            ) from e
+            raise RegistryError(f"cannot create {keys}: {e}", path=str(keys)) from e
         signers = {role: [generate_signer() for _ in range(thr[role])] for role in KEY_ROLES}
         for role, role_signers in signers.items():
             for i, s in enumerate(role_signers):
-                save_signer(
-                    s, root_dir / "keys" / (f"{role}.pem" if i == 0 else f"{role}.{i + 1}.pem")
-                )
+                name = f"{role}.pem" if i == 0 else f"{role}.{i + 1}.pem"
+                save_signer(s, key_home(keys, role) / name)
         policy = {"format": 1, "expiry_days": days}
         _write(root_dir / "repo.json", (json.dumps(policy, indent=2) + "\n").encode())
 
@@ -313,7 +364,7 @@ class Repository:
         _write(meta / "1.root.json", root_bytes)
         _write(root_dir / "root.json", root_bytes)
         (root_dir / "targets").mkdir(exist_ok=True)
-        repo = cls(root_dir)
+        repo = cls(root_dir, keys_dir=keys)
         for role in KEY_ROLES:  # the keys on disk really satisfy the root we wrote
             repo._signers(role, repo._root.signed)
         return repo
@@ -435,9 +486,9 @@ class Repository:
         return set(r.keyids), r.threshold
 
     def _signers(self, role: str, root: Root) -> list[CryptoSigner]:
-        """Signers from ``keys/ROLE*.pem`` whose key ids ``root`` lists for ``role``."""
+        """Signers from the ``ROLE*.pem`` key files whose key ids ``root`` lists for ``role``."""
         keyids, threshold = self._role_keys(role, root)
-        files = sorted({*self.keys_dir.glob(f"{role}.pem"), *self.keys_dir.glob(f"{role}.*.pem")})
+        files = key_files(self.keys_dir, role)
         found: dict[str, CryptoSigner] = {}
         for f in files:
             s = load_signer(f)
@@ -635,7 +686,14 @@ class Repository:
 
     def has_key(self, role: str) -> bool:
         """Whether this host holds a signing key of ``role`` (online key)."""
-        return (self.keys_dir / f"{role}.pem").is_file()
+        return self._key_file(role).is_file()
+
+    def _key_file(self, role: str) -> Path:
+        """``ROLE.pem`` where it is (``keys_dir`` or its ``offline/``), else where it goes."""
+        for d in (self.keys_dir, self.keys_dir / "offline"):
+            if (d / f"{role}.pem").is_file():
+                return d / f"{role}.pem"
+        return key_home(self.keys_dir, role) / f"{role}.pem"
 
     def renew_root(self, *, now: datetime | None = None) -> int:
         """Re-sign the root with the same keys and a new expiry, in a new version.
@@ -670,7 +728,7 @@ class Repository:
             return r.version
 
     def rotate_root_key(self, role: str, *, now: datetime | None = None) -> int:
-        """Replace the key in ``keys/ROLE.pem`` with a new one, in a new root version.
+        """Replace the key in ``ROLE.pem`` with a new one (same folder), in a new root version.
 
         The new root is signed by the old AND the new root keys (so clients holding the old
         root verify the chain). When a targets/snapshot/timestamp key changes, that role and
@@ -693,12 +751,13 @@ class Repository:
         t = _utc(now)
         with self.transaction():
             old_root = self._root
-            pending = self.keys_dir / f"{role}.pending.pem"
+            current = self._key_file(role)
+            pending = current.with_name(f"{role}.pending.pem")
             authorised = self._role_keys(role, old_root.signed)[0]
             # An interrupted rotation: promote its key if the root already names it.
             if pending.exists() and load_signer(pending).public_key.keyid in authorised:
-                os.replace(pending, self.keys_dir / f"{role}.pem")
-            old_key = load_signer(self.keys_dir / f"{role}.pem").public_key
+                os.replace(pending, current)
+            old_key = load_signer(current).public_key
             new_signer = generate_signer()
             save_signer(new_signer, pending)  # first: a crash later never loses the key
             new_root = Metadata.from_bytes(old_root.to_bytes())
@@ -715,7 +774,7 @@ class Repository:
                     r.add_key(new_signer.public_key, role)
             except (KeyError, ValueError) as e:
                 raise RegistryError(
-                    f"key {old_key.keyid[:12]}… in {self.keys_dir / (role + '.pem')} is not a "
+                    f"key {old_key.keyid[:12]}… in {current} is not a "
                     f"{role} key of root v{r.version}: {e!s}",
                     reason="key",
                 ) from e
@@ -736,8 +795,8 @@ class Repository:
             self._root = new_root
             if role in ("targets", "snapshot", "timestamp"):
                 self._commit(t, targets=role == "targets", snapshot=role != "timestamp")
-            os.replace(pending, self.keys_dir / f"{role}.pem")
-            fsync_dir(self.keys_dir)
+            os.replace(pending, current)
+            fsync_dir(current.parent)
             return r.version
 
 

@@ -23,7 +23,8 @@ page cache, and handing it to a pool only adds thread switches (``scripts/bench_
 Admission (``cloud_sync.registry.admission``), for every request, in this order:
 
 1. Rate: a device (the id in the topic) may send ``device_rate`` requests per second
-   (bucket ``device_burst``); the rest are dropped before they are parsed.
+   (bucket ``device_burst``); the rest are dropped before they are parsed, and count against
+   it: a device that keeps flooding is not served at all until it slows down.
 2. Transfers: a transfer is a (device, resolved file) pair, so aliases of one file are one
    transfer. At most ``max_transfers`` are served at once, at most ``device_transfers`` of
    one device; the others wait in a first-come-first-served line where a device holds at
