@@ -7,18 +7,29 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from cloud_sync.secrets import redact_url, resolve_db_url
 from cloud_sync.units import argparse_type, parse_duration
 
 DEFAULT_DB = "sqlite:///edgefleet.db"
 DURATION = argparse_type(parse_duration)
+DB_HELP = (
+    "sqlite:///file or postgresql+psycopg://…; default: the systemd credential db-url, else "
+    f"EDGEFLEET_DB, else {DEFAULT_DB} (keeps a password off the command line)"
+)
+
+
+def db_url(args: argparse.Namespace) -> str:
+    """``--db``, else the ``db-url`` credential, else ``EDGEFLEET_DB`` (read at start-up)."""
+    return resolve_db_url(args.db, DEFAULT_DB)
 
 
 def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ing = sub.add_parser("ingest", help="store device state, telemetry and events in a database")
     ing.add_argument("--broker", required=True, help="mqtt://host:port")
-    ing.add_argument("--db", default=DEFAULT_DB, help="sqlite:///file or postgresql+psycopg://…")
+    ing.add_argument("--db", default=None, help=DB_HELP)
     ing.add_argument("--topic-root", default="edgefleet/v1")
     ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
     ing.add_argument("--share-group", default=None, metavar="NAME",
@@ -51,13 +62,18 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     fleet = sub.add_parser("fleet", help="fleet state from the ingest database")
     fsub = fleet.add_subparsers(dest="fleet_cmd", required=True)
     st = fsub.add_parser("status", help="one row per device")
-    st.add_argument("--db", default=DEFAULT_DB)
+    st.add_argument("--db", default=None, help=DB_HELP)
+    st.add_argument("--repo", type=Path, default=None,
+                    help="also warn about registry metadata near expiry (registry directory)")
+    st.add_argument("--ca", type=Path, default=None,
+                    help="also warn about certificates and the CRL near expiry (CA directory)")
+    st.add_argument("--warn-days", type=int, default=30, help="warn this far ahead")  # fmt: skip
     st.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="filter")
     st.add_argument("--json", action="store_true", help="print a JSON list")
     st.add_argument("--watch", type=float, default=None, metavar="S", help="refresh every S s")
     st.set_defaults(fn=_fleet_status)
     rt = fsub.add_parser("retention", help="delete history older than --keep, once")
-    rt.add_argument("--db", default=DEFAULT_DB)
+    rt.add_argument("--db", default=None, help=DB_HELP)
     rt.add_argument("--keep", type=DURATION, required=True, metavar="DURATION",
                     help="history to keep, e.g. 30d (devices and current state stay)")  # fmt: skip
     rt.set_defaults(fn=_retention)
@@ -77,7 +93,7 @@ def apply_retention(store: Any, keep_s: float) -> dict[str, int]:
 def _retention(args: argparse.Namespace) -> int:
     from cloud_sync.ingest.store import open_store
 
-    store = open_store(args.db)
+    store = open_store(db_url(args))
     try:
         apply_retention(store, args.keep)
     finally:
@@ -91,7 +107,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap
     from cloud_sync.pki import service_share_group
 
-    store = open_store(args.db)
+    store = open_store(db_url(args))
     share = args.share_group or service_share_group(SHARE_GROUP)
     worker = IngestWorker(
         args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}",
@@ -109,7 +125,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
         serve_metrics(worker, args.metrics_port, args.metrics_addr)
         print(f"metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics", flush=True)
-    print(f"ingesting from {args.broker} into {args.db}; Ctrl-C stops", flush=True)
+    print(f"ingesting from {args.broker} into {redact_url(db_url(args))}; Ctrl-C stops",
+          flush=True)  # fmt: skip
     web = None
     try:
         if args.http is not None:
@@ -156,19 +173,54 @@ def _row(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def expiry_warnings(repo: Path | None, ca: Path | None, warn_days: int) -> list[dict[str, str]]:
+    """What in the registry (``repo``) and the CA (``ca``) expires within ``warn_days`` or has
+    expired: ``{"component", "what", "level", "expires", "message"}`` each, worst first."""
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    out: list[dict[str, str]] = []
+    if repo is not None:
+        from cloud_sync.registry.repo import Repository
+
+        for st in Repository(repo).freshness(now):
+            if st.level != "ok":
+                out.append({"component": "registry", "what": st.role, "level": st.level,
+                            "expires": st.expires.isoformat(), "message": st.message})  # fmt: skip
+    if ca is not None:
+        from cloud_sync.enroll import ca_warnings
+        from cloud_sync.pki import FleetCA
+
+        for what, exp, level in ca_warnings(FleetCA(ca), now, timedelta(days=warn_days)):
+            if level != "ok":
+                left = exp - now
+                msg = (f"expired {exp:%Y-%m-%d}" if level == "expired" else
+                       f"expires {exp:%Y-%m-%d} ({left.days} d left); `edgefleet ca status`")
+                out.append({"component": "ca", "what": what, "level": level,
+                            "expires": exp.isoformat(), "message": msg})  # fmt: skip
+    return sorted(out, key=lambda w: (w["level"] != "expired", w["expires"]))
+
+
 def _fleet_status(args: argparse.Namespace) -> int:
     from cloud_sync.ingest.store import open_store
 
     tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
-    store = open_store(args.db)
+    store = open_store(db_url(args))
     try:
         while True:
             fleet = store.fleet(tag_filter=tags or None)
+            warnings = expiry_warnings(args.repo, args.ca, args.warn_days)
             if args.json:
-                print(json.dumps(fleet, indent=2, default=str))
+                if args.repo is None and args.ca is None:
+                    print(json.dumps(fleet, indent=2, default=str))
+                else:
+                    out = {"devices": fleet, "warnings": warnings}
+                    print(json.dumps(out, indent=2, default=str))
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
+                for w in warnings:
+                    print(f"{w['level'].upper()}: {w['component']} {w['what']}: {w['message']}")
                 for d in fleet:
                     print("\n".join(_row(d)))
                 if not fleet:

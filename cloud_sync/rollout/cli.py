@@ -12,18 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import BadDataError
-from cloud_sync.ingest.commands import DEFAULT_DB
-from cloud_sync.secrets import redact_url, resolve_db_url
+from cloud_sync.ingest.commands import DB_HELP
+from cloud_sync.ingest.commands import db_url as _db
+from cloud_sync.secrets import redact_url
 from cloud_sync.units import argparse_type as _arg
 
-DB_HELP = (
-    "sqlite:///file or postgresql+psycopg://…; default: the systemd credential db-url, "
-    f"else EDGEFLEET_DB, else {DEFAULT_DB} (keeps a password off the command line)"
-)
-
-
-def _db(args: argparse.Namespace) -> str:
-    return resolve_db_url(args.db, DEFAULT_DB)
 
 def _soak(text: str) -> float:
     from cloud_sync.units import parse_duration
