@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("capture_wait", "preprocess", "infer", "postprocess", "sink", "overhead", "age")
+STAGES = (
+    "capture_wait", "preprocess", "infer", "postprocess", "track", "sink", "overhead", "age",
+)  # fmt: skip
 COUNTERS = (
     "frames_read",
     "frames_inferred",
@@ -21,6 +23,8 @@ COUNTERS = (
     "reconnects",
     "errors",
     "source_failures",
+    "frames_skipped_max_fps",  # agent.pipeline.gating.SKIP_REASONS
+    "frames_skipped_no_motion",
 )
 
 
@@ -29,18 +33,21 @@ class LatencyRing:
 
     def __init__(self, size: int = 2048) -> None:
         self._buf = np.zeros(size, dtype=np.float64)
-        self._n = 0
+        self._n = 0  # samples ever added
+        self._sum = 0.0  # and their total (ms): a Prometheus summary's _count and _sum
 
     def add(self, ms: float) -> None:
         self._buf[self._n % self._buf.size] = ms
         self._n += 1
+        self._sum += ms
 
     def values(self) -> np.ndarray:
         out: np.ndarray = self._buf[: min(self._n, self._buf.size)].copy()
         return out
 
     def percentiles(self) -> dict[str, float]:
-        """p50/p95/p99/max/mean of what the ring holds; empty dict when it holds nothing.
+        """p50/p95/p99/max/mean/n of what the ring holds, plus ``count`` and ``sum`` of every
+        sample since the start; empty dict when it holds nothing.
 
         The percentiles are ``np.percentile``'s default (linear interpolation between the
         closest ranks), read off one sort: ``np.percentile`` costs 50-150 µs a call in
@@ -57,6 +64,8 @@ class LatencyRing:
             "max": round(float(v[-1]), 3),
             "mean": round(float(v.mean()), 3),
             "n": int(v.size),
+            "count": self._n,
+            "sum": round(self._sum, 3),
         }
 
 

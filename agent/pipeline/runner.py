@@ -16,6 +16,8 @@ from typing import Any, Literal
 import cv2
 
 from agent.errors import BadDataError, ModelError
+from agent.pipeline.analytics import FrameAnalytics
+from agent.pipeline.gating import FrameGate
 from agent.pipeline.metrics import PipelineMetrics
 from agent.pipeline.model import RunnableModel, StageTimes
 from agent.pipeline.postprocess import Result
@@ -72,8 +74,12 @@ class Pipeline:
         open_timeout_s: float = 5.0,
         metrics: PipelineMetrics | None = None,
         wall_clock: Callable[[], float] = time.time,
+        gate: FrameGate | None = None,
+        analytics: FrameAnalytics | None = None,
     ) -> None:
         self.name = name
+        self.gate = gate  # max_fps and motion gating: frames skipped before inference
+        self.analytics = analytics  # tracks, zones and lines on detection results
         self.source = source
         self.metrics = metrics or PipelineMetrics()
         self.sinks = list(sinks)
@@ -156,6 +162,10 @@ class Pipeline:
                     if self.reader.ended.is_set():
                         break
                     continue
+                skip = self.gate.check(frame.image, frame.t) if self.gate else None
+                if skip is not None:
+                    self.metrics.count(f"frames_skipped_{skip}")
+                    continue
                 # read once, leased: a swap lands between frames, and closing the old model
                 # waits for this frame
                 model = self.acquire_model()
@@ -190,6 +200,8 @@ class Pipeline:
             frame_seq=frame.seq,
             frame_time=round(self._wall() - (time.monotonic() - frame.t_capture), 3),
         )
+        analytics = self.analytics
+        track_ms = 0.0 if analytics is None else self._analyse(analytics, event, result, frame)
         for sink in self.sinks:
             try:
                 if sink.wants_frame:
@@ -208,12 +220,28 @@ class Pipeline:
         sink_ms = (time.perf_counter() - t_sink) * 1e3
         m.observe("sink", sink_ms)
         # agent overhead outside inference and capture wait: what the agent adds per frame
-        m.observe("overhead", times.preprocess + times.postprocess + sink_ms)
+        m.observe("overhead", times.preprocess + times.postprocess + track_ms + sink_ms)
         m.observe("age", (done - frame.t_capture) * 1e3)
         m.count("frames_inferred")
         obs = self.observer
         if obs is not None:
             obs(model, True, False, times.infer)
+
+    def _analyse(
+        self, analytics: FrameAnalytics, event: dict[str, Any], result: Result, frame: Any
+    ) -> float:
+        """Tracks, zones and lines into the event; returns the time taken (ms)."""
+        t0 = time.perf_counter()
+        h, w = frame.image.shape[:2]
+        try:
+            analytics.apply(event, result, (w, h), frame.t, event["frame_time"])
+        except Exception as e:  # a bug in analytics must not stop inference
+            self.metrics.count("errors")
+            self.last_error = f"analytics failed: {e!r}"
+            log.exception("pipeline=%s analytics failed", self.name)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.metrics.observe("track", ms)
+        return ms
 
     def status(self, now: float, reader: str = "status") -> dict[str, Any]:
         """Everything telemetry and ``status`` show about this pipeline; fps is over the time
@@ -228,4 +256,5 @@ class Pipeline:
             "precision": model.backend.info.precision if model else None,
             "last_error": self.last_error or self.reader.last_error or None,
             **self.metrics.snapshot(now, reader),
+            **(self.analytics.status() if self.analytics is not None else {}),
         }

@@ -91,11 +91,20 @@ class Frame:
         image: HxWx3 BGR uint8.
         seq: running number from the source (counts every frame read, dropped or not).
         t_capture: ``time.monotonic()`` when the read returned.
+        t_stream: the frame's time in the stream on the same clock, when it is not its
+            capture time: a file read as fast as it is taken (pace ``none``) is timed by its
+            fps, so tracking and rate control see the video's time, not the reading speed.
     """
 
     image: np.ndarray
     seq: int
     t_capture: float
+    t_stream: float | None = None
+
+    @property
+    def t(self) -> float:
+        """The frame's time for tracking and rate control (monotonic seconds)."""
+        return self.t_capture if self.t_stream is None else self.t_stream
 
 
 class LatestFrameSlot:
@@ -256,11 +265,15 @@ class FrameReader:
 
     def _pump(self, cap: cv2.VideoCapture) -> bool:
         """Read until the source fails (False) or a non-looping file ends (True)."""
-        period = 0.0
-        if self.spec.kind == "file" and self.pace == "realtime":
+        period = stream_period = 0.0
+        if self.spec.kind == "file":
             fps = cap.get(cv2.CAP_PROP_FPS)
-            period = 1.0 / fps if fps and 0 < fps < 1000 else 1.0 / 30
-        next_due = self.clock()
+            nominal = 1.0 / fps if fps and 0 < fps < 1000 else 1.0 / 30
+            if self.pace == "realtime":
+                period = nominal
+            else:
+                stream_period = nominal
+        next_due = stream_t = self.clock()
         while not self._stop.is_set():
             ok, image = cap.read()
             if not ok or image is None:
@@ -281,7 +294,10 @@ class FrameReader:
             self._seq += 1
             self.metrics.count("frames_read")
             before = self.slot.dropped
-            if not self.slot.put(Frame(image, self._seq, now), timeout=None):
+            t_stream = None
+            if stream_period:
+                t_stream, stream_t = stream_t, stream_t + stream_period
+            if not self.slot.put(Frame(image, self._seq, now, t_stream), timeout=None):
                 return True
             if self.slot.dropped != before:
                 self.metrics.count("frames_dropped", self.slot.dropped - before)

@@ -5,7 +5,8 @@
   plus device CPU/memory/disk/temperature/GPU/power and the outbox depth.
 * ``…/devices/D/events`` (device→cloud, QoS 1, not retained, rate-limited) carries an
   ``InferenceEvent``: what one frame's inference found, in the shape of
-  ``agent.pipeline.postprocess.Result.to_dict()`` plus the frame and model it came from.
+  ``agent.pipeline.postprocess.Result.to_dict()`` plus the frame and model it came from, the
+  track id of each tracked detection and the frame's object events (``agent.protocol.analytics``).
 
 Both are parsed from untrusted bytes by ``decode`` and fail with ``BadMessage`` only. Floats are
 finite (``NaN``/``Infinity`` are refused) so that every payload is strict JSON for dashboards.
@@ -31,6 +32,7 @@ from pydantic import (
 )
 
 from agent.protocol import CONTRACT_VERSION
+from agent.protocol.analytics import MAX_TRACK_ID, LineCount, ObjectEvent, ZoneCount
 from agent.protocol.card import Precision, Task
 from agent.protocol.state import (
     MAX_PIPELINES,
@@ -71,6 +73,8 @@ SensorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.
 StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Label = Annotated[str, StringConstraints(max_length=128)]
 SourceState = Literal["connecting", "streaming", "waiting", "ended", "stopped"]
+SkipReason = Literal["max_fps", "no_motion"]  # agent.pipeline.gating.SKIP_REASONS
+MAX_REGION_ROWS = 1024  # zone/line x class rows of one pipeline
 
 _FINITE = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -90,6 +94,12 @@ class StageLatency(_Part):
     p50: float = Field(ge=0, le=MAX_MS, description="Median latency (ms)")
     p95: float = Field(ge=0, le=MAX_MS, description="95th percentile latency (ms)")
     p99: float = Field(ge=0, le=MAX_MS, description="99th percentile latency (ms)")
+    count: int | None = Field(
+        None, ge=0, le=MAX_COUNT, description="Samples since the start (contract 1.1)"
+    )
+    sum_ms: float | None = Field(
+        None, ge=0, le=float(MAX_COUNT), description="Their total (ms) (contract 1.1)"
+    )
 
 
 class PipelineTelemetry(_Part):
@@ -117,8 +127,25 @@ class PipelineTelemetry(_Part):
     latency_ms: dict[StageName, StageLatency] = Field(
         default_factory=dict,
         max_length=MAX_STAGES,
-        description="Stage (capture_wait, preprocess, infer, postprocess, sink, overhead, age)"
-        " → percentiles",
+        description="Stage (capture_wait, preprocess, infer, postprocess, track, sink, overhead,"
+        " age) → percentiles",
+    )
+    frames_skipped: dict[SkipReason, Annotated[int, Field(ge=0, le=MAX_COUNT)]] = Field(
+        default_factory=dict,
+        description="Frames not inferred since start, by why: max_fps, no_motion (rate control"
+        " on; contract 1.1)",
+    )
+    tracks_active: int | None = Field(
+        None, ge=0, le=MAX_COUNT, description="Tracks alive now (None: tracking off)"
+    )
+    tracks_started: int | None = Field(
+        None, ge=0, le=MAX_TRACK_ID, description="Track ids issued since start"
+    )
+    zones: list[ZoneCount] = Field(
+        default_factory=list, max_length=MAX_REGION_ROWS, description="Counts per zone and class"
+    )
+    lines: list[LineCount] = Field(
+        default_factory=list, max_length=MAX_REGION_ROWS, description="Counts per line and class"
     )
 
     @model_validator(mode="after")
@@ -232,6 +259,9 @@ class Detection(_Part):
     score: float = Field(ge=0, le=1, description="Confidence")
     label_id: int = Field(ge=0, le=1_000_000, description="Class index")
     label: Label = Field(description="Class name")
+    track_id: int | None = Field(
+        None, ge=1, le=MAX_TRACK_ID, description="Id of the object's track (tracking on)"
+    )
 
     @field_validator("box")
     @classmethod
@@ -270,6 +300,11 @@ class InferenceEvent(WireMessage):
         default_factory=dict,
         max_length=64,
         description="Task-specific summary, e.g. {'count': 3} or raw output statistics",
+    )
+    objects: list[ObjectEvent] = Field(
+        default_factory=list,
+        max_length=MAX_RESULTS,
+        description="Object events of this frame at zones and lines (contract 1.1)",
     )
     contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
 
@@ -358,7 +393,8 @@ def pipeline_telemetry_from_status(status: Mapping[str, Any]) -> PipelineTelemet
     ``model`` arrives as ``name@version`` and is split; stages whose ring is still empty (an
     empty dict from ``LatencyRing.percentiles``) are left out; keys the contract does not carry
     (``source``, which may hold camera credentials, ``last_error``, ``source_failures``, the
-    ``max``/``mean``/``n`` of a stage) are dropped.
+    ``max``/``mean``/``n`` of a stage) are dropped; a stage's ``count``/``sum`` become
+    ``count``/``sum_ms``.
 
     Raises:
         pydantic.ValidationError: a value is out of the contract's bounds.
@@ -368,10 +404,15 @@ def pipeline_telemetry_from_status(status: Mapping[str, Any]) -> PipelineTelemet
     if ref:
         model, _, version = str(ref).rpartition("@")
     latency = {
-        stage: {q: p[q] for q in ("p50", "p95", "p99")}
+        stage: {
+            **{q: p[q] for q in ("p50", "p95", "p99")},
+            "count": p.get("count"),
+            "sum_ms": p.get("sum"),
+        }
         for stage, p in (status.get("latency_ms") or {}).items()
         if p
     }
+    skipped = {r: status.get(f"frames_skipped_{r}", 0) for r in ("max_fps", "no_motion")}
     return PipelineTelemetry.model_validate(
         {
             "name": status["name"],
@@ -388,5 +429,10 @@ def pipeline_telemetry_from_status(status: Mapping[str, Any]) -> PipelineTelemet
             "reconnects": status["reconnects"],
             "errors": status["errors"],
             "latency_ms": latency,
+            "frames_skipped": skipped,
+            "tracks_active": status.get("tracks_active"),
+            "tracks_started": status.get("tracks_started"),
+            "zones": status.get("zones") or [],
+            "lines": status.get("lines") or [],
         }
     )

@@ -2,9 +2,12 @@
 
 ``EventPolicy`` (pure, explicit ``now``) decides which results leave the device: ``every``
 frame, on ``change`` of what was seen (top-1 label, or the multiset of detected labels), or at
-most ``max_per_s`` per second (token bucket). Only results leave: raw frames never do.
-``MqttEventSink`` (adapter) validates each chosen event against the contract and puts it in
-the outbox, so events, like telemetry, survive outages within the outbox's bound.
+most ``max_per_s`` per second (token bucket). A frame with object events (a track entered,
+left or dwelt in a zone, or crossed a line) is always sent under any policy but ``off``: those
+happen once per track, and a count that misses one is wrong for good. Only results leave: raw
+frames never do. ``MqttEventSink`` (adapter) validates each chosen event against the contract
+and puts it in the outbox, so events, like telemetry, survive outages within the outbox's bound;
+a frame with more object events than fit one message goes as several.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from agent.telemetry.outbox import Outbox
 
 log = logging.getLogger(__name__)
 PolicyName = Literal["every", "change", "rate"]
+# Object events per message: ~300 bytes each, so a message stays far below the 64 KiB limit
+# even with the frame's detections in the first one.
+OBJECTS_PER_MESSAGE = 100
 
 
 def signature(event: Mapping[str, Any]) -> tuple[str, ...]:
@@ -48,7 +54,7 @@ class EventPolicy:
     _t: float | None = field(default=None, init=False)
 
     def allow(self, event: Mapping[str, Any], now: float) -> bool:
-        if self.name == "every":
+        if self.name == "every" or event.get("objects"):
             return True
         if self.name == "change":
             sig = signature(event)
@@ -90,8 +96,24 @@ class MqttEventSink(Sink):
             self.skipped += 1
             return
         try:
-            payload = InferenceEvent.from_pipeline_event(self.device_id, event).encode()
+            payloads = [
+                InferenceEvent.from_pipeline_event(self.device_id, part).encode()
+                for part in split_objects(event)
+            ]
         except (ValidationError, EdgefleetError) as e:
             raise EdgefleetError(f"event of pipeline {event.get('pipeline')} not sent: {e}") from e
-        self.outbox.put(self.topic, payload, qos=1)
+        for payload in payloads:
+            self.outbox.put(self.topic, payload, qos=1)
         self.sent += 1
+
+
+def split_objects(event: dict[str, Any], per: int = OBJECTS_PER_MESSAGE) -> list[dict[str, Any]]:
+    """Pure: the event as one or more messages of at most ``per`` object events each; the
+    frame's other results ride in the first only."""
+    objects = event.get("objects") or []
+    if len(objects) <= per:
+        return [event]
+    parts = [{**event, "objects": objects[:per]}]
+    rest = {k: v for k, v in event.items() if k not in ("classifications", "detections", "summary")}
+    parts += [{**rest, "objects": objects[i : i + per]} for i in range(per, len(objects), per)]
+    return parts

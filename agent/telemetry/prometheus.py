@@ -5,6 +5,12 @@ Off by default; ``[telemetry] prometheus_port`` turns it on, bound to loopback u
 reader, so it does not shorten the MQTT reporter's fps windows) and maps every field to a
 metric: the same numbers the cloud gets, for a local Prometheus or node-exporter-style setup.
 Units follow Prometheus conventions (seconds, bytes); names start with ``edgefleet_``.
+
+Stage latency is a summary (``edgefleet_pipeline_latency_seconds{stage,quantile}`` with
+``_sum``/``_count``): quantiles over the recent frames (the telemetry's rings), sum and count
+since the start, as client-side summaries are (a gauge may not carry ``quantile``: promtool
+refuses it). Zone and line counts are counters per pipeline, zone or line, and class;
+``tests/test_promtool.py`` runs ``promtool check metrics`` on a real scrape.
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from agent.protocol.telemetry import Telemetry
@@ -41,14 +52,19 @@ def _pipeline_metrics(t: Telemetry) -> Iterator[Any]:
     up = GaugeMetricFamily(
         "edgefleet_pipeline_source_up", "1 while the source is streaming", labels=lab
     )
-    lat = GaugeMetricFamily(
+    lat = SummaryMetricFamily(
         "edgefleet_pipeline_latency_seconds",
-        "Per-stage latency quantiles over the recent frames",
-        labels=[*lab, "stage", "quantile"],
+        "Per-stage latency: quantiles over the recent frames, sum and count since start",
+        labels=[*lab, "stage"],
     )
     counters = {
         k: CounterMetricFamily(f"edgefleet_pipeline_{k}", doc, labels=lab) for k, doc in _COUNTERS
     }
+    skipped = CounterMetricFamily(
+        "edgefleet_pipeline_frames_skipped",
+        "Frames not inferred, by reason (max_fps, no_motion)",
+        labels=[*lab, "reason"],
+    )
     for p in t.pipelines:
         info.add_metric([p.name], {
             "model": p.model or "", "version": p.version or "",
@@ -59,10 +75,54 @@ def _pipeline_metrics(t: Telemetry) -> Iterator[Any]:
         up.add_metric([p.name], 1.0 if p.source_state == "streaming" else 0.0)
         for key, fam in counters.items():
             fam.add_metric([p.name], float(getattr(p, key)))
+        for reason, n in sorted(p.frames_skipped.items()):
+            skipped.add_metric([p.name, reason], n)
         for stage, q in p.latency_ms.items():
             for name, ms in (("0.5", q.p50), ("0.95", q.p95), ("0.99", q.p99)):
-                lat.add_metric([p.name, stage, name], ms / 1e3)
-    yield from (info, fps, up, lat, *counters.values())
+                lat.add_sample(
+                    lat.name, {"pipeline": p.name, "stage": stage, "quantile": name}, ms / 1e3
+                )
+            lat.add_metric([p.name, stage], q.count or 0, (q.sum_ms or 0.0) / 1e3)
+    yield from (info, fps, up, lat, *counters.values(), skipped)
+    yield from _analytics_metrics(t)
+
+
+def _analytics_metrics(t: Telemetry) -> Iterator[Any]:
+    """Tracks and the running zone/line counts of every pipeline."""
+    tracks = GaugeMetricFamily(
+        "edgefleet_pipeline_tracks", "Tracks alive (seen or briefly lost)", labels=["pipeline"]
+    )
+    started = CounterMetricFamily(
+        "edgefleet_pipeline_tracks_started", "Track ids issued", labels=["pipeline"]
+    )
+    zl = ["pipeline", "zone", "class"]
+    zone = {
+        k: CounterMetricFamily(f"edgefleet_zone_{k}", doc, labels=zl)
+        for k, doc in (
+            ("entered", "Tracks that entered the zone"),
+            ("left", "Tracks that left the zone (or ended inside it)"),
+            ("dwell", "Tracks that stayed in the zone its dwell time"),
+        )
+    }
+    inside = GaugeMetricFamily("edgefleet_zone_objects", "Tracks inside the zone now", labels=zl)
+    crossed = CounterMetricFamily(
+        "edgefleet_line_crossed",
+        "Tracks that crossed the line, by direction (in, out)",
+        labels=["pipeline", "line", "class", "direction"],
+    )
+    for p in t.pipelines:
+        if p.tracks_active is not None:
+            tracks.add_metric([p.name], p.tracks_active)
+            started.add_metric([p.name], p.tracks_started or 0)
+        for z in p.zones:
+            key = [p.name, z.zone, z.label]
+            for k, fam in zone.items():
+                fam.add_metric(key, getattr(z, k))
+            inside.add_metric(key, z.inside)
+        for ln in p.lines:
+            crossed.add_metric([p.name, ln.line, ln.label, "in"], ln.crossed_in)
+            crossed.add_metric([p.name, ln.line, ln.label, "out"], ln.crossed_out)
+    yield from (tracks, started, *zone.values(), inside, crossed)
 
 
 def _device_metrics(t: Telemetry) -> Iterator[Any]:
