@@ -346,8 +346,8 @@ class DeviceUsage:
         shed: answers not queued: its or the fleet's queued-bytes bound was reached.
         refused: transfers refused a place in line (its ``device_waiting`` or the fleet's line
             was full).
-        held: requests left unanswered while their transfer waits in line (the device does
-            not understand ``busy``; it asks again after its timeout).
+        held: requests left unanswered while their transfer waits in line or the device is
+            over its data rate (a device without ``busy_ok``: it asks again after its timeout).
         busy: answered ``busy``.
         transfers: transfers served now.
         waiting: places held in line now.

@@ -347,11 +347,11 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  root keys:    {', '.join(k[:16] for k in repo.root().roles['root'].keyids)}")
     print(f"  desired keys: {', '.join(k[:16] for k in trust.keys)}")
     print(f"  provision devices with {repo.path / 'root.json'}")
-    print(f"  private keys in {keys} (mode 0600), outside the served folder:")
-    print("    timestamp, snapshot, targets: what `registry serve` re-signs with; desired: deploy")
-    print(f"    {keys / 'offline'}: the root key. Move it to offline storage now: `registry")
-    print("    serve` refuses to start while it can read it; `registry renew-root --keys-dir")
-    print("    PATH` reads it from there")
+    print(f"  private keys (mode 0600) in {keys}, outside the served folder:")
+    print("    timestamp, snapshot, targets.pem: `registry serve` re-signs with them")
+    print("    desired.pem: `deploy` signs desired states with it")
+    print("    offline/root.pem: move it to offline storage now (`registry serve` refuses to start")
+    print("    while it can read it); `registry renew-root --keys-dir PATH` reads it from there")
     return 0
 
 

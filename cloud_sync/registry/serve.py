@@ -154,7 +154,8 @@ class ServerStats:
         exempt: single-window files served without admission.
         rate_limited: dropped unread: the device was over its request rate.
         throttled: not served now: the device was over its data rate (``busy``, or held).
-        held: unanswered while their transfer waits in line (devices without ``busy_ok``).
+        held: unanswered while their transfer waits in line or the device is over its data rate
+            (devices without ``busy_ok``).
         refused: transfers refused a place in line (the device's or the fleet's line full).
         shed: answers not queued: a queued-bytes bound (the device's or the fleet's) was hit.
         aliases: requests whose path was not in its canonical form (served as that form).
