@@ -6,7 +6,9 @@ Request (JSON on ``…/fetch/req``)::
      "length": 65536, "sent_at": 1768465800.25, "timeout_s": 0.8, "busy_ok": true}
 
 ``sent_at``, ``timeout_s`` and ``busy_ok`` are optional (flow control; a request without them
-is served exactly as before): ``sent_at`` is the device's wall clock when it sent the request
+is admitted like any other, but while its transfer waits in line it gets no answer at all,
+since the device would not understand ``busy``; it is served when it asks again after its own
+timeout): ``sent_at`` is the device's wall clock when it sent the request
 and ``timeout_s`` how long it waits for the answer before asking again. The registry estimates
 the request's queueing delay from ``sent_at`` against the smallest ``receive - sent_at`` it has
 seen from that device (clock skew cancels out) and drops, unanswered, a request that waited
