@@ -92,3 +92,14 @@ def test_fleet_status_warns_about_what_expires(
     main(argv)
     out = capsys.readouterr().out
     assert "WARN: registry root" in out and "renew-root" in out
+
+
+def test_registry_unit_loads_only_online_keys_as_credentials() -> None:
+    from tests.conftest import ROOT
+
+    text = (ROOT / "systemd" / "edgefleet-registry.service").read_text()
+    creds = [ln.split("=", 1)[1].split(":", 1)[0] for ln in text.splitlines()
+             if ln.startswith("LoadCredential=")]  # fmt: skip
+    assert sorted(creds) == ["snapshot.pem", "targets.pem", "timestamp.pem", "tls-key"]
+    exec_start = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    assert "--keys-dir %d" in exec_start
