@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from cloud_sync import __version__
@@ -74,6 +75,11 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument("--replica", default="1", help="replica name (several share the load)")
     s.add_argument("--workers", type=int, default=4, help="threads answering chunk requests")
     s.add_argument(
+        "--textfile", type=Path, default=None, metavar="FILE",
+        help="write each role's expiry as Prometheus metrics here (node_exporter textfile "
+             "collector), refreshed after every re-sign and every 6 h",
+    )  # fmt: skip
+    s.add_argument(
         "--max-transfers", type=int, default=None,
         help="downloads served at once (others are told to wait: 'busy'); 0 = no limit;"
              " default 32",
@@ -126,7 +132,6 @@ def serve_limits(args: argparse.Namespace) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
-    from pathlib import Path
 
     from cloud_sync.registry.keys import check_serving_keys, default_keys_dir
     from cloud_sync.registry.repo import Repository
@@ -139,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     limits = serve_limits(args)
     repo = Repository(Path(args.repo), keys_dir=keys_dir)
-    keep_fresh = metadata_keeper(repo)
+    keep_fresh = metadata_keeper(repo, textfile=args.textfile)
 
     def tick(now: float) -> None:
         from datetime import datetime, timezone
@@ -165,10 +170,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def metadata_keeper(repo: Any, *, warn_every_s: float = 6 * 3600) -> Any:
+def metadata_keeper(
+    repo: Any, *, warn_every_s: float = 6 * 3600, textfile: Path | None = None
+) -> Any:
     """A ``tick(now)`` for ``registry serve``: re-sign the online roles at half their lifetime
     (``Repository.refresh_thresholds``) and log a warning for any role near expiry (root
-    and offline roles weeks ahead), at most every ``warn_every_s``."""
+    and offline roles weeks ahead), at most every ``warn_every_s``; with ``textfile``, also
+    write every role's expiry there as Prometheus metrics (``cloud_sync.expiry``) after each
+    re-sign and each check."""
     import logging
     from datetime import datetime
 
@@ -189,18 +198,28 @@ def metadata_keeper(repo: Any, *, warn_every_s: float = 6 * 3600) -> Any:
         if done:
             log.warning("re-signed %s before expiry", ", ".join(done))
             print(f"re-signed {', '.join(done)} before expiry", flush=True)
-        if not last_warned or (now - last_warned[0]).total_seconds() >= warn_every_s:
-            bad = [st for st in repo.freshness(now) if st.level != "ok"]
-            for st in bad:
-                log.warning("registry %s", st.message)
-            last_warned[:] = [now]
+        if done or not last_warned or (now - last_warned[0]).total_seconds() >= warn_every_s:
+            rows = repo.freshness(now)
+            if not last_warned or (now - last_warned[0]).total_seconds() >= warn_every_s:
+                for st in rows:
+                    if st.level != "ok":
+                        log.warning("registry %s", st.message)
+                last_warned[:] = [now]
+            if textfile is not None:
+                from cloud_sync.expiry import write_textfile
+
+                try:
+                    write_textfile(
+                        textfile, [("registry", r.role, r.expires, r.level) for r in rows]
+                    )
+                except OSError as e:
+                    log.error("cannot write the expiry metrics to %s: %s", textfile, e)
         return done
 
     return tick
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from cloud_sync.deploy import deploy
 

@@ -58,3 +58,27 @@ def test_unknown_level_is_refused_and_the_file_is_readable(tmp_path: Path) -> No
     assert _samples(path)[("edgefleet_expiry_level", "registry", "root")] == 1
     assert not list(tmp_path.glob("*.tmp*"))  # written via a temp file and renamed
     assert path.stat().st_mode & 0o777 == 0o644  # node_exporter reads it, whatever the umask
+
+
+def test_registry_status_and_the_serve_keeper_write_role_expiries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud_sync.cli import metadata_keeper
+    from cloud_sync.registry.repo import Repository
+
+    now = datetime.now(timezone.utc)
+    repo = Repository.init(tmp_path / "repo", now=now - timedelta(days=340))  # root: 25 d left
+    prom = tmp_path / "registry.prom"
+    assert main(["registry", "status", "--repo", str(repo.path), "--textfile", str(prom)]) == 2
+    got = _samples(prom)
+    assert got[("edgefleet_expiry_level", "registry", "root")] == 1
+    assert got[("edgefleet_expiry_level", "registry", "timestamp")] == 2  # never re-signed
+    # the keeper re-signs what it can and refreshes the file: only root still warns
+    keeper_file = tmp_path / "keeper.prom"
+    tick = metadata_keeper(repo, textfile=keeper_file)
+    assert "timestamp" in tick(now)
+    got = _samples(keeper_file)
+    assert got[("edgefleet_expiry_level", "registry", "timestamp")] == 0
+    assert got[("edgefleet_expiry_level", "registry", "root")] == 1
+    assert got[("edgefleet_expiry_timestamp_seconds", "registry", "timestamp")] > now.timestamp()
+    capsys.readouterr()

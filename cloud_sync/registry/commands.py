@@ -128,6 +128,10 @@ def add_registry_commands(
     st.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
     _keys_arg(st, "where the keys are: roles with a key there show as online")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--textfile", type=Path, default=None, metavar="FILE",
+        help="also write the expiries as Prometheus metrics (node_exporter textfile collector)",
+    )  # fmt: skip
     st.set_defaults(fn=_status)
     rr = reg_sub.add_parser(
         "renew-root", help="re-sign root with a new expiry (needs the root key; offline step)"
@@ -317,6 +321,10 @@ def _status(args: argparse.Namespace) -> int:
         for r in rows:
             key = "online" if r.online else "offline"
             print(f"{r.role:<10} {r.version:>7}  {r.expires:%Y-%m-%d %H:%M} {key:<8} {r.message}")
+    if args.textfile is not None:
+        from cloud_sync.expiry import write_textfile
+
+        write_textfile(args.textfile, [("registry", r.role, r.expires, r.level) for r in rows])
     levels = {r.level for r in rows}
     return 2 if "expired" in levels else 1 if "warn" in levels else 0
 
