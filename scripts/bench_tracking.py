@@ -41,6 +41,7 @@ import numpy as np
 
 from agent.config import LineConfig, ZoneConfig, parse_config
 from agent.pipeline.analytics import FrameAnalytics, pipeline_options
+from agent.pipeline.assign import iou_matrix
 from agent.pipeline.postprocess import Detection, Result, make_postprocessor
 from agent.pipeline.preprocess import FrameTransform
 from agent.pipeline.scene import (
@@ -55,7 +56,7 @@ from agent.pipeline.scene import (
     render,
     write_scene_video,
 )
-from agent.pipeline.tracking import Track, TrackParams, TrackUpdate, iou_matrix
+from agent.pipeline.tracking import Track, TrackParams, TrackUpdate
 from agent.pipeline.zones import RegionCounter
 from agent.protocol.card import InputSpec, PostprocessSpec
 

@@ -139,3 +139,27 @@ def test_pipeline_config_turns_tracking_on_with_zones(tmp_path: Path) -> None:
     )  # fmt: skip
     assert cfg.tracking == TrackingConfig()
     assert isinstance(cfg.lines[0], LineConfig) and not isinstance(cfg.lines[0], ZoneConfig)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_assignment_shortcuts_are_optimal(seed: int) -> None:
+    """The matcher's shortcuts (each row's own cheapest column; independent groups solved
+    apart) give what LAPJV gives on the whole matrix: as many pairs, the same total cost."""
+    import lap
+    import numpy as np
+
+    from agent.pipeline.assign import assign
+
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(1, 12, 2)
+    cost = rng.uniform(0, 1, (rows, cols))
+    cost[rng.uniform(size=cost.shape) < 0.6] = 2.0  # sparse, like IoU between boxes
+    limit = 0.8
+    pairs, rest_r, rest_c = assign(cost, limit)
+    _, x, _ = lap.lapjv(cost, extend_cost=True, cost_limit=limit)
+    ref = [(i, int(j)) for i, j in enumerate(x) if j >= 0]
+    assert len(pairs) == len(ref)
+    assert sum(cost[p] for p in pairs) == pytest.approx(sum(cost[p] for p in ref))
+    assert all(cost[p] <= limit for p in pairs)
+    assert sorted([r for r, _ in pairs] + rest_r) == list(range(rows))
+    assert sorted([c for _, c in pairs] + rest_c) == list(range(cols))

@@ -324,7 +324,7 @@ def id_switches(
     Returns:
         (switches, distinct ids given to objects that should each have had one).
     """
-    from agent.pipeline.tracking import iou_matrix
+    from agent.pipeline.assign import iou_matrix
 
     last: dict[int, int] = {}
     ids: dict[int, set[int]] = {}

@@ -1,41 +1,49 @@
 """Pure: multi-object tracking by detection — ByteTrack's association on a Kalman motion model.
 
 Each ``Tracker.update(detections, now)`` predicts every track with a constant-velocity Kalman
-filter over (cx, cy, w, h), then associates as ByteTrack does (Zhang et al., ECCV 2022):
+filter over (cx, cy, w, h) (``agent.pipeline.kalman``), then associates as ByteTrack does
+(Zhang et al., ECCV 2022), each stage one optimal assignment (``agent.pipeline.assign``):
 
-1. detections scoring at least ``high_score`` against tracked and lost tracks, by IoU, with
-   one optimal assignment (LAPJV from ``lap``);
+1. detections scoring at least ``high_score`` against tracked and lost tracks, by IoU;
 2. the leftover low-score detections (``low_score`` up to ``high_score``: the occluded, the
    blurred) against the tracks still unmatched, at IoU >= 0.5, so a partly hidden object
-   keeps its id instead of being dropped (ByteTrack tries only the tracks seen last frame;
-   lost ones too here, so a track also comes back on the partial box of an object coming out
-   from behind something);
+   keeps its id (ByteTrack tries only the tracks seen last frame; lost ones too here);
 3. leftover high-score detections against tentative tracks; the rest start new tentative
    tracks from ``new_track_score``. A tentative track gets an id after ``min_hits``
-   consecutive matches; a confirmed one that goes unseen is *lost* and is still predicted
-   and matched for ``lost_frames`` inferred frames, then *ends*.
+   consecutive matches; a confirmed one that goes unseen is *lost*, still predicted and
+   matched for ``lost_frames`` inferred frames, then *ends*.
+
+Two additions for objects that go behind something, found on the scripted scene
+(``agent.pipeline.scene``) with a real detector, which reports the visible part of a
+half-hidden object confidently: a box whose area jumps off the track's (a partial view, or two
+objects in one box as they cross) keeps the track alive without moving its filter, unless the
+new size lasts ``_SIZE_JUMP_FRAMES`` matches; low-score boxes never move the filter either (a
+half-hidden box reads as the object slowing and shrinking, and the prediction through the
+occlusion then lags behind it); and between stages 2 and 3, a box well inside a lost track's
+prediction and much smaller than it is that object coming out (stage 2b). Without them the
+object behind the pillar came back with a new id.
 
 Association is class-aware (a track never changes class) and thresholds can differ per class.
 Time is explicit: ``now`` (seconds, monotonic) drives the motion model, so tracking stays right
 when frames are skipped by ``max_fps`` or motion gating; ``lost_frames`` counts inferred frames
 only, so a still scene that is inferred once every few seconds does not end its tracks.
 
-Why written here and not taken from a library (checked 2026-12; wheels' metadata):
+Why written here and not taken from a library (checked 2026-12, from the wheels' metadata):
 
-* ``trackers`` (Roboflow; ByteTrack, SORT, OC-SORT) requires ``opencv-python``, which would
+* ``trackers`` (Roboflow: ByteTrack, SORT, OC-SORT) requires ``opencv-python``, which would
   overwrite ``opencv-python-headless`` here and shadow JetPack's GStreamer-enabled OpenCV on a
   Jetson, plus ``supervision`` (matplotlib, PyAV with its own FFmpeg, pillow, requests);
   importing it imports all of supervision.
-* ``supervision`` 0.31 no longer ships a tracker (it moved to ``trackers``); its older
-  releases that did pulled ``opencv-python`` too.
+* ``supervision`` 0.31 no longer ships a tracker (it moved to ``trackers``).
 * ``norfair`` 2.3 pins ``numpy<2`` (this project runs NumPy 2) and has no low-score second
   association; its fork ``norfair-enough`` is months old.
 * ``bytetracker``/``ocsort`` wheels are unmaintained copies of research code (2022-23).
 
-What is reused: ``lap`` (LAPJV, the solver ByteTrack's reference code calls; depends on NumPy
-only, 1.7 MB wheels for x86-64 and aarch64/cp310). What remains is ~250 lines of NumPy: the
-filter runs element-wise over all tracks at once (``_Filter``), so 50 objects cost a fraction of
-a millisecond (``scripts/bench_tracking.py``).
+What is reused: ``lap`` (LAPJV, the solver ByteTrack's reference code calls; it depends on
+NumPy only, 1.7 MB wheels for x86-64 and aarch64/cp310). What is written: ~500 lines of
+NumPy over three modules, the filter element-wise over all tracks at once, so tracking and
+zones at 50 objects cost about what decoding one frame's detections does
+(``scripts/bench_tracking.py``).
 """
 
 from __future__ import annotations
@@ -46,10 +54,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import lap
 import numpy as np
 import numpy.typing as npt
 
+from agent.pipeline.assign import assign, iou_matrix, overlap
+from agent.pipeline.kalman import BoxFilter, xyxy_to_z
 from agent.pipeline.postprocess import Detection
 
 if TYPE_CHECKING:
@@ -61,16 +70,12 @@ __all__ = [
     "TrackState",
     "TrackUpdate",
     "Tracker",
-    "iou_matrix",
     "tracker_from_config",
 ]
 
 F64 = npt.NDArray[np.float64]
 
 # Kalman noise as fractions of the box size, from ByteTrack's per-frame values at 30 fps.
-_POS = 1.0 / 20.0  # position/size standard deviation
-_VEL = 30.0 / 160.0  # velocity standard deviation per second (1/160 per frame at 30 fps)
-_FRAMES_PER_S = 30.0  # process noise grows with the nominal frames elapsed
 MAX_DT = 10.0  # seconds; a longer gap (a stalled source) predicts no further than this
 _MISMATCH = 2.0  # cost of pairing different classes: above every cost limit
 _LOW_MATCH_IOU = 0.5  # ByteTrack's second association
@@ -145,113 +150,6 @@ class TrackUpdate:
     started: list[Track] = field(default_factory=list)
 
 
-def iou_matrix(a: F64, b: F64) -> F64:
-    """IoU of every box of ``a`` [N,4] with every box of ``b`` [M,4] (x1, y1, x2, y2)."""
-    inter, area_a, area_b = _overlap(a, b)
-    union = area_a[:, None] + area_b[None, :] - inter
-    out: F64 = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-    return out
-
-
-def _overlap(a: F64, b: F64) -> tuple[F64, F64, F64]:
-    """Intersection areas [N,M] of boxes ``a`` [N,4] and ``b`` [M,4], and their own areas."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter: F64 = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a: F64 = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b: F64 = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter, area_a, area_b
-
-
-def _match(cost: F64, limit: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-    """Optimal pairs of rows and columns costing at most ``limit``; unmatched rows, columns."""
-    rows, cols = cost.shape
-    if rows == 0 or cols == 0:
-        return [], list(range(rows)), list(range(cols))
-    best = cost.argmin(axis=1)
-    if len(set(best.tolist())) == rows and bool((cost[np.arange(rows), best] <= limit).all()):
-        # Every row's cheapest column is its own: that is the optimum (no row can do better),
-        # and the common case of a frame like the last. Skips the solver.
-        taken = set(best.tolist())
-        rest = [j for j in range(cols) if j not in taken]
-        return [(i, int(j)) for i, j in enumerate(best)], [], rest
-    _, x, y = lap.lapjv(cost, extend_cost=True, cost_limit=limit)
-    pairs = [(i, int(j)) for i, j in enumerate(x) if j >= 0]
-    return pairs, [i for i in range(rows) if x[i] < 0], [j for j in range(cols) if y[j] < 0]
-
-
-def _xyxy_to_z(box: F64) -> F64:
-    w, h = box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]
-    out: F64 = np.stack([box[..., 0] + w / 2, box[..., 1] + h / 2, w, h], axis=-1)
-    return out
-
-
-class _Filter:
-    """Constant-velocity Kalman filters of N boxes, one row per track.
-
-    The state of a box is (cx, cy, w, h) and their velocities. With ByteTrack's diagonal
-    process and measurement noise, each of the four coordinates is an independent
-    position/velocity pair, so the 8x8 covariance is four 2x2 blocks: kept as three [N,4]
-    arrays (position variance, covariance, velocity variance), every step is a few element-wise
-    operations on [N,4] arrays instead of batched 8x8 matrix products.
-    """
-
-    def __init__(self) -> None:
-        z = np.zeros((0, 4))
-        self.x, self.v, self.pp, self.pv, self.vv = z, z.copy(), z.copy(), z.copy(), z.copy()
-
-    def boxes(self) -> F64:
-        """[N,4] x1, y1, x2, y2 of the current estimates."""
-        c, wh = self.x[:, :2], np.maximum(self.x[:, 2:], 1e-3) / 2
-        out: F64 = np.concatenate([c - wh, c + wh], axis=1)
-        return out
-
-    def _size(self) -> F64:
-        wh = np.abs(self.x[:, 2:])
-        return np.concatenate([wh, wh], axis=1)  # scale of cx, cy, w, h: w, h, w, h
-
-    def append(self, z: F64) -> None:
-        """New filters at measurements ``z`` [M,4] (cx, cy, w, h), at rest."""
-        wh = np.abs(np.concatenate([z[:, 2:], z[:, 2:]], axis=1))
-        zero = np.zeros_like(z)
-        self.x = np.concatenate([self.x, z])
-        self.v = np.concatenate([self.v, zero])
-        self.pp = np.concatenate([self.pp, (2 * _POS * wh) ** 2])
-        self.pv = np.concatenate([self.pv, zero])
-        self.vv = np.concatenate([self.vv, (10 * _VEL * wh) ** 2])
-
-    def keep(self, rows: list[int]) -> None:
-        self.x, self.v, self.pp, self.pv, self.vv = (
-            a[rows] for a in (self.x, self.v, self.pp, self.pv, self.vv)
-        )
-
-    def predict(self, dt: float, frozen_size: npt.NDArray[np.bool_]) -> None:
-        """Advance every filter by ``dt`` seconds; rows in ``frozen_size`` (lost tracks) keep
-        their size (ByteTrack)."""
-        self.v[frozen_size, 2:] = 0.0
-        self.x += dt * self.v
-        k = max(dt * _FRAMES_PER_S, 1e-3)  # process noise grows with the frames elapsed
-        size2 = self._size() ** 2
-        self.pp += dt * (2 * self.pv + dt * self.vv) + _POS**2 * size2 * k
-        self.pv += dt * self.vv
-        self.vv += _VEL**2 * size2 * k
-
-    def correct(self, rows: npt.NDArray[np.intp], z: F64) -> None:
-        """Update the filters of ``rows`` with measurements ``z`` [M,4] (cx, cy, w, h)."""
-        r = (_POS * np.concatenate([z[:, 2:], z[:, 2:]], axis=1)) ** 2
-        pp, pv = self.pp[rows], self.pv[rows]
-        s = pp + r
-        kp, kv = pp / s, pv / s
-        y = z - self.x[rows]
-        self.x[rows] += kp * y
-        self.v[rows] += kv * y
-        self.pp[rows] = (1 - kp) * pp
-        self.pv[rows] = (1 - kp) * pv
-        self.vv[rows] -= kv * pv
-
-
 class Tracker:
     """ByteTrack over one stream. Not thread-safe: one update at a time.
 
@@ -273,7 +171,7 @@ class Tracker:
         self.classes = frozenset(classes) if classes is not None else None
         self.max_tracks = max_tracks
         self.tracks: list[Track] = []
-        self._kf = _Filter()
+        self._kf = BoxFilter()
         self._ids = itertools.count(1)
         self._t: float | None = None
         self.started = 0  # ids issued
@@ -312,14 +210,14 @@ class Tracker:
     def _add(self, new: list[Track]) -> None:
         if new:
             self.tracks += new
-            self._kf.append(_xyxy_to_z(np.array([t.box for t in new], dtype=np.float64)))
+            self._kf.append(xyxy_to_z(np.array([t.box for t in new], dtype=np.float64)))
 
     def _correct(self, corrections: list[tuple[int, tuple[float, float, float, float]]]) -> None:
         """One batched Kalman update of the rows matched to a high-score box; then every
         track's ``box`` is its estimate (corrected, or predicted)."""
         if corrections:
             rows = np.array([r for r, _ in corrections], dtype=np.intp)
-            z = _xyxy_to_z(np.array([b for _, b in corrections], dtype=np.float64))
+            z = xyxy_to_z(np.array([b for _, b in corrections], dtype=np.float64))
             self._kf.correct(rows, z)
         for t, b in zip(self.tracks, self._kf.boxes().tolist(), strict=True):
             t.box = (b[0], b[1], b[2], b[3])
@@ -362,10 +260,19 @@ class _Step:
         self.t_label = np.array([t.label_id for t in tracks], dtype=np.int64)
         self.boxes = np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4)
         self.d_label = np.array([d.label_id for d in dets], dtype=np.int64)
+        b = self.boxes
+        self.areas: list[float] = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
 
-    def associate(self) -> None:
+    def _split(self) -> tuple[list[int], list[int]]:
+        """Indices of the high- and low-score detections of the classes tracked."""
         tr, dets = self.tr, self.dets
-        high: list[int] = []  # indices into dets
+        if tr.classes is None and not tr.per_class:  # one threshold for all: vectorised
+            scores = np.array([d.score for d in dets], dtype=np.float64)
+            hs, ls = tr.params.high_score, tr.params.low_score
+            high_mask = scores >= hs
+            low_mask = (scores >= ls) & ~high_mask
+            return np.flatnonzero(high_mask).tolist(), np.flatnonzero(low_mask).tolist()
+        high: list[int] = []
         low: list[int] = []
         for i, d in enumerate(dets):
             if tr.classes is not None and d.label not in tr.classes:
@@ -375,12 +282,16 @@ class _Step:
                 high.append(i)
             elif d.score >= p.low_score:
                 low.append(i)
+        return high, low
+
+    def associate(self) -> None:
+        tr, dets = self.tr, self.dets
+        high, low = self._split()
         confirmed = [r for r, t in enumerate(tr.tracks) if t.track_id]
         tentative = [r for r, t in enumerate(tr.tracks) if not t.track_id]
         # 1. high-score detections vs confirmed tracks (seen and lost)
         pairs, rest_t, rest_d = self._match(confirmed, high, 1.0 - tr.params.match_iou)
-        for r, i in pairs:
-            self._hit(r, i)
+        self._hits(pairs)
         high = [high[j] for j in rest_d]
         # 2. low-score detections vs the confirmed tracks still unmatched (ByteTrack takes only
         # those seen last frame; lost ones too here: an object coming out from behind a pillar
@@ -388,16 +299,14 @@ class _Step:
         # a stray one)
         second = [confirmed[k] for k in rest_t]
         pairs, rest_t, rest_d = self._match(second, low, 1.0 - _LOW_MATCH_IOU)
-        for r, i in pairs:
-            self._hit(r, i, low=True)
+        self._hits(pairs, low=True)
         low = [low[j] for j in rest_d]
         # 2b. (not in ByteTrack) a box well inside a still-unmatched track's prediction and much
         # smaller is that object half-hidden, as a detector reports it confidently when it
         # comes out from behind something: it keeps the track, without moving the filter
         third = [second[k] for k in rest_t]
         pairs, rest_t, rest_d = self._match(third, high + low, 1.0 - _PARTIAL_INSIDE, inside=True)
-        for r, i in pairs:
-            self._hit(r, i, low=True)
+        self._hits(pairs, low=True)
         taken = {i for _, i in pairs}
         high = [i for i in high if i not in taken]
         for k in rest_t:
@@ -406,8 +315,7 @@ class _Step:
             t.misses += 1
         # 3. leftover high-score detections vs tentative tracks; 4. new tentative tracks
         pairs, rest_t, rest_d = self._match(tentative, high, 1.0 - _TENTATIVE_MATCH_IOU)
-        for r, i in pairs:
-            self._hit(r, i)
+        self._hits(pairs)
         for k in rest_t:
             tr.tracks[tentative[k]].state = TrackState.ENDED  # never shown: no event
         for j in rest_d:
@@ -427,39 +335,49 @@ class _Step:
         if inside:  # the prediction grown by a quarter each side: it has drifted while unseen
             pred = self.pred[rows]
             grow = np.tile(pred[:, 2:] - pred[:, :2], 2) * 0.25  # w, h, w, h
-            inter, _, area_d = _overlap(pred + grow * [-1, -1, 1, 1], self.boxes[which])
+            inter, _, area_d = overlap(pred + grow * [-1, -1, 1, 1], self.boxes[which])
             area_t = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
             cost = 1.0 - inter / np.maximum(area_d[None, :], 1e-12)
             cost[area_d[None, :] > _PARTIAL_AREA * area_t[:, None]] = _MISMATCH
         else:
             cost = 1.0 - iou_matrix(self.pred[rows], self.boxes[which])
         cost[self.t_label[rows][:, None] != self.d_label[which][None, :]] = _MISMATCH
-        pairs, rest_r, rest_c = _match(cost, limit)
+        pairs, rest_r, rest_c = assign(cost, limit)
         return [(rows[a], which[b]) for a, b in pairs], rest_r, rest_c
 
-    def _hit(self, row: int, i: int, *, low: bool = False) -> None:
-        # A low-score box is a partial or blurred view: it keeps the track alive but does not
-        # move the filter (a half-hidden box would read as the object slowing and shrinking,
-        # and the prediction through the occlusion that follows would lag behind it).
-        # Same for a confident box whose size jumps (below).
-        t, d = self.tr.tracks[row], self.dets[i]
-        area = (d.box[2] - d.box[0]) * (d.box[3] - d.box[1])
-        if not low and t.track_id and not _SIZE_JUMP <= area / max(t.area, 1e-9) <= 1 / _SIZE_JUMP:
-            # a box suddenly much smaller or larger: part of the object (hidden behind
-            # something), or two objects in one box as they cross. Trusted only if it lasts.
-            t.odd += 1
-            low = t.odd < _SIZE_JUMP_FRAMES
-        if not low:
-            self.corrections.append((row, d.box))
-            t.area = area if t.odd else 0.9 * t.area + 0.1 * area
-            t.odd = 0
-        t.score, t.last_seen = d.score, self.now
-        t.best_score = max(t.best_score, d.score)
-        t.misses = 0
-        t.hits += 1
-        if not t.track_id and t.hits < t.params.min_hits:
-            return
-        self._show(t, i)
+    def _hits(self, pairs: list[tuple[int, int]], *, low: bool = False) -> None:
+        """Apply matches (track row, detection index); one loop, as it runs per object.
+
+        A low-score box is a partial or blurred view: it keeps the track alive but does not
+        move the filter (a half-hidden box would read as the object slowing and shrinking, and
+        the prediction through the occlusion that follows would lag behind it). Same for a
+        confident box whose area jumps: part of the object (hidden behind something), or two
+        objects in one box as they cross; trusted only if it lasts.
+        """
+        tracks, dets, areas, now = self.tr.tracks, self.dets, self.areas, self.now
+        out, corrections = self.out, self.corrections
+        for row, i in pairs:
+            t, d, area = tracks[row], dets[i], areas[i]
+            correct = not low
+            if correct and t.track_id and not _SIZE_JUMP * t.area <= area <= t.area / _SIZE_JUMP:
+                t.odd += 1
+                correct = t.odd >= _SIZE_JUMP_FRAMES
+            if correct:
+                corrections.append((row, d.box))
+                t.area = area if t.odd else 0.9 * t.area + 0.1 * area
+                t.odd = 0
+            t.score = d.score
+            t.last_seen = now
+            if d.score > t.best_score:
+                t.best_score = d.score
+            t.misses = 0
+            t.hits += 1
+            if t.track_id or t.hits >= t.params.min_hits:
+                if not t.track_id:
+                    self.tr._confirm(t, out)
+                t.state = TrackState.TRACKED
+                out.ids[i] = t.track_id
+                out.visible.append(t)
 
     def _start(self, i: int) -> None:
         d = self.dets[i]
