@@ -614,3 +614,33 @@ def test_callbacks_survive_any_payload(
     stats = server.stats()
     assert stats.errors == 1  # the refused publish, and nothing else
     assert stats.bad_requests > len(NASTY)
+
+
+def test_the_worker_pool_serves_devices_in_turn() -> None:
+    """A device with 100 jobs waiting does not hold up another's one (cloud_sync/registry/
+    fair.py): the light device's job is the second handed out, not the 101st."""
+    from cloud_sync.registry.fair import FairPool, FairQueue
+
+    q: FairQueue[str] = FairQueue()
+    for i in range(100):
+        q.put("heavy", f"h{i}")
+    q.put("light", "l0")
+    q.put("other", "o0")
+    q.put("light", "l1")
+    order = [q.get() for _ in range(6)]
+    assert order == ["h0", "l0", "o0", "h1", "l1", "h2"]
+    assert len(q) == 97
+    assert len(q.close()) == 97 and q.get() is None
+    with pytest.raises(RuntimeError):
+        q.put("late", "x")
+
+    done: list[str] = []
+    gate = threading.Event()
+    pool: FairPool[str] = FairPool(1, lambda j: (gate.wait(5), done.append(j)))
+    for i in range(20):
+        pool.submit("heavy", f"h{i}")
+    pool.submit("light", "l0")
+    gate.set()
+    assert wait_for(lambda: len(done) == 21, 10)
+    assert done.index("l0") <= 2  # behind at most the job running and one more of heavy's
+    assert pool.shutdown() == []

@@ -68,7 +68,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +103,7 @@ from cloud_sync.registry.admission import (
     canonical_path,
 )
 from cloud_sync.registry.answer_queue import AnswerQueue, Outcome
+from cloud_sync.registry.fair import FairPool
 from cloud_sync.registry.served_tree import (
     ServedTree,
     fits_one_window,
@@ -303,7 +303,9 @@ class ChunkServer:
         self._ready = threading.Event()
         self._sub_mid: int | None = None
         self._sub_failure = ""
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunk") if workers else None
+        # devices served in turn, not in arrival order (fair.py: one device's backlog does
+        # not hold up everyone else's next window)
+        self._pool: FairPool[_Job] | None = FairPool(workers, self._finish) if workers else None
         self._log_limit = _LogLimiter()
         self.client = make_client(client_id, clean=True)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -357,7 +359,8 @@ class ChunkServer:
             # the thread gone, this one is written at once and closes the socket.
             self.client.disconnect()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            for job in self._pool.shutdown():
+                self._unreserve(job)
         self._ready.clear()
 
     def serve_forever(self, stop_event: threading.Event, *, tick_s: float = 1.0) -> None:
@@ -483,7 +486,7 @@ class ChunkServer:
             self._finish(job)
             return
         try:
-            self._pool.submit(self._finish, job)
+            self._pool.submit(job.device_id, job)
         except RuntimeError:  # the pool is shut down: stop() is under way
             self._unreserve(job)
 
