@@ -282,21 +282,21 @@ class FleetCA:
         self.write_crl(now=now)
         return revoked
 
-    def crl_next_update(self) -> datetime | None:
-        """When ``crl.pem`` stops being valid (Mosquitto then refuses every handshake)."""
+    def _crl(self) -> x509.CertificateRevocationList | None:
         try:
-            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+            return x509.load_pem_x509_crl(self.crl_file.read_bytes())
         except (OSError, ValueError):
             return None
-        return crl.next_update_utc
+
+    def crl_next_update(self) -> datetime | None:
+        """When ``crl.pem`` stops being valid (Mosquitto then refuses every handshake)."""
+        crl = self._crl()
+        return crl.next_update_utc if crl is not None else None
 
     def crl_last_update(self) -> datetime | None:
         """When ``crl.pem`` was signed (its ``lastUpdate``)."""
-        try:
-            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
-        except (OSError, ValueError):
-            return None
-        return crl.last_update_utc
+        crl = self._crl()
+        return crl.last_update_utc if crl is not None else None
 
     def refresh_crl(
         self, *, now: datetime | None = None, days: int = 30, within: timedelta | None = None

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import io
 import json
 import os
@@ -63,6 +62,7 @@ from cloud_sync.registry.serve import ChunkServer  # noqa: E402
 from tests.conftest import Mosquitto, build_test_models, wait_for  # noqa: E402
 from tests.test_delivery import write_digit_loop  # noqa: E402
 from tests.test_enrollment import AgedFleet  # noqa: E402
+from tests.test_faults import fill  # noqa: E402
 
 DEVICE = "cam-year"
 WARN = timedelta(days=30)  # what `ca status` / `registry status` warn ahead by
@@ -138,20 +138,6 @@ def small_disk(path: Path, mb: int) -> Iterator[bool]:
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path: Path) -> Path:
-    """Zeros into ``path/filler`` until ENOSPC."""
-    filler = path / "filler"
-    with open(filler, "wb", buffering=0) as fh:
-        for size in (65536, 512, 1):
-            try:
-                while True:
-                    fh.write(b"\0" * size)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-    return filler
 
 
 def du_kb(path: Path, skip: str = "filler") -> int:
