@@ -260,6 +260,8 @@ class _Step:
         self.t_label = np.array([t.label_id for t in tracks], dtype=np.int64)
         self.boxes = np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4)
         self.d_label = np.array([d.label_id for d in dets], dtype=np.int64)
+        labels = np.concatenate([self.t_label, self.d_label])
+        self.one_class = labels.size == 0 or bool((labels == labels[0]).all())
         b = self.boxes
         self.areas: list[float] = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
 
@@ -341,7 +343,8 @@ class _Step:
             cost[area_d[None, :] > _PARTIAL_AREA * area_t[:, None]] = _MISMATCH
         else:
             cost = 1.0 - iou_matrix(self.pred[rows], self.boxes[which])
-        cost[self.t_label[rows][:, None] != self.d_label[which][None, :]] = _MISMATCH
+        if not self.one_class:
+            cost[self.t_label[rows][:, None] != self.d_label[which][None, :]] = _MISMATCH
         pairs, rest_r, rest_c = assign(cost, limit)
         return [(rows[a], which[b]) for a, b in pairs], rest_r, rest_c
 

@@ -155,14 +155,16 @@ class RegionCounter:
             now: the frame's time.
         """
         events: Events = []
-        anchors: dict[str, F64] = {}  # anchor kind -> [N,2] points of tu.visible
+        boxes = np.array([t.box for t in tu.visible], dtype=np.float64).reshape(-1, 4)
+        anchors = {  # [N,2] points of tu.visible by anchor kind
+            "bottom_center": np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], axis=1),
+            "center": np.stack(
+                [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1
+            ),
+        }
         for r in self.regions:
             r.resolve(size)
-            pts = anchors.get(r.cfg.anchor)
-            if pts is None:
-                pts = anchors[r.cfg.anchor] = np.array(
-                    [anchor_point(t.box, r.cfg.anchor) for t in tu.visible], dtype=np.float64
-                ).reshape(-1, 2)
+            pts = anchors[r.cfg.anchor]
             keep = r.qualifying(tu.visible)
             seen = [tu.visible[k] for k in keep]
             if r.kind == "zone":
