@@ -262,6 +262,7 @@ class _Step:
         self.d_label = np.array([d.label_id for d in dets], dtype=np.int64)
         labels = np.concatenate([self.t_label, self.d_label])
         self.one_class = labels.size == 0 or bool((labels == labels[0]).all())
+        self._cost: F64 | None = None
         b = self.boxes
         self.areas: list[float] = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
 
@@ -341,10 +342,14 @@ class _Step:
             area_t = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
             cost = 1.0 - inter / np.maximum(area_d[None, :], 1e-12)
             cost[area_d[None, :] > _PARTIAL_AREA * area_t[:, None]] = _MISMATCH
-        else:
-            cost = 1.0 - iou_matrix(self.pred[rows], self.boxes[which])
-        if not self.one_class:
-            cost[self.t_label[rows][:, None] != self.d_label[which][None, :]] = _MISMATCH
+            if not self.one_class:
+                cost[self.t_label[rows][:, None] != self.d_label[which][None, :]] = _MISMATCH
+        else:  # every stage reads the one cost matrix of all tracks and detections
+            if self._cost is None:
+                self._cost = 1.0 - iou_matrix(self.pred, self.boxes)
+                if not self.one_class:
+                    self._cost[self.t_label[:, None] != self.d_label[None, :]] = _MISMATCH
+            cost = self._cost[rows][:, which]
         pairs, rest_r, rest_c = assign(cost, limit)
         return [(rows[a], which[b]) for a, b in pairs], rest_r, rest_c
 
