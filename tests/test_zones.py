@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.config import ConfigError, LineConfig, ZoneConfig, parse_config
+from agent.config import LineConfig, ZoneConfig, parse_config
 from agent.engine.onnxrt import OnnxRuntimeBackend
+from agent.errors import ConfigError
 from agent.pipeline.analytics import FrameAnalytics, pipeline_options
 from agent.pipeline.model import RunnableModel, card_for_local_model
 from agent.pipeline.postprocess import Detection, Result
@@ -39,10 +41,10 @@ def box(cx: float, bottom: float, side: float = 40) -> tuple[float, float, float
 
 
 def run(
-    frames: list[list[tuple[float, float]]],
+    frames: Sequence[Sequence[tuple[float, float]]],
     *,
-    zones: list[dict[str, Any]] = (),  # type: ignore[assignment]
-    lines: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    zones: Sequence[dict[str, Any]] = (),
+    lines: Sequence[dict[str, Any]] = (),
     fps: float = 10.0,
     label: str = "person",
     score: float = 0.9,
@@ -258,3 +260,42 @@ def test_real_detector_on_scripted_video_counts_exactly(
     assert [(z.entered, z.left, z.dwell, z.inside) for z in tel.zones] == [(1, 1, 1, 0)]
     assert [(ln.crossed_in, ln.crossed_out) for ln in tel.lines] == [(2, 1)]
     assert tel.tracks_started == 3 and "track" in tel.latency_ms
+
+
+def test_object_events_go_through_the_outbox_as_contract_messages(tmp_path: Path) -> None:
+    """The MQTT event sink under a 1/s rate policy: every frame with object events is queued,
+    split when they are many, and each payload decodes as the contract's InferenceEvent."""
+    from agent.telemetry.events import MqttEventSink
+    from agent.telemetry.outbox import Outbox
+
+    frames = [[(100, 150 + 10 * t)] for t in range(12)]  # one crossing at frame 5
+    a = FrameAnalytics(Tracker(TrackParams(min_hits=1)), [], [LineConfig.model_validate(LINE)])
+    outbox = Outbox(tmp_path / "outbox.db")
+    clock = iter(t / 10 for t in range(100))
+    sink = MqttEventSink("cam-1", outbox, "edgefleet/v1/devices/cam-1/events",
+                         EventPolicy("rate", 1.0), clock=lambda: next(clock))  # fmt: skip
+    for t, objs in enumerate(frames):
+        dets = [Detection(box(x, y), 0.9, 0, "person") for x, y in objs]
+        result = Result("detection", detections=dets)
+        event = {"pipeline": "front", "model": "det", "version": "1.0.0", "frame_seq": t,
+                 "frame_time": 1e9 + t / 10, "latency_ms": 5.0, **result.to_dict()}  # fmt: skip
+        a.apply(event, result, (640, 480), t / 10, event["frame_time"])
+        sink.emit(event)
+    crossing = {**event, "detections": []}
+    crossing["objects"] = [
+        {"kind": "crossed", "region": "gate", "track_id": k + 1, "label_id": 0,
+         "label": "person", "first_seen": 1e9, "last_seen": 1e9 + 1, "best_score": 0.9,
+         "direction": "in"}
+        for k in range(230)
+    ]  # fmt: skip
+    sink.emit(crossing)
+    rows = outbox.peek(0, 100)
+    messages = [InferenceEvent.decode(r.payload) for r in rows]
+    # frame 0 (the first token), the crossing frame (anchor past 204), frame 10 (the next
+    # token, 1 s later), then 230 objects in 3 messages
+    assert [m.frame_seq for m in messages] == [0, 6, 10, 11, 11, 11]
+    [cross] = messages[1].objects
+    assert (cross.kind, cross.direction, cross.track_id) == ("crossed", "in", 1)
+    assert messages[1].detections[0].track_id == 1
+    assert [len(m.objects) for m in messages[3:]] == [100, 100, 30]
+    outbox.close()
