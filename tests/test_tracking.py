@@ -163,3 +163,16 @@ def test_assignment_shortcuts_are_optimal(seed: int) -> None:
     assert all(cost[p] <= limit for p in pairs)
     assert sorted([r for r, _ in pairs] + rest_r) == list(range(rows))
     assert sorted([c for _, c in pairs] + rest_c) == list(range(cols))
+
+
+def test_degenerate_boxes_keep_the_filter_finite() -> None:
+    import numpy as np
+
+    tr = Tracker(TrackParams(min_hits=1, lost_frames=3))
+    for f in range(10):  # a box clipped to a line at the frame's edge, beside a normal one
+        dets = [Detection((0.0, 10.0 + f, 0.0, 50.0 + f), 0.9, 0, "car"),
+                Detection((100.0 + f, 10.0, 140.0 + f, 50.0), 0.9, 0, "car")]  # fmt: skip
+        u = tr.update(dets, f / 25)
+    assert u.ids[1] == 2  # the normal one keeps its id
+    assert all(np.isfinite(v) for t in tr.tracks for v in t.box)
+    assert len(tr.tracks) <= 6  # zero-area boxes match nothing: they start and end tracks

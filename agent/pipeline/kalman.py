@@ -17,6 +17,7 @@ F64 = npt.NDArray[np.float64]
 _POS = 1.0 / 20.0  # position/size standard deviation, as a fraction of the size
 _VEL = 30.0 / 160.0  # velocity standard deviation per second (1/160 per frame at 30 fps)
 _FRAMES_PER_S = 30.0  # process noise grows with the nominal frames elapsed
+_MIN_SIZE = 1.0  # pixels: noise of a zero-width box would be zero, and its gain 0/0
 
 
 def xyxy_to_z(box: F64) -> F64:
@@ -46,12 +47,12 @@ class BoxFilter:
         return out
 
     def _size(self) -> F64:
-        wh = np.abs(self.x[:, 2:])
+        wh = np.maximum(np.abs(self.x[:, 2:]), _MIN_SIZE)
         return np.concatenate([wh, wh], axis=1)  # scale of cx, cy, w, h: w, h, w, h
 
     def append(self, z: F64) -> None:
         """New filters at measurements ``z`` [M,4] (cx, cy, w, h), at rest."""
-        wh = np.abs(np.concatenate([z[:, 2:], z[:, 2:]], axis=1))
+        wh = np.maximum(np.abs(np.concatenate([z[:, 2:], z[:, 2:]], axis=1)), _MIN_SIZE)
         zero = np.zeros_like(z)
         self.x = np.concatenate([self.x, z])
         self.v = np.concatenate([self.v, zero])
@@ -77,7 +78,9 @@ class BoxFilter:
 
     def correct(self, rows: npt.NDArray[np.intp], z: F64) -> None:
         """Update the filters of ``rows`` with measurements ``z`` [M,4] (cx, cy, w, h)."""
-        r = (_POS * np.concatenate([z[:, 2:], z[:, 2:]], axis=1)) ** 2
+        r = (
+            _POS * np.maximum(np.abs(np.concatenate([z[:, 2:], z[:, 2:]], axis=1)), _MIN_SIZE)
+        ) ** 2
         pp, pv = self.pp[rows], self.pv[rows]
         s = pp + r
         kp, kv = pp / s, pv / s

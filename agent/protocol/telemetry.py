@@ -74,7 +74,7 @@ StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Label = Annotated[str, StringConstraints(max_length=128)]
 SourceState = Literal["connecting", "streaming", "waiting", "ended", "stopped"]
 SkipReason = Literal["max_fps", "no_motion"]  # agent.pipeline.gating.SKIP_REASONS
-MAX_REGION_ROWS = 1024  # zone/line x class rows of one pipeline
+MAX_REGION_ROWS = 256  # zone/line x class rows of one pipeline (~90 bytes each)
 
 _FINITE = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -432,7 +432,9 @@ def pipeline_telemetry_from_status(status: Mapping[str, Any]) -> PipelineTelemet
             "frames_skipped": skipped,
             "tracks_active": status.get("tracks_active"),
             "tracks_started": status.get("tracks_started"),
-            "zones": status.get("zones") or [],
-            "lines": status.get("lines") or [],
+            # beyond the bound, rows are left out here (Prometheus has them all): a device
+            # counting 80 classes in 32 zones still sends its telemetry
+            "zones": (status.get("zones") or [])[:MAX_REGION_ROWS],
+            "lines": (status.get("lines") or [])[:MAX_REGION_ROWS],
         }
     )
