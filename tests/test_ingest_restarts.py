@@ -35,7 +35,9 @@ def publish_telemetry(broker: Mosquitto, seconds: range) -> None:
 
 
 def start(broker: Mosquitto, store: Store, share: str | None) -> IngestWorker:
-    w = IngestWorker(broker.url, store, share_group=share, client_id="ingest-a")
+    # a client id per variant: the session broker keeps persistent sessions between tests,
+    # and a resumed session would carry the other variant's subscriptions
+    w = IngestWorker(broker.url, store, share_group=share, client_id=f"ingest-a-{share}")
     w.start()
     assert w.subscribed.wait(10)
     return w
@@ -49,11 +51,11 @@ def test_messages_sent_while_the_worker_restarts_are_kept(
     try:
         w = start(broker, store, share)
         publish_telemetry(broker, range(0, 5))
-        assert wait_for(lambda: store.counts()["device_telemetry"] == 5, 10)
+        assert wait_for(lambda: store.counts()["device_telemetry"] == 5, 30), store.counts()
         w.stop()  # persistent session: the broker queues for it
         publish_telemetry(broker, range(5, 10))
         w = start(broker, store, share)
-        assert wait_for(lambda: store.counts()["device_telemetry"] == 10, 10), store.counts()
+        assert wait_for(lambda: store.counts()["device_telemetry"] == 10, 30), store.counts()
         w.stop()
     finally:
         store.close()
