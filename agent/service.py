@@ -32,6 +32,7 @@ from agent.config import (
 from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json, remove_stale_temps
+from agent.pipeline.analytics import pipeline_options
 from agent.pipeline.model import (
     RunnableModel,
     card_for_local_model,
@@ -353,6 +354,7 @@ class Agent:
                     loop=p.loop,
                     pace=p.pace,
                     open_timeout_s=p.open_timeout_s,
+                    **pipeline_options(p),  # rate control, tracking, zones and lines
                 )
                 self.pipelines.append(pipe)
             if self.cfg.broker is not None:

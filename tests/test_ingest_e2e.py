@@ -112,7 +112,7 @@ def test_fleet_status_shows_what_the_agent_reports(
             server.server_close()
         assert 'edgefleet_ingest_messages_total{kind="telemetry"}' in text
         assert "edgefleet_devices 1.0" in text
-        assert 'edgefleet_pipeline_fps{device_id="cam-07",model="blobdet"' in text
+        assert 'edgefleet_fleet_pipeline_fps{device_id="cam-07",model="blobdet"' in text
         dead = store.dead_letters(5)
         assert len(dead) == 1 and dead[0]["topic"].endswith("cam-07/telemetry")
         assert "field required" in dead[0]["reason"].lower(), dead[0]["reason"]

@@ -299,3 +299,33 @@ def test_object_events_go_through_the_outbox_as_contract_messages(tmp_path: Path
     assert messages[1].detections[0].track_id == 1
     assert [len(m.objects) for m in messages[3:]] == [100, 100, 30]
     outbox.close()
+
+
+@pytest.mark.video
+def test_the_agent_gives_its_pipelines_rate_control_and_analytics(
+    tmp_path: Path, test_models: dict[str, Path]
+) -> None:
+    """The daemon itself (not a hand-built Pipeline): config in, the same exact counts out."""
+    from agent.service import Agent
+
+    scene: Scene = SPARSE_SCENE
+    video = write_scene_video(tmp_path / "scene.mkv", scene)
+    zone = {"name": "zone", "points": [list(p) for p in scene.zone], "dwell_s": scene.dwell_s}
+    line = {"name": "line", "start": list(scene.line[0]), "end": list(scene.line[1])}
+    cfg = parse_config({
+        "device_id": "d", "data_dir": str(tmp_path / "data"), "profile": "x86-cpu",
+        "engine": {"type": "onnxruntime"},
+        "pipelines": [{"name": "cam", "source": str(video), "pace": "none", "max_fps": 1000,
+                       "model": str(test_models["blobdet"] / "model.onnx"),
+                       "zones": [zone], "lines": [line]}],
+    })  # fmt: skip
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        pipe = agent.pipelines[0]
+        assert pipe.analytics is not None and pipe.gate is not None
+        assert pipe.wait(300)
+        tel = pipeline_telemetry_from_status(pipe.status(0.0))
+        assert [(z.entered, z.left, z.dwell, z.inside) for z in tel.zones] == [(1, 1, 1, 0)]
+    finally:
+        agent.stop()

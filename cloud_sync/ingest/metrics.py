@@ -48,9 +48,13 @@ class IngestCollector(Collector):
         total.add_metric([], len(fleet))
         yield total
         labels = ["device_id", "pipeline", "model", "version"]
-        fps = GaugeMetricFamily("edgefleet_pipeline_fps", "Latest output fps", labels=labels)
-        p95 = GaugeMetricFamily("edgefleet_pipeline_p95_ms", "Latest p95 latency", labels=labels)
-        errors = GaugeMetricFamily("edgefleet_pipeline_errors", "Latest error count", labels=labels)
+        # edgefleet_fleet_*: the device's own endpoint has edgefleet_pipeline_* with other labels
+        fps = GaugeMetricFamily("edgefleet_fleet_pipeline_fps", "Latest output fps",
+                                labels=labels)  # fmt: skip
+        p95 = GaugeMetricFamily("edgefleet_fleet_pipeline_latency_p95_seconds",
+                                "Latest p95 latency per frame", labels=labels)  # fmt: skip
+        errors = GaugeMetricFamily("edgefleet_fleet_pipeline_errors", "Latest error count",
+                                   labels=labels)  # fmt: skip
         for d in fleet:
             for p in d.get("pipelines") or []:
                 key = [
@@ -59,10 +63,11 @@ class IngestCollector(Collector):
                     str(p.get("model")),
                     str(p.get("version")),
                 ]
-                for family, field in ((fps, "fps"), (p95, "p95_ms"), (errors, "errors")):
+                for family, field, scale in ((fps, "fps", 1.0), (p95, "p95_ms", 1e-3),
+                                             (errors, "errors", 1.0)):  # fmt: skip
                     value = p.get(field)
                     if isinstance(value, (int, float)):
-                        family.add_metric(key, float(value))
+                        family.add_metric(key, float(value) * scale)
         yield fps
         yield p95
         yield errors
