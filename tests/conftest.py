@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -51,10 +52,15 @@ def build_test_models() -> dict[str, Path]:
     out = ROOT / ".models" / h.hexdigest()[:16]
     done = out / ".complete"
     if not done.exists():
-        if out.exists():
-            shutil.rmtree(out)
-        built = load_model_script().build_all(out)
-        done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # one builder at a time: pytest-xdist workers (and scripts) may ask at once
+        with open(out.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                if out.exists():
+                    shutil.rmtree(out)
+                built = load_model_script().build_all(out)
+                done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
     return {
         line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()
     }
