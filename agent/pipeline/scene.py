@@ -340,7 +340,6 @@ def id_switches(
             if iou[r, c] < min_iou or int(np.argmax(iou[:, c])) != r:
                 continue
             tid = pairs[c][1]
-            assert tid is not None
             if oid in last and last[oid] != tid:
                 switches += 1
             last[oid] = tid

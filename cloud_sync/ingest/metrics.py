@@ -76,31 +76,28 @@ class IngestCollector(Collector):
         """Back-pressure: the unacknowledged window, time spent full, store failures."""
         w = self.worker
         window = w.window
-        unacked = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "edgefleet_ingest_unacked_messages",
             "Messages received and not yet acknowledged (stored or dead-lettered first)",
+            value=window.messages,
         )
-        unacked.add_metric([], window.messages)
-        yield unacked
-        unacked_bytes = GaugeMetricFamily(
-            "edgefleet_ingest_unacked_bytes", "Bytes of the unacknowledged messages"
-        )
-        unacked_bytes.add_metric([], window.bytes)
-        yield unacked_bytes
-        full = CounterMetricFamily(
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_unacked_bytes", "Bytes of the unacknowledged messages",
+            value=window.bytes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
             "edgefleet_ingest_window_full_seconds",
             "Time the MQTT reader waited for room (the broker held the rest meanwhile)",
+            value=window.full_s,
         )
-        full.add_metric([], window.full_s)
-        yield full
-        failures = CounterMetricFamily(
-            "edgefleet_ingest_store_failures", "Writes that failed with the database unavailable"
-        )
-        failures.add_metric([], w.store_failures)
-        yield failures
-        up = GaugeMetricFamily("edgefleet_ingest_store_up", "1 while writes succeed, else 0")
-        up.add_metric([], 0 if w.store_down_since is not None else 1)
-        yield up
+        yield CounterMetricFamily(
+            "edgefleet_ingest_store_failures", "Writes that failed with the database unavailable",
+            value=w.store_failures,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_store_up", "1 while writes succeed, else 0",
+            value=0 if w.store_down_since is not None else 1,
+        )  # fmt: skip
 
 
 def serve_metrics(worker: IngestWorker, port: int, addr: str = "127.0.0.1") -> WSGIServer:
