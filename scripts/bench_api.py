@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: the local inference API against calling the model directly, in one run.
 
 Builds a 224x224 image classifier with ``onnx.helper`` (a strided conv stack, global pooling
@@ -20,7 +19,7 @@ decoding and JSON; the client process is not counted), which a busy machine dist
 The API path decodes the JPEG per request (the direct path does not): that is part of what
 the API costs. Prints one JSON document on stdout (``--json``) or a summary.
 
-    python scripts/bench_api.py [--clients 4] [--rounds 5] [--seconds 4] [--width 32] [--json]
+    python -m scripts.bench_api [--clients 4] [--rounds 5] [--seconds 4] [--width 32] [--json]
 """
 
 from __future__ import annotations
@@ -33,29 +32,25 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+import cv2
+import numpy as np
+from onnx import TensorProto, helper
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from onnx import TensorProto, helper  # noqa: E402
-
-from agent.api.app import create_app  # noqa: E402
-from agent.api.payload import parse_npy  # noqa: E402
-from agent.api.server import ApiServer  # noqa: E402
-from agent.engine.onnxrt import OnnxRuntimeBackend  # noqa: E402
-from agent.pipeline.model import RunnableModel  # noqa: E402
-from agent.pipeline.runner import Pipeline, claim_cores_for_inference  # noqa: E402
-from agent.pipeline.sources import parse_source  # noqa: E402
-from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec  # noqa: E402
-from cloud_sync.samples.common import init_tensor, save_model  # noqa: E402
+from agent.api.app import create_app
+from agent.api.payload import parse_npy
+from agent.api.server import ApiServer
+from agent.engine.onnxrt import OnnxRuntimeBackend
+from agent.pipeline.model import RunnableModel
+from agent.pipeline.runner import Pipeline, claim_cores_for_inference
+from agent.pipeline.sources import parse_source
+from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec
+from cloud_sync.samples.common import init_tensor, save_model
 
 GOAL_RATIO = 0.8
 SIZE = 224

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: detection decode + NMS per output format, against a plain NumPy baseline.
 
 For a YOLOv8/v11 output (1, 4+C, N) with C = 80 classes and N = 8,400 candidates (a 640x640
@@ -11,7 +10,7 @@ scores mostly near 0, ``--objects`` objects each with a cluster of ~10 overlappi
 above the threshold. Prints p50/p95 in milliseconds and the ratio to the baseline; the goal is
 YOLOv8 p95 <= 1 ms on this machine.
 
-    python scripts/bench_decode.py [--runs 2000] [--objects 20] [--json]
+    python -m scripts.bench_decode [--runs 2000] [--objects 20] [--json]
 """
 
 from __future__ import annotations

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: model delivery end to end on this machine (registry → Mosquitto → agent, CPU).
 
 Starts its own Mosquitto on a free loopback port (once with ``set_tcp_nodelay true``, once with
@@ -18,14 +17,13 @@ looping synthetic video, all in a temporary folder. Measures in one run:
 
 Prints one JSON document on stdout and a short summary on stderr.
 
-    python scripts/bench_delivery.py [--mb 10] [--reps 3] [--runs 3] [--scenario update]
+    python -m scripts.bench_delivery [--mb 10] [--reps 3] [--runs 3] [--scenario update]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -37,65 +35,29 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-import numpy as np  # noqa: E402
-
-from agent.config import UpdateConfig, parse_config  # noqa: E402
-from agent.protocol.fetch import decode_response  # noqa: E402
-from agent.protocol.topics import Topics  # noqa: E402
-from agent.service import Agent  # noqa: E402
-from agent.sync.mqtt import make_client  # noqa: E402
-from cloud_sync.deploy import deploy  # noqa: E402
-from cloud_sync.registry.publish import publish  # noqa: E402
-from cloud_sync.registry.repo import Repository  # noqa: E402
-from cloud_sync.registry.serve import ChunkServer  # noqa: E402
+from agent.config import UpdateConfig
+from agent.protocol.fetch import decode_response
+from agent.protocol.topics import Topics
+from agent.service import Agent
+from agent.sync.mqtt import make_client
+from cloud_sync.registry.publish import publish
+from cloud_sync.registry.repo import Repository
+from scripts import bench_transfer as bt
+from tests.harness.broker import Mosquitto
+from tests.harness.fleet import Fleet
+from tests.harness.models import padded_model
+from tests.harness.util import wait_for
 
 GOAL_ACTIVE_S = 3.0
 GOAL_RATIO = 0.5
 WINDOW = UpdateConfig().window  # the agent's default, as a device runs it
-HEALTH = {"health_window_s": 0.5, "health_min_frames": 5}  # as tests/test_delivery.py
+HEALTH = {"health_window_s": 0.5, "health_min_frames": 5}  # as the tests' fleet
 PHASE_MSG = "pipeline=%s model=%s phase=%s"
 TERMINAL = ("committed", "rejected", "rolled_back")
 log = logging.getLogger("bench_delivery")
-
-
-def load_bench_transfer() -> ModuleType:
-    """``scripts/bench_transfer.py`` as a module (its ``main`` only runs as a script)."""
-    path = HERE / "bench_transfer.py"
-    spec = importlib.util.spec_from_file_location("bench_transfer", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {path}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_transfer"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return bool(cond())
-
-
-def stop_broker(broker: Any) -> None:
-    """``Broker.stop`` with a kill when Mosquitto does not exit."""
-    if broker.proc.poll() is not None:
-        return
-    try:
-        broker.stop()
-    except Exception:
-        broker.proc.kill()
-        broker.proc.wait(10)
 
 
 class PhaseLog(logging.Handler):
@@ -135,93 +97,32 @@ class PhaseLog(logging.Handler):
                 self.cond.wait(left)
 
 
-class Fleet:
-    """One registry (fresh keys), one chunk server and one agent around a broker."""
+def bench_fleet(root: Path, broker: Mosquitto, video: Path, tag: str) -> Fleet:
+    """One registry (fresh keys), its chunk servers (no worker pool) and one agent around the
+    broker; device ``cam-TAG`` per run: no retained desired state from an earlier one."""
+    return Fleet(root, broker, video, tag=tag, server_workers=0, update=HEALTH, watch=False)
 
-    def __init__(self, root: Path, port: int, video: Path, tag: str) -> None:
-        self.root = root
-        self.url = f"mqtt://127.0.0.1:{port}"
-        self.video = video
-        self.tag = tag
-        self.device = f"cam-{tag}"  # per run: no retained desired state from an earlier one
-        self.repo_dir = root / "registry"
-        self.repo = Repository.init(self.repo_dir)
-        self.servers: list[ChunkServer] = []
-        self.agent: Agent | None = None
-        self.desired_rx: list[float] = []
 
-    def start_server(self) -> ChunkServer:
-        n = len(self.servers) + 1
-        s = ChunkServer(self.repo_dir, self.url, client_id=f"registry-{self.tag}-{n}", workers=0)
-        self.servers.append(s)
-        s.start()
-        return s
+def start_timed_agent(fleet: Fleet, desired_rx: list[float], **update: Any) -> Agent:
+    """The fleet's agent (engine cache in a fresh folder), noting in ``desired_rx`` when each
+    desired state reaches it."""
+    os.environ["XDG_CACHE_HOME"] = str(fleet.tmp / "cache")
+    agent = fleet.start_agent(**update)
+    mgr = agent.updates
+    orig = mgr.submit_desired  # the session looks it up per message: wrap to time arrival
 
-    def start_agent(self, **update: Any) -> Agent:
-        os.environ["XDG_CACHE_HOME"] = str(self.root / "cache")
-        cfg = parse_config(
-            {
-                "device_id": self.device,
-                "data_dir": str(self.root / "data"),  # engine cache in data/engines: fresh
-                "profile": "x86-cpu",
-                "pipelines": [
-                    {"name": "front", "source": str(self.video), "model": "digits", "loop": True}
-                ],
-                "broker": {"url": self.url},
-                "trust": {"root": str(self.repo_dir / "root.json")},
-                "update": {**HEALTH, **update},
-            }
-        )
-        agent = Agent(cfg)
-        self.agent = agent
-        agent.start()
-        if not wait_for(lambda: agent.session.connected.is_set(), 10):
-            raise RuntimeError("agent did not connect to the broker")
-        mgr = agent.updates
-        orig = mgr.submit_desired  # the session looks it up per message: wrap to time arrival
+    def submit(payload: bytes) -> None:
+        desired_rx.append(time.perf_counter())
+        orig(payload)
 
-        def submit(payload: bytes) -> None:
-            self.desired_rx.append(time.perf_counter())
-            orig(payload)
-
-        mgr.submit_desired = submit
-        return agent
-
-    def deploy(self, ref: str) -> None:
-        deploy(self.repo_dir, self.url, self.device, ref, pipeline="front")
-
-    def last(self) -> Any:
-        assert self.agent is not None
-        return self.agent.updates.reported().pipelines[0]
-
-    def running(self) -> str | None:
-        assert self.agent is not None
-        m = self.agent.pipelines[0].model
-        return m.ref if m is not None else None
-
-    def close(self) -> None:
-        if self.agent is not None:
-            with contextlib.suppress(Exception):
-                self.agent.stop()
-            self.agent = None
-        for s in self.servers:
-            with contextlib.suppress(Exception):
-                s.stop()
-        self.servers.clear()
+    mgr.submit_desired = submit
+    return agent
 
 
 def pad_model(src: Path, dest: Path, total_bytes: int) -> Path:
     """The digits model folder, its model padded with an unused float32 initializer."""
-    import onnx
-    from onnx import numpy_helper
-
-    shutil.copytree(src, dest)
-    m = onnx.load(str(dest / "model.onnx"))
-    n = max(0, (total_bytes - (dest / "model.onnx").stat().st_size) // 4)
-    pad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-    m.graph.initializer.append(numpy_helper.from_array(pad, "padding"))
-    onnx.save(m, str(dest / "model.onnx"))
-    return dest / "model.onnx"
+    n = max(0, (total_bytes - (src / "model.onnx").stat().st_size) // 4)
+    return padded_model(src, dest, n)
 
 
 def version_bytes(repo: Repository, version: str) -> int:
@@ -233,7 +134,7 @@ def version_bytes(repo: Repository, version: str) -> int:
 
 def publish_to_active(
     root: Path,
-    port: int,
+    broker: Mosquitto,
     video: Path,
     small: Path,
     big: Path,
@@ -242,10 +143,11 @@ def publish_to_active(
     scenario: str,
     phases: PhaseLog,
 ) -> dict[str, Any]:
-    fleet = Fleet(root, port, video, tag)
+    fleet = bench_fleet(root, broker, video, tag)
+    desired_rx: list[float] = []
     try:
         fleet.start_server()
-        fleet.start_agent()
+        start_timed_agent(fleet, desired_rx)
         if scenario == "update":
             publish(fleet.repo, small, name="digits", version="1.0.0")
             t = time.perf_counter()
@@ -267,7 +169,7 @@ def publish_to_active(
         if any(v is None for v in at.values()):
             raise RuntimeError(f"phases missing from the log: {at}")
         ts: dict[str, float] = {k: v for k, v in at.items() if v is not None}
-        rx = next((t for t in fleet.desired_rx if t >= t_pub), None)
+        rx = next((t for t in desired_rx if t >= t_pub), None)
         moved = version_bytes(fleet.repo, "2.0.0")
         return {
             "publish_s": t_pub - t0,
@@ -334,14 +236,14 @@ class Spy:
         self.client.loop_stop()
 
 
-def interrupted(root: Path, port: int, video: Path, big: Path) -> dict[str, Any]:
-    fleet = Fleet(root, port, video, "resume")
+def interrupted(root: Path, broker: Mosquitto, video: Path, big: Path) -> dict[str, Any]:
+    fleet = bench_fleet(root, broker, video, "resume")
     spy: Spy | None = None
     try:
         server = fleet.start_server()
         publish(fleet.repo, big, name="digits", version="2.0.0")
-        spy = Spy(port, fleet.device)
-        agent = fleet.start_agent(request_timeout_s=0.5, retry_s=1.0)
+        spy = Spy(broker.port, fleet.device)
+        agent = start_timed_agent(fleet, [], request_timeout_s=0.5, retry_s=1.0)
         info = fleet.repo.targets()["models/digits/2.0.0/model.onnx"]
         model_path = "targets/" + info.get_prefixed_paths()[0]
         metadata = sum(f.stat().st_size for f in (fleet.repo_dir / "metadata").iterdir())
@@ -351,12 +253,12 @@ def interrupted(root: Path, port: int, video: Path, big: Path) -> dict[str, Any]
             raise RuntimeError(f"transfer did not reach 50 %: {server.stats()}")
         server.stop()  # the registry goes away in the middle of model.onnx
         sent_before = server.stats().bytes_sent
-        if not wait_for(lambda: fleet.last().phase.value == "waiting", 60):
+        if not wait_for(lambda: fleet.last().phase.value == "waiting", 60, 0.02):
             raise RuntimeError(f"no 'waiting' after the outage: {fleet.last()}")
         error = fleet.last().last_error or ""
         t_restart = time.perf_counter()
         fleet.start_server()
-        if not wait_for(lambda: fleet.last().phase.value in TERMINAL, 120):
+        if not wait_for(lambda: fleet.last().phase.value in TERMINAL, 120, 0.02):
             raise RuntimeError(f"not finished after the restart: {fleet.last()}")
         if fleet.last().phase.value != "committed" or fleet.running() != "digits@2.0.0":
             raise RuntimeError(f"not committed after the restart: {fleet.last()}")
@@ -422,7 +324,6 @@ def main() -> None:
 
     # SIGTERM unwinds like Ctrl-C so that every ``finally`` below runs.
     signal.signal(signal.SIGTERM, _interrupt)
-    bt = load_bench_transfer()
     started = time.perf_counter()
     out: dict[str, Any] = {
         "machine": {
@@ -464,15 +365,16 @@ def main() -> None:
             key = f"set_tcp_nodelay_{str(nodelay).lower()}"
             bdir = tmp / f"broker-{key}"
             bdir.mkdir()
-            broker = bt.Broker(bdir, nodelay=nodelay)
-            stack.callback(stop_broker, broker)
+            broker = Mosquitto(bdir, nodelay=nodelay)
+            broker.start()
+            stack.callback(broker.stop)
             print(f"[{key}] publish-to-active ×{args.reps}…", file=sys.stderr)
             runs = []
             for i in range(args.reps):
                 tag = f"{int(nodelay)}-{i}"
                 r = publish_to_active(
                     tmp / f"run-{tag}",
-                    broker.port,
+                    broker,
                     video,
                     small_dir / "model.onnx",
                     big,
@@ -529,9 +431,9 @@ def main() -> None:
                 print(f"[{key}] interrupted transfer at ~50 %…", file=sys.stderr)
                 out["interrupted_resume"] = {
                     "broker": key,
-                    **interrupted(tmp / "resume", broker.port, video, big),
+                    **interrupted(tmp / "resume", broker, video, big),
                 }
-            stop_broker(broker)
+            broker.stop()
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=2))
     print_summary(out)

@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Benchmark: a staged rollout on N simulated devices, good version then bad version.
 
 Everything runs on this machine: Mosquitto, a TUF registry with ``sim@1.0.0`` (installed on
 every device first, timed separately), ``sim@1.1.0`` (good) and ``sim@1.2.0`` (bad: p95 x3 and
 5 % inference errors on every device), two chunk-server replicas in their own processes
 sharing one ``$share`` group, the ingest worker into SQLite, the rollout controller ticking
-every ``--tick`` seconds, and the fleet (``agent.sim``) in a child process of its own (its
-MQTT sockets would push this process's file descriptors past ``select``'s 1023)::
+every ``--tick`` seconds, and the fleet (``tests.harness.sim``) in a child process of its own
+(its MQTT sockets would push this process's file descriptors past ``select``'s 1023)::
 
-    python scripts/bench_rollout.py --devices 1000 [--json]
+    python -m scripts.bench_rollout --devices 1000 [--json]
 
 1. good: ``sim@1.1.0 --target '*' --stage 5% --stage 100% --soak S`` with gates
    ``failures<2%``, ``p95_latency<+20%``, ``error_rate<1%``: time from start to ``completed``,
@@ -25,7 +24,6 @@ calls with a small fleet.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -36,32 +34,17 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from scripts import fleet_sim as fs
+from tests.harness.util import ROOT, wait_for
 
 log = logging.getLogger("bench_rollout")
 SHARE_GROUP = "registry"
 GATES = ("failures<2%", "p95_latency<+20%", "error_rate<1%")
-
-
-def load_fleet_sim() -> ModuleType:
-    """``scripts/fleet_sim.py`` as a module (registry, /proc sampling, profile helpers)."""
-    if "fleet_sim" in sys.modules:
-        return sys.modules["fleet_sim"]
-    spec = importlib.util.spec_from_file_location("fleet_sim", HERE / "fleet_sim.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {HERE / 'fleet_sim.py'}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fleet_sim"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @dataclass
@@ -112,9 +95,8 @@ def serve_replica(name: str, repo: str, url: str, workers: int, out: str) -> int
 def fleet_child(cfg_json: str) -> int:
     """Child: the simulated fleet; answers JSON-line commands on stdin until ``stop``."""
     from agent.config import UpdateConfig
-    from agent.sim import SimFleet, SimProfile
+    from tests.harness.sim import SimFleet, SimProfile
 
-    fs = load_fleet_sim()
     c = json.loads(cfg_json)
     ids = [f"{c['prefix']}-{i:04d}" for i in range(c["devices"])]
     base = SimProfile(fps=c["fps"], p50_ms=20.0, p95_ms=30.0)
@@ -172,8 +154,9 @@ class FleetProcess:
             "connect_rate": cfg.connect_rate,
         }  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--fleet-child", json.dumps(child_cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "scripts.bench_rollout", "--fleet-child",
+             json.dumps(child_cfg)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         self._lock = threading.Lock()
 
@@ -268,9 +251,10 @@ class Replica:
         self.name = name
         self.out = work / f"{name}.json"
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-replica", name,
+            [sys.executable, "-m", "scripts.bench_rollout", "--serve-replica", name,
              "--repo", str(repo), "--broker", url, "--server-workers", str(workers),
              "--stats-out", str(self.out)],
+            cwd=ROOT,
         )  # fmt: skip
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -355,16 +339,6 @@ class DesiredWatch:
 # --- the run ----------------------------------------------------------------------------------
 
 
-def wait_until(pred: Callable[[], bool], timeout_s: float, every_s: float = 0.5) -> bool:
-    """Poll ``pred`` until true or timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every_s)
-    return pred()
-
-
 def _gate(g: Any) -> dict[str, Any]:
     """A ``GateResult`` as a dict."""
     return {"name": g.name, "ok": g.ok, "value": g.value, "threshold": g.threshold,
@@ -378,7 +352,6 @@ def run_rollout(
     """Record one rollout, wait until the controller ends it; figures and the final row."""
     from cloud_sync.rollout import RolloutSpec, db, start
 
-    fs = load_fleet_sim()
     spec = RolloutSpec(
         id=rid, model="sim", version=version, target="*", pipeline="front",
         stages=list(cfg.stages), soak_s=cfg.soak_s, gates=list(GATES),
@@ -408,7 +381,7 @@ def run_rollout(
                   file=sys.stderr, flush=True)  # fmt: skip
         return status != "running"
 
-    done = wait_until(ended, cfg.timeout_s)
+    done = wait_for(ended, cfg.timeout_s, 0.5)
     t_end = time.monotonic()
     row = db.get(store, rid)
     stage_times = [
@@ -432,7 +405,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from cloud_sync.localbroker import MosquittoBroker
     from cloud_sync.rollout.controller import RolloutController
 
-    fs = load_fleet_sim()
     res: dict[str, Any] = {"config": asdict(cfg), "cpus": os.cpu_count()}
     checks: dict[str, bool] = {}
     res["checks"] = checks
@@ -470,15 +442,17 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
             # round 0: connect and install 1.0.0 everywhere (timed, not part of the goal)
             t = time.monotonic()
-            online = wait_until(
-                lambda: fleet is not None and fleet.ask("summary")["online"] == cfg.devices, 120
+            online = wait_for(
+                lambda: fleet is not None and fleet.ask("summary")["online"] == cfg.devices,
+                120,
+                0.5,
             )
             res["connect_s"] = round(time.monotonic() - t, 1)
             checks["all online"] = online
             usage = fs.Usage(pids).start()
             t = time.monotonic()
             failures = fs.deploy_all(repo, broker.url, ids, "sim@1.0.0", rate=cfg.install_rate)
-            installed = wait_until(lambda: bool(fleet and fleet.ask("all_in", phase="committed",
+            installed = wait_for(lambda: bool(fleet and fleet.ask("all_in", phase="committed",
                                    version="1.0.0")), cfg.timeout_s, 1.0)  # fmt: skip
             res["install"] = {"wall_s": round(time.monotonic() - t, 1),
                               "deploy_failures": len(failures), "usage": usage.result(),
@@ -496,7 +470,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 "mean": round(sum(per_dev.values()) / max(1, cfg.devices), 2),
                 "devices_without": cfg.devices - len(per_dev),
             }
-            everyone = wait_until(lambda: bool(fleet and fleet.ask("all_in", phase="committed",
+            everyone = wait_for(lambda: bool(fleet and fleet.ask("all_in", phase="committed",
                                   version="1.1.0")), 30, 1.0)  # fmt: skip
             summary = fleet.ask("summary")
             good["fleet_versions"] = summary["versions"]
@@ -515,7 +489,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 active = fleet.ask("active") if fleet else {}
                 return all(active[d][0] and active[d][1] == ["sim@1.1.0"] for d in ids)
 
-            back = wait_until(canaries_back, 60, 1.0)
+            back = wait_for(canaries_back, 60, 1.0)
             time.sleep(2 * cfg.tick_s + 1)  # a late publish would show up here
             got_bad = watch.devices_sent("sim@1.2.0")
             bad["canaries"] = len(canaries)

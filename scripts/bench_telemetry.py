@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: telemetry end to end on this machine (agent → outbox → Mosquitto → ingest → SQLite).
 
 Starts its own Mosquitto on a free loopback port and real components, all in a temporary
@@ -33,7 +32,7 @@ folder, and measures three things against the issue's goals:
 Without ``--json`` prints one line per measure with PASS/FAIL; with ``--json`` prints one JSON
 document on stdout and the lines on stderr.
 
-    python scripts/bench_telemetry.py [all|outage|rate|cpu] [--outage-s 300] [--messages 20000]
+    python -m scripts.bench_telemetry [all|outage|rate|cpu] [--outage-s 300] [--messages 20000]
         [--reps 3] [--seconds 60] [--cpu-reps 2] [--json]
 """
 
@@ -46,7 +45,6 @@ import json
 import logging
 import os
 import platform
-import random
 import selectors
 import shutil
 import signal
@@ -62,20 +60,19 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+import sqlalchemy as sa
 
-import sqlalchemy as sa  # noqa: E402
-
-import agent.telemetry.reporter as reporter_mod  # noqa: E402
-from agent.config import parse_config  # noqa: E402
-from agent.protocol.telemetry import Telemetry  # noqa: E402
-from agent.protocol.topics import Topics  # noqa: E402
-from agent.service import Agent  # noqa: E402
-from agent.sync.mqtt import make_client  # noqa: E402
-from cloud_sync.ingest.flow import Received  # noqa: E402
-from cloud_sync.ingest.store import DEVICE_TELEMETRY, TELEMETRY, Store, open_store  # noqa: E402
-from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap  # noqa: E402
+import agent.telemetry.reporter as reporter_mod
+from agent.config import parse_config
+from agent.protocol.telemetry import Telemetry
+from agent.protocol.topics import Topics
+from agent.service import Agent
+from agent.sync.mqtt import make_client
+from cloud_sync.ingest.flow import Received
+from cloud_sync.ingest.store import DEVICE_TELEMETRY, TELEMETRY, Store, open_store
+from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap
+from tests.harness.broker import Mosquitto
+from tests.harness.util import ROOT, stable_port, wait_for
 
 GOAL_OUTAGE_S = 300.0
 GOAL_RATIO = 0.60
@@ -88,76 +85,6 @@ log = logging.getLogger("bench_telemetry")
 # ------------------------------------------------------------------------------ helpers
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return bool(cond())
-
-
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range.
-
-    The broker and the relay listen again on the same port after the outage; a port from the
-    ephemeral range (what ``bind(0)`` returns) can meanwhile become the local port of some
-    outgoing connection, and the restart then fails with "Address already in use".
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10_000, max(10_001, low))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free loopback port in 10000..{low}")
-
-
-class Broker:
-    """A throwaway Mosquitto on a loopback port (config as tests/conftest.py); restartable."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\nmax_inflight_messages 100\n"
-            "set_tcp_nodelay true\nlog_dest stderr\nlog_type error\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError as e:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto did not start on {self.port}") from e
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 class Relay:
     """The devices' link: a loopback TCP relay to the broker that can be cut and restored.
 
@@ -167,7 +94,7 @@ class Relay:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
-        self.port = free_port()
+        self.port = stable_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -439,7 +366,7 @@ def outage_ok(r: dict[str, Any], bounded: bool) -> bool:
 
 
 def bench_outage(args: argparse.Namespace, tmp: Path, video: Path, model: Path) -> dict[str, Any]:
-    broker = Broker(tmp)
+    broker = Mosquitto(tmp, stable_port())
     broker.start()
     relay = Relay(broker.port)
     relay.open()
@@ -683,7 +610,7 @@ def rate_child(args: argparse.Namespace) -> None:
 
 
 def run_side(
-    side: str, broker: Broker, msgs: list[tuple[str, bytes]], tag: str, db: Path
+    side: str, broker: Mosquitto, msgs: list[tuple[str, bytes]], tag: str, db: Path
 ) -> dict[str, Any]:
     """One rate run: the ``side`` child subscribes, this process publishes ``msgs``.
 
@@ -691,12 +618,12 @@ def run_side(
     """
     n = len(msgs)
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "rate-child", "--side", side,
+        sys.executable, "-m", "scripts.bench_telemetry", "rate-child", "--side", side,
         "--broker-url", broker.url, "--messages", str(n), "--tag", tag, "--data", str(db),
     ]  # fmt: skip
     errf = db.with_suffix(f".{side}.stderr")
     with errf.open("w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
         try:
             line = child.stdout.readline() if child.stdout is not None else ""
             if line.strip() != "ready":
@@ -735,7 +662,7 @@ def bench_rate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # persistent member of the shared subscription would take its share of the next rep's
         # messages, so that rep's subscriber never saw them all (it waited out its timeouts).
         (tmp / f"broker-{rep}").mkdir(exist_ok=True)
-        broker = Broker(tmp / f"broker-{rep}")
+        broker = Mosquitto(tmp / f"broker-{rep}", stable_port())
         broker.start()
         try:
             msgs = make_messages(args.messages, f"r{rep}")
@@ -786,7 +713,7 @@ def cpu_child(args: argparse.Namespace) -> None:
         agent = Agent(cfg)
         agent.start()
     try:
-        if not wait_for(agent.session.connected.is_set, 20):
+        if not wait_for(agent.session.connected.is_set, 20, 0.02):
             raise RuntimeError("agent did not connect")
         time.sleep(args.warmup_s)  # model load, precision check, first frames
         rep: TimedReporter = agent.telemetry
@@ -810,7 +737,7 @@ def cpu_child(args: argparse.Namespace) -> None:
 
 
 def bench_cpu(args: argparse.Namespace, tmp: Path, video: Path, model: Path) -> dict[str, Any]:
-    broker = Broker(tmp)
+    broker = Mosquitto(tmp, stable_port())
     broker.start()
     runs: list[dict[str, Any]] = []
     try:
@@ -819,13 +746,15 @@ def bench_cpu(args: argparse.Namespace, tmp: Path, video: Path, model: Path) -> 
             for mode in order:
                 data = tmp / f"cpu-{mode}-{rep}"
                 cmd = [
-                    sys.executable, str(Path(__file__).resolve()), "cpu-child", "--mode", mode,
+                    sys.executable, "-m", "scripts.bench_telemetry", "cpu-child", "--mode", mode,
                     "--broker-url", broker.url, "--video", str(video), "--model", str(model),
                     "--data", str(data), "--seconds", str(args.seconds),
                     "--interval-s", str(args.interval_s), "--warmup-s", str(args.warmup_s),
                 ]  # fmt: skip
                 env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
-                p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+                p = subprocess.run(
+                    cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+                )
                 if p.returncode != 0:
                     raise RuntimeError(f"cpu child ({mode}) failed:\n{p.stderr[-2000:]}")
                 r = json.loads(p.stdout.strip().splitlines()[-1])

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: tracking quality, the cost of tracking + zones, and the CPU motion gating saves.
 
 1. **Quality** on the scripted scene (``agent.pipeline.scene.SCENE``: nine objects that move,
@@ -21,13 +20,12 @@
    ``--idle-s`` seconds without and with ``[pipelines.motion]``; CPU of the whole process
    (decoding included) and of the inference thread. Goal: >= 80 % saved.
 
-    python scripts/bench_tracking.py [--seeds 20] [--objects 50] [--idle-s 10] [--json]
+    python -m scripts.bench_tracking [--seeds 20] [--objects 50] [--idle-s 10] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -59,8 +57,8 @@ from agent.pipeline.scene import (
 from agent.pipeline.tracking import Track, TrackParams, TrackUpdate
 from agent.pipeline.zones import RegionCounter
 from agent.protocol.card import InputSpec, PostprocessSpec
+from scripts import bench_decode
 
-ROOT = Path(__file__).resolve().parent.parent
 Frames = list[list[Detection]]
 
 
@@ -200,20 +198,11 @@ def real_detector() -> dict[str, Any]:
 # --- cost -----------------------------------------------------------------------------------
 
 
-def _load_bench_decode() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts/bench_decode.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError("scripts/bench_decode.py not found")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def cost(objects: int, frames: int) -> dict[str, Any]:
     """Per-frame ms of tracking + 1 zone + 1 line vs decode + NMS, interleaved."""
     from agent.pipeline.tracking import Tracker
 
-    bd = _load_bench_decode()
+    bd = bench_decode
     out8 = bd.yolov8_output(objects)
     labels = [str(i) for i in range(bd.CLASSES)]
     spec, inp = PostprocessSpec(format="yolov8"), InputSpec(width=640, height=640)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Adapter: throughput of ChunkClient.fetch_file against plain paho publish/subscribe.
 
 Starts its own Mosquitto on a free loopback port (twice: with the broker's default Nagle
@@ -11,7 +10,7 @@ setting and with ``set_tcp_nodelay true``), writes a random file, and measures i
 
 Prints one JSON document; ``ratio`` is fetch_file MB/s over raw MB/s (target ≥ 0.5).
 
-    python scripts/bench_transfer.py [--mb 10] [--runs 3] [--workers 0 4]
+    python -m scripts.bench_transfer [--mb 10] [--runs 3] [--workers 0 4]
 """
 
 from __future__ import annotations
@@ -19,53 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from agent.sync.mqtt import make_client
 from agent.update.fetcher import ChunkClient
 from cloud_sync.registry.serve import ChunkServer
+from tests.harness.broker import Mosquitto
 
 CHUNK = 64 * 1024
-
-
-class Broker:
-    """A throwaway Mosquitto on a free loopback port."""
-
-    def __init__(self, workdir: Path, *, nodelay: bool) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        conf = workdir / f"mosquitto-{self.port}.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\nmax_inflight_messages 100\n"
-            f"set_tcp_nodelay {'true' if nodelay else 'false'}\nlog_dest stderr\nlog_type error\n"
-        )
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError as e:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto did not start on {self.port}") from e
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def _client(port: int, client_id: str, inflight: int = 20) -> Any:
@@ -169,7 +133,8 @@ def main() -> None:
         (repo / "targets").mkdir(parents=True)
         (repo / "targets" / "blob.bin").write_bytes(blob)
         for nodelay in (False, True):
-            broker = Broker(tmp, nodelay=nodelay)
+            broker = Mosquitto(tmp, nodelay=nodelay)
+            broker.start()
             try:
                 raw = bench_raw(broker.port, blob, args.runs)
                 for w, win in ((w, win) for w in args.workers for win in args.window):

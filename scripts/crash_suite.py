@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Crash consistency: kill -9 a real agent at random moments of model updates, check recovery.
 
 A real TUF registry with its MQTT chunk server, a Mosquitto broker and ``edgefleet-agent run``
@@ -19,7 +18,7 @@ checks, once the restarted agent settled:
   anywhere in the data dir outside the resume dir ``tuf/partial`` (the running agent's own
   atomic writes live milliseconds).
 
-    python scripts/crash_suite.py --kills 50 [--json] [--seed N] [--workdir DIR]
+    python -m scripts.crash_suite --kills 50 [--json] [--seed N] [--workdir DIR]
 
 Exit status 1 when any round broke an invariant.
 """
@@ -39,17 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from agent.fsutil import TUF_TEMP  # noqa: E402
-from agent.update.machine import UpdateState  # noqa: E402
-from tests.conftest import Mosquitto, build_test_models, wait_for  # noqa: E402
-from tests.test_delivery import Fleet, write_digit_loop  # noqa: E402
-from tests.test_delivery_crash import AgentProcess  # noqa: E402
+from agent.fsutil import TUF_TEMP
+from agent.update.machine import UpdateState
+from tests.harness.agent_process import AgentProcess
+from tests.harness.fleet import Fleet, local_fleet
+from tests.harness.util import wait_for
 
 TERMINAL = ("committed", "rolled_back", "rejected")
 STALE_TMP_S = 5.0
@@ -181,12 +176,7 @@ def run_suite(
     """Run ``kills`` kill/restart rounds; return the summary (see ``main``)."""
     rng = random.Random(seed)
     say = log or (lambda msg: None)
-    models = build_test_models()
-    (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
-    broker = Mosquitto(workdir / "mosquitto")
-    broker.start()
-    fleet = Fleet(workdir, broker, write_digit_loop(models, workdir / "digits.mkv"), models)
-    fleet.server.start()
+    fleet = local_fleet(workdir)
     env = {
         "EDGEFLEET_TEST_BUILD_SLEEP_S": str(build_sleep_s),
         "EDGEFLEET_TEST_TRIAL_SLEEP_S": str(trial_sleep_s),
@@ -256,7 +246,7 @@ def run_suite(
     finally:
         agent.stop()
         fleet.close()
-        broker.stop()
+        fleet.broker.stop()
     failures = [r for r in rounds if r.problems]
     return {
         "kills": len(rounds),

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Fleet simulator: N devices running the agent's real sync/update/telemetry code.
 
 Against an existing broker and registry (deploy with ``edgefleet deploy`` or ``--deploy``)::
 
-    python scripts/fleet_sim.py --devices 200 --broker mqtt://127.0.0.1:1883 --repo REG \\
+    python -m scripts.fleet_sim --devices 200 --broker mqtt://127.0.0.1:1883 --repo REG \\
         [--groups canary main] [--tag site=lab] [--bad 1.1.0 --bad-devices 5%] [--duration 60]
 
 Self-test: its own Mosquitto, registry (two ~2 MB ONNX versions), chunk server in a child
@@ -12,7 +11,7 @@ install) and of 1.1.0 (upgrade; ``--bad`` devices should roll it back), timing e
 every device is terminal, with the broker's and chunk server's CPU and memory
 (``/proc/PID/stat`` and ``status``) and the chunk server's and devices' counters::
 
-    python scripts/fleet_sim.py --self-test --devices 1000 [--json]
+    python -m scripts.fleet_sim --self-test --devices 1000 [--json]
 
 Only the camera and the inference are simulated (``agent/sim/engine.py``).
 """
@@ -38,13 +37,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from agent.config import UpdateConfig  # noqa: E402
-from agent.protocol.state import PipelineTarget  # noqa: E402
-from agent.sim import SimFleet, SimProfile  # noqa: E402
-from agent.sim.engine import ProfileFn  # noqa: E402
+from agent.config import UpdateConfig
+from agent.protocol.state import PipelineTarget
+from tests.harness.sim import SimFleet, SimProfile
+from tests.harness.sim.engine import ProfileFn
 
 log = logging.getLogger("fleet_sim")
 INPUT_SHAPE = (1, 3, 16, 16)

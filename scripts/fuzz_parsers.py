@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fuzz every parser of untrusted input: wire messages on every topic, chunk answers, desired
 state (decode + signature verification), model cards, agent config files, tegrastats lines,
 ingest rows, and the operator-facing syntaxes (broker URLs, durations, rollout targets, stages
@@ -16,8 +15,8 @@ the real object (device session, chunk client, rollout desired-state publisher) 
 exception suppression off: an exception that gets out, or one the callback's guard had to
 catch as a bug, is a failure, and so is the object failing to take an honest message next.
 
-    python scripts/fuzz_parsers.py                      # 10,000 cases per target
-    python scripts/fuzz_parsers.py --cases 500 --only config --json
+    python -m scripts.fuzz_parsers                      # 10,000 cases per target
+    python -m scripts.fuzz_parsers --cases 500 --only config --json
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ import paho.mqtt.client as mqtt
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined,unused-ignore]
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.config import BrokerConfig, load_config
 from agent.errors import BadDataError, ConfigError

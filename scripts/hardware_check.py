@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Hardware check: what the TensorRT backend does on a real GPU, in one report.
 
 For the day a Jetson or an NVIDIA GPU machine is at hand (``scripts/hardware_check`` sets up a
@@ -14,7 +13,11 @@ code 2, where TensorRT, pycuda or a GPU is missing. Otherwise, in well under 10 
 4. writes ``hardware-report-HOST-DATE.md`` and ``.json`` (versions, results, figures) to paste
    into an issue.
 
-    python scripts/hardware_check.py [--out DIR] [--frames 100] [--skip-tests] [--models digits]
+    python -m scripts.hardware_check [--out DIR] [--frames 100] [--skip-tests] [--models digits]
+
+It runs from the repository checkout's root (the wrapper ``scripts/hardware_check`` changes
+there): the conformance tests and the test models (``tests.harness.models``) are the
+checkout's.
 """
 
 from __future__ import annotations
@@ -33,9 +36,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def refuse_without_gpu() -> str:
@@ -72,7 +73,7 @@ def run_conformance() -> dict[str, Any]:
 def models(work: Path) -> list[dict[str, Any]]:
     """(name, onnx, precision files, input feed) of the models to build."""
     from cloud_sync.quantize import quantize_int8
-    from tests.conftest import build_test_models
+    from tests.harness.models import build_test_models
 
     built = build_test_models()
     digits = built["digits"]

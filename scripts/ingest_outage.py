@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Scenario: a long database outage under ``edgefleet ingest`` loses no acknowledged message.
 
-Runs ``tests.test_ingest_backpressure.outage_run`` (the same scenario the test runs for
-seconds) for as long as asked: a real Mosquitto on a loopback port, ``edgefleet ingest`` as a
-child process, simulated devices publishing telemetry QoS 1 at ``--rate`` messages/s in all,
-and a real database outage of ``--outage-s`` (default one hour): SQLite with another connection
-holding the write lock, or a PostgreSQL server of its own refusing connections to the
-database. With ``--kill`` (default) the worker is SIGKILLed halfway through the outage and
-started again once the database is back.
+Runs ``tests.harness.outage.outage_run`` (the same scenario ``tests/test_ingest_backpressure.py``
+runs for seconds) for as long as asked: a real Mosquitto on a loopback port, ``edgefleet
+ingest`` as a child process, simulated devices publishing telemetry QoS 1 at ``--rate``
+messages/s in all, and a real database outage of ``--outage-s`` (default one hour): SQLite
+with another connection holding the write lock, or a PostgreSQL server of its own refusing
+connections to the database. With ``--kill`` (default) the worker is SIGKILLed halfway through
+the outage and started again once the database is back.
 
 Reports messages published, acknowledged by the broker to the devices, stored (distinct and
 rows), missing, the worker's peak RSS and unacknowledged messages per phase (before, outage,
@@ -18,7 +17,7 @@ The broker's queue for the worker's session is sized for the whole outage
 (``max_queued_messages`` = rate x (outage + after + 60 s) x 1.2): a broker that drops what it
 cannot queue loses messages that no ingest worker ever saw.
 
-    python scripts/ingest_outage.py [--outage-s 3600] [--db sqlite|postgresql] [--rate 100]
+    python -m scripts.ingest_outage [--outage-s 3600] [--db sqlite|postgresql] [--rate 100]
         [--devices 100] [--max-unacked 10000] [--no-kill] [--json]
 """
 
@@ -33,12 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.conftest import Mosquitto  # noqa: E402
-from tests.test_ingest_backpressure import (  # noqa: E402
+from tests.harness.broker import Mosquitto
+from tests.harness.outage import (
     Outage,
     PostgresRefuses,
     SqliteLock,
@@ -79,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.db == "sqlite":
             outage = SqliteLock(tmp / "ingest.db")
         else:
-            from tests._postgres import Postgres
+            from tests.harness.postgres import Postgres
 
             pg = Postgres()
             pg.start()

@@ -1,25 +1,21 @@
 """Adapter (build tool): the test models, built deterministically — a CLI on cloud_sync.samples.
 
 The models and videos are made in ``cloud_sync.samples`` (so an installed ``edgefleet`` can build
-them too); this script is its command line and keeps the names tests load by path
-(``importlib.util.spec_from_file_location``; ``scripts`` is not a package): ``build_all``,
-``write_digit_video``, ``write_blob_video``, ``blob_track``, ``blob_frame``, ``letterbox_nchw``
-and ``main``.
+them too); this script is its command line and keeps the names the tests and the harness
+import (``scripts.make_test_models``): ``build_all``, ``write_digit_video``,
+``write_blob_video``, ``blob_track``, ``blob_frame``, ``letterbox_nchw`` and ``main``.
+
+    python -m scripts.make_test_models --out DIR [--only digits] [--bench]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:  # run from a checkout without ``pip install -e .``
-    sys.path.insert(0, str(_REPO))
-
-from cloud_sync.samples import (  # noqa: E402
+from cloud_sync.samples import (
     MODELS,
     blob_frame,
     blob_track,
@@ -28,7 +24,7 @@ from cloud_sync.samples import (  # noqa: E402
     write_blob_video,
     write_digit_video,
 )
-from cloud_sync.samples.blobdet import bench_blobdet  # noqa: E402
+from cloud_sync.samples.blobdet import bench_blobdet
 
 __all__ = [
     "blob_frame",

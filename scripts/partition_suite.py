@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Network partitions of minutes between a real agent and a real Mosquitto.
 
-Runs the scenarios of ``tests/test_partition.py`` with a long partition (the tests use a few
-keepalive periods): a partition while the operator deploys a new version (inference goes on,
-telemetry waits in the outbox and arrives in order with none lost, the deploy is taken after
-the heal) and a partition in the middle of a model download (it resumes and commits without
-fetching the artifact again).
+Runs the scenarios of ``tests/test_partition.py`` (``tests/harness/partition.py``) with a long
+partition (the tests use a few keepalive periods): a partition while the operator deploys a
+new version (inference goes on, telemetry waits in the outbox and arrives in order with none
+lost, the deploy is taken after the heal) and a partition in the middle of a model download
+(it resumes and commits without fetching the artifact again).
 
-    python scripts/partition_suite.py [--cut 180] [--json] [--workdir DIR]
+    python -m scripts.partition_suite [--cut 180] [--json] [--workdir DIR]
 
 Exit status 1 when a scenario failed.
 """
@@ -23,24 +22,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.conftest import Mosquitto, build_test_models  # noqa: E402
-from tests.test_delivery import Fleet, write_digit_loop  # noqa: E402
-from tests.test_partition import partition_during_deploy, partition_mid_download  # noqa: E402
+from tests.harness.fleet import local_fleet
+from tests.harness.partition import partition_during_deploy, partition_mid_download
 
 
 def run_scenario(name: str, workdir: Path, cut_s: float, log: Any) -> dict[str, Any]:
     d = workdir / name
-    (d / "mosquitto").mkdir(parents=True, exist_ok=True)
-    models = build_test_models()
-    video = write_digit_loop(models, d / "digits.mkv")
-    broker = Mosquitto(d / "mosquitto")
-    broker.start()
-    fleet = Fleet(d, broker, video, models)
-    fleet.server.start()
+    fleet = local_fleet(d)
     try:
         if name == "deploy":
             result = partition_during_deploy(fleet, cut_s, log=log)
@@ -56,7 +44,7 @@ def run_scenario(name: str, workdir: Path, cut_s: float, log: Any) -> dict[str, 
         }
     finally:
         fleet.close()
-        broker.stop()
+        fleet.broker.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

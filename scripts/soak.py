@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Memory soak: a real agent process on a stream that drops every few minutes; RSS growth.
 
 Mosquitto, a TUF registry with its MQTT chunk server, an ffmpeg process streaming the digit
@@ -15,7 +14,7 @@ Growth compares the median RSS of the last ``--window`` seconds with the median 
 ``--window`` seconds after the warm-up (``--warmup``: ONNX Runtime's arenas, the engine cache
 and Python's own caches fill during the first minutes), so one sample's noise cannot decide it.
 
-    python scripts/soak.py --duration 3600 [--json] [--workdir DIR]
+    python -m scripts.soak --duration 3600 [--json] [--workdir DIR]
 
 Exit status 1 when the growth is >= ``--max-growth`` percent (default 5) or the agent died,
 stopped inferring, or an update did not commit.
@@ -35,19 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.conftest import (  # noqa: E402
-    Mosquitto,
-    UdpStream,
-    build_test_models,
-    free_port,
-    wait_for,
-)
-from tests.test_delivery import DEVICE, Fleet, write_digit_loop  # noqa: E402
-from tests.test_delivery_crash import AgentProcess  # noqa: E402
+from tests.harness.agent_process import AgentProcess
+from tests.harness.fleet import Fleet, local_fleet
+from tests.harness.util import UdpStream, free_port, wait_for
 
 
 @dataclass
@@ -113,7 +102,7 @@ def write_config(
 ) -> None:
     """The crash suite's agent config with the UDP stream as source, events and telemetry."""
     agent.config.write_text(
-        f'device_id = "{DEVICE}"\n'
+        f'device_id = "{fleet.device}"\n'
         f'data_dir = "{agent.data}"\n'
         'profile = "x86-cpu"\n'
         "[[pipelines]]\n"
@@ -149,14 +138,8 @@ def run_soak(
     log: Any = None,
 ) -> SoakResult:
     say = log or (lambda msg: None)
-    models = build_test_models()
-    (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
-    broker = Mosquitto(workdir / "mosquitto")
-    broker.start()
-    video = write_digit_loop(models, workdir / "digits.mkv")
-    fleet = Fleet(workdir, broker, video, models)
-    fleet.server.start()
-    stream = UdpStream(video, free_port(socket.SOCK_DGRAM))
+    fleet = local_fleet(workdir)
+    stream = UdpStream(fleet.video, free_port(socket.SOCK_DGRAM))
     agent = AgentProcess(fleet, health_window_s=health_window_s)
     write_config(agent, fleet, stream, health_window_s)
     result = SoakResult(duration_s=duration_s)
@@ -221,7 +204,7 @@ def run_soak(
         agent.stop()
         stream.stop()
         fleet.close()
-        broker.stop()
+        fleet.broker.stop()
     return result
 
 

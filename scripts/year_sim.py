@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A year in minutes: registry, CA, broker and a device driven through simulated time.
 
 The timeline ends at the real "now": it starts ``--days`` ago, and everything the cloud signs
@@ -23,8 +22,8 @@ devices and refuses the revoked one. The device talks to a plain Mosquitto durin
 OpenSSL judges certificate and CRL dates by the real clock, so TLS can only be tried at the
 end of the timeline.
 
-  python scripts/year_sim.py                 # 400 days, a version every 30 days (~2-3 min)
-  python scripts/year_sim.py --days 120 --publish-every-d 40 --json
+  python -m scripts.year_sim                 # 400 days, a version every 30 days (~2-3 min)
+  python -m scripts.year_sim --days 120 --publish-every-d 40 --json
 
 Exit status 0 when every check passed.
 """
@@ -47,22 +46,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent.config import parse_config  # noqa: E402
-from agent.service import Agent  # noqa: E402
-from cloud_sync.cli import metadata_keeper  # noqa: E402
-from cloud_sync.deploy import deploy  # noqa: E402
-from cloud_sync.enroll import ca_warnings  # noqa: E402
-from cloud_sync.registry.publish import publish  # noqa: E402
-from cloud_sync.registry.repo import Repository  # noqa: E402
-from cloud_sync.registry.serve import ChunkServer  # noqa: E402
-from tests.conftest import Mosquitto, build_test_models, wait_for  # noqa: E402
-from tests.test_delivery import write_digit_loop  # noqa: E402
-from tests.test_enrollment import AgedFleet  # noqa: E402
-from tests.test_faults import fill  # noqa: E402
+from agent.config import parse_config
+from agent.service import Agent
+from cloud_sync.cli import metadata_keeper
+from cloud_sync.deploy import deploy
+from cloud_sync.enroll import ca_warnings
+from cloud_sync.registry.publish import publish
+from cloud_sync.registry.repo import Repository
+from cloud_sync.registry.serve import ChunkServer
+from tests.harness.broker import Mosquitto
+from tests.harness.models import build_test_models, write_digit_loop
+from tests.harness.tls import AgedFleet
+from tests.harness.util import fill, wait_for
 
 DEVICE = "cam-year"
 WARN = timedelta(days=30)  # what `ca status` / `registry status` warn ahead by

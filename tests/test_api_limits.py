@@ -20,7 +20,7 @@ from fastapi import Request
 from agent.api.app import create_app
 from agent.api.server import ApiServer
 from agent.config import parse_config
-from tests.conftest import wait_for
+from tests.harness.util import wait_for
 
 HEADER_S, BODY_S, CAP = 0.8, 0.8, 20
 

@@ -2,8 +2,8 @@
 
 Backends: ``onnxruntime`` (always), ``tensorrt`` (needs TensorRT, pycuda and a GPU; skipped
 with the reason otherwise), and ``tensorrt-fake``: the real TensorRT adapter code driven by
-the fake ``tensorrt``/``pycuda`` of ``_fake_tensorrt.py``, so the adapter's logic runs here
-even though no machine in CI has a GPU.
+the fake ``tensorrt``/``pycuda`` of ``tests/harness/fake_tensorrt.py``, so the adapter's logic
+runs here even though no machine in CI has a GPU.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import tests.harness.fake_tensorrt as fake_trt
 from agent.engine.base import Backend, TensorSpec
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.engine.tensorrt import TensorRTBackend, build_engine, tensorrt_available
 from agent.errors import ModelError
-from tests.conftest import load_module_from_path
 
-fake_trt = load_module_from_path("_fake_tensorrt", Path(__file__).with_name("_fake_tensorrt.py"))
 TRT_OK, TRT_WHY = tensorrt_available()
 
 BACKENDS = [

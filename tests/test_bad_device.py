@@ -30,8 +30,8 @@ from agent.protocol.topics import REGISTRY_SHARE_GROUP
 from agent.update.fetcher import ChunkClient
 from cloud_sync.pki import service_share_group
 from cloud_sync.registry.serve import ChunkServer
-from tests._broker_tls import ROOT, TlsFleet
-from tests.conftest import wait_for
+from tests.harness.tls import ROOT, TlsFleet
+from tests.harness.util import wait_for
 from tests.test_broker_security import StoringWorker, T, _attacker, _env, _telemetry, _url
 
 N = 40  # telemetry messages per honest device per round

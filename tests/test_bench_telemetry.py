@@ -1,4 +1,5 @@
-"""Smoke test of scripts/bench_telemetry.py: tiny sizes, correctness only (never timings)."""
+"""Smoke test of ``python -m scripts.bench_telemetry``: tiny sizes, correctness only (never
+timings)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.harness.util import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
 def test_bench_telemetry_smoke(test_models: dict[str, Path]) -> None:
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "bench_telemetry.py"), "all", "--json",
+        sys.executable, "-m", "scripts.bench_telemetry", "all", "--json",
         "--model", str(test_models["digits"] / "model.onnx"),
         # outage: 3 s at 10 messages/s, bounded variant holds 10 rows
         "--outage-s", "3", "--interval-s", "0.1", "--small-rows", "10",

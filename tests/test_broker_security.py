@@ -43,8 +43,8 @@ from cloud_sync.ingest.store import open_store
 from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker
 from cloud_sync.pki import SHARE_GROUP_FILE, FleetCA, PkiError, service_share_group
 from cloud_sync.registry.serve import ChunkServer
-from tests._broker_tls import ROOT, Conn, TlsFleet
-from tests.conftest import wait_for
+from tests.harness.tls import ROOT, Conn, TlsFleet
+from tests.harness.util import wait_for
 
 T = Topics(ROOT)
 N = 20  # messages the honest device sends in each attack
@@ -152,6 +152,7 @@ def test_ingest_workers_get_every_message_while_a_device_sits_in_their_group(
     finally:
         w1.close()
         w2.close()
+
 
 @pytest.mark.broker
 def test_the_registry_answers_every_request_while_a_device_sits_in_its_group(
@@ -310,4 +311,3 @@ def test_service_share_group_lookup(tmp_path: Path, caplog: pytest.LogCaptureFix
     (tmp_path / SHARE_GROUP_FILE).write_text("a/#\n")
     with pytest.raises(PkiError, match="not a group name"):
         service_share_group("ingest", env={"EDGEFLEET_TLS_CERT": str(cert)})
-

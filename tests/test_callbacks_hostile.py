@@ -25,21 +25,24 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+import scripts.fleet_sim
+import scripts.fuzz_parsers
 from agent.config import UpdateConfig, parse_config
 from agent.protocol.fetch import MAX_HEADER, BadMessage, FetchRequest, decode_response
 from agent.protocol.schema import MESSAGES
 from agent.protocol.state import PipelineTarget
 from agent.protocol.topics import Topics
 from agent.service import Agent, read_status
-from agent.sim.device import SimDevice
 from agent.sync.mqtt import MAX_GUARD_REASONS, CallbackGuard, make_client
 from cloud_sync.deploy import DesiredPublisher, deploy
 from cloud_sync.registry.serve import ChunkServer
-from tests.conftest import ROOT, Mosquitto, load_module_from_path, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.sim.device import SimDevice
+from tests.harness.util import wait_for
 
 TOPICS = Topics()
 MB = 1 << 20
-FUZZ = load_module_from_path("fuzz_parsers", ROOT / "scripts" / "fuzz_parsers.py")
+FUZZ = scripts.fuzz_parsers
 
 DEEP_LIST = b"[" * 1500 + b"]" * 1500  # the chunk header of the issue
 HOSTILE = {
@@ -266,7 +269,7 @@ def hostile_desired() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def fleet_sim() -> ModuleType:
-    return load_module_from_path("fleet_sim", ROOT / "scripts" / "fleet_sim.py")
+    return scripts.fleet_sim
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ from cloud_sync.registry.admission import (
     canonical_path,
 )
 from cloud_sync.registry.serve import ChunkServer
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 from tests.test_transfer import RawDevice, _close, _connect
 
 KB = 1024

@@ -10,172 +10,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
-from agent.config import AgentConfig, parse_config
-from agent.protocol.state import DesiredState, PipelineTarget, ReportedState, SignedDesired
-from agent.protocol.topics import Topics
+from agent.protocol.state import DesiredState, PipelineTarget
 from agent.service import Agent
 from agent.update.desired import sign_desired
-from cloud_sync.deploy import deploy
 from cloud_sync.registry.keys import generate_signer
 from cloud_sync.registry.publish import publish
-from cloud_sync.registry.repo import Repository
-from cloud_sync.registry.serve import ChunkServer
-from tests.conftest import Mosquitto, load_model_script, wait_for
+from tests.harness.fleet import DEVICE, Fleet
+from tests.harness.models import big_model
+from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
-DEVICE = "cam-01"
-
-
-class Fleet:
-    """One registry, one chunk server and one agent around a broker."""
-
-    def __init__(self, tmp: Path, broker: Mosquitto, video: Path, models: dict[str, Path]) -> None:
-        self.tmp = tmp
-        self.broker = broker
-        self.video = video
-        self.models = models
-        self.repo_dir = tmp / "registry"
-        self.repo = Repository.init(self.repo_dir)
-        self.server = ChunkServer(self.repo_dir, broker.url, client_id="registry-1", workers=2)
-        self.agent: Agent | None = None
-        self.reported: list[ReportedState] = []
-        self.watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
-        self.watcher.on_message = self._on_reported
-        self.watcher.connect(broker.host, broker.port)
-        self.watcher.subscribe(Topics().device(DEVICE, "reported"), qos=1)
-        self.watcher.loop_start()
-
-    def _on_reported(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.payload:
-            self.reported.append(ReportedState.decode(bytes(msg.payload)))
-
-    def publish(self, name: str, version: str, model: str = "digits", pad_bytes: int = 0) -> None:
-        """Publish a copy of a test model whose bytes differ per version (as real versions'
-        do), so each version has its own engine to build; ``pad_bytes`` more in its doc
-        string make a bigger artifact with the same graph."""
-        import onnx
-
-        d = self.tmp / "src" / f"{name}-{version}"
-        shutil.copytree(self.models[model], d)
-        m = onnx.load(str(d / "model.onnx"))
-        m.doc_string = f"{name} {version}" + " " * pad_bytes
-        onnx.save(m, str(d / "model.onnx"))
-        publish(self.repo, d / "model.onnx", name=name, version=version)
-
-    def config(self, **update: Any) -> AgentConfig:
-        return parse_config(
-            {
-                "device_id": DEVICE,
-                "data_dir": str(self.tmp / "data"),
-                "profile": "x86-cpu",
-                "pipelines": [
-                    {"name": "front", "source": str(self.video), "model": "digits", "loop": True}
-                ],
-                "broker": {"url": self.broker.url},
-                "trust": {"root": str(self.repo_dir / "root.json")},
-                # No test here is about latency: a loaded CI machine's jitter must not roll
-                # a good version back (the latency rule has its own tests in test_machine.py).
-                "update": {
-                    "health_window_s": 0.5,
-                    "health_min_frames": 5,
-                    "max_latency_ratio": 20.0,
-                    **update,
-                },
-            }
-        )
-
-    def start_agent(self, **update: Any) -> Agent:
-        cfg = self.config(**update)
-        self.agent = Agent(cfg)
-        self.agent.start()
-        assert wait_for(
-            lambda: self.agent is not None and self.agent.session.connected.is_set(), 10
-        )
-        return self.agent
-
-    def stop_agent(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
-            self.agent = None
-
-    def inject_desired(self, envelope: SignedDesired) -> None:
-        """Publish a desired-state message straight to the broker (an attacker, or a replay)."""
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="injector")
-        c.connect(self.broker.host, self.broker.port)
-        c.loop_start()
-        topic = Topics().device(DEVICE, "desired")
-        c.publish(topic, envelope.encode(), qos=1, retain=True).wait_for_publish(5)
-        c.loop_stop()
-        c.disconnect()
-
-    def deploy(self, ref: str) -> SignedDesired:
-        return deploy(self.repo_dir, self.broker.url, DEVICE, ref, pipeline="front")
-
-    @property
-    def pipe(self) -> Any:
-        assert self.agent is not None
-        return self.agent.pipelines[0]
-
-    def running(self) -> str | None:
-        m = self.pipe.model
-        return m.ref if m is not None else None
-
-    def last(self) -> Any:
-        assert self.agent is not None and self.agent.updates is not None
-        return self.agent.updates.reported().pipelines[0]
-
-    def wait_phase(self, *phases: str, version: str, timeout: float = 60) -> Any:
-        """Wait until the attempt for ``version`` reached one of ``phases``."""
-        ok = wait_for(
-            lambda: (
-                self.last().phase.value in phases
-                and self.last().target_version == version
-                and self.agent is not None
-                and self.agent.updates.idle.is_set()
-            ),
-            timeout,
-        )
-        assert ok, f"phase {self.last().phase.value}, wanted {phases}: {self.last().last_error}"
-        return self.last()
-
-    def close(self) -> None:
-        self.stop_agent()
-        self.server.stop()
-        self.watcher.loop_stop()
-        self.watcher.disconnect()
-
-
-def write_digit_loop(models: dict[str, Path], path: Path) -> Path:
-    """A video of 60 test-set digits (the fault-suite scripts use it too)."""
-    z = np.load(models["digits"] / "test_set.npz")
-    images = next(z[k] for k in z.files if z[k].ndim == 3)[:60]
-    labels = next(z[k] for k in z.files if z[k].ndim == 1)[:60]
-    load_model_script().write_digit_video(path, images, labels)
-    return path
-
-
-@pytest.fixture
-def digit_loop(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path]) -> Path:
-    return write_digit_loop(test_models, tmp_path_factory.mktemp("loop") / "digits.mkv")
-
-
-@pytest.fixture
-def fleet(
-    tmp_path: Path, broker: Mosquitto, digit_loop: Path, test_models: dict[str, Path]
-) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, broker, digit_loop, test_models)
-    f.server.start()
-    yield f
-    f.close()
 
 
 def test_publish_deploy_commit_then_hot_swap_to_a_new_version(fleet: Fleet) -> None:
@@ -401,24 +252,11 @@ def test_model_with_nan_outputs_is_rejected_at_trial(fleet: Fleet, tmp_path: Pat
     assert fleet.running() == "digits@1.0.0"
 
 
-def _big_model(src: Path, dest: Path, megabytes: int) -> Path:
-    """The digits model padded with an unused initializer to ``megabytes`` (real transfer size)."""
-    import onnx
-    from onnx import numpy_helper
-
-    shutil.copytree(src, dest)
-    m = onnx.load(str(dest / "model.onnx"))
-    pad = np.random.default_rng(0).standard_normal(megabytes * (1 << 18)).astype(np.float32)
-    m.graph.initializer.append(numpy_helper.from_array(pad, "padding"))
-    onnx.save(m, str(dest / "model.onnx"))
-    return dest / "model.onnx"
-
-
 @pytest.mark.slow
 def test_registry_outage_mid_transfer_resumes_without_refetching(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    big = _big_model(fleet.models["digits"], tmp_path / "big", 8)
+    big = big_model(fleet.models["digits"], tmp_path / "big", 8)
     publish(fleet.repo, big, name="digits", version="2.0.0")
     agent = fleet.start_agent(request_timeout_s=0.5, retry_s=1.0)
     fleet.deploy("digits@2.0.0")
@@ -426,8 +264,7 @@ def test_registry_outage_mid_transfer_resumes_without_refetching(
     fleet.server.stop()  # the registry goes away in the middle of model.onnx
     assert wait_for(lambda: fleet.last().phase.value == "waiting", 60), fleet.last()
     assert "fetch interrupted" in (fleet.last().last_error or "")
-    fleet.server = ChunkServer(fleet.repo_dir, fleet.broker.url, client_id="registry-2", workers=2)
-    fleet.server.start()
+    fleet.start_server()  # registry-2
     fleet.wait_phase("committed", version="2.0.0", timeout=120)
     assert fleet.running() == "digits@2.0.0"
     chunks = agent.updates.tuf.fetcher.chunks
@@ -449,7 +286,7 @@ def test_stop_ends_a_stalled_transfer_at_once_and_keeps_the_partial(
     """The update manager's stop event is the chunk client's: stopping the agent while a
     transfer waits on a silent registry does not wait out the request timeouts (30 s each
     here), and the partial download survives for the next start."""
-    big = _big_model(fleet.models["digits"], tmp_path / "big", 8)
+    big = big_model(fleet.models["digits"], tmp_path / "big", 8)
     publish(fleet.repo, big, name="digits", version="2.0.0")
     agent = fleet.start_agent(request_timeout_s=30.0, retry_s=60.0)
     fleet.deploy("digits@2.0.0")
@@ -463,8 +300,7 @@ def test_stop_ends_a_stalled_transfer_at_once_and_keeps_the_partial(
     partial = fleet.tmp / "data" / "tuf" / "partial"
     assert any(p.stat().st_size > 0 for p in partial.iterdir()), "partial download lost"
     fleet.stop_agent()
-    fleet.server = ChunkServer(fleet.repo_dir, fleet.broker.url, client_id="registry-2", workers=2)
-    fleet.server.start()
+    fleet.start_server()  # registry-2
     fleet.start_agent()
     fleet.wait_phase("committed", version="2.0.0", timeout=120)
     targets = sum(t.length for p, t in fleet.repo.targets().items() if "/2.0.0/" in p)

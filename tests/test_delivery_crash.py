@@ -8,86 +8,18 @@ interrupted version as failed, and not try it again.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.protocol.state import ReportedState
-from tests.conftest import Mosquitto, wait_for
-from tests.test_delivery import DEVICE, Fleet, digit_loop  # noqa: F401 - fixture
+from tests.harness.agent_process import AgentProcess
+from tests.harness.fleet import Fleet
+from tests.harness.models import big_model
+from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video, pytest.mark.slow]
-BIN = Path(sys.executable).parent
-
-
-class AgentProcess:
-    def __init__(
-        self, fleet: Fleet, health_window_s: float, *, max_tries: int = 3, retry_s: float = 10
-    ) -> None:
-        self.fleet = fleet
-        self.data = fleet.tmp / "data"
-        self.config = fleet.tmp / "agent.toml"
-        self.config.write_text(
-            f'device_id = "{DEVICE}"\n'
-            f'data_dir = "{self.data}"\n'
-            'profile = "x86-cpu"\n'
-            "[[pipelines]]\n"
-            'name = "front"\n'
-            f'source = "{fleet.video}"\n'
-            'model = "digits"\n'
-            "loop = true\n"
-            "[broker]\n"
-            f'url = "{fleet.broker.url}"\n'
-            "[trust]\n"
-            f'root = "{fleet.repo_dir / "root.json"}"\n'
-            "[update]\n"
-            f"health_window_s = {health_window_s}\n"
-            "health_min_frames = 5\n"
-            # no test here is about latency: a loaded machine's jitter must not roll back
-            "max_latency_ratio = 20.0\n"
-            f"max_tries = {max_tries}\n"
-            f"retry_s = {retry_s}\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, **env: str) -> None:
-        with open(self.fleet.tmp / "agent.log", "ab") as log:  # kept for failure analysis
-            self.proc = subprocess.Popen(
-                [str(BIN / "edgefleet-agent"), "run", "--config", str(self.config)],
-                env={**os.environ, "XDG_CACHE_HOME": str(self.fleet.tmp / "cache"), **env},
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def status(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.data / "status.json").read_text())  # type: ignore[no-any-return]
-        except (FileNotFoundError, ValueError):
-            return {}
-
-    def running(self) -> str | None:
-        pipes = self.status().get("pipelines") or [{}]
-        return pipes[0].get("model")
 
 
 def latest(fleet: Fleet) -> ReportedState | None:
@@ -101,19 +33,6 @@ def phase_of(fleet: Fleet, version: str) -> str | None:
     return r.pipelines[0].phase.value
 
 
-@pytest.fixture
-def proc_fleet(
-    tmp_path: Path,
-    broker: Mosquitto,
-    digit_loop: Path,  # noqa: F811
-    test_models: dict[str, Path],
-) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, broker, digit_loop, test_models)
-    f.server.start()
-    yield f
-    f.close()
-
-
 @pytest.mark.parametrize(
     ("kill_in", "health_window_s", "extra_env"),
     [
@@ -123,14 +42,14 @@ def proc_fleet(
     ],
 )
 def test_kill_during_update_restarts_on_committed_model_then_tries_again(
-    proc_fleet: Fleet,
+    fleet: Fleet,
     kill_in: str,
     health_window_s: float,
     extra_env: dict[str, str],
 ) -> None:
     """A power cut mid-update is not the model's fault: the agent comes back on the committed
     model, starts the version again (try 2 of 3) and commits it."""
-    f = proc_fleet
+    f = fleet
     f.publish("digits", "1.0.0")
     f.publish("digits", "1.1.0")
     agent = AgentProcess(f, health_window_s=0.5)
@@ -164,10 +83,10 @@ def test_kill_during_update_restarts_on_committed_model_then_tries_again(
         agent.stop()
 
 
-def test_a_version_whose_every_try_is_cut_short_is_rejected(proc_fleet: Fleet) -> None:
+def test_a_version_whose_every_try_is_cut_short_is_rejected(fleet: Fleet) -> None:
     """Two tries (max_tries = 2), both killed while building: rejected, not retried, the
     committed model keeps running."""
-    f = proc_fleet
+    f = fleet
     f.publish("digits", "1.0.0")
     f.publish("digits", "1.1.0")
     agent = AgentProcess(f, health_window_s=0.5, max_tries=2, retry_s=1)
@@ -212,16 +131,15 @@ def test_a_version_whose_every_try_is_cut_short_is_rejected(proc_fleet: Fleet) -
 
 
 def test_kill_during_fetching_resumes_the_download_after_restart(
-    proc_fleet: Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path
 ) -> None:
     """A download is resumable: the restarted agent goes on from its partial file (kept in
     DATA_DIR/tuf/partial) instead of fetching the artifact again, then commits."""
     from cloud_sync.registry.publish import publish
-    from tests.test_delivery import _big_model
 
-    f = proc_fleet
+    f = fleet
     f.publish("digits", "1.0.0")
-    big = _big_model(f.models["digits"], tmp_path / "big", 16)
+    big = big_model(f.models["digits"], tmp_path / "big", 16)
     publish(f.repo, big, name="digits", version="2.0.0")
     artifact = sum(t.length for p, t in f.repo.targets().items() if "/2.0.0/" in p)
     agent = AgentProcess(f, health_window_s=0.5)

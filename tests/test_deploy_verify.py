@@ -32,7 +32,7 @@ from agent.update.desired import (
 from cloud_sync.deploy import DesiredPublisher, deploy, last_issued
 from cloud_sync.registry.keys import RegistryError, generate_signer
 from cloud_sync.registry.repo import Repository
-from tests.conftest import Mosquitto
+from tests.harness.broker import Mosquitto
 
 T0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
 DEVICE = "cam-7"

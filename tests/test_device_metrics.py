@@ -16,7 +16,7 @@ from agent.errors import EdgefleetError
 from agent.service import Agent
 from agent.telemetry.prometheus import TelemetryCollector
 from agent.telemetry.reporter import TelemetrySnapshot
-from tests.conftest import free_port, wait_for
+from tests.harness.util import free_port, wait_for
 from tests.test_device_stats import _orin_tree
 
 pytestmark = pytest.mark.video

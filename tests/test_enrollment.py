@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import ssl
 import threading
 import time
@@ -20,68 +19,13 @@ from agent.protocol.topics import Topics
 from agent.service import Agent
 from cloud_sync.acl import render_acl, render_mosquitto_conf
 from cloud_sync.enroll import enroll_device
-from cloud_sync.pki import Credentials, FleetCA, PkiError
+from cloud_sync.pki import FleetCA, PkiError
 from cloud_sync.registry.repo import Repository
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.tls import AgedFleet, SecureFleet
+from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.broker
 T = Topics()
-
-
-class SecureFleet:
-    """A CA, a TLS-only Mosquitto with the rendered ACL, and identities for two devices,
-    the ingest service and an operator."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.ca = FleetCA.init(tmp / "ca")
-        self.ca.issue_server(("127.0.0.1", "localhost"))
-        self.creds: dict[str, Credentials] = {
-            "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a"),
-            "dev-b": self.ca.issue("device", "dev-b", tmp / "id" / "dev-b"),
-            "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest"),
-            "op:alice": self.ca.issue("operator", "alice", tmp / "id" / "alice"),
-        }
-        (tmp / "broker").mkdir()
-        self.broker = Mosquitto(tmp / "broker")
-        self.write_config()
-        self.clients: list[mqtt.Client] = []
-
-    def write_config(self) -> None:
-        services = [(r.name, r.role) for r in self.ca.issued() if r.role != "device"]
-        acl = self.tmp / "broker" / "edgefleet.acl"
-        acl.write_text(render_acl("edgefleet/v1", services))
-        server = self.ca.dir / "server"
-        self.broker.conf.write_text(render_mosquitto_conf(
-            port=self.broker.port, host="127.0.0.1", ca=str(self.ca.ca_file),
-            cert=str(server / "server.crt"), key=str(server / "server.key"),
-            crl=str(self.ca.crl_file), acl=str(acl),
-        ) + "log_dest stderr\nlog_type error\n"
-          # as root, Mosquitto drops to the 'mosquitto' user, which cannot read the test's
-          # 0600 keys under the root-only pytest temp dir
-          + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
-
-    def connect(self, who: str | None, *, cid: str | None = None) -> mqtt.Client:
-        """A connected client with ``who``'s certificate (None: TLS without one)."""
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid or f"t-{who}")
-        creds = self.creds[who] if who else None
-        c.tls_set(ca_certs=str(self.ca.ca_file),
-                  certfile=str(creds.cert) if creds else None,
-                  keyfile=str(creds.key) if creds else None)  # fmt: skip
-        ok = threading.Event()
-        c.on_connect = lambda cl, u, f, rc, p=None: ok.set() if not rc.is_failure else None
-        c.connect(self.broker.host, self.broker.port, keepalive=10)
-        c.loop_start()
-        self.clients.append(c)
-        if not ok.wait(5):
-            raise ConnectionError(f"{who} was not accepted")
-        return c
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.loop_stop()
-            c.disconnect()
-        self.broker.stop()
 
 
 class Inbox:
@@ -231,32 +175,17 @@ def test_committed_broker_templates_are_current() -> None:
     assert (d / "edgefleet.acl").read_text() == render_acl("edgefleet/v1", services)
     base = "/etc/mosquitto/edgefleet"
     assert (d / "edgefleet.conf").read_text() == render_mosquitto_conf(
-        port=8883, host="0.0.0.0", ca=f"{base}/ca.crt", cert=f"{base}/server.crt",
-        key=f"{base}/server.key", crl=f"{base}/crl.pem", acl=f"{base}/edgefleet.acl",
+        port=8883,
+        host="0.0.0.0",
+        ca=f"{base}/ca.crt",
+        cert=f"{base}/server.crt",
+        key=f"{base}/server.key",
+        crl=f"{base}/crl.pem",
+        acl=f"{base}/edgefleet.acl",
     )
 
 
 # --------------------------------------------------------------------------------- a year on
-class AgedFleet(SecureFleet):
-    """A SecureFleet whose CA, broker certificate and identities were made ``days`` ago."""
-
-    def __init__(self, tmp: Path, days: int) -> None:
-        from datetime import datetime, timedelta, timezone
-
-        self.tmp = tmp
-        self.start = datetime.now(timezone.utc) - timedelta(days=days)
-        self.ca = FleetCA.init(tmp / "ca", now=self.start)
-        self.ca.issue_server(("127.0.0.1", "localhost"), now=self.start)
-        self.creds = {
-            "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a", now=self.start),
-            "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest", now=self.start),
-        }
-        (tmp / "broker").mkdir()
-        self.broker = Mosquitto(tmp / "broker")
-        self.write_config()
-        self.clients = []
-
-
 def test_a_ca_left_alone_for_a_year_still_admits_its_devices(tmp_path: Path) -> None:
     """The CRL is valid 30 days; without a refresh Mosquitto refuses every client after that.
     The daily `edgefleet ca refresh-crl` (systemd/edgefleet-crl.timer) re-signs it at half

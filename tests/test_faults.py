@@ -21,6 +21,7 @@ from types import ModuleType
 
 import pytest
 
+import scripts.crash_suite
 from agent.errors import TransportError
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink
@@ -30,8 +31,9 @@ from agent.systemd import Liveness
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporter import TelemetryReporter
 from agent.update.machine import HealthWindow
-from tests.conftest import ROOT, Mosquitto, UdpStream, load_module_from_path, wait_for
-from tests.test_delivery import Fleet, digit_loop  # noqa: F401 - fixture
+from tests.harness.broker import Mosquitto
+from tests.harness.fleet import Fleet
+from tests.harness.util import UdpStream, fill, wait_for
 from tests.test_pipeline import Collect, _model
 
 # --------------------------------------------------------------------------- helpers
@@ -56,20 +58,6 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def fill(path: Path) -> Path:
-    """Write zeros into ``path/filler`` until the file system says ENOSPC."""
-    filler = path / "filler"
-    with open(filler, "wb", buffering=0) as fh:
-        for size in (65536, 512, 1):  # then the last partial blocks too
-            try:
-                while True:
-                    fh.write(b"\0" * size)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-    return filler
-
-
 def stray_temporaries(data: Path) -> list[Path]:
     """``.tmp``/``.part`` files outside the resume dir (where partial downloads may live)."""
     partial = data / "tuf" / "partial"
@@ -87,7 +75,7 @@ def stray_temporaries(data: Path) -> list[Path]:
 @pytest.mark.video
 @pytest.mark.slow
 def test_crash_suite_five_kills_keeps_every_invariant(tmp_path: Path) -> None:
-    suite: ModuleType = load_module_from_path("crash_suite", ROOT / "scripts" / "crash_suite.py")
+    suite: ModuleType = scripts.crash_suite
     summary = suite.run_suite(
         5, tmp_path, seed=5, build_sleep_s=0.5, trial_sleep_s=0.3, model_mb=2,
         health_window_s=0.5, retry_s=1.0,
@@ -102,7 +90,7 @@ def test_crash_suite_five_kills_keeps_every_invariant(tmp_path: Path) -> None:
 
 def test_crash_suite_invariant_checker_catches_a_corrupt_object(tmp_path: Path) -> None:
     """The checker the suite relies on must see a damaged store (it is not vacuous)."""
-    suite = load_module_from_path("crash_suite", ROOT / "scripts" / "crash_suite.py")
+    suite = scripts.crash_suite
     from agent.update.store import ModelStore
 
     store = ModelStore(tmp_path)
@@ -207,12 +195,12 @@ def test_outbox_on_a_full_disk_refuses_clearly_and_recovers(tmp_path: Path) -> N
 def test_model_download_on_a_full_disk_fails_clearly_and_recovers(
     tmp_path: Path,
     broker: Mosquitto,
-    digit_loop: Path,  # noqa: F811
+    digit_loop: Path,
     test_models: dict[str, Path],
 ) -> None:
     with tmpfs(tmp_path / "data", "48m") as data:
         f = Fleet(tmp_path, broker, digit_loop, test_models)
-        f.server.start()
+        f.start_server()
         try:
             f.publish("digits", "1.0.0")
             f.publish("digits", "1.1.0")
@@ -327,13 +315,13 @@ def test_telemetry_order_survives_wall_clock_jumps(tmp_path: Path, synthetic_vid
 def test_health_window_runs_on_monotonic_time_across_wall_jumps(
     tmp_path: Path,
     broker: Mosquitto,
-    digit_loop: Path,  # noqa: F811
+    digit_loop: Path,
     test_models: dict[str, Path],
 ) -> None:
     """A wall clock stepped back an hour, then forward a day, during an update: the window
     still lasts its monotonic length and the attempt commits."""
     f = Fleet(tmp_path, broker, digit_loop, test_models)
-    f.server.start()
+    f.start_server()
     try:
         f.publish("digits", "1.0.0")
         agent = f.start_agent(health_window_s=2.0)

@@ -14,12 +14,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+import scripts.fleet_sim
 from agent.config import UpdateConfig
 from agent.protocol.state import PipelineTarget, ReportedState
 from agent.protocol.topics import Topics
-from agent.sim import SimFleet, SimPipeline, SimProfile
 from cloud_sync.registry.serve import ChunkServer
-from tests.conftest import ROOT, Mosquitto, load_module_from_path, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.sim import SimFleet, SimPipeline, SimProfile
+from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 N = 50
@@ -28,7 +30,7 @@ BASE = SimProfile(fps=20, p50_ms=20, p95_ms=30)
 
 @pytest.fixture(scope="module")
 def fleet_sim() -> ModuleType:
-    return load_module_from_path("fleet_sim", ROOT / "scripts" / "fleet_sim.py")
+    return scripts.fleet_sim
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +185,7 @@ def test_sim_model_check_runs_once_per_content(
     import onnx
 
     from agent.errors import ModelError
-    from agent.sim import engine
+    from tests.harness.sim import engine
 
     calls: list[int] = []
     real = onnx.checker.check_model
@@ -208,7 +210,7 @@ def test_sim_model_check_runs_once_per_content(
 def test_sim_telemetry_shares_one_host_sample_per_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.sim import device as sim_device
+    from tests.harness.sim import device as sim_device
 
     reads: list[float] = []
     real = sim_device.read_device_stats
@@ -242,7 +244,7 @@ def test_sim_telemetry_shares_one_host_sample_per_interval(
 def test_mqtt_loop_runs_every_posted_command_with_few_wake_ups() -> None:
     """Commands posted from other threads all run; a wake-up byte already on its way is not
     sent again (each one is a syscall and a loop pass)."""
-    from agent.sim.netloop import MqttLoop
+    from tests.harness.sim.netloop import MqttLoop
 
     class CountingSocket:
         def __init__(self, sock: Any) -> None:

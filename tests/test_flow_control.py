@@ -18,7 +18,8 @@ import pytest
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
 from agent.update.fetcher import ChunkClient, FetchStoppedError
 from cloud_sync.registry.serve import Admission, ChunkServer, _Clocks, _Job
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 from tests.test_transfer import RawDevice, _close, _connect
 
 KB = 1024

@@ -1,6 +1,6 @@
 """Models as exporters lay them out: publish infers the format, the agent decodes the boxes.
 
-Each case of ``tests/_format_models.py`` is an ONNX model whose outputs have exactly one
+Each case of ``tests/harness/format_models.py`` is an ONNX model whose outputs have exactly one
 exporter's layout, names and metadata (YOLOv5, YOLOv8/v11, YOLOX raw grid, Ultralytics
 ``nms=True``, TensorRT EfficientNMS, PaddleDetection ``multiclass_nms3``, SSD-style, PicoDet raw
 heads, classifiers), with known boxes planted in them. For each, at the newest and at an old
@@ -22,7 +22,7 @@ from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.pipeline.model import RunnableModel
 from agent.protocol.card import ModelCard
 from cloud_sync.registry.model_file import inspect_model
-from tests._format_models import (
+from tests.harness.format_models import (
     FORMATS,
     Box,
     FormatCase,

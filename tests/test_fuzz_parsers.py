@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, find, settings
 
+import scripts.fuzz_parsers
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.protocol.schema import EXAMPLES
 from agent.sync.mqtt import CallbackGuard, make_client
-from tests.conftest import load_module_from_path
 
-FUZZ = load_module_from_path(
-    "fuzz_parsers", Path(__file__).resolve().parents[1] / "scripts" / "fuzz_parsers.py"
-)
+FUZZ = scripts.fuzz_parsers
 
 
 def test_every_parser_accepts_or_refuses_cleanly() -> None:

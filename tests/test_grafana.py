@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_sync.ingest.store import Store, open_store
-from tests._postgres import Postgres
+from tests.harness.postgres import Postgres
 from tests.test_ingest_store import reported, state, telemetry
 
 GRAFANA = Path(__file__).resolve().parent.parent / "docs" / "grafana"

@@ -16,7 +16,8 @@ from agent.protocol.topics import Topics
 from agent.service import Agent
 from cloud_sync.ingest.store import open_store
 from cloud_sync.ingest.worker import IngestWorker
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
 
@@ -100,7 +101,7 @@ def test_fleet_status_shows_what_the_agent_reports(
         from urllib.request import urlopen
 
         from cloud_sync.ingest.metrics import serve_metrics
-        from tests.conftest import free_port
+        from tests.harness.util import free_port
 
         port = free_port()
         server = serve_metrics(worker, port)

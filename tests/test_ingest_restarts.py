@@ -12,7 +12,8 @@ from agent.protocol.schema import EXAMPLES
 from agent.protocol.topics import Topics
 from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.ingest.worker import IngestWorker
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.broker
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)

@@ -40,7 +40,8 @@ from cloud_sync.ingest.store import (
     Store,
 )
 from cloud_sync.ingest.worker import IngestWorker
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.broker
 

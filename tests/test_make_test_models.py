@@ -15,14 +15,14 @@ import onnxruntime as ort
 import pytest
 
 from agent.protocol.card import ModelCard
-from tests.conftest import load_model_script
+from scripts import make_test_models
 
 MODELS = ("digits", "blobdet", "tinyseg")
 
 
 @pytest.fixture(scope="module")
 def mtm() -> ModuleType:
-    return load_model_script()
+    return make_test_models
 
 
 @pytest.fixture(scope="module")

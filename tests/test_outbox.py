@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from agent.errors import BadDataError
 from agent.sync.mqtt import make_client
 from agent.telemetry.outbox import Outbox, OutboxSender, plan_drop, row_size
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 
 TOPIC = "edgefleet/v1/devices/d1/telemetry"
 

@@ -19,7 +19,7 @@ from agent.pipeline.model import RunnableModel, card_for_local_model
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink, JsonlSink
 from agent.pipeline.sources import open_capture, parse_source
-from tests.conftest import UdpStream, wait_for
+from tests.harness.util import UdpStream, wait_for
 
 pytestmark = pytest.mark.video
 

@@ -20,7 +20,7 @@ from agent.pipeline.sources import parse_source
 from agent.protocol.schema import EXAMPLES
 from agent.telemetry.prometheus import serve_device_metrics
 from agent.telemetry.reporter import TelemetrySnapshot
-from tests.conftest import free_port, wait_for
+from tests.harness.util import free_port, wait_for
 
 
 def promtool(text: bytes) -> str:

@@ -327,8 +327,8 @@ def test_a_real_opset11_yolox_is_published_deployed_and_finds_the_letters_in_a_s
     from agent.config import parse_config
     from agent.service import Agent
     from cloud_sync.deploy import deploy
-    from tests.conftest import wait_for
-    from tests.test_delivery import DEVICE, Fleet
+    from tests.harness.fleet import DEVICE, Fleet
+    from tests.harness.util import wait_for
 
     wheel_file("ddddocr", "common_det.onnx")  # skips visibly without the wheel
     frames = [captcha(seed=200 + i) for i in range(12)]
@@ -338,7 +338,7 @@ def test_a_real_opset11_yolox_is_published_deployed_and_finds_the_letters_in_a_s
         writer.write(f)
     writer.release()
     fleet = Fleet(tmp_path, broker, video, test_models)
-    fleet.server.start()
+    fleet.start_server()
     try:
         publish_captcha_det(fleet.repo, "captcha", tmp_path)
         results = tmp_path / "results.jsonl"

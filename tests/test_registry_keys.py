@@ -22,7 +22,7 @@ from cloud_sync.cli import main
 from cloud_sync.registry.keys import RegistryError, check_serving_keys, default_keys_dir
 from cloud_sync.registry.repo import Repository
 from cloud_sync.registry.serve import ChunkServer, resolve_repo_path
-from tests.conftest import Mosquitto
+from tests.harness.broker import Mosquitto
 from tests.test_transfer import RawDevice
 
 ROOT = Path(__file__).resolve().parent.parent

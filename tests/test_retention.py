@@ -11,7 +11,8 @@ import pytest
 
 from cloud_sync.ingest.store import open_store
 from cloud_sync.units import format_duration, parse_duration
-from tests.conftest import Mosquitto, terminate, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import terminate, wait_for
 from tests.test_ingest_store import event, telemetry
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

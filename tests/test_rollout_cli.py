@@ -18,7 +18,8 @@ import pytest
 from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.rollout import db
 from cloud_sync.rollout.stages import selection_order
-from tests.conftest import Mosquitto, terminate
+from tests.harness.broker import Mosquitto
+from tests.harness.util import terminate
 from tests.test_rollout_controller import NEW, Fleet, Watcher, make_registry
 
 pytestmark = pytest.mark.broker

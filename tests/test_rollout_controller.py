@@ -27,7 +27,8 @@ from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import RolloutSpec, db, start
 from cloud_sync.rollout.controller import RolloutController
 from cloud_sync.rollout.stages import selection_order
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.broker
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, load_module_from_path
+import scripts.bench_rollout
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 N = 30
@@ -22,7 +22,7 @@ N = 30
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return load_module_from_path("bench_rollout", ROOT / "scripts" / "bench_rollout.py")
+    return scripts.bench_rollout
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""A staged rollout end to end on 20 simulated devices (``agent.sim``: the agent's real sync,
-update and telemetry code, simulated camera and inference), a real TUF registry and chunk
-server, Mosquitto, the ingest worker into SQLite and the rollout controller's loop."""
+"""A staged rollout end to end on 20 simulated devices (``tests.harness.sim``: the agent's real
+sync, update and telemetry code, simulated camera and inference), a real TUF registry and
+chunk server, Mosquitto, the ingest worker into SQLite and the rollout controller's loop."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from types import ModuleType
 
 import pytest
 
+import scripts.fleet_sim
 from agent.config import UpdateConfig
-from agent.sim import SimFleet, SimProfile
 from cloud_sync.ingest.store import open_store
 from cloud_sync.ingest.worker import IngestWorker
 from cloud_sync.registry.serve import ChunkServer
 from cloud_sync.rollout import RolloutSpec, db, start
 from cloud_sync.rollout.controller import RolloutController
-from tests.conftest import ROOT, Mosquitto, load_module_from_path, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.sim import SimFleet, SimProfile
+from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 N = 20
@@ -26,7 +28,7 @@ N = 20
 
 @pytest.fixture(scope="module")
 def fleet_sim() -> ModuleType:
-    return load_module_from_path("fleet_sim", ROOT / "scripts" / "fleet_sim.py")
+    return scripts.fleet_sim
 
 
 def test_rollout_on_twenty_simulated_devices(
@@ -62,9 +64,9 @@ def test_rollout_on_twenty_simulated_devices(
         now = datetime.now(timezone.utc)
         db.create(store, spec, start(spec, now), now)
         loop.start()
-        assert wait_for(lambda: db.get(store, "sim-r1").state.status != "running", 60), (
-            db.get(store, "sim-r1").state.history[-1]
-        )
+        assert wait_for(lambda: db.get(store, "sim-r1").state.status != "running", 60), db.get(
+            store, "sim-r1"
+        ).state.history[-1]
         row = db.get(store, "sim-r1")
         assert row.state.status == "completed", [e.message for e in row.state.history]
         assert row.state.counts()["committed"] == N

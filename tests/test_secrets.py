@@ -40,7 +40,7 @@ def test_resolution_order(tmp_path: Path) -> None:
 
 
 def test_ingest_unit_keeps_secrets_off_the_command_line() -> None:
-    from tests.conftest import ROOT
+    from tests.harness.util import ROOT
 
     text = (ROOT / "systemd" / "edgefleet-ingest.service").read_text()
     exec_start = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
@@ -95,7 +95,7 @@ def test_fleet_status_warns_about_what_expires(
 
 
 def test_registry_unit_loads_only_online_keys_as_credentials() -> None:
-    from tests.conftest import ROOT
+    from tests.harness.util import ROOT
 
     text = (ROOT / "systemd" / "edgefleet-registry.service").read_text()
     creds = [ln.split("=", 1)[1].split(":", 1)[0] for ln in text.splitlines()

@@ -25,7 +25,8 @@ from agent.telemetry.snapshots import SnapshotSink, encode_jpeg
 from cloud_sync.ingest.store import open_store
 from cloud_sync.ingest.web import serve_web
 from cloud_sync.ingest.worker import IngestWorker
-from tests.conftest import Mosquitto, free_port, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import free_port, wait_for
 
 
 def test_encode_jpeg_downscales_keeping_the_aspect() -> None:

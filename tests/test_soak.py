@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, load_module_from_path
-
-soak = load_module_from_path("soak", ROOT / "scripts" / "soak.py")
+from scripts import soak
 
 
 def test_growth_compares_window_medians_after_the_warmup() -> None:

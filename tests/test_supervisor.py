@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import terminate
+from tests.harness.util import terminate
 
 pytestmark = [pytest.mark.video, pytest.mark.slow]
 AGENT = str(Path(sys.executable).parent / "edgefleet-agent")
@@ -176,7 +176,9 @@ def test_a_hung_inference_stops_the_watchdog(
 
 
 def test_a_status_file_that_cannot_be_written_does_not_end_the_agent(
-    tmp_path: Path, synthetic_video: Path, test_models: dict[str, Path],
+    tmp_path: Path,
+    synthetic_video: Path,
+    test_models: dict[str, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from agent.config import parse_config

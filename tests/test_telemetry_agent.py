@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from agent.config import parse_config
-from agent.protocol.telemetry import Telemetry
 from agent.protocol.topics import Topics
 from agent.service import Agent
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.fleet import Collector
+from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
-
-
-class Collector:
-    def __init__(self, broker: Mosquitto, topic: str) -> None:
-        self.messages: list[Telemetry] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id="dash", clean_session=False
-        )
-        self.client.on_message = self._on
-        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
-        self.client.connect_async(broker.host, broker.port)
-        self.client.loop_start()
-
-    def _on(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.messages.append(Telemetry.decode(bytes(msg.payload)))
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def test_telemetry_flows_and_survives_a_broker_outage(

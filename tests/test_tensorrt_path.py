@@ -1,7 +1,7 @@
-"""The agent's TensorRT path against the fake bindings (``tests/_fake_tensorrt.py``, which says
-what it promises): factories that raise, types NumPy lacks, TensorRT 11's strong typing, engine
-settings that reach the builder, and ``open_local_model`` → spawned child build → cache →
-open, with the fake importable in the child too.
+"""The agent's TensorRT path against the fake bindings (``tests/harness/fake_tensorrt.py``,
+which says what it promises): factories that raise, types NumPy lacks, TensorRT 11's strong
+typing, engine settings that reach the builder, and ``open_local_model`` → spawned child build
+→ cache → open, with the fake importable in the child too.
 
 No GPU here: these prove the adapter's logic, not TensorRT's behaviour (``scripts/hardware_check``
 on a device does that).
@@ -19,9 +19,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import tests._fake_tensorrt as fake
+import tests.harness.fake_tensorrt as fake
 from agent.engine.precision import candidate_precisions, variant_file
 from agent.errors import ModelError
+from tests.harness.util import ROOT
 
 
 def _conv_model(path: Path, *, dynamic: bool = False, dtype: int = TensorProto.FLOAT) -> Path:
@@ -319,12 +320,11 @@ def test_hardware_check_runs_end_to_end_against_the_fake(site: Path, tmp_path: P
     import os
     import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "hardware_check.py"
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{script.parent.parent}"}
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
     res = subprocess.run(
-        [sys.executable, str(script), "--skip-tests", "--frames", "5", "--models", "digits",
-         "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, check=False, env=env,
+        [sys.executable, "-m", "scripts.hardware_check", "--skip-tests", "--frames", "5",
+         "--models", "digits", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False, env=env, cwd=ROOT,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(next((tmp_path / "out").glob("hardware-report-*.json")).read_text())
@@ -355,12 +355,13 @@ def test_a_delivered_model_updates_on_tensorrt_with_precision_choice_and_hot_swa
     fake.install(monkeypatch)
     from agent.config import parse_config
     from agent.service import Agent
-    from tests.conftest import wait_for
-    from tests.test_delivery import DEVICE, Fleet, write_digit_loop
+    from tests.harness.fleet import DEVICE, Fleet
+    from tests.harness.models import write_digit_loop
+    from tests.harness.util import wait_for
 
     video = write_digit_loop(test_models, tmp_path / "digits.mkv")
     fleet = Fleet(tmp_path, broker, video, test_models)
-    fleet.server.start()
+    fleet.start_server()
     try:
         fleet.publish("digits", "1.0.0")
         cfg = parse_config(

@@ -39,7 +39,8 @@ from agent.update.fetcher import (
     resume_key,
 )
 from cloud_sync.registry.serve import ChunkServer, resolve_repo_path
-from tests.conftest import Mosquitto, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import wait_for
 
 CHUNK = 64 * 1024
 MB = 1024 * 1024

@@ -2,8 +2,8 @@
 
 The real module comes from the ``tensorrt-cu12-bindings`` wheels that ``scripts/test`` downloads
 (10.3 = JetPack 6, 10.16, 11.4), imported against stand-in native libraries
-(``tests/_trt_bindings.py``). The same names are looked up on the fake
-(``tests/_fake_tensorrt.py``) made for that version, so the fake cannot drift from the API.
+(``tests/harness/trt_bindings.py``). The same names are looked up on the fake
+(``tests/harness/fake_tensorrt.py``) made for that version, so the fake cannot drift from the API.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-import tests._fake_tensorrt as fake
-from tests._trt_bindings import probe, wheels
+import tests.harness.fake_tensorrt as fake
+from tests.harness.trt_bindings import probe, wheels
 
 # Real name → the fake object it is looked up on (None: a module attribute).
 USED: dict[str, str | None] = {

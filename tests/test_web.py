@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from agent.protocol.topics import Topics
 from cloud_sync.ingest.store import TELEMETRY, Store, make_engine, open_store
 from cloud_sync.ingest.web import FleetWebServer, serve_web
-from tests.conftest import Mosquitto, free_port, terminate, wait_for
+from tests.harness.broker import Mosquitto
+from tests.harness.util import free_port, terminate, wait_for
 from tests.test_ingest_store import reported, state, telemetry
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

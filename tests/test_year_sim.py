@@ -21,9 +21,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.update.tuf_client import MetadataExpired, TufClient
 from cloud_sync.registry.repo import Repository
-from tests.conftest import ROOT, load_module_from_path
-
-year_sim = load_module_from_path("year_sim", ROOT / "scripts" / "year_sim.py")
+from scripts import year_sim
 
 
 @pytest.mark.slow

@@ -36,8 +36,9 @@ class LinkState(threading.Event):
     paho keeps its state "connected" when its network thread ends on an exception (nothing
     then reads the socket, sends keepalives or reconnects), so ``is_set()`` also asks whether
     that thread still runs and calls ``on_dead`` when it does not; ``thread`` is None before
-    ``start``, after ``stop`` and when the client is driven by an outside loop
-    (``agent.sim.netloop``), which leaves no thread of the client's own to lose.
+    ``start``, after ``stop`` and when the client is driven by an outside loop (the fleet
+    simulator's, ``tests/harness/sim/netloop.py``), which leaves no thread of the client's own
+    to lose.
     """
 
     def __init__(self, on_dead: Callable[[], None]) -> None:

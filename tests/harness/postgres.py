@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_sync.ingest.store import Store, open_store
-from tests.conftest import free_port
+from tests.harness.util import free_port
 
 PG_BIN = Path(os.environ.get("EDGEFLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
 

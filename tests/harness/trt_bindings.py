@@ -17,7 +17,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness.util import ROOT
+
 WHEELS = ROOT / ".cache" / "trt-bindings"
 
 _STUBS = {

@@ -4,10 +4,16 @@ the camera and the inference simulated (``engine``), many MQTT clients per threa
 
 from __future__ import annotations
 
-from agent.sim.device import SimDevice
-from agent.sim.engine import ProfileFn, SimPipeline, SimProfile, default_profile, open_sim_model
-from agent.sim.fleet import SimFleet
-from agent.sim.netloop import MqttLoop
+from tests.harness.sim.device import SimDevice
+from tests.harness.sim.engine import (
+    ProfileFn,
+    SimPipeline,
+    SimProfile,
+    default_profile,
+    open_sim_model,
+)
+from tests.harness.sim.fleet import SimFleet
+from tests.harness.sim.netloop import MqttLoop
 
 __all__ = [
     "MqttLoop",

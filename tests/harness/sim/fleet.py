@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from agent.config import UpdateConfig
 from agent.protocol.topics import DEFAULT_ROOT
-from agent.sim.device import SimDevice
-from agent.sim.engine import ProfileFn, default_profile
-from agent.sim.netloop import MqttLoop
+from tests.harness.sim.device import SimDevice
+from tests.harness.sim.engine import ProfileFn, default_profile
+from tests.harness.sim.netloop import MqttLoop
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ Conventions shared by all detection cases:
 * ``Box.class_id`` indexes ``FormatCase.labels``; for "ssd" the labels start with "BACKGROUND"
   (score column 0), so its class ids are 1..C.
 
-Run ``python tests/_format_models.py`` for a self-check (builds every case at the default opset
-and at the minimum opsets 11 (YOLOX) / 12 (others), runs them in ONNX Runtime, decodes them with
-``reference_decode`` and compares with the planted truth).
+Run ``python -m tests.harness.format_models`` for a self-check (builds every case at the
+default opset and at the minimum opsets 11 (YOLOX) / 12 (others), runs them in ONNX Runtime,
+decodes them with ``reference_decode`` and compares with the planted truth).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Adapter: one simulated device — the agent's real sync, update and telemetry code on top of
-a simulated camera and inference (``agent.sim.engine``).
+a simulated camera and inference (``tests.harness.sim.engine``).
 
 Wiring follows ``agent.service.Agent._start_cloud``/``_start_delivery``: a ``DeviceSession``
 (birth/LWT, signed desired state in, retained reported state out), a ``ChunkClient`` and
@@ -37,8 +37,6 @@ from agent.protocol.telemetry import (
     DeviceStats,
 )
 from agent.protocol.topics import DEFAULT_ROOT
-from agent.sim.engine import ProfileFn, SimPipeline, default_profile, open_sim_model
-from agent.sim.netloop import MqttLoop
 from agent.sync.mqtt import parse_broker_url
 from agent.sync.session import DeviceSession
 from agent.telemetry.device import CpuTimes, read_device_stats
@@ -49,6 +47,8 @@ from agent.update.machine import HealthWindow
 from agent.update.manager import UpdateManager
 from agent.update.store import ModelStore
 from agent.update.tuf_client import TufClient
+from tests.harness.sim.engine import ProfileFn, SimPipeline, default_profile, open_sim_model
+from tests.harness.sim.netloop import MqttLoop
 
 log = logging.getLogger(__name__)
 

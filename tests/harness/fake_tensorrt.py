@@ -623,10 +623,9 @@ def fake_site(root: Path) -> Path:
     ``root`` (for a process that imports them itself: the agent's spawned build child).
     ``EDGEFLEET_FAKE_TRT_VERSION``, ``EDGEFLEET_FAKE_TRT_DLA_CORES`` and
     ``EDGEFLEET_FAKE_TRT_FAIL`` (comma-separated factory names) configure them."""
-    here = str(Path(__file__).resolve().parent.parent)
     (root / "tensorrt").mkdir(parents=True, exist_ok=True)
     (root / "pycuda").mkdir(exist_ok=True)
-    head = f"import os, sys\nsys.path.insert(0, {here!r})\nimport tests._fake_tensorrt as _f\n"
+    head = "import os\nimport tests.harness.fake_tensorrt as _f\n"
     (root / "tensorrt" / "__init__.py").write_text(
         head
         + "_m = _f.make_trt_module(os.environ.get('EDGEFLEET_FAKE_TRT_VERSION', '10.3.0'))\n"

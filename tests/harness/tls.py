@@ -3,6 +3,8 @@ renders, a fleet CA, and paho clients connected with the CA's identities.
 
 ``TlsFleet`` takes the config text from its ``render_conf``/``render_acl`` arguments, so a test
 can run the same attack against another config (the pre-fix one, say) on the same harness.
+``SecureFleet`` (the enrollment tests) issues two devices, the ingest service and an operator
+up front; ``AgedFleet`` is one made ``days`` ago (the enrollment tests and ``year_sim``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,32 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_sync.acl import render_acl, render_mosquitto_conf
 from cloud_sync.pki import Credentials, FleetCA, Role
-from tests.conftest import Mosquitto
+from tests.harness.broker import Mosquitto
 
 ROOT = "edgefleet/v1"
+
+
+def write_tls_config(
+    broker: Mosquitto,
+    ca: FleetCA,
+    services: list[tuple[str, str]],
+    *,
+    conf: Callable[..., str] = render_mosquitto_conf,
+    acl: Callable[[str, list[tuple[str, str]]], str] = render_acl,
+) -> None:
+    """Write the TLS-only broker config and the ACL for ``services`` into the broker's
+    folder (read at the broker's next start)."""
+    acl_file = broker.workdir / "edgefleet.acl"
+    acl_file.write_text(acl(ROOT, services))
+    server = ca.dir / "server"
+    broker.conf.write_text(conf(
+        port=broker.port, host="127.0.0.1", ca=str(ca.ca_file),
+        cert=str(server / "server.crt"), key=str(server / "server.key"),
+        crl=str(ca.crl_file), acl=str(acl_file),
+    ) + "log_dest stderr\nlog_type error\n"
+      # as root, Mosquitto drops to the 'mosquitto' user, which cannot read the test's
+      # 0600 keys under the root-only pytest temp dir
+      + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
 
 
 class TlsFleet:
@@ -53,17 +78,7 @@ class TlsFleet:
         """Render the config and ACL for every live identity, then start the broker."""
         services = [(r.name, r.role) for r in self.ca.issued()
                     if r.role != "device" and r.revoked_at is None]  # fmt: skip
-        acl = self.tmp / "broker" / "edgefleet.acl"
-        acl.write_text(self._acl(ROOT, services))
-        server = self.ca.dir / "server"
-        self.broker.conf.write_text(self._conf(
-            port=self.broker.port, host="127.0.0.1", ca=str(self.ca.ca_file),
-            cert=str(server / "server.crt"), key=str(server / "server.key"),
-            crl=str(self.ca.crl_file), acl=str(acl),
-        ) + "log_dest stderr\nlog_type error\n"
-          # as root, Mosquitto drops to the 'mosquitto' user, which cannot read the test's
-          # 0600 keys under the root-only pytest temp dir
-          + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
+        write_tls_config(self.broker, self.ca, services, conf=self._conf, acl=self._acl)
         self.broker.start()
 
     def client(self, who: str, cid: str) -> mqtt.Client:
@@ -138,3 +153,68 @@ class Conn:
     def payloads(self) -> list[bytes]:
         return [p for _, p in self.got]
 
+
+class SecureFleet:
+    """A CA, a TLS-only Mosquitto with the rendered ACL (not started), and identities for two
+    devices, the ingest service and an operator."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ca = FleetCA.init(tmp / "ca")
+        self.ca.issue_server(("127.0.0.1", "localhost"))
+        self.creds: dict[str, Credentials] = {
+            "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a"),
+            "dev-b": self.ca.issue("device", "dev-b", tmp / "id" / "dev-b"),
+            "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest"),
+            "op:alice": self.ca.issue("operator", "alice", tmp / "id" / "alice"),
+        }
+        (tmp / "broker").mkdir()
+        self.broker = Mosquitto(tmp / "broker")
+        self.write_config()
+        self.clients: list[mqtt.Client] = []
+
+    def write_config(self) -> None:
+        services = [(r.name, r.role) for r in self.ca.issued() if r.role != "device"]
+        write_tls_config(self.broker, self.ca, services)
+
+    def connect(self, who: str | None, *, cid: str | None = None) -> mqtt.Client:
+        """A connected client with ``who``'s certificate (None: TLS without one)."""
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid or f"t-{who}")
+        creds = self.creds[who] if who else None
+        c.tls_set(ca_certs=str(self.ca.ca_file),
+                  certfile=str(creds.cert) if creds else None,
+                  keyfile=str(creds.key) if creds else None)  # fmt: skip
+        ok = threading.Event()
+        c.on_connect = lambda cl, u, f, rc, p=None: ok.set() if not rc.is_failure else None
+        c.connect(self.broker.host, self.broker.port, keepalive=10)
+        c.loop_start()
+        self.clients.append(c)
+        if not ok.wait(5):
+            raise ConnectionError(f"{who} was not accepted")
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.loop_stop()
+            c.disconnect()
+        self.broker.stop()
+
+
+class AgedFleet(SecureFleet):
+    """A SecureFleet whose CA, broker certificate and identities were made ``days`` ago."""
+
+    def __init__(self, tmp: Path, days: int) -> None:
+        from datetime import datetime, timedelta, timezone
+
+        self.tmp = tmp
+        self.start = datetime.now(timezone.utc) - timedelta(days=days)
+        self.ca = FleetCA.init(tmp / "ca", now=self.start)
+        self.ca.issue_server(("127.0.0.1", "localhost"), now=self.start)
+        self.creds = {
+            "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a", now=self.start),
+            "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest", now=self.start),
+        }
+        (tmp / "broker").mkdir()
+        self.broker = Mosquitto(tmp / "broker")
+        self.write_config()
+        self.clients = []
