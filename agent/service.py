@@ -464,10 +464,11 @@ class Agent:
         self.session.start()
 
     def _start_delivery(self, broker: BrokerConfig, trust: TrustConfig) -> None:
-        from agent.update.fetcher import ChunkClient, MqttFetcher
         from agent.update.machine import HealthWindow
         from agent.update.manager import UpdateManager
         from agent.update.store import ModelStore
+        from agent.update.transfer.client import ChunkClient
+        from agent.update.transfer.tuf_fetcher import MqttFetcher
         from agent.update.tuf_client import TufClient
 
         cfg, upd = self.cfg, self.cfg.update

@@ -62,7 +62,7 @@ from agent.sync.mqtt import CallbackGuard, make_client, parse_broker_url
 from agent.sync.session import DeviceSession
 from agent.telemetry.tegrastats import parse_tegrastats
 from agent.update.desired import Verdict, sign_desired, verify_desired
-from agent.update.fetcher import ChunkClient
+from agent.update.transfer.client import ChunkClient
 from cloud_sync.deploy import DesiredPublisher
 from cloud_sync.ingest.store import event_row, snapshot_row, telemetry_rows
 from cloud_sync.registry.repo import Repository
@@ -413,7 +413,7 @@ def _fetcher_target() -> Target:
     client = _quiet_client(make_client("fuzz-fetch"))
     chunks = ChunkClient(client, DEVICE)  # subscribing waits for a connection: fine here
     window: queue.SimpleQueue[tuple[FetchHeader, bytes]] = queue.SimpleQueue()
-    rid = chunks._new_id(window)  # a window in flight, as a transfer opens it
+    rid = chunks.open_route(window)  # a window in flight, as a transfer opens it
     header = _HEADER.model_copy(update={"id": rid})
     honest = encode_response(header, b"abc")
     topic = chunks.resp_topic.encode()

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from agent.protocol.fetch import MAX_CHUNK
 from agent.protocol.topics import Topics
 from agent.sync.mqtt import make_client
-from agent.update.fetcher import ChunkClient
+from agent.update.transfer.client import ChunkClient
 from cloud_sync.registry.admission import (
     MAX_ANSWER_CHARGE,
     Admission,

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
-from agent.update.fetcher import ChunkClient, FetchStoppedError
+from agent.update.transfer.client import ChunkClient
+from agent.update.transfer.errors import FetchStoppedError
 from cloud_sync.registry.serve import Admission, ChunkServer, _Clocks, _Job
 from tests.conftest import Mosquitto, wait_for
 from tests.test_transfer import RawDevice, _close, _connect
@@ -169,13 +170,13 @@ def test_a_transfer_waiting_in_line_does_not_poll_fast(repo: Path) -> None:
     fake = FakeBroker(busy_then_serve(repo, 1, retry_after_s=1.2))
     cc = ChunkClient(fake, "dev1", rng=random.Random(0))  # type: ignore[arg-type]
     wakes = [0]
-    connected = cc._connected
+    connected = cc.connected
 
     def counting() -> bool:
         wakes[0] += 1
         return connected()
 
-    cc._connected = counting  # type: ignore[method-assign]
+    cc.connected = counting  # type: ignore[method-assign]
     t0 = time.monotonic()
     assert cc.fetch_range("targets/f.bin", 0, 100).data == b"y" * 100
     assert time.monotonic() - t0 >= 1.2 * 0.8

@@ -44,10 +44,11 @@ from agent.sync.session import DeviceSession
 from agent.telemetry.device import CpuTimes, read_device_stats
 from agent.telemetry.outbox import Outbox, OutboxSender
 from agent.telemetry.reporter import TelemetryReporter, TelemetrySnapshot
-from agent.update.fetcher import ChunkClient, MqttFetcher
 from agent.update.machine import HealthWindow
 from agent.update.manager import UpdateManager
 from agent.update.store import ModelStore
+from agent.update.transfer.client import ChunkClient
+from agent.update.transfer.tuf_fetcher import MqttFetcher
 from agent.update.tuf_client import TufClient
 
 log = logging.getLogger(__name__)
