@@ -32,11 +32,10 @@ from cloud_sync.registry.admission import (
     MAX_ANSWER_CHARGE,
     Admission,
     DeviceAccounts,
-    PathError,
     ServeLimits,
-    canonical_path,
 )
 from cloud_sync.registry.serve import ChunkServer
+from cloud_sync.registry.served_tree import PathError, canonical_path
 from tests.conftest import Mosquitto, wait_for
 from tests.test_transfer import RawDevice, _close, _connect
 

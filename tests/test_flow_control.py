@@ -18,7 +18,8 @@ import pytest
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
 from agent.update.transfer.client import ChunkClient
 from agent.update.transfer.errors import FetchStoppedError
-from cloud_sync.registry.serve import Admission, ChunkServer, _Clocks, _Job
+from cloud_sync.registry.gate import Clocks, Job
+from cloud_sync.registry.serve import Admission, ChunkServer
 from tests.conftest import Mosquitto, wait_for
 from tests.test_transfer import RawDevice, _close, _connect
 
@@ -71,7 +72,7 @@ def test_admission_forgets_idle_transfers_and_absent_waiters() -> None:
 
 
 def test_clock_skew_cancels_out() -> None:
-    clocks = _Clocks()
+    clocks = Clocks()
     skew = -3600.0  # the device's clock is an hour behind
     assert clocks.delay("d", 1000.0 + skew, 1000.05, learn=True) == 0.0
     assert clocks.delay("d", 1001.0 + skew, 1001.05, learn=True) == pytest.approx(0.0, abs=0.02)
@@ -348,7 +349,7 @@ class DroppingServer(ChunkServer):
 
     drop: set[int]
 
-    def _intake(self, topic: str, payload: bytes) -> _Job | None:
+    def _intake(self, topic: str, payload: bytes) -> Job | None:
         offset = json.loads(payload).get("offset")
         if offset in self.drop:
             self.drop.discard(offset)
@@ -440,7 +441,7 @@ class SlowServer(ChunkServer):
 
     delay_s = 0.004
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         time.sleep(self.delay_s)
         super()._finish(job)
 
