@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -341,6 +342,21 @@ class DeviceUsage:
 _COUNTERS = frozenset(("requests", "rate_limited", "throttled", "shed", "refused", "held", "busy"))
 
 
+class _Queued(Protocol):
+    """Queued answer bytes and their peak: of one device (``DeviceUsage``) or of the fleet
+    (``DeviceAccounts``); both bounds are checked and kept alike."""
+
+    queued_bytes: int
+    peak_queued_bytes: int
+
+
+def _add_queued(q: _Queued, nbytes: int) -> None:
+    """Add ``nbytes`` to ``q``'s queued bytes (negative: give back; never below 0), and keep
+    its peak."""
+    q.queued_bytes = max(0, q.queued_bytes + nbytes)
+    q.peak_queued_bytes = max(q.peak_queued_bytes, q.queued_bytes)
+
+
 @dataclass
 class _Account:
     usage: DeviceUsage
@@ -420,26 +436,24 @@ class DeviceAccounts:
 
     def reserve(self, device_id: str, nbytes: int) -> bool:
         """Take ``nbytes`` of queue for one answer; False (counted ``shed``) past a bound."""
-        acc = self._account(device_id, 0.0)
-        u = acc.usage
-        if (
-            u.queued_bytes + nbytes > self.limits.device_queued_bytes
-            or self.queued_bytes + nbytes > self.limits.max_queued_bytes
-        ):
+        u = self._account(device_id, 0.0).usage
+        bounds: tuple[tuple[_Queued, int], ...] = (
+            (u, self.limits.device_queued_bytes),
+            (self, self.limits.max_queued_bytes),
+        )
+        if any(q.queued_bytes + nbytes > bound for q, bound in bounds):
             u.shed += 1
             return False
-        u.queued_bytes += nbytes
-        u.peak_queued_bytes = max(u.peak_queued_bytes, u.queued_bytes)
-        self.queued_bytes += nbytes
-        self.peak_queued_bytes = max(self.peak_queued_bytes, self.queued_bytes)
+        for q, _ in bounds:
+            _add_queued(q, nbytes)
         return True
 
     def release(self, device_id: str, nbytes: int) -> None:
         """Give back ``nbytes`` taken by ``reserve`` (the answer left the queue, or never went)."""
         acc = self._accounts.get(device_id)
         if acc is not None:
-            acc.usage.queued_bytes = max(0, acc.usage.queued_bytes - nbytes)
-        self.queued_bytes = max(0, self.queued_bytes - nbytes)
+            _add_queued(acc.usage, -nbytes)
+        _add_queued(self, -nbytes)
 
     def count(self, device_id: str, name: str, n: int = 1) -> None:
         """Add ``n`` to one of the counters of ``DeviceUsage`` (``busy``, ``held``, …)."""
