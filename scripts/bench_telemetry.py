@@ -74,7 +74,8 @@ from agent.protocol.topics import Topics  # noqa: E402
 from agent.service import Agent  # noqa: E402
 from agent.sync.mqtt import make_client  # noqa: E402
 from cloud_sync.ingest.flow import Received  # noqa: E402
-from cloud_sync.ingest.store import DEVICE_TELEMETRY, TELEMETRY, Store, open_store  # noqa: E402
+from cloud_sync.ingest.schema import DEVICE_TELEMETRY, TELEMETRY  # noqa: E402
+from cloud_sync.ingest.store import Store, open_store  # noqa: E402
 from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap  # noqa: E402
 
 GOAL_OUTAGE_S = 300.0

@@ -64,7 +64,7 @@ from agent.telemetry.tegrastats import parse_tegrastats
 from agent.update.desired import Verdict, sign_desired, verify_desired
 from agent.update.transfer.client import ChunkClient
 from cloud_sync.deploy import DesiredPublisher
-from cloud_sync.ingest.store import event_row, snapshot_row, telemetry_rows
+from cloud_sync.ingest.rows import event_row, snapshot_row, telemetry_rows
 from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import parse_gate, parse_stage, parse_target
 from cloud_sync.units import parse_duration

@@ -33,15 +33,12 @@ from agent.protocol.schema import EXAMPLES
 from agent.protocol.state import ReportedState
 from agent.protocol.telemetry import Telemetry
 from agent.protocol.topics import Topics
+from cloud_sync.ingest.db import make_engine
 from cloud_sync.ingest.flow import ITEM_OVERHEAD, AckWindow, Received
 from cloud_sync.ingest.metrics import IngestCollector
-from cloud_sync.ingest.store import (
-    DEAD_LETTER_KEEP,
-    DEVICE_TELEMETRY,
-    Store,
-    make_engine,
-    open_store,
-)
+from cloud_sync.ingest.rows import DEAD_LETTER_KEEP
+from cloud_sync.ingest.schema import DEVICE_TELEMETRY
+from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.ingest.worker import IngestWorker
 from tests.conftest import ROOT, Mosquitto, free_port, wait_for
 

@@ -30,15 +30,15 @@ from agent.protocol.state import DeviceState, ReportedState, UpdatePhase
 from agent.protocol.telemetry import InferenceEvent, Telemetry
 from agent.protocol.topics import Topics
 from cloud_sync.ingest.flow import Received
-from cloud_sync.ingest.store import (
+from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
     DEVICE_TELEMETRY,
     DEVICES,
     EVENTS,
     PIPELINE_STATE,
     TELEMETRY,
-    Store,
 )
+from cloud_sync.ingest.store import Store
 from cloud_sync.ingest.worker import IngestWorker
 from tests.conftest import Mosquitto, wait_for
 

@@ -41,7 +41,8 @@ from agent.protocol.telemetry import InferenceEvent, Snapshot, Telemetry
 from agent.protocol.topics import DEFAULT_ROOT, Topics
 from agent.sync.mqtt import parse_broker_url, service_client
 from cloud_sync.ingest.flow import AckWindow, Received
-from cloud_sync.ingest.store import DEAD_LETTER_KEEP, Store
+from cloud_sync.ingest.rows import DEAD_LETTER_KEEP
+from cloud_sync.ingest.store import Store
 
 log = logging.getLogger(__name__)
 SHARE_GROUP = "ingest"

@@ -164,7 +164,7 @@ def _stopper() -> threading.Event:
 
 def _drive(args: argparse.Namespace, store: Any, rollout_id: str) -> int:
     """Tick one rollout in the foreground until it ends or pauses; print each change."""
-    from cloud_sync.ingest.store import StoreUnavailable
+    from cloud_sync.ingest.db import StoreUnavailable
     from cloud_sync.rollout import db
     from cloud_sync.rollout.controller import RolloutController
     from cloud_sync.rollout.report import progress_line
