@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.fsutil import atomic_write_bytes
-from cloud_sync.samples.common import ort_session
+from cloud_sync.registry.artifacts import ort_session
 
 __all__ = [
     "DEFAULT_OP_TYPES",
