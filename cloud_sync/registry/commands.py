@@ -403,7 +403,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from cloud_sync.registry.publish import list_models
+    from cloud_sync.registry.catalog import list_models
     from cloud_sync.registry.repo import Repository
 
     models = list_models(Repository(args.repo))
