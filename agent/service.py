@@ -24,7 +24,6 @@ from agent.config import (
     BrokerConfig,
     EngineConfig,
     OnnxRuntimeEngine,
-    PipelineConfig,
     TensorRTEngine,
     TrustConfig,
     load_config,
@@ -33,6 +32,7 @@ from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json, remove_stale_temps
 from agent.pipeline.analytics import pipeline_options
+from agent.pipeline.config import PipelineConfig
 from agent.pipeline.model import (
     RunnableModel,
     card_for_local_model,
