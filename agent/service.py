@@ -44,7 +44,8 @@ from agent.pipeline.preprocess import constant_feeds, image_input_name
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import JsonlSink, Sink
 from agent.pipeline.sources import gstreamer_support, parse_source
-from agent.profiles import DeviceProfile, detect_profile, get_profile
+from agent.profile_detect import detect_profile
+from agent.profiles import DeviceProfile, get_profile
 
 log = logging.getLogger(__name__)
 

@@ -507,7 +507,7 @@ def _child_main(
 
 
 def _l4t_version() -> str:
-    from agent.profiles import TEGRA_RELEASE_FILE, parse_l4t_release
+    from agent.profile_detect import TEGRA_RELEASE_FILE, parse_l4t_release
 
     try:
         text = Path(TEGRA_RELEASE_FILE).read_text(errors="replace")
