@@ -28,13 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.engine.base import Backend
-from agent.engine.cache import (
-    EngineCache,
-    EngineKey,
-    canonical_options,
-    canonical_profiles,
-    sha256_file,
-)
+from agent.engine.cache import EngineCache, sha256_file
+from agent.engine.cache_key import EngineKey, canonical_options, canonical_profiles
 from agent.errors import EngineBuildError, ModelError
 
 log = logging.getLogger(__name__)
