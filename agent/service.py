@@ -24,7 +24,6 @@ from agent.config import (
     BrokerConfig,
     EngineConfig,
     OnnxRuntimeEngine,
-    PipelineConfig,
     TensorRTEngine,
     TrustConfig,
     load_config,
@@ -33,6 +32,7 @@ from agent.engine.base import Backend
 from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.fsutil import atomic_write_json, remove_stale_temps
 from agent.pipeline.analytics import pipeline_options
+from agent.pipeline.config import PipelineConfig
 from agent.pipeline.model import (
     RunnableModel,
     card_for_local_model,
@@ -44,7 +44,8 @@ from agent.pipeline.preprocess import constant_feeds, image_input_name
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import JsonlSink, Sink
 from agent.pipeline.sources import gstreamer_support, parse_source
-from agent.profiles import DeviceProfile, detect_profile, get_profile
+from agent.profile_detect import detect_profile
+from agent.profiles import DeviceProfile, get_profile
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.engine.base import Backend
-from agent.engine.cache import (
-    EngineCache,
-    EngineKey,
-    canonical_options,
-    canonical_profiles,
-    sha256_file,
-)
+from agent.engine.cache import EngineCache, sha256_file
+from agent.engine.cache_key import EngineKey, canonical_options, canonical_profiles
 from agent.errors import EngineBuildError, ModelError
 
 log = logging.getLogger(__name__)
@@ -507,7 +502,7 @@ def _child_main(
 
 
 def _l4t_version() -> str:
-    from agent.profiles import TEGRA_RELEASE_FILE, parse_l4t_release
+    from agent.profile_detect import TEGRA_RELEASE_FILE, parse_l4t_release
 
     try:
         text = Path(TEGRA_RELEASE_FILE).read_text(errors="replace")

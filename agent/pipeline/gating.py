@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from agent.config import MotionConfig, PipelineConfig
+    from agent.pipeline.config import MotionConfig, PipelineConfig
 
 __all__ = ["FrameGate", "MotionGate", "RateGate", "SkipReason", "gate_from_config"]
 

@@ -35,7 +35,7 @@ import numpy.typing as npt
 from agent.pipeline.tracking import Track, TrackUpdate
 
 if TYPE_CHECKING:
-    from agent.config import LineConfig, ZoneConfig
+    from agent.pipeline.config import LineConfig, ZoneConfig
 
 __all__ = ["RegionCounter", "anchor_point", "points_in_polygon"]
 

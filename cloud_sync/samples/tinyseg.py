@@ -12,14 +12,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
-from cloud_sync.samples.common import (
-    SEED,
-    init_tensor,
-    save_model,
-    sha256_file,
-    write_card,
-    write_golden,
-)
+from cloud_sync.registry.artifacts import sha256_file, write_card, write_golden
+from cloud_sync.samples.common import SEED, init_tensor, save_model
 
 
 def build_tinyseg(out: Path) -> Path:
