@@ -261,12 +261,8 @@ def get_or_build(
             raise
         log.info(
             "model=%s backend=%s precision=%s engine built in %.1f s: %s",
-            model,
-            backend,
-            precision,
-            time.monotonic() - started,
-            path,
-        )
+            model, backend, precision, time.monotonic() - started, path,
+        )  # fmt: skip
         return path
 
 
@@ -373,27 +369,12 @@ def load_backend(
         )
 
         def build_and_open() -> Backend:
-            path = get_or_build(
-                cache,
-                key,
-                onnx_path,
-                backend=backend,
-                precision=precision,
-                timeout_s=timeout_s,
-                progress=progress,
-                hooks=hooks,
-                **opts,
-            )
-            return _open(
-                backend,
-                path,
-                onnx_path,
-                precision=precision,
-                threads=threads,
-                providers=opts.get("providers", ()),
-                dla_core=dla_core,
-                model_name=model,
-            )
+            path = get_or_build(cache, key, onnx_path, backend=backend, precision=precision,
+                                timeout_s=timeout_s, progress=progress, hooks=hooks,
+                                **opts)  # fmt: skip
+            return _open(backend, path, onnx_path, precision=precision, threads=threads,
+                         providers=opts.get("providers", ()), dla_core=dla_core,
+                         model_name=model)  # fmt: skip
 
         return _open_rebuilding_once(build_and_open, cache, key, model, backend)
     except ModelError:
