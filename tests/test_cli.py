@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.models import open_local_model
 from agent.profiles import get_profile
-from agent.service import open_local_model
 from cloud_sync.ingest.store import open_store
 
 BIN = Path(sys.executable).parent

@@ -23,6 +23,7 @@ from agent.config import AgentConfig, parse_config
 from agent.protocol.state import DesiredState, PipelineTarget, ReportedState, SignedDesired
 from agent.protocol.topics import Topics
 from agent.service import Agent
+from agent.testhooks import TestHooks
 from agent.update.desired import sign_desired
 from cloud_sync.deploy import deploy
 from cloud_sync.registry.keys import generate_signer
@@ -537,7 +538,7 @@ def test_engine_build_that_dies_is_rejected(fleet: Fleet) -> None:
     agent = fleet.start_agent()
     fleet.deploy("digits@1.0.0")
     fleet.wait_phase("committed", version="1.0.0")
-    agent.build_test_opts["_test_crash"] = "SIGKILL"  # the build's child process is killed
+    agent.hooks = TestHooks(build_crash="SIGKILL")  # the build's child process is killed
     fleet.deploy("digits@1.1.0")
     rep = fleet.wait_phase("rejected", version="1.1.0")
     assert "1.1.0 rejected" in rep.last_error and "build" in rep.last_error.lower(), rep.last_error

@@ -267,7 +267,7 @@ def test_an_engine_build_on_a_full_disk_says_so(
 ) -> None:
     """ONNX Runtime reports a full disk while writing the optimised model as "Protobuf
     serialization failed"; the build turns that into ENOSPC (retryable), not a bad model."""
-    from agent.engine.build import _build_onnxruntime
+    from agent.engine.build_child import _build_onnxruntime
 
     with tmpfs(tmp_path / "engines", "1m") as d:
         fill(d)

@@ -202,8 +202,8 @@ def test_the_agents_own_path_builds_in_a_child_caches_and_passes_engine_settings
     TensorRTBackend; workspace_mb, dla_core and a profile from input_size reach the builder."""
     fake.install(monkeypatch)  # this process: the same fake, with driver state to inspect
     from agent.config import TensorRTEngine
+    from agent.models import open_local_model
     from agent.profiles import get_profile
-    from agent.service import open_local_model
 
     model = _conv_model(tmp_path / "dyn.onnx", dynamic=True)
     cache = tmp_path / "cache"
@@ -244,7 +244,7 @@ def test_a_child_build_whose_builder_fails_is_a_model_error(
     fake.install(monkeypatch)
     monkeypatch.setenv("EDGEFLEET_FAKE_TRT_FAIL", "Builder")
     from agent.config import TensorRTEngine
-    from agent.service import open_local_model
+    from agent.models import open_local_model
 
     with pytest.raises(ModelError, match="could not create a builder"):
         open_local_model(
