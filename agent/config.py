@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 
 GroupName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 

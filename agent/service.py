@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.common.errors import ConfigError, EdgefleetError, ModelError
+from agent.common.fsutil import atomic_write_json, remove_stale_temps
 from agent.config import (
     AgentConfig,
     BrokerConfig,
@@ -30,8 +32,6 @@ from agent.config import (
     load_config,
 )
 from agent.engine.base import Backend
-from agent.errors import ConfigError, EdgefleetError, ModelError
-from agent.fsutil import atomic_write_json, remove_stale_temps
 from agent.pipeline.analytics import pipeline_options
 from agent.pipeline.model import (
     RunnableModel,

@@ -14,6 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.common.errors import EngineBuildError, ModelError
+from agent.common.fsutil import sha256_file
 from agent.engine.build import get_or_build, load_backend, make_key
 from agent.engine.cache import (
     ENGINE_FILE,
@@ -22,10 +24,8 @@ from agent.engine.cache import (
     EngineKey,
     canonical_options,
     canonical_profiles,
-    sha256_file,
 )
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import EngineBuildError, ModelError
 
 CPU = ["CPUExecutionProvider"]
 

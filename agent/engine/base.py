@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from agent.common.errors import EngineBuildError, ModelError
+from agent.common.fsutil import sha256_file
 from agent.engine.base import Backend
 from agent.engine.cache import (
     EngineCache,
     EngineKey,
     canonical_options,
     canonical_profiles,
-    sha256_file,
 )
-from agent.errors import EngineBuildError, ModelError
 
 log = logging.getLogger(__name__)
 

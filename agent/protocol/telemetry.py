@@ -42,9 +42,9 @@ from agent.protocol.state import (
     ModelName,
     PipelineName,
     Version,
-    WireMessage,
     _utc,
 )
+from agent.protocol.wire import WireMessage
 
 __all__ = [
     "Classification",

@@ -48,18 +48,18 @@ from paho.mqtt.enums import MQTTErrorCode
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.errors import BadDataError, TransportError
-from agent.fsutil import atomic_write_json, fsync_dir
+from agent.common.errors import BadDataError, TransportError
+from agent.common.fsutil import atomic_write_json, fsync_dir
+from agent.common.mqtt import CallbackGuard
 from agent.protocol.fetch import (
     _PATH_PATTERN,
     MAX_CHUNK,
-    BadMessage,
     FetchHeader,
     FetchRequest,
     decode_response,
 )
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import CallbackGuard
+from agent.protocol.wire import BadMessage
 
 log = logging.getLogger(__name__)
 

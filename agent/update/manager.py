@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import BadDataError, EdgefleetError, ModelError, TransportError
-from agent.pipeline.backoff import Backoff
+from agent.common.backoff import Backoff
+from agent.common.errors import BadDataError, EdgefleetError, ModelError, TransportError
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
 from agent.protocol.card import ModelCard
-from agent.protocol.fetch import BadMessage
+from agent.protocol.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
 from agent.protocol.state import (
     PipelineReport,
     PipelineTarget,
@@ -40,7 +40,7 @@ from agent.protocol.state import (
     SignedDesired,
     UpdatePhase,
 )
-from agent.update.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
+from agent.protocol.wire import BadMessage
 from agent.update.machine import (
     HealthWindow,
     UpdateAttempt,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.secrets import redact_url, resolve_db_url
 from cloud_sync.units import argparse_type, parse_duration
 
@@ -30,7 +31,7 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing = sub.add_parser("ingest", help="store device state, telemetry and events in a database")
     ing.add_argument("--broker", required=True, help="mqtt://host:port")
     ing.add_argument("--db", default=None, help=DB_HELP)
-    ing.add_argument("--topic-root", default="edgefleet/v1")
+    ing.add_argument("--topic-root", default=DEFAULT_ROOT)
     ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
     ing.add_argument("--share-group", default=None, metavar="NAME",
                      help="the workers' shared-subscription group (default: the deployment's, "
@@ -102,7 +103,7 @@ def _retention(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from agent.errors import TransportError
+    from agent.common.errors import TransportError
     from cloud_sync.ingest.store import open_store
     from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap
     from cloud_sync.pki import service_share_group

@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
     DEVICE_TELEMETRY,

@@ -47,7 +47,8 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import ModelCard, Task, VariantSpec
 from cloud_sync.quantize import GateResult, accuracy_gate, quantize_int8
 from cloud_sync.registry.model_file import (
@@ -60,7 +61,7 @@ from cloud_sync.registry.model_file import (
     validate_onnx,
 )
 from cloud_sync.registry.repo import RegistryError, Repository, Versions
-from cloud_sync.samples.common import ort_session, sha256_file, write_card, write_golden
+from cloud_sync.samples.common import ort_session, write_card, write_golden
 
 __all__ = [
     "MIN_OPSET",

@@ -63,7 +63,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined,unused-ignore]
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.fsutil import atomic_write_bytes, fsync_dir
+from agent.common.fsutil import atomic_write_bytes, fsync_dir
 from cloud_sync.registry.freshness import RoleStatus, assess
 from cloud_sync.registry.keys import (
     KEY_DIR_MODE,

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
 from cloud_sync.ingest.store import ROLLOUTS, Store, guard
 from cloud_sync.rollout.state import ACTIVE, RolloutSpec, RolloutState
 

@@ -16,12 +16,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
 from cloud_sync.samples.common import (
     SEED,
     init_tensor,
     save_model,
-    sha256_file,
     time_model,
     write_card,
     write_golden,

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
 from cloud_sync.samples.common import (
     SEED,
     init_tensor,
     ort_session,
     save_model,
-    sha256_file,
     write_card,
     write_golden,
 )
