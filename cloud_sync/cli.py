@@ -182,13 +182,13 @@ def metadata_keeper(
     import logging
     from datetime import datetime
 
-    from cloud_sync.registry.keys import RegistryError
+    from cloud_sync.registry.keys import SERVING_ROLES, RegistryError
 
     log = logging.getLogger("edgefleet.registry")
     last_warned: list[datetime] = []
 
     def tick(now: datetime) -> tuple[str, ...]:
-        online = tuple(r for r in ("targets", "snapshot", "timestamp") if repo.has_key(r))
+        online = tuple(r for r in SERVING_ROLES if repo.has_key(r))
         try:
             done: tuple[str, ...] = repo.refresh_expiring(
                 now, min_remaining=repo.refresh_thresholds(), roles=online
