@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.common.errors import ConfigError, EdgefleetError
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, EdgefleetError
 from agent.models import backend_availability, resolve_profile
 from agent.pipeline.config import PipelineConfig
 from agent.pipeline.sources import gstreamer_support, parse_source

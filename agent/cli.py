@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent import __version__
-from agent.errors import EdgefleetError
+from agent.common.errors import EdgefleetError
 
 
 class JournalFormatter(logging.Formatter):

@@ -25,8 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 from agent.pipeline.config import PipelineConfig
+from agent.protocol.topics import DEFAULT_ROOT
 
 GroupName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -79,7 +80,7 @@ class BrokerConfig(_Strict):
         description="mqtt://host:port or mqtts://host:port",
     )
     topic_root: str = Field(
-        "edgefleet/v1", pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="Topic prefix"
+        DEFAULT_ROOT, pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="Topic prefix"
     )
     username: str | None = Field(None, max_length=256, description="MQTT user (or env)")
     password: str | None = Field(

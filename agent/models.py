@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.common.errors import ConfigError, EdgefleetError, ModelError
 from agent.config import EngineConfig, OnnxRuntimeEngine, TensorRTEngine
 from agent.engine.base import Backend
-from agent.errors import ConfigError, EdgefleetError, ModelError
 from agent.pipeline.model import (
     RunnableModel,
     card_for_local_model,

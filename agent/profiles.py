@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 from device_profiles import PROFILE_DIR, profile_path
 
 if sys.version_info >= (3, 11):

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.common.errors import EdgefleetError
+from agent.common.fsutil import atomic_write_json, remove_stale_temps
 from agent.config import AgentConfig, BrokerConfig, TrustConfig
-from agent.errors import EdgefleetError
-from agent.fsutil import atomic_write_json, remove_stale_temps
 from agent.models import open_local_model, resolve_profile
 from agent.pipeline.analytics import pipeline_options
 from agent.pipeline.config import PipelineConfig

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import ModelError
-from agent.fsutil import atomic_write_bytes
+from agent.common.errors import ModelError
+from agent.common.fsutil import atomic_write_bytes
 from cloud_sync.registry.artifacts import ort_session
 
 __all__ = [

@@ -47,11 +47,11 @@ sys.path.insert(0, str(HERE.parent))
 
 import numpy as np  # noqa: E402
 
+from agent.common.mqtt import make_client  # noqa: E402
 from agent.config import UpdateConfig, parse_config  # noqa: E402
 from agent.protocol.fetch import decode_response  # noqa: E402
 from agent.protocol.topics import Topics  # noqa: E402
 from agent.service import Agent  # noqa: E402
-from agent.sync.mqtt import make_client  # noqa: E402
 from cloud_sync.deploy import deploy  # noqa: E402
 from cloud_sync.registry.publish import publish  # noqa: E402
 from cloud_sync.registry.repo import Repository  # noqa: E402

@@ -68,11 +68,11 @@ sys.path.insert(0, str(HERE.parent))
 import sqlalchemy as sa  # noqa: E402
 
 import agent.telemetry.reporter as reporter_mod  # noqa: E402
+from agent.common.mqtt import make_client  # noqa: E402
 from agent.config import parse_config  # noqa: E402
 from agent.protocol.telemetry import Telemetry  # noqa: E402
 from agent.protocol.topics import Topics  # noqa: E402
 from agent.service import Agent  # noqa: E402
-from agent.sync.mqtt import make_client  # noqa: E402
 from cloud_sync.ingest.flow import Received  # noqa: E402
 from cloud_sync.ingest.schema import DEVICE_TELEMETRY, TELEMETRY  # noqa: E402
 from cloud_sync.ingest.store import Store, open_store  # noqa: E402

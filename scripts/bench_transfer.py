@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.sync.mqtt import make_client
+from agent.common.mqtt import make_client
 from agent.update.transfer.client import ChunkClient
 from cloud_sync.registry.serve import ChunkServer
 

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from agent.fsutil import TUF_TEMP  # noqa: E402
+from agent.common.fsutil import TUF_TEMP  # noqa: E402
 from agent.update.machine import UpdateState  # noqa: E402
 from tests.conftest import Mosquitto, build_test_models, wait_for  # noqa: E402
 from tests.test_delivery import Fleet, write_digit_loop  # noqa: E402

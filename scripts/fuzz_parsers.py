@@ -43,13 +43,14 @@ from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined,un
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.common.errors import BadDataError, ConfigError
+from agent.common.mqtt import CallbackGuard, make_client, parse_broker_url
 from agent.config import BrokerConfig, load_config
-from agent.errors import BadDataError, ConfigError
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
+from agent.protocol.desired import Verdict, sign_desired, verify_desired
 from agent.protocol.fetch import (
     MAX_CHUNK,
     MAX_HEADER,
-    BadMessage,
     FetchHeader,
     FetchRequest,
     decode_response,
@@ -58,10 +59,9 @@ from agent.protocol.fetch import (
 from agent.protocol.schema import EXAMPLES, MESSAGES
 from agent.protocol.state import DeviceState, SignedDesired
 from agent.protocol.telemetry import InferenceEvent, Snapshot, Telemetry
-from agent.sync.mqtt import CallbackGuard, make_client, parse_broker_url
+from agent.protocol.wire import BadMessage
 from agent.sync.session import DeviceSession
 from agent.telemetry.tegrastats import parse_tegrastats
-from agent.update.desired import Verdict, sign_desired, verify_desired
 from agent.update.transfer.client import ChunkClient
 from cloud_sync.deploy import DesiredPublisher
 from cloud_sync.ingest.rows import event_row, snapshot_row, telemetry_rows
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     # the callbacks' guards log the first refusal of each kind: thousands are provoked here
-    guard_log = logging.getLogger("agent.sync.mqtt")
+    guard_log = logging.getLogger("agent.common.mqtt")
     level = guard_log.level
     guard_log.setLevel(logging.ERROR)
     try:

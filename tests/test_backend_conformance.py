@@ -18,10 +18,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, TensorSpec
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.engine.tensorrt import TensorRTBackend, build_engine, tensorrt_available
-from agent.errors import ModelError
 from tests.conftest import load_module_from_path
 
 fake_trt = load_module_from_path("_fake_tensorrt", Path(__file__).with_name("_fake_tensorrt.py"))

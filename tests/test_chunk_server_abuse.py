@@ -24,9 +24,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.common.mqtt import make_client
 from agent.protocol.fetch import MAX_CHUNK
 from agent.protocol.topics import Topics
-from agent.sync.mqtt import make_client
 from agent.update.transfer.client import ChunkClient
 from cloud_sync.registry.admission import (
     MAX_ANSWER_CHARGE,

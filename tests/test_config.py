@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.common.errors import ConfigError
 from agent.config import AgentConfig, OnnxRuntimeEngine, load_config, parse_config
-from agent.errors import ConfigError
 
 EXAMPLE = """
 device_id = "cam-01"

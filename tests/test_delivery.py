@@ -20,11 +20,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.config import AgentConfig, parse_config
+from agent.protocol.desired import sign_desired
 from agent.protocol.state import DesiredState, PipelineTarget, ReportedState, SignedDesired
 from agent.protocol.topics import Topics
 from agent.service import Agent
 from agent.testhooks import TestHooks
-from agent.update.desired import sign_desired
 from cloud_sync.deploy import deploy
 from cloud_sync.registry.keys import generate_signer
 from cloud_sync.registry.publish import publish

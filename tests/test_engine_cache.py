@@ -14,11 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.common.errors import EngineBuildError, ModelError
+from agent.common.fsutil import sha256_file
 from agent.engine.build import get_or_build, load_backend, make_key
-from agent.engine.cache import ENGINE_FILE, META_FILE, EngineCache, sha256_file
+from agent.engine.cache import ENGINE_FILE, META_FILE, EngineCache
 from agent.engine.cache_key import EngineKey, canonical_options, canonical_profiles
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import EngineBuildError, ModelError
 from agent.testhooks import TestHooks
 
 CPU = ["CPUExecutionProvider"]

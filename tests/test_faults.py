@@ -21,7 +21,7 @@ from types import ModuleType
 
 import pytest
 
-from agent.errors import TransportError
+from agent.common.errors import TransportError
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink
 from agent.pipeline.sources import parse_source
@@ -136,8 +136,8 @@ def test_stale_temps_of_killed_writes_are_swept_at_start(tmp_path: Path) -> None
     """A kill between an atomic write's temp file and its rename leaves the temp file (the
     crash suite found .status.json.*.tmp piling up, one per unlucky kill): the agent's start
     removes its own, and the TUF client python-tuf's, and nothing else."""
+    from agent.common.fsutil import atomic_write_json, remove_stale_temps
     from agent.config import parse_config
-    from agent.fsutil import atomic_write_json, remove_stale_temps
     from agent.service import Agent
     from agent.update.tuf_client import TufClient
 

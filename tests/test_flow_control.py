@@ -415,8 +415,8 @@ def test_timeout_adapts_to_measured_round_trips(
 
 
 def test_replica_names_are_topic_safe_and_parse_back() -> None:
-    from agent.protocol.fetch import BadMessage
     from agent.protocol.topics import Topics
+    from agent.protocol.wire import BadMessage
 
     t = Topics()
     topic = t.replica_requests("dev1", "registry-a")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, find, settings
 
+from agent.common.errors import ConfigError
+from agent.common.mqtt import CallbackGuard, make_client
 from agent.config import load_config
-from agent.errors import ConfigError
 from agent.protocol.schema import EXAMPLES
-from agent.sync.mqtt import CallbackGuard, make_client
 from tests.conftest import load_module_from_path
 
 FUZZ = load_module_from_path(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from agent.protocol.schema import EXAMPLES
 from cloud_sync.ingest.db import make_engine
 from cloud_sync.ingest.rows import DEAD_LETTER_KEEP, BadRecord, dead_letter_row

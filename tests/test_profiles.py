@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 from agent.profile_detect import (
     detect_profile,
     detect_profile_name,

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 from cloud_sync.quantize import GateResult, accuracy_gate, quantize_int8
 
 

@@ -20,8 +20,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import tests._fake_tensorrt as fake
+from agent.common.errors import ModelError
 from agent.engine.precision import candidate_precisions, variant_file
-from agent.errors import ModelError
 
 
 def _conv_model(path: Path, *, dynamic: bool = False, dtype: int = TensorProto.FLOAT) -> Path:

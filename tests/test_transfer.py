@@ -26,10 +26,10 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
+from agent.common.mqtt import make_client, parse_broker_url
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
 from agent.protocol.topics import Topics
-from agent.sync.mqtt import make_client, parse_broker_url
 from agent.update.transfer.client import ChunkClient
 from agent.update.transfer.errors import (
     FileTooLargeError,

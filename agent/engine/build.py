@@ -23,11 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.common.errors import EngineBuildError, ModelError
+from agent.common.fsutil import sha256_file
 from agent.engine.base import Backend
 from agent.engine.build_child import COMPILING_EPS, ProgressFn, disk_full, run_child
-from agent.engine.cache import EngineCache, sha256_file
+from agent.engine.cache import EngineCache
 from agent.engine.cache_key import EngineKey, canonical_options, canonical_profiles
-from agent.errors import EngineBuildError, ModelError
 from agent.testhooks import NO_HOOKS, TestHooks
 
 log = logging.getLogger(__name__)

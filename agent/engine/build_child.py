@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EngineBuildError, ModelError
+from agent.common.errors import EngineBuildError, ModelError
 from agent.testhooks import NO_HOOKS, TestHooks
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ entry and says why, so the caller can log it and rebuild.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.common.fsutil import sha256_file
 from agent.engine.cache_key import KEY_SCHEMA, EngineKey
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,6 @@ class LookupResult:
     path: Path | None
     reason: str
     discarded: bool = False
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """IO: sha256 hex of a file, read in chunks (engines can be hundreds of MB).
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, BackendInfo, TensorSpec
-from agent.errors import ModelError
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",

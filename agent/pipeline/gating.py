@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FrameGate", "MotionGate", "RateGate", "SkipReason", "gate_from_config"]
 
-SkipReason = Literal["max_fps", "no_motion"]
-SKIP_REASONS: tuple[SkipReason, ...] = ("max_fps", "no_motion")
+SkipReason = Literal["max_fps", "no_motion"]  # agent.protocol.telemetry.SkipReason
 U8 = npt.NDArray[np.uint8]
 
 

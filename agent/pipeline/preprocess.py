@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import BadDataError, ModelError
+from agent.common.errors import BadDataError, ModelError
 from agent.protocol.card import InputSpec
 
 __all__ = [

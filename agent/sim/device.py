@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from agent import __version__
+from agent.common.mqtt import parse_broker_url
 from agent.config import BrokerConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import get_profile
@@ -39,7 +40,6 @@ from agent.protocol.telemetry import (
 from agent.protocol.topics import DEFAULT_ROOT
 from agent.sim.engine import ProfileFn, SimPipeline, default_profile, open_sim_model
 from agent.sim.netloop import MqttLoop
-from agent.sync.mqtt import parse_broker_url
 from agent.sync.session import DeviceSession
 from agent.telemetry.device import CpuTimes, read_device_stats
 from agent.telemetry.outbox import Outbox, OutboxSender

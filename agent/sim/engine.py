@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, BackendInfo, TensorSpec
-from agent.errors import ModelError
 from agent.pipeline.metrics import PipelineMetrics
 from agent.pipeline.model import RunnableModel
 from agent.protocol.card import ModelCard

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from agent.pipeline.model import RunnableModel
 from agent.profiles import DeviceProfile
 from agent.protocol.card import ModelCard

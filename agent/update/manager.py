@@ -23,18 +23,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadDataError, EdgefleetError, ModelError, TransportError
+from agent.common.backoff import Backoff
+from agent.common.errors import BadDataError, EdgefleetError, ModelError, TransportError
 from agent.models import BuildProgress
-from agent.pipeline.backoff import Backoff
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
 from agent.protocol.card import ModelCard
-from agent.protocol.fetch import BadMessage
+from agent.protocol.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
 from agent.protocol.state import PipelineTarget, Progress, ReportedState, SignedDesired, UpdatePhase
+from agent.protocol.wire import BadMessage
 from agent.testhooks import NO_HOOKS, TestHooks
 from agent.update.checks import check_card, check_golden
-from agent.update.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
 from agent.update.download import download_dir, fetch_version
 from agent.update.health import swap_and_watch
 from agent.update.machine import (

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
 
 SQLITE_BUSY_TIMEOUT_S = 30.0  # a writer waits this long for SQLite's lock (URL ?timeout=S)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 
 MAX_REASON = 1000  # characters of a dead letter's reason kept
 MAX_TOPIC = 512  # characters of a dead letter's topic kept (a topic may be 64 KiB)

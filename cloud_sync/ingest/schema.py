@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from cloud_sync.ingest.db import guard
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ and ``golden.npz`` key scheme (``input_0``.. / ``output_0``..).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,12 +15,7 @@ import onnxruntime as ort
 
 from agent.protocol.card import ModelCard
 
-__all__ = ["ort_session", "sha256_file", "write_card", "write_golden"]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+__all__ = ["ort_session", "write_card", "write_golden"]
 
 
 def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:

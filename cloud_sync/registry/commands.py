@@ -271,7 +271,7 @@ def _inspect(args: argparse.Namespace) -> int:
         card_fields=parse_card_fields(args.set),
     )
     if args.card_out and "card" in report:
-        from agent.fsutil import atomic_write_bytes
+        from agent.common.fsutil import atomic_write_bytes
         from agent.protocol.card import ModelCard
 
         stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(args.model).stem)

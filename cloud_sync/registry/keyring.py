@@ -17,7 +17,7 @@ from pathlib import Path
 from securesystemslib.signer import CryptoSigner, Key  # type: ignore[attr-defined,unused-ignore]
 from tuf.api.metadata import Root  # type: ignore[attr-defined,unused-ignore]
 
-from agent.fsutil import fsync_dir
+from agent.common.fsutil import fsync_dir
 from cloud_sync.registry.keys import (
     KEY_DIR_MODE,
     RegistryError,

@@ -15,7 +15,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 from pydantic import ValidationError
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 from agent.protocol.card import InputSpec, ModelCard, Task
 from cloud_sync.registry.artifacts import ort_session
 from cloud_sync.registry.formats import (

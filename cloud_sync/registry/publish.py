@@ -47,10 +47,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import ModelCard, Task, VariantSpec
 from cloud_sync.quantize import GateResult, accuracy_gate, quantize_int8
-from cloud_sync.registry.artifacts import ort_session, sha256_file, write_card, write_golden
+from cloud_sync.registry.artifacts import ort_session, write_card, write_golden
 from cloud_sync.registry.calibration import golden_count, random_inputs, split_samples
 from cloud_sync.registry.catalog import SemVer, check_new_version, custom_for, parse_semver
 from cloud_sync.registry.model_file import QUANT_OPSET, OnnxInfo, build_card, validate_onnx

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.fetch import BadMessage, FetchHeader, FetchRequest
+from agent.protocol.fetch import FetchHeader, FetchRequest
+from agent.protocol.wire import BadMessage
 from cloud_sync.registry.served_tree import PathError, ServedTree, canonical_path, read_window
 
 __all__ = ["MAX_REQUEST_BYTES", "RequestReader"]

@@ -28,7 +28,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined,unused-ignore]
     Timestamp,
 )
 
-from agent.fsutil import atomic_write_bytes
+from agent.common.fsutil import atomic_write_bytes
 from cloud_sync.registry.keyring import KeyRing
 from cloud_sync.registry.keys import RegistryError, default_keys_dir, is_inside, legacy_keys_dir
 from cloud_sync.registry.metadata import ROLES, ROOT_FILE

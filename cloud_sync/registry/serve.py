@@ -50,10 +50,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
-from agent.errors import TransportError
+from agent.common.errors import TransportError
+from agent.common.mqtt import configure_service_tls, make_client, parse_broker_url
 from agent.protocol.fetch import FetchHeader, FetchRequest, encode_response
 from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics, valid_device_id
-from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
 from cloud_sync.registry.admission import (
     ANSWER_OVERHEAD,
     GRACE_S,
@@ -130,7 +130,7 @@ class ChunkServer:
             fleet-wide limit (the per-device limits still apply).
         limits: per-device and fleet-wide limits (default ``ServeLimits()``).
         tls_context: for ``mqtts://``; default: from the environment (``EDGEFLEET_TLS_*``,
-            see ``agent.sync.mqtt.configure_service_tls``).
+            see ``agent.common.mqtt.configure_service_tls``).
 
     Raises:
         ValueError: a bad broker URL, ``workers < 0`` or ``max_transfers < 0``.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from agent.errors import BadDataError, EdgefleetError, TransportError
+from agent.common.errors import BadDataError, EdgefleetError, TransportError
 from agent.protocol.state import PipelineTarget
 from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.deploy import DesiredPublisher

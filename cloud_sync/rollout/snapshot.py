@@ -235,9 +235,4 @@ def _device(
     )
 
 
-def read_snapshot(store: Store, since: datetime, until: datetime) -> FleetSnapshot:
-    """``SnapshotReader(store).read(since, until)``."""
-    return SnapshotReader(store).read(since, until)
-
-
-__all__ = ["SnapshotReader", "read_snapshot", "telemetry_metrics"]
+__all__ = ["SnapshotReader", "telemetry_metrics"]

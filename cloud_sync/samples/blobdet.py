@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
-from cloud_sync.registry.artifacts import sha256_file, write_card, write_golden
+from cloud_sync.registry.artifacts import write_card, write_golden
 from cloud_sync.samples.common import SEED, init_tensor, save_model, time_model
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive

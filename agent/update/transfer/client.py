@@ -32,10 +32,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
-from agent.errors import BadDataError
-from agent.protocol.fetch import MAX_CHUNK, BadMessage, FetchRequest, decode_response
+from agent.common.errors import BadDataError
+from agent.common.mqtt import CallbackGuard
+from agent.protocol.fetch import MAX_CHUNK, FetchRequest, decode_response
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import CallbackGuard
+from agent.protocol.wire import BadMessage
 from agent.update.transfer.errors import PartialMismatch
 from agent.update.transfer.flow import FlowControl
 from agent.update.transfer.partial import Partial

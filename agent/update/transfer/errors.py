@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
 
 
 class RemoteNotFoundError(BadDataError):

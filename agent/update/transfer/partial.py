@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from agent.errors import TransportError
-from agent.fsutil import atomic_write_json, fsync_dir
+from agent.common.errors import TransportError
+from agent.common.fsutil import atomic_write_json, fsync_dir
 from agent.update.transfer.errors import ChunkProtocolError
 
 log = logging.getLogger(__name__)

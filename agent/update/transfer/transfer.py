@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from agent.protocol.fetch import _PATH_PATTERN, FetchHeader, FetchRequest
 from agent.update.transfer import flow
 from agent.update.transfer.errors import (

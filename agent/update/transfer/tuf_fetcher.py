@@ -15,7 +15,7 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
 from agent.update.transfer.client import ChunkClient, Progress
 from agent.update.transfer.errors import (
     FileTooLargeError,
