@@ -28,11 +28,11 @@ CLOUD_USES_DEVICE_CODE: dict[str, tuple[tuple[str, ...], str]] = {
     "agent.pipeline.sinks": (("cloud_sync/demo.py",), "the demo watches the agent's events"),
     "agent.pipeline.synthetic": (("cloud_sync/demo.py",), "the demo's camera is a synthetic video"),
     "agent.pipeline.preprocess": (
-        ("cloud_sync/registry/", "cloud_sync/quantize.py"),
+        ("cloud_sync/registry/",),
         "publish computes golden outputs and the input contract exactly as the device will",
     ),
     "agent.pipeline.postprocess": (
-        ("cloud_sync/registry/", "cloud_sync/quantize.py"),
+        ("cloud_sync/registry/",),
         "publish computes golden outputs exactly as the device will",
     ),
 }

@@ -127,7 +127,7 @@ def test_tensorrt_11_builds_int8_from_qdq_without_flags_and_refuses_fp16_from_fp
     from agent.engine.tensorrt import build_engine, weak_typing
 
     assert not weak_typing(trt) and not hasattr(trt.BuilderFlag, "FP16")
-    from cloud_sync.quantize import quantize_int8
+    from cloud_sync.registry.quantize import quantize_int8
 
     digits = test_models["digits"] / "model.onnx"
     with np.load(test_models["digits"] / "test_set.npz") as z:

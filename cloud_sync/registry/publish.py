@@ -50,11 +50,11 @@ import onnx
 from agent.common.errors import ModelError
 from agent.common.fsutil import sha256_file
 from agent.protocol.card import ModelCard, Task, VariantSpec
-from cloud_sync.quantize import GateResult, accuracy_gate, quantize_int8
 from cloud_sync.registry.artifacts import ort_session, write_card, write_golden
 from cloud_sync.registry.calibration import golden_count, random_inputs, split_samples
 from cloud_sync.registry.catalog import SemVer, check_new_version, custom_for, parse_semver
 from cloud_sync.registry.model_file import QUANT_OPSET, OnnxInfo, build_card, validate_onnx
+from cloud_sync.registry.quantize import GateResult, accuracy_gate, quantize_int8
 from cloud_sync.registry.repo import RegistryError, Repository, Versions
 
 __all__ = ["MIN_SAMPLES", "ProgressFn", "PublishResult", "publish"]
