@@ -21,7 +21,7 @@ from typing import Any
 
 import cv2
 
-from agent.errors import SourceError
+from agent.common.errors import SourceError
 from agent.pipeline.model import RunnableModel
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink

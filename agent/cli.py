@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent import __version__
-from agent.errors import EdgefleetError
+from agent.common.errors import EdgefleetError
 
 
 class JournalFormatter(logging.Formatter):
@@ -38,16 +38,24 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
+    from agent.config import AgentConfig, load_config
+    from agent.service import Agent
     from agent.supervisor import Supervisor
+    from agent.testhooks import TestHooks
 
     cfg = load_config(args.config, env=os.environ)
     path = Path(args.config) if args.config else None
-    return Supervisor(path, cfg).run(duration_s=args.duration)
+    # Test-only hooks for fault tests that run the agent as a child process: read here, once
+    hooks = TestHooks.from_env(os.environ)
+
+    def make_agent(c: AgentConfig) -> Agent:
+        return Agent(c, hooks=hooks)
+
+    return Supervisor(path, cfg, make_agent=make_agent).run(duration_s=args.duration)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from agent.service import check_report
+    from agent.check import check_report
 
     report = check_report(args.config, env=os.environ)
     if args.json:
@@ -73,7 +81,7 @@ def _print_check(r: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import format_report, run_bench
-    from agent.service import open_local_model, resolve_profile
+    from agent.models import open_local_model, resolve_profile
 
     def progress(msg: str) -> None:
         if not args.json:

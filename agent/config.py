@@ -3,7 +3,8 @@
 Read once at start-up by ``load_config``; nothing reads the environment at import time.
 Environment variables ``EDGEFLEET_DEVICE_ID``, ``EDGEFLEET_DATA_DIR`` and ``EDGEFLEET_PROFILE``
 override the file (secrets added by later sections follow the same ``EDGEFLEET_`` scheme:
-``EDGEFLEET_BROKER_USERNAME``/``_PASSWORD``, ``EDGEFLEET_API_TOKEN``).
+``EDGEFLEET_BROKER_USERNAME``/``_PASSWORD``, ``EDGEFLEET_API_TOKEN``). A ``[[pipelines]]``
+table's own sections are in ``agent.pipeline.config``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
+from agent.pipeline.config import PipelineConfig
+from agent.protocol.topics import DEFAULT_ROOT
 
 GroupName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -33,240 +36,9 @@ if sys.version_info >= (3, 11):
 else:  # JetPack 6 ships Python 3.10
     import tomli as tomllib
 
-Task = Literal["classification", "detection", "heatmap", "raw"]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SinkConfig(_Strict):
-    """Where a pipeline's results go."""
-
-    jsonl: Path | None = Field(None, description="Append one JSON line per inferred frame here")
-    jsonl_max_mb: int = Field(
-        64, ge=1, le=100_000, description="Rotate the JSONL file past this size"
-    )
-
-
-class EventsConfig(_Strict):
-    """Which inference results a pipeline sends to the cloud (with [broker]; never frames)."""
-
-    policy: Literal["every", "change", "rate", "off"] = Field(
-        "rate", description="every frame, on change of what is seen, at most max_per_s, or off"
-    )
-    max_per_s: float = Field(1.0, gt=0, le=1000, description="Events per second for 'rate'")
-
-
-class SnapshotConfig(_Strict):
-    """Opt-in: send a JPEG of the camera frame at most once per ``every_s`` (off when absent)."""
-
-    every_s: float = Field(60.0, ge=1, le=86400, description="At most one snapshot per this")
-    jpeg_quality: int = Field(80, ge=10, le=95, description="JPEG quality")
-    max_width: int = Field(640, ge=32, le=4096, description="Downscale wider frames to this")
-
-
-RegionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
-ClassName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-Coord = Annotated[float, Field(ge=0, le=100_000)]
-Point = tuple[Coord, Coord]
-Anchor = Literal["bottom_center", "center"]
-MAX_REGIONS = 32  # zones + lines of one pipeline
-
-
-class TrackClassConfig(_Strict):
-    """Tracking thresholds for one class, overriding the pipeline's (unset: the pipeline's)."""
-
-    high_score: float | None = Field(
-        None, ge=0, le=1, description="Detections at or above this are matched first"
-    )
-    new_track_score: float | None = Field(
-        None, ge=0, le=1, description="An unmatched detection starts a track from this score"
-    )
-    lost_frames: int | None = Field(
-        None, ge=0, le=10_000, description="Inferred frames a track survives unseen"
-    )
-
-
-class TrackingConfig(_Strict):
-    """Multi-object tracking of a detection pipeline (ByteTrack's two-stage association).
-
-    Ids are stable through short occlusions and missed detections (``lost_frames``); tracks
-    never change class. On whenever the pipeline has zones or lines.
-    """
-
-    classes: list[ClassName] | None = Field(
-        None, max_length=1000, description="Track only these classes (unset: all)"
-    )
-    high_score: float = Field(
-        0.5, ge=0, le=1, description="Detections at or above this are matched first"
-    )
-    low_score: float = Field(
-        0.1, ge=0, le=1,
-        description="Detections between this and high_score only keep existing tracks alive",
-    )  # fmt: skip
-    new_track_score: float = Field(
-        0.6, ge=0, le=1, description="An unmatched detection starts a track from this score"
-    )
-    match_iou: float = Field(
-        0.2, gt=0, le=1, description="Least overlap (IoU) of a detection with a track's prediction"
-    )
-    min_hits: int = Field(
-        2, ge=1, le=100, description="Consecutive matches before a track gets its id"
-    )
-    lost_frames: int = Field(
-        30, ge=0, le=10_000,
-        description="Inferred frames a track survives unseen (occlusion) before it ends",
-    )  # fmt: skip
-    max_tracks: int = Field(512, ge=1, le=10_000, description="Tracks kept at most, lost included")
-    per_class: dict[ClassName, TrackClassConfig] = Field(
-        default_factory=dict, max_length=1000, description="Class name -> its own thresholds"
-    )
-
-    @model_validator(mode="after")
-    def _scores(self) -> TrackingConfig:
-        if self.low_score > self.high_score:
-            raise ValueError(f"low_score {self.low_score} is above high_score {self.high_score}")
-        return self
-
-
-class _RegionConfig(_Strict):
-    name: RegionName = Field(description="Zone or line name, unique within the pipeline")
-    coords: Literal["pixels", "normalized"] = Field(
-        "pixels", description="Points in source-frame pixels, or 0..1 of its width and height"
-    )
-    classes: list[ClassName] | None = Field(
-        None, max_length=1000, description="Count only these classes (unset: all tracked)"
-    )
-    min_score: float = Field(
-        0.0, ge=0, le=1, description="Count a track once its best score reaches this"
-    )
-    anchor: Anchor = Field(
-        "bottom_center", description="The box's point that must be inside or cross: "
-        "bottom_center (where an object stands) or center",
-    )  # fmt: skip
-
-    def _normalized_ok(self, points: list[tuple[float, float]]) -> None:
-        if self.coords == "normalized" and any(not (0 <= c <= 1) for p in points for c in p):
-            raise ValueError(f"{self.name}: normalized coordinates must lie in 0..1")
-
-
-class ZoneConfig(_RegionConfig):
-    """A polygon: events when a track enters it, leaves it, and stays in it ``dwell_s``."""
-
-    points: list[Point] = Field(
-        min_length=3, max_length=64, description="Polygon vertices [x, y], in order"
-    )
-    dwell_s: float | None = Field(
-        None, gt=0, le=86400, description="Emit 'dwell' once a track stays inside this long"
-    )
-
-    @model_validator(mode="after")
-    def _polygon(self) -> ZoneConfig:
-        self._normalized_ok(list(self.points))
-        xs, ys = [p[0] for p in self.points], [p[1] for p in self.points]
-        area2 = sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs)))
-        if area2 == 0:
-            raise ValueError(f"zone {self.name}: the polygon has no area")
-        return self
-
-
-class LineConfig(_RegionConfig):
-    """A directed line from ``start`` to ``end``: one 'crossed' event per track, with direction.
-
-    'in' is a crossing toward the line's right-hand side as drawn on screen (y down): for a
-    line drawn left to right, moving down the image is 'in', moving up is 'out'.
-    """
-
-    start: Point = Field(description="First point [x, y]")
-    end: Point = Field(description="Second point [x, y]")
-    margin: float = Field(
-        4.0, ge=0, le=1000,
-        description="Pixels beyond the line a point must reach to count as on that side "
-        "(stops a box that jitters on the line from counting)",
-    )  # fmt: skip
-
-    @model_validator(mode="after")
-    def _segment(self) -> LineConfig:
-        self._normalized_ok([self.start, self.end])
-        if self.start == self.end:
-            raise ValueError(f"line {self.name}: start and end are the same point")
-        return self
-
-
-class MotionConfig(_Strict):
-    """Skip inference on frames that barely differ from the last inferred one."""
-
-    pixel_threshold: int = Field(
-        25, ge=1, le=255, description="A pixel changed when its grey level moved more than this"
-    )
-    min_changed: float = Field(
-        0.002, gt=0, le=1, description="Infer when at least this fraction of pixels changed"
-    )
-    max_skip_s: float = Field(
-        2.0, gt=0, le=3600, description="Infer at least this often even on a still scene"
-    )
-    width: int = Field(
-        160, ge=16, le=1920, description="Compare frames at about this width (pixels)"
-    )
-
-
-class PipelineConfig(_Strict):
-    """One camera or stream and the model that watches it."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="Pipeline name")
-    source: str | int = Field(
-        description="Camera index, /dev/videoN, file path, rtsp/udp/http URL or GStreamer pipeline"
-    )
-    model: str = Field(min_length=1, description="Registry model name, or a path to a local .onnx")
-    task: Task | None = Field(None, description="Task when the model has no card")
-    input_size: str | None = Field(
-        None, pattern=r"^\d+x\d+$", description="WxH when the model's input is dynamic"
-    )
-    loop: bool = Field(False, description="Restart a file source at its end")
-    pace: Literal["realtime", "none"] = Field(
-        "realtime",
-        description="File sources: 'realtime' plays at the file's fps and drops frames the model "
-        "cannot keep up with; 'none' reads as fast as the model takes frames, dropping none",
-    )
-    open_timeout_s: float = Field(5.0, gt=0, le=300, description="Per-attempt open/read timeout")
-    sink: SinkConfig = Field(default_factory=SinkConfig, description="Result destinations")
-    events: EventsConfig = Field(default_factory=EventsConfig, description="Events to the cloud")
-    snapshots: SnapshotConfig | None = Field(
-        None, description="Camera frames to the cloud (with [broker]); off unless set"
-    )
-    max_fps: float | None = Field(
-        None, ge=0.1, le=1000, description="Infer at most this many frames per second"
-    )
-    motion: MotionConfig | None = Field(
-        None, description="Skip inference on still frames (off unless set)"
-    )
-    tracking: TrackingConfig | None = Field(
-        None, description="Track detected objects (on with defaults when zones or lines are set)"
-    )
-    zones: list[ZoneConfig] = Field(
-        default_factory=list, max_length=MAX_REGIONS, description="Polygons to watch"
-    )
-    lines: list[LineConfig] = Field(
-        default_factory=list, max_length=MAX_REGIONS, description="Directed lines to count"
-    )
-
-    @model_validator(mode="after")
-    def _regions(self) -> PipelineConfig:
-        names = [r.name for r in [*self.zones, *self.lines]]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"zone and line names must be unique in a pipeline; repeated: {dup}")
-        if len(names) > MAX_REGIONS:
-            raise ValueError(f"{len(names)} zones and lines, at most {MAX_REGIONS} per pipeline")
-        if names and self.tracking is None:
-            self.tracking = TrackingConfig()  # zones and lines count tracks
-        return self
-
-    def longest_inference_gap_s(self) -> float:
-        """The longest a streaming pipeline may go without inferring, by its rate settings."""
-        gap = 1.0 / self.max_fps if self.max_fps else 0.0
-        return max(gap, self.motion.max_skip_s if self.motion else 0.0)
 
 
 class OnnxRuntimeEngine(_Strict):
@@ -308,7 +80,7 @@ class BrokerConfig(_Strict):
         description="mqtt://host:port or mqtts://host:port",
     )
     topic_root: str = Field(
-        "edgefleet/v1", pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="Topic prefix"
+        DEFAULT_ROOT, pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="Topic prefix"
     )
     username: str | None = Field(None, max_length=256, description="MQTT user (or env)")
     password: str | None = Field(

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from agent.common.errors import ConfigError
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError
 from agent.service import Agent
 from agent.systemd import Liveness, notify, watchdog_interval
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync import __version__
 
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--pipeline", default=None, help="pipeline (default: all of the device's)")
     dp.add_argument("--repo", required=True, help="registry directory")
     dp.add_argument("--broker", required=True, help="mqtt://host:port")
-    dp.add_argument("--topic-root", default="edgefleet/v1")
+    dp.add_argument("--topic-root", default=DEFAULT_ROOT)
     dp.set_defaults(fn=_deploy)
     return ap
 
@@ -71,7 +72,7 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
              " Serving refuses to start while it can read the root key",
     )  # fmt: skip
     s.add_argument("--broker", required=True, help="mqtt://host:port")
-    s.add_argument("--topic-root", default="edgefleet/v1")
+    s.add_argument("--topic-root", default=DEFAULT_ROOT)
     s.add_argument("--replica", default="1", help="replica name (several share the load)")
     s.add_argument("--workers", type=int, default=4, help="threads answering chunk requests")
     s.add_argument(
@@ -181,13 +182,13 @@ def metadata_keeper(
     import logging
     from datetime import datetime
 
-    from cloud_sync.registry.keys import RegistryError
+    from cloud_sync.registry.keys import SERVING_ROLES, RegistryError
 
     log = logging.getLogger("edgefleet.registry")
     last_warned: list[datetime] = []
 
     def tick(now: datetime) -> tuple[str, ...]:
-        online = tuple(r for r in ("targets", "snapshot", "timestamp") if repo.has_key(r))
+        online = tuple(r for r in SERVING_ROLES if repo.has_key(r))
         try:
             done: tuple[str, ...] = repo.refresh_expiring(
                 now, min_remaining=repo.refresh_thresholds(), roles=online

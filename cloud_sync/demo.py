@@ -21,8 +21,8 @@ from typing import Any
 
 import cv2
 
+from agent.common.errors import EdgefleetError
 from agent.config import parse_config
-from agent.errors import EdgefleetError
 from agent.pipeline.sinks import CallbackSink
 from agent.pipeline.synthetic import write_synthetic_video
 from agent.service import Agent

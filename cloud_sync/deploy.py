@@ -21,9 +21,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import BadDataError, TransportError
-from agent.fsutil import atomic_write_bytes
-from agent.protocol.fetch import BadMessage
+from agent.common.errors import BadDataError, TransportError
+from agent.common.fsutil import atomic_write_bytes
+from agent.common.mqtt import CallbackGuard, parse_broker_url, service_client
+from agent.protocol.desired import sign_desired, verify_desired
 from agent.protocol.state import (
     MAX_REVISION,
     DesiredState,
@@ -32,8 +33,7 @@ from agent.protocol.state import (
     SignedDesired,
 )
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import CallbackGuard, parse_broker_url, service_client
-from agent.update.desired import sign_desired, verify_desired
+from agent.protocol.wire import BadMessage
 from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
 

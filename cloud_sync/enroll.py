@@ -13,7 +13,8 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from agent.fsutil import atomic_write_bytes
+from agent.common.fsutil import atomic_write_bytes
+from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.acl import render_acl, render_mosquitto_conf
 from cloud_sync.pki import FleetCA, PkiError, identity_name
 from cloud_sync.registry.commands import parse_pairs
@@ -26,7 +27,7 @@ def _toml_str(s: str) -> str:
 
 
 def agent_toml(device_id: str, broker_url: str, conf_dir: Path, *, tags: dict[str, str],
-               groups: list[str], topic_root: str = "edgefleet/v1") -> str:  # fmt: skip
+               groups: list[str], topic_root: str = DEFAULT_ROOT) -> str:  # fmt: skip
     """Pure: the enrolled device's config, files referenced under ``conf_dir``."""
     lines = [
         f"device_id = {_toml_str(device_id)}",
@@ -127,7 +128,7 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     acl.add_argument("--out", required=True, type=Path)
     acl.add_argument("--port", type=int, default=8883)
     acl.add_argument("--bind", default="0.0.0.0")
-    acl.add_argument("--topic-root", default="edgefleet/v1")
+    acl.add_argument("--topic-root", default=DEFAULT_ROOT)
     acl.set_defaults(fn=_ca_broker_config)
 
     dev = sub.add_parser("device", help="device enrollment")

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import BadDataError
-from agent.fsutil import atomic_write_bytes
+from agent.common.errors import BadDataError
+from agent.common.fsutil import atomic_write_bytes
 from agent.protocol.topics import valid_device_id
 
 Role = Literal["device", "ingest", "registry", "operator"]

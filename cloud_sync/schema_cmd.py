@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.fsutil import atomic_write_bytes
+from agent.common.fsutil import atomic_write_bytes
 from agent.protocol import CONTRACT_VERSION
 from agent.protocol.schema import export_schemas, render_protocol_doc
 

@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.common.mqtt import make_client
 from agent.config import UpdateConfig
 from agent.protocol.fetch import decode_response
 from agent.protocol.topics import Topics
 from agent.service import Agent
-from agent.sync.mqtt import make_client
 from cloud_sync.registry.publish import publish
 from cloud_sync.registry.repo import Repository
 from scripts import bench_transfer as bt

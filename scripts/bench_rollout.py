@@ -294,9 +294,9 @@ class DesiredWatch:
 
     def start(self) -> None:
         """Connect and subscribe (blocks until the SUBACK)."""
+        from agent.common.mqtt import make_client, parse_broker_url
         from agent.protocol.state import SignedDesired
         from agent.protocol.topics import Topics
-        from agent.sync.mqtt import make_client, parse_broker_url
 
         host, port, _tls = parse_broker_url(self.url)
         topics = Topics()

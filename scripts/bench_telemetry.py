@@ -63,13 +63,14 @@ from typing import Any
 import sqlalchemy as sa
 
 import agent.telemetry.reporter as reporter_mod
+from agent.common.mqtt import make_client
 from agent.config import parse_config
 from agent.protocol.telemetry import Telemetry
 from agent.protocol.topics import Topics
 from agent.service import Agent
-from agent.sync.mqtt import make_client
 from cloud_sync.ingest.flow import Received
-from cloud_sync.ingest.store import DEVICE_TELEMETRY, TELEMETRY, Store, open_store
+from cloud_sync.ingest.schema import DEVICE_TELEMETRY, TELEMETRY
+from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap
 from tests.harness.broker import Mosquitto
 from tests.harness.util import ROOT, stable_port, wait_for

@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import LineConfig, ZoneConfig, parse_config
+from agent.config import parse_config
 from agent.pipeline.analytics import FrameAnalytics, pipeline_options
 from agent.pipeline.assign import iou_matrix
+from agent.pipeline.config import LineConfig, ZoneConfig
 from agent.pipeline.postprocess import Detection, Result, make_postprocessor
 from agent.pipeline.preprocess import FrameTransform
 from agent.pipeline.scene import (

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.sync.mqtt import make_client
-from agent.update.fetcher import ChunkClient
+from agent.common.mqtt import make_client
+from agent.update.transfer.client import ChunkClient
 from cloud_sync.registry.serve import ChunkServer
 from tests.harness.broker import Mosquitto
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.fsutil import TUF_TEMP
+from agent.common.fsutil import TUF_TEMP
 from agent.update.machine import UpdateState
 from tests.harness.agent_process import AgentProcess
 from tests.harness.fleet import Fleet, local_fleet

@@ -40,13 +40,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined,unused-ignore]
 
+from agent.common.errors import BadDataError, ConfigError
+from agent.common.mqtt import CallbackGuard, make_client, parse_broker_url
 from agent.config import BrokerConfig, load_config
-from agent.errors import BadDataError, ConfigError
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
+from agent.protocol.desired import Verdict, sign_desired, verify_desired
 from agent.protocol.fetch import (
     MAX_CHUNK,
     MAX_HEADER,
-    BadMessage,
     FetchHeader,
     FetchRequest,
     decode_response,
@@ -55,13 +56,12 @@ from agent.protocol.fetch import (
 from agent.protocol.schema import EXAMPLES, MESSAGES
 from agent.protocol.state import DeviceState, SignedDesired
 from agent.protocol.telemetry import InferenceEvent, Snapshot, Telemetry
-from agent.sync.mqtt import CallbackGuard, make_client, parse_broker_url
+from agent.protocol.wire import BadMessage
 from agent.sync.session import DeviceSession
 from agent.telemetry.tegrastats import parse_tegrastats
-from agent.update.desired import Verdict, sign_desired, verify_desired
-from agent.update.fetcher import ChunkClient
+from agent.update.transfer.client import ChunkClient
 from cloud_sync.deploy import DesiredPublisher
-from cloud_sync.ingest.store import event_row, snapshot_row, telemetry_rows
+from cloud_sync.ingest.rows import event_row, snapshot_row, telemetry_rows
 from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import parse_gate, parse_stage, parse_target
 from cloud_sync.units import parse_duration
@@ -410,7 +410,7 @@ def _fetcher_target() -> Target:
     client = _quiet_client(make_client("fuzz-fetch"))
     chunks = ChunkClient(client, DEVICE)  # subscribing waits for a connection: fine here
     window: queue.SimpleQueue[tuple[FetchHeader, bytes]] = queue.SimpleQueue()
-    rid = chunks._new_id(window)  # a window in flight, as a transfer opens it
+    rid = chunks.open_route(window)  # a window in flight, as a transfer opens it
     header = _HEADER.model_copy(update={"id": rid})
     honest = encode_response(header, b"abc")
     topic = chunks.resp_topic.encode()
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     # the callbacks' guards log the first refusal of each kind: thousands are provoked here
-    guard_log = logging.getLogger("agent.sync.mqtt")
+    guard_log = logging.getLogger("agent.common.mqtt")
     level = guard_log.level
     guard_log.setLevel(logging.ERROR)
     try:

@@ -72,7 +72,7 @@ def run_conformance() -> dict[str, Any]:
 
 def models(work: Path) -> list[dict[str, Any]]:
     """(name, onnx, precision files, input feed) of the models to build."""
-    from cloud_sync.quantize import quantize_int8
+    from cloud_sync.registry.quantize import quantize_int8
     from tests.harness.models import build_test_models
 
     built = build_test_models()

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from agent.api.openapi import render_openapi
 from agent.api.payload import PayloadError, identify, image_size, parse_npy
 from agent.api.server import resolve_token
+from agent.common.errors import ConfigError, ModelError
 from agent.config import parse_config
 from agent.engine.base import Backend
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import ConfigError, ModelError
 from agent.pipeline.model import RunnableModel, card_for_local_model
 from agent.pipeline.runner import Pipeline
 from agent.service import Agent

@@ -19,10 +19,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import tests.harness.fake_tensorrt as fake_trt
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, TensorSpec
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.engine.tensorrt import TensorRTBackend, build_engine, tensorrt_available
-from agent.errors import ModelError
 
 TRT_OK, TRT_WHY = tensorrt_available()
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.pipeline.backoff import Backoff
+from agent.common.backoff import Backoff
 from agent.pipeline.metrics import LatencyRing, PipelineMetrics
 from agent.pipeline.sources import Frame, LatestFrameSlot, parse_source
 

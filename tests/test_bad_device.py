@@ -27,7 +27,7 @@ import pytest
 
 from agent.protocol.fetch import FetchRequest
 from agent.protocol.topics import REGISTRY_SHARE_GROUP
-from agent.update.fetcher import ChunkClient
+from agent.update.transfer.client import ChunkClient
 from cloud_sync.pki import service_share_group
 from cloud_sync.registry.serve import ChunkServer
 from tests.harness.tls import ROOT, TlsFleet

@@ -27,13 +27,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import scripts.fleet_sim
 import scripts.fuzz_parsers
+from agent.common.mqtt import MAX_GUARD_REASONS, CallbackGuard, make_client
 from agent.config import UpdateConfig, parse_config
-from agent.protocol.fetch import MAX_HEADER, BadMessage, FetchRequest, decode_response
+from agent.protocol.fetch import MAX_HEADER, FetchRequest, decode_response
 from agent.protocol.schema import MESSAGES
 from agent.protocol.state import PipelineTarget
 from agent.protocol.topics import Topics
+from agent.protocol.wire import BadMessage
 from agent.service import Agent, read_status
-from agent.sync.mqtt import MAX_GUARD_REASONS, CallbackGuard, make_client
 from cloud_sync.deploy import DesiredPublisher, deploy
 from cloud_sync.registry.serve import ChunkServer
 from tests.harness.broker import Mosquitto
@@ -128,7 +129,7 @@ def test_guard_swallows_counts_and_logs_each_reason_once(caplog: pytest.LogCaptu
 
     wrapped = guard.wrap(on_thing)
     assert wrapped.__name__ == "on_thing"  # paho names the callback in its own log lines
-    with caplog.at_level(logging.DEBUG, logger="agent.sync.mqtt"):
+    with caplog.at_level(logging.DEBUG, logger="agent.common.mqtt"):
         for n in range(6):
             wrapped(n)
     assert calls == list(range(6))
@@ -188,7 +189,7 @@ def test_clients_log_and_swallow_callback_exceptions_that_nobody_guarded(
         client._handle_on_message(msg)  # what paho's network thread calls; nothing gets out
         client._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", "reset")
         client._easy_log(mqtt.MQTT_LOG_DEBUG, "Sending PINGREQ")
-    paho = [r for r in caplog.records if r.name == "agent.sync.mqtt.paho"]
+    paho = [r for r in caplog.records if r.name == "agent.common.mqtt.paho"]
     assert [r.levelname for r in paho] == ["ERROR"]
     assert "Caught exception" in paho[0].getMessage() and "recursion" in paho[0].getMessage()
 

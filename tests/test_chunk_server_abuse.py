@@ -24,19 +24,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.common.mqtt import make_client
 from agent.protocol.fetch import MAX_CHUNK
 from agent.protocol.topics import Topics
-from agent.sync.mqtt import make_client
-from agent.update.fetcher import ChunkClient
+from agent.update.transfer.client import ChunkClient
 from cloud_sync.registry.admission import (
     MAX_ANSWER_CHARGE,
     Admission,
     DeviceAccounts,
-    PathError,
     ServeLimits,
-    canonical_path,
 )
 from cloud_sync.registry.serve import ChunkServer
+from cloud_sync.registry.served_tree import PathError, canonical_path
 from tests.harness.broker import Mosquitto
 from tests.harness.util import wait_for
 from tests.test_transfer import RawDevice, _close, _connect

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.models import open_local_model
 from agent.profiles import get_profile
-from agent.service import open_local_model
 from cloud_sync.ingest.store import open_store
 
 BIN = Path(sys.executable).parent
@@ -128,7 +128,7 @@ def test_bench_json_has_the_documented_keys(test_models: dict[str, Path]) -> Non
 def test_dynamic_input_needs_input_size(test_models: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
-    from agent.errors import ModelError
+    from agent.common.errors import ModelError
 
     bare = tmp_path / "seg.onnx"  # copied alone: no card beside it
     shutil.copy(test_models["tinyseg"] / "model.onnx", bare)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.common.errors import ConfigError
 from agent.config import AgentConfig, OnnxRuntimeEngine, load_config, parse_config
-from agent.errors import ConfigError
 
 EXAMPLE = """
 device_id = "cam-01"
@@ -105,7 +105,8 @@ def test_every_field_is_described() -> None:
                 continue
             assert f.description, f"{model.__name__}.{name} has no description"
 
-    from agent.config import AutoEngine, PipelineConfig, SinkConfig, TensorRTEngine
+    from agent.config import AutoEngine, TensorRTEngine
+    from agent.pipeline.config import PipelineConfig, SinkConfig
 
     for m in (
         AgentConfig,

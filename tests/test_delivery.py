@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.protocol.desired import sign_desired
 from agent.protocol.state import DesiredState, PipelineTarget
 from agent.service import Agent
-from agent.update.desired import sign_desired
+from agent.testhooks import TestHooks
 from cloud_sync.registry.keys import generate_signer
 from cloud_sync.registry.publish import publish
 from tests.harness.fleet import DEVICE, Fleet
@@ -373,7 +374,7 @@ def test_engine_build_that_dies_is_rejected(fleet: Fleet) -> None:
     agent = fleet.start_agent()
     fleet.deploy("digits@1.0.0")
     fleet.wait_phase("committed", version="1.0.0")
-    agent.build_test_opts["_test_crash"] = "SIGKILL"  # the build's child process is killed
+    agent.hooks = TestHooks(build_crash="SIGKILL")  # the build's child process is killed
     fleet.deploy("digits@1.1.0")
     rep = fleet.wait_phase("rejected", version="1.1.0")
     assert "1.1.0 rejected" in rep.last_error and "build" in rep.last_error.lower(), rep.last_error

@@ -14,6 +14,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.protocol.desired import (
+    DesiredRejected,
+    Verdict,
+    desired_keys_from_root,
+    sign_desired,
+    verify_desired,
+)
 from agent.protocol.state import (
     MAX_REVISION,
     MAX_REVISION_STEP,
@@ -22,13 +29,6 @@ from agent.protocol.state import (
     SignedDesired,
 )
 from agent.protocol.topics import Topics
-from agent.update.desired import (
-    DesiredRejected,
-    Verdict,
-    desired_keys_from_root,
-    sign_desired,
-    verify_desired,
-)
 from cloud_sync.deploy import DesiredPublisher, deploy, last_issued
 from cloud_sync.registry.keys import RegistryError, generate_signer
 from cloud_sync.registry.repo import Repository

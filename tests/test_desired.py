@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
-from agent.errors import BadDataError
-from agent.protocol.fetch import BadMessage
+from agent.common.errors import BadDataError
+from agent.protocol.desired import (
+    ROOT_FIELD,
+    DesiredKeysError,
+    DesiredRejected,
+    Verdict,
+    desired_keys_from_root,
+    sign_desired,
+    verify_desired,
+)
 from agent.protocol.state import (
-    MAX_MESSAGE,
     DesiredState,
     DeviceState,
     PipelineReport,
@@ -26,15 +33,7 @@ from agent.protocol.state import (
     SignedDesired,
     UpdatePhase,
 )
-from agent.update.desired import (
-    ROOT_FIELD,
-    DesiredKeysError,
-    DesiredRejected,
-    Verdict,
-    desired_keys_from_root,
-    sign_desired,
-    verify_desired,
-)
+from agent.protocol.wire import MAX_MESSAGE, BadMessage
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

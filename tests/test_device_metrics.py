@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.common.errors import EdgefleetError
 from agent.config import parse_config
-from agent.errors import EdgefleetError
 from agent.service import Agent
 from agent.telemetry.prometheus import TelemetryCollector
 from agent.telemetry.reporter import TelemetrySnapshot

@@ -14,18 +14,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.common.errors import EngineBuildError, ModelError
+from agent.common.fsutil import sha256_file
 from agent.engine.build import get_or_build, load_backend, make_key
-from agent.engine.cache import (
-    ENGINE_FILE,
-    META_FILE,
-    EngineCache,
-    EngineKey,
-    canonical_options,
-    canonical_profiles,
-    sha256_file,
-)
+from agent.engine.cache import ENGINE_FILE, META_FILE, EngineCache
+from agent.engine.cache_key import EngineKey, canonical_options, canonical_profiles
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import EngineBuildError, ModelError
+from agent.testhooks import TestHooks
 
 CPU = ["CPUExecutionProvider"]
 
@@ -285,7 +280,7 @@ def test_onnxruntime_build_caches_an_optimised_model(cache: EngineCache, model: 
 
 
 def test_build_that_times_out_is_killed_and_leaves_nothing(cache: EngineCache, model: Path) -> None:
-    k = ort_key(model, _test_sleep_s=60)
+    k = ort_key(model)
     started = time.monotonic()
     with pytest.raises(EngineBuildError) as err:
         get_or_build(
@@ -296,7 +291,7 @@ def test_build_that_times_out_is_killed_and_leaves_nothing(cache: EngineCache, m
             precision="fp32",
             timeout_s=1.0,
             providers=CPU,
-            _test_sleep_s=60,
+            hooks=TestHooks(build_sleep_s=60),
         )
     assert err.value.reason == "timeout" and "1 s" in str(err.value)
     assert time.monotonic() - started < 10
@@ -307,7 +302,7 @@ def test_build_that_times_out_is_killed_and_leaves_nothing(cache: EngineCache, m
 def test_build_process_crash_is_reported(
     cache: EngineCache, model: Path, crash: object, expected: str
 ) -> None:
-    k = ort_key(model, _test_crash=crash)
+    k = ort_key(model)
     with pytest.raises(EngineBuildError) as err:
         get_or_build(
             cache,
@@ -317,7 +312,7 @@ def test_build_process_crash_is_reported(
             precision="fp32",
             timeout_s=30,
             providers=CPU,
-            _test_crash=crash,
+            hooks=TestHooks(build_crash=crash),
         )
     assert err.value.reason == "crash" and expected in str(err.value)
     assert list(cache.root.iterdir()) == []  # the child's partial file is gone
@@ -431,8 +426,9 @@ def test_a_build_child_dies_with_its_agent(tmp_path: Path, test_models: dict[str
     code = (
         "import sys\n"
         "from agent.engine.build import load_backend\n"
+        "from agent.testhooks import TestHooks\n"
         "load_backend(sys.argv[1], backend='onnxruntime', cache_dir=sys.argv[2],"
-        " platform={}, _test_sleep_s=60)\n"
+        " platform={}, hooks=TestHooks(build_sleep_s=60))\n"
     )
     agent = subprocess.Popen(
         [sys.executable, "-c", code, str(test_models["digits"] / "model.onnx"), str(tmp_path)]

@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 
 import scripts.crash_suite
-from agent.errors import TransportError
+from agent.common.errors import TransportError
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink
 from agent.pipeline.sources import parse_source
@@ -124,8 +124,8 @@ def test_stale_temps_of_killed_writes_are_swept_at_start(tmp_path: Path) -> None
     """A kill between an atomic write's temp file and its rename leaves the temp file (the
     crash suite found .status.json.*.tmp piling up, one per unlucky kill): the agent's start
     removes its own, and the TUF client python-tuf's, and nothing else."""
+    from agent.common.fsutil import atomic_write_json, remove_stale_temps
     from agent.config import parse_config
-    from agent.fsutil import atomic_write_json, remove_stale_temps
     from agent.service import Agent
     from agent.update.tuf_client import TufClient
 
@@ -255,7 +255,7 @@ def test_an_engine_build_on_a_full_disk_says_so(
 ) -> None:
     """ONNX Runtime reports a full disk while writing the optimised model as "Protobuf
     serialization failed"; the build turns that into ENOSPC (retryable), not a bad model."""
-    from agent.engine.build import _build_onnxruntime
+    from agent.engine.build_child import _build_onnxruntime
 
     with tmpfs(tmp_path / "engines", "1m") as d:
         fill(d)

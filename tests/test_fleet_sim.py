@@ -184,7 +184,7 @@ def test_sim_model_check_runs_once_per_content(
     install the same bytes), and still refuses bytes that are not ONNX."""
     import onnx
 
-    from agent.errors import ModelError
+    from agent.common.errors import ModelError
     from tests.harness.sim import engine
 
     calls: list[int] = []

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
-from agent.update.fetcher import ChunkClient, FetchStoppedError
-from cloud_sync.registry.serve import Admission, ChunkServer, _Clocks, _Job
+from agent.update.transfer.client import ChunkClient
+from agent.update.transfer.errors import FetchStoppedError
+from cloud_sync.registry.gate import Clocks, Job
+from cloud_sync.registry.serve import Admission, ChunkServer
 from tests.harness.broker import Mosquitto
 from tests.harness.util import wait_for
 from tests.test_transfer import RawDevice, _close, _connect
@@ -71,7 +73,7 @@ def test_admission_forgets_idle_transfers_and_absent_waiters() -> None:
 
 
 def test_clock_skew_cancels_out() -> None:
-    clocks = _Clocks()
+    clocks = Clocks()
     skew = -3600.0  # the device's clock is an hour behind
     assert clocks.delay("d", 1000.0 + skew, 1000.05, learn=True) == 0.0
     assert clocks.delay("d", 1001.0 + skew, 1001.05, learn=True) == pytest.approx(0.0, abs=0.02)
@@ -170,13 +172,13 @@ def test_a_transfer_waiting_in_line_does_not_poll_fast(repo: Path) -> None:
     fake = FakeBroker(busy_then_serve(repo, 1, retry_after_s=1.2))
     cc = ChunkClient(fake, "dev1", rng=random.Random(0))  # type: ignore[arg-type]
     wakes = [0]
-    connected = cc._connected
+    connected = cc.connected
 
     def counting() -> bool:
         wakes[0] += 1
         return connected()
 
-    cc._connected = counting  # type: ignore[method-assign]
+    cc.connected = counting  # type: ignore[method-assign]
     t0 = time.monotonic()
     assert cc.fetch_range("targets/f.bin", 0, 100).data == b"y" * 100
     assert time.monotonic() - t0 >= 1.2 * 0.8
@@ -348,7 +350,7 @@ class DroppingServer(ChunkServer):
 
     drop: set[int]
 
-    def _intake(self, topic: str, payload: bytes) -> _Job | None:
+    def _intake(self, topic: str, payload: bytes) -> Job | None:
         offset = json.loads(payload).get("offset")
         if offset in self.drop:
             self.drop.discard(offset)
@@ -414,8 +416,8 @@ def test_timeout_adapts_to_measured_round_trips(
 
 
 def test_replica_names_are_topic_safe_and_parse_back() -> None:
-    from agent.protocol.fetch import BadMessage
     from agent.protocol.topics import Topics
+    from agent.protocol.wire import BadMessage
 
     t = Topics()
     topic = t.replica_requests("dev1", "registry-a")
@@ -440,7 +442,7 @@ class SlowServer(ChunkServer):
 
     delay_s = 0.004
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         time.sleep(self.delay_s)
         super()._finish(job)
 

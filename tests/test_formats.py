@@ -239,7 +239,7 @@ def test_class_agnostic_nms_keeps_one_box_per_place() -> None:
 
 
 def test_match_detections_needs_the_same_class_and_overlap() -> None:
-    from cloud_sync.quantize import match_detections
+    from cloud_sync.registry.quantize import match_detections
 
     ref = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0, 1]))
     same = (np.array([[0, 0, 10, 11], [20, 20, 30, 30]], float), np.array([0, 1]))

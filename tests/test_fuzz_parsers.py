@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, find, settings
 
 import scripts.fuzz_parsers
+from agent.common.errors import ConfigError
+from agent.common.mqtt import CallbackGuard, make_client
 from agent.config import load_config
-from agent.errors import ConfigError
 from agent.protocol.schema import EXAMPLES
-from agent.sync.mqtt import CallbackGuard, make_client
 
 FUZZ = scripts.fuzz_parsers
 

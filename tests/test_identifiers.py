@@ -13,7 +13,7 @@ from agent.engine.cache import _SHA256_RE
 from agent.protocol.topics import valid_device_id
 from cloud_sync.deploy import parse_ref
 from cloud_sync.registry.keys import RegistryError
-from cloud_sync.registry.repo import _ROOT_FILE, _TARGET_PATH
+from cloud_sync.registry.metadata import ROOT_FILE, TARGET_PATH
 from cloud_sync.rollout.target import _NAME
 
 
@@ -28,9 +28,9 @@ def test_device_ids_with_newlines_refused(bad: str) -> None:
 
 
 def test_other_identifiers_refuse_a_trailing_newline() -> None:
-    assert _TARGET_PATH.match("models/det/1.0.0/model.onnx")
-    assert not _TARGET_PATH.match("models/det/1.0.0/model.onnx\n")
-    assert _ROOT_FILE.match("2.root.json") and not _ROOT_FILE.match("2.root.json\n")
+    assert TARGET_PATH.match("models/det/1.0.0/model.onnx")
+    assert not TARGET_PATH.match("models/det/1.0.0/model.onnx\n")
+    assert ROOT_FILE.match("2.root.json") and not ROOT_FILE.match("2.root.json\n")
     assert _SHA256_RE.match("a" * 64) and not _SHA256_RE.match("a" * 64 + "\n")
     assert _NAME.match("canary") and not _NAME.match("canary\n")
     assert parse_ref("det@1.4.0").version == "1.4.0"

@@ -11,21 +11,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from agent.protocol.schema import EXAMPLES
-from cloud_sync.ingest.store import (
-    DEAD_LETTER_KEEP,
-    DEVICE_TELEMETRY,
-    EVENTS,
-    LATEST,
-    BadRecord,
-    Store,
-    dead_letter_row,
-    make_engine,
-    migrate,
-    open_store,
-    schema_version,
-)
+from cloud_sync.ingest.db import make_engine
+from cloud_sync.ingest.rows import DEAD_LETTER_KEEP, BadRecord, dead_letter_row
+from cloud_sync.ingest.schema import DEVICE_TELEMETRY, EVENTS, LATEST, migrate, schema_version
+from cloud_sync.ingest.store import Store, open_store
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -24,21 +24,21 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel
 
-from agent.protocol.fetch import BadMessage
 from agent.protocol.schema import EXAMPLES, EXTRA_EXAMPLES
 from agent.protocol.state import DeviceState, ReportedState, UpdatePhase
 from agent.protocol.telemetry import InferenceEvent, Telemetry
 from agent.protocol.topics import Topics
+from agent.protocol.wire import BadMessage
 from cloud_sync.ingest.flow import Received
-from cloud_sync.ingest.store import (
+from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
     DEVICE_TELEMETRY,
     DEVICES,
     EVENTS,
     PIPELINE_STATE,
     TELEMETRY,
-    Store,
 )
+from cloud_sync.ingest.store import Store
 from cloud_sync.ingest.worker import IngestWorker
 from tests.harness.broker import Mosquitto
 from tests.harness.util import wait_for

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import BadDataError
-from agent.sync.mqtt import make_client
+from agent.common.errors import BadDataError
+from agent.common.mqtt import make_client
 from agent.telemetry.outbox import Outbox, OutboxSender, plan_drop, row_size
 from tests.harness.broker import Mosquitto
 from tests.harness.util import wait_for

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.common.errors import SourceError
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import SourceError
 from agent.pipeline.model import RunnableModel, card_for_local_model
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink, JsonlSink

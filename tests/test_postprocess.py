@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 from agent.pipeline.postprocess import (
     Classification,
     Detection,

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.common.errors import ModelError
 from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.engine.precision import (
     Measurement,
@@ -18,7 +19,6 @@ from agent.engine.precision import (
     choose_precision,
     measure_variant,
 )
-from agent.errors import ModelError
 
 ALL = ("fp32", "fp16", "int8")
 BOTH_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import BadDataError, ModelError
+from agent.common.errors import BadDataError, ModelError
 from agent.pipeline.preprocess import FrameTransform, Preprocessor, input_spec_from_shape
 from agent.protocol.card import InputSpec
 

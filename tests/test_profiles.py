@@ -11,18 +11,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
+from agent.profile_detect import (
+    detect_profile,
+    detect_profile_name,
+    parse_l4t_release,
+    read_detection_files,
+)
 from agent.profiles import (
     DeviceProfile,
     Precision,
     builtin_profiles,
-    detect_profile,
-    detect_profile_name,
     get_profile,
     load_profile,
     override_profile,
-    parse_l4t_release,
-    read_detection_files,
     validate_profile,
 )
 from agent.protocol.card import Precision as CardPrecision

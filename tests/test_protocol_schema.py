@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.pipeline.metrics import PipelineMetrics
 from agent.protocol import CONTRACT_VERSION
-from agent.protocol.fetch import BadMessage, FetchRequest
+from agent.protocol.fetch import FetchRequest
 from agent.protocol.schema import (
     EXAMPLES,
     EXTRA_EXAMPLES,
@@ -25,7 +25,6 @@ from agent.protocol.schema import (
     rendered_files,
     schemas,
 )
-from agent.protocol.state import MAX_MESSAGE
 from agent.protocol.telemetry import (
     InferenceEvent,
     PipelineTelemetry,
@@ -33,6 +32,7 @@ from agent.protocol.telemetry import (
     pipeline_telemetry_from_status,
 )
 from agent.protocol.topics import KINDS
+from agent.protocol.wire import MAX_MESSAGE, BadMessage
 from cloud_sync.schema_cmd import add_schema_command
 
 ROOT = Path(__file__).resolve().parent.parent

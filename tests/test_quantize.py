@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from agent.errors import ModelError
-from cloud_sync.quantize import GateResult, accuracy_gate, quantize_int8
+from agent.common.errors import ModelError
+from cloud_sync.registry.quantize import GateResult, accuracy_gate, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_gate_runs_int8_as_simulated_quantization_not_the_cpus_integer_kernels(
     (AVX2 without VNNI saturates); the gate's session must run Q/DQ + float Conv only."""
     import onnxruntime as ort
 
-    from cloud_sync.quantize import simulated_session
+    from cloud_sync.registry.quantize import simulated_session
 
     q = quantize_int8(
         test_models["digits"] / "model.onnx", tmp_path / "q.onnx", digits_inputs[:100]

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.common.errors import ConfigError
 from agent.config import parse_config
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import ConfigError
 from agent.pipeline.analytics import pipeline_options
 from agent.pipeline.gating import FrameGate, MotionGate, RateGate, gate_from_config
 from agent.pipeline.model import RunnableModel, card_for_local_model

@@ -32,21 +32,12 @@ from tuf.ngclient import FetcherInterface, Updater
 
 from agent.protocol.card import ModelCard
 from agent.update.tuf_client import TufClient
+from cloud_sync.registry.catalog import card_from_custom, list_models, parse_semver
 from cloud_sync.registry.commands import ProgressBar, add_registry_commands, parse_size
 from cloud_sync.registry.keys import load_signer
-from cloud_sync.registry.publish import (
-    PublishResult,
-    card_from_custom,
-    list_models,
-    parse_semver,
-    publish,
-)
-from cloud_sync.registry.repo import (
-    DESIRED_FIELD,
-    RegistryError,
-    Repository,
-    parse_desired_trust,
-)
+from cloud_sync.registry.metadata import DESIRED_FIELD, parse_desired_trust
+from cloud_sync.registry.publish import PublishResult, publish
+from cloud_sync.registry.repo import RegistryError, Repository
 
 
 class FileFetcher(FetcherInterface):

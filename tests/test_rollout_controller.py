@@ -18,9 +18,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.protocol.desired import desired_keys_from_root, verify_desired
 from agent.protocol.state import DesiredState, SignedDesired
 from agent.protocol.topics import Topics
-from agent.update.desired import desired_keys_from_root, verify_desired
 from cloud_sync.deploy import DesiredPublisher, last_issued
 from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.registry.repo import Repository

@@ -15,10 +15,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.config import parse_config
-from agent.protocol.fetch import BadMessage
 from agent.protocol.schema import EXAMPLES
 from agent.protocol.telemetry import Snapshot
 from agent.protocol.topics import Topics
+from agent.protocol.wire import BadMessage
 from agent.service import Agent
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.snapshots import SnapshotSink, encode_jpeg

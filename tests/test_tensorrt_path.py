@@ -20,8 +20,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import tests.harness.fake_tensorrt as fake
+from agent.common.errors import ModelError
 from agent.engine.precision import candidate_precisions, variant_file
-from agent.errors import ModelError
 from tests.harness.util import ROOT
 
 
@@ -128,7 +128,7 @@ def test_tensorrt_11_builds_int8_from_qdq_without_flags_and_refuses_fp16_from_fp
     from agent.engine.tensorrt import build_engine, weak_typing
 
     assert not weak_typing(trt) and not hasattr(trt.BuilderFlag, "FP16")
-    from cloud_sync.quantize import quantize_int8
+    from cloud_sync.registry.quantize import quantize_int8
 
     digits = test_models["digits"] / "model.onnx"
     with np.load(test_models["digits"] / "test_set.npz") as z:
@@ -203,8 +203,8 @@ def test_the_agents_own_path_builds_in_a_child_caches_and_passes_engine_settings
     TensorRTBackend; workspace_mb, dla_core and a profile from input_size reach the builder."""
     fake.install(monkeypatch)  # this process: the same fake, with driver state to inspect
     from agent.config import TensorRTEngine
+    from agent.models import open_local_model
     from agent.profiles import get_profile
-    from agent.service import open_local_model
 
     model = _conv_model(tmp_path / "dyn.onnx", dynamic=True)
     cache = tmp_path / "cache"
@@ -245,7 +245,7 @@ def test_a_child_build_whose_builder_fails_is_a_model_error(
     fake.install(monkeypatch)
     monkeypatch.setenv("EDGEFLEET_FAKE_TRT_FAIL", "Builder")
     from agent.config import TensorRTEngine
-    from agent.service import open_local_model
+    from agent.models import open_local_model
 
     with pytest.raises(ModelError, match="could not create a builder"):
         open_local_model(

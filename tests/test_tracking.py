@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import LineConfig, TrackingConfig, ZoneConfig
 from agent.pipeline.analytics import FrameAnalytics
+from agent.pipeline.config import LineConfig, TrackingConfig, ZoneConfig
 from agent.pipeline.postprocess import Detection, Result
 from agent.pipeline.scene import SCENE, detections, ground_truth, id_switches
 from agent.pipeline.tracking import Tracker, TrackParams, TrackState, tracker_from_config
@@ -131,7 +131,7 @@ def test_tracks_end_in_tracked_lost_or_ended_states_only() -> None:
 
 
 def test_pipeline_config_turns_tracking_on_with_zones(tmp_path: Path) -> None:
-    from agent.config import PipelineConfig
+    from agent.pipeline.config import PipelineConfig
 
     cfg = PipelineConfig.model_validate(
         {"name": "p", "source": 0, "model": "m.onnx",

@@ -26,18 +26,18 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
+from agent.common.mqtt import make_client, parse_broker_url
 from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
 from agent.protocol.topics import Topics
-from agent.sync.mqtt import make_client, parse_broker_url
-from agent.update.fetcher import (
-    ChunkClient,
+from agent.update.transfer.client import ChunkClient
+from agent.update.transfer.errors import (
     FileTooLargeError,
-    MqttFetcher,
     RemoteNotFoundError,
     RequestRefusedError,
-    resume_key,
 )
+from agent.update.transfer.partial import resume_key
+from agent.update.transfer.tuf_fetcher import MqttFetcher
 from cloud_sync.registry.serve import ChunkServer, resolve_repo_path
 from tests.harness.broker import Mosquitto
 from tests.harness.util import wait_for
@@ -354,7 +354,7 @@ def test_checkpoints_in_the_middle_only(
 ) -> None:
     """A sidecar is written every ``checkpoint_bytes`` but not at the end of the file, where
     ``finish`` deletes it at once (its write would cost three fsyncs for nothing)."""
-    import agent.update.fetcher as fetcher_mod
+    import agent.update.transfer.partial as fetcher_mod
 
     fake, blob = fake_repo  # 20 KiB + 5 bytes
     written: list[int] = []

@@ -17,7 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from agent.protocol.topics import Topics
-from cloud_sync.ingest.store import TELEMETRY, Store, make_engine, open_store
+from cloud_sync.ingest.db import make_engine
+from cloud_sync.ingest.schema import TELEMETRY
+from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.ingest.web import FleetWebServer, serve_web
 from tests.harness.broker import Mosquitto
 from tests.harness.util import free_port, terminate, wait_for

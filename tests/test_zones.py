@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import LineConfig, ZoneConfig, parse_config
+from agent.common.errors import ConfigError
+from agent.config import parse_config
 from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.errors import ConfigError
 from agent.pipeline.analytics import FrameAnalytics, pipeline_options
+from agent.pipeline.config import LineConfig, ZoneConfig
 from agent.pipeline.model import RunnableModel, card_for_local_model
 from agent.pipeline.postprocess import Detection, Result
 from agent.pipeline.runner import Pipeline

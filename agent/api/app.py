@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -285,6 +285,13 @@ def create_app(
     app.state.gate = gate
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    _add_error_handlers(app)
+    _add_routes(app, gate, _authorizer(token))
+    return app
+
+
+def _authorizer(token: str | None) -> Callable[[Request], None]:
+    """The bearer-token check the secured routes call (no-op without a token)."""
     expected = token.encode() if token is not None else None
 
     def authorize(request: Request) -> None:
@@ -300,6 +307,12 @@ def create_app(
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    return authorize
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON ``{"error": "..."}``."""
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> Response:
         return JSONResponse({"error": e.message}, e.status, headers=e.headers)
@@ -312,6 +325,10 @@ def create_app(
     async def _invalid(_: Request, e: RequestValidationError) -> Response:
         parts = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         return JSONResponse({"error": "; ".join(parts) or "invalid request"}, 422)
+
+
+def _add_routes(app: FastAPI, gate: InferenceGate, authorize: Callable[[Request], None]) -> None:
+    """The health, readiness, model list and inference routes."""
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -362,8 +379,6 @@ def create_app(
         pipe = gate.resolve(name)
         payload = await _read_payload(request)
         return JSONResponse(await gate.infer(pipe, payload))
-
-    return app
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agent.api.payload import Payload, PayloadError, decode_image, parse_npy
-from agent.errors import BadDataError, ModelError
+from agent.common.errors import BadDataError, ModelError
 from agent.pipeline.model import RunnableModel
 from agent.pipeline.runner import Pipeline, result_event
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 
 Kind = Literal["jpeg", "png", "npy"]
 

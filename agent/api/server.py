@@ -19,8 +19,8 @@ from fastapi import FastAPI
 
 from agent.api.app import create_app
 from agent.api.guard import GuardStats, guarded_protocol
+from agent.common.errors import ConfigError, EdgefleetError
 from agent.config import ApiConfig
-from agent.errors import ConfigError, EdgefleetError
 from agent.pipeline.runner import Pipeline
 
 log = logging.getLogger(__name__)

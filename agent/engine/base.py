@@ -9,12 +9,12 @@ override only ``_run`` (the python-tuf ``FetcherInterface`` shape).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,3 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def dtype_of(spec: Sequence[TensorSpec], name: str) -> np.dtype:
-    """The NumPy dtype of the named tensor."""
-    for s in spec:
-        if s.name == name:
-            return np.dtype(s.dtype)
-    raise KeyError(name)

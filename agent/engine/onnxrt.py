@@ -10,11 +10,12 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, BackendInfo, TensorSpec
-from agent.errors import ModelError
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -44,6 +45,70 @@ def _spec(nodes: Sequence[object]) -> tuple[TensorSpec, ...]:
         shape = tuple(d if isinstance(d, int) else None for d in n.shape)  # type: ignore[attr-defined]
         out.append(TensorSpec(n.name, shape, _ORT_DTYPES.get(n.type, "float32")))  # type: ignore[attr-defined]
     return tuple(out)
+
+
+def _wanted_providers(providers: Sequence[str] | None, model_name: str) -> list[str]:
+    """The providers asked for (``None``: the best available, in preference order).
+
+    Raises:
+        ModelError: (reason ``"provider"``) a provider is not in this ONNX Runtime build.
+    """
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    wanted = list(providers) if providers else [p for p in _PROVIDER_ORDER if p in have]
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        raise ModelError(
+            f"execution providers {missing} are not in this onnxruntime build (has {have})",
+            model=model_name,
+            reason="provider",
+        )
+    return wanted
+
+
+def _session_options(
+    model_path: str | os.PathLike[str],
+    threads: int,
+    optimized_cache: str | os.PathLike[str] | None,
+) -> tuple[Any, str]:
+    """(session options, file to load): the optimised graph when cached, else the model
+    (saving its optimised graph to ``optimized_cache``)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model_to_load = str(model_path)
+    if optimized_cache is not None:
+        cache = Path(optimized_cache)
+        if cache.exists():
+            model_to_load = str(cache)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        else:
+            opts.optimized_model_filepath = str(cache)
+    return opts, model_to_load
+
+
+def _provider_args(wanted: list[str], precision: str) -> list[object]:
+    """``providers=`` for the session: TensorRT's with FP16/INT8 set by ``precision``."""
+    provider_args: list[object] = []
+    for p in wanted:
+        if p == "TensorrtExecutionProvider":
+            provider_args.append(
+                (
+                    p,
+                    {
+                        "trt_fp16_enable": precision == "fp16",
+                        "trt_int8_enable": precision == "int8",
+                    },
+                )
+            )
+        else:
+            provider_args.append(p)
+    return provider_args
 
 
 class OnnxRuntimeBackend(Backend):
@@ -76,42 +141,9 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         self.model_name = model_name or str(model_path)
-        have = ort.get_available_providers()
-        wanted = list(providers) if providers else [p for p in _PROVIDER_ORDER if p in have]
-        missing = [p for p in wanted if p not in have]
-        if missing:
-            raise ModelError(
-                f"execution providers {missing} are not in this onnxruntime build (has {have})",
-                model=self.model_name,
-                reason="provider",
-            )
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        model_to_load = str(model_path)
-        if optimized_cache is not None:
-            cache = Path(optimized_cache)
-            if cache.exists():
-                model_to_load = str(cache)
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            else:
-                opts.optimized_model_filepath = str(cache)
-        provider_args: list[object] = []
-        for p in wanted:
-            if p == "TensorrtExecutionProvider":
-                provider_args.append(
-                    (
-                        p,
-                        {
-                            "trt_fp16_enable": precision == "fp16",
-                            "trt_int8_enable": precision == "int8",
-                        },
-                    )
-                )
-            else:
-                provider_args.append(p)
+        wanted = _wanted_providers(providers, self.model_name)
+        opts, model_to_load = _session_options(model_path, threads, optimized_cache)
+        provider_args = _provider_args(wanted, precision)
         if not Path(model_path).is_file():
             raise ModelError(
                 f"model file {model_path} does not exist", model=self.model_name, reason="load"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend
-from agent.errors import ModelError
 
 # Highest precision first: the order of preference on a tie.
 PRECISION_ORDER: tuple[str, ...] = ("fp32", "fp16", "int8")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 
 __all__ = ["Shape", "fixed_profiles", "onnx_input_shapes"]
 

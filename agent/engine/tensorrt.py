@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, BackendInfo, TensorSpec
 from agent.engine.trt_build import Profiles, ProgressFn, build_engine
 from agent.engine.trt_common import (
@@ -38,7 +39,6 @@ from agent.engine.trt_common import (
     version_supported,
     weak_typing,
 )
-from agent.errors import ModelError
 
 __all__ = [
     "MAX_MAJOR",

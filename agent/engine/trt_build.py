@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.common.errors import ModelError
 from agent.engine.trt_common import _create, _import_tensorrt, _make_logger, weak_typing
-from agent.errors import ModelError
 
 log = logging.getLogger("agent.engine.tensorrt")
 

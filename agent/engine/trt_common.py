@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 
 log = logging.getLogger("agent.engine.tensorrt")
 

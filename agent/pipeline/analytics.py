@@ -21,7 +21,7 @@ from agent.pipeline.tracking import Tracker, tracker_from_config
 from agent.pipeline.zones import RegionCounter
 
 if TYPE_CHECKING:
-    from agent.config import LineConfig, PipelineConfig, ZoneConfig
+    from agent.pipeline.config import LineConfig, PipelineConfig, ZoneConfig
 
 __all__ = ["FrameAnalytics", "pipeline_options"]
 

@@ -26,12 +26,11 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from agent.config import MotionConfig, PipelineConfig
+    from agent.pipeline.config import MotionConfig, PipelineConfig
 
 __all__ = ["FrameGate", "MotionGate", "RateGate", "SkipReason", "gate_from_config"]
 
-SkipReason = Literal["max_fps", "no_motion"]
-SKIP_REASONS: tuple[SkipReason, ...] = ("max_fps", "no_motion")
+SkipReason = Literal["max_fps", "no_motion"]  # agent.protocol.telemetry.SkipReason
 U8 = npt.NDArray[np.uint8]
 
 

@@ -13,9 +13,6 @@ from typing import Any
 
 import numpy as np
 
-STAGES = (
-    "capture_wait", "preprocess", "infer", "postprocess", "track", "sink", "overhead", "age",
-)  # fmt: skip
 COUNTERS = (
     "frames_read",
     "frames_inferred",
@@ -23,7 +20,7 @@ COUNTERS = (
     "reconnects",
     "errors",
     "source_failures",
-    "frames_skipped_max_fps",  # agent.pipeline.gating.SKIP_REASONS
+    "frames_skipped_max_fps",  # agent.protocol.telemetry.SkipReason
     "frames_skipped_no_motion",
 )
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.common.errors import BadDataError, ModelError
 from agent.engine.base import Backend
-from agent.errors import BadDataError, ModelError
 from agent.pipeline.postprocess import Postprocessor, Result, make_postprocessor
 from agent.pipeline.preprocess import (
     FrameTransform,

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 from agent.pipeline.detect import DecodeError, decode
 from agent.pipeline.preprocess import FrameTransform
 from agent.protocol.card import InputSpec, PostprocessSpec

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import BadDataError, ModelError
+from agent.common.errors import BadDataError, ModelError
 from agent.protocol.card import InputSpec
 
 __all__ = [
@@ -347,6 +347,81 @@ def _static(d: int | str | None) -> int | None:
     return d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
 
 
+def _image_layout(
+    dims: tuple[int | str | None, ...],
+) -> tuple[Literal["nchw", "nhwc"], int | str | None, int | str | None, bool]:
+    """(layout, height dim, width dim, one channel) of a batch-1 image input's shape.
+
+    Raises:
+        ModelError: (reason ``"shape"``) not rank 4, a batch fixed above 1, or no 1 or 3
+            channels at dim 1 or dim 3.
+    """
+    if len(dims) != 4:
+        raise ModelError(
+            f"model input has shape {list(dims)}, expected rank 4 (NCHW or NHWC image)",
+            reason="shape",
+        )
+    batch = _static(dims[0])
+    if batch is not None and batch != 1:
+        raise ModelError(
+            f"model input batch is fixed at {batch}, expected 1 or dynamic", reason="shape"
+        )
+    d1, d3 = _static(dims[1]), _static(dims[3])
+    layout: Literal["nchw", "nhwc"]
+    if d1 in (1, 3):
+        layout, h_dim, w_dim = "nchw", dims[2], dims[3]
+    elif d3 in (1, 3):
+        layout, h_dim, w_dim = "nhwc", dims[1], dims[2]
+    else:
+        raise ModelError(
+            f"model input has shape {list(dims)}: expected 1 or 3 channels at dim 1 (NCHW) "
+            "or dim 3 (NHWC)",
+            reason="shape",
+        )
+    gray = (d1 if layout == "nchw" else d3) == 1
+    return layout, h_dim, w_dim, gray
+
+
+def _spatial_size(
+    dims: tuple[int | str | None, ...],
+    h_dim: int | str | None,
+    w_dim: int | str | None,
+    input_size: tuple[int, int] | None,
+) -> tuple[int, int]:
+    """(width, height): the fixed dims, or ``input_size`` where they are dynamic.
+
+    Raises:
+        ModelError: (reason ``"shape"``) dynamic with no ``input_size``, ``input_size``
+            contradicting a fixed dim, or a side out of range.
+    """
+    height, width = _static(h_dim), _static(w_dim)
+    if input_size is not None:
+        iw, ih = input_size
+        if not (0 < iw <= _MAX_SIDE and 0 < ih <= _MAX_SIDE):
+            raise ModelError(
+                f"input size {iw}x{ih} is out of range, expected 1..{_MAX_SIDE} per side",
+                reason="shape",
+            )
+        if (width is not None and width != iw) or (height is not None and height != ih):
+            raise ModelError(
+                f"model input is fixed at {width or '?'}x{height or '?'} (WxH) but input size "
+                f"{iw}x{ih} was given; drop --input-size or pass a matching one",
+                reason="shape",
+            )
+        width, height = iw, ih
+    if width is None or height is None:
+        raise ModelError(
+            f"model input has dynamic spatial size (shape {list(dims)}); pass --input-size WxH",
+            reason="shape",
+        )
+    if width > _MAX_SIDE or height > _MAX_SIDE:
+        raise ModelError(
+            f"model input is {width}x{height}, expected at most {_MAX_SIDE} per side",
+            reason="shape",
+        )
+    return width, height
+
+
 def input_spec_from_shape(
     shape: tuple[int | str | None, ...],
     *,
@@ -378,54 +453,8 @@ def input_spec_from_shape(
             reason="dtype",
         )
     dims = tuple(shape)
-    if len(dims) != 4:
-        raise ModelError(
-            f"model input has shape {list(dims)}, expected rank 4 (NCHW or NHWC image)",
-            reason="shape",
-        )
-    batch = _static(dims[0])
-    if batch is not None and batch != 1:
-        raise ModelError(
-            f"model input batch is fixed at {batch}, expected 1 or dynamic", reason="shape"
-        )
-    d1, d3 = _static(dims[1]), _static(dims[3])
-    layout: Literal["nchw", "nhwc"]
-    if d1 in (1, 3):
-        layout, h_dim, w_dim = "nchw", dims[2], dims[3]
-    elif d3 in (1, 3):
-        layout, h_dim, w_dim = "nhwc", dims[1], dims[2]
-    else:
-        raise ModelError(
-            f"model input has shape {list(dims)}: expected 1 or 3 channels at dim 1 (NCHW) "
-            "or dim 3 (NHWC)",
-            reason="shape",
-        )
-    gray = (d1 if layout == "nchw" else d3) == 1
-    height, width = _static(h_dim), _static(w_dim)
-    if input_size is not None:
-        iw, ih = input_size
-        if not (0 < iw <= _MAX_SIDE and 0 < ih <= _MAX_SIDE):
-            raise ModelError(
-                f"input size {iw}x{ih} is out of range, expected 1..{_MAX_SIDE} per side",
-                reason="shape",
-            )
-        if (width is not None and width != iw) or (height is not None and height != ih):
-            raise ModelError(
-                f"model input is fixed at {width or '?'}x{height or '?'} (WxH) but input size "
-                f"{iw}x{ih} was given; drop --input-size or pass a matching one",
-                reason="shape",
-            )
-        width, height = iw, ih
-    if width is None or height is None:
-        raise ModelError(
-            f"model input has dynamic spatial size (shape {list(dims)}); pass --input-size WxH",
-            reason="shape",
-        )
-    if width > _MAX_SIDE or height > _MAX_SIDE:
-        raise ModelError(
-            f"model input is {width}x{height}, expected at most {_MAX_SIDE} per side",
-            reason="shape",
-        )
+    layout, h_dim, w_dim, gray = _image_layout(dims)
+    width, height = _spatial_size(dims, h_dim, w_dim, input_size)
     return InputSpec(
         width=width,
         height=height,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import cv2
 
-from agent.errors import BadDataError, ModelError
+from agent.common.errors import BadDataError, ModelError
 from agent.pipeline.analytics import FrameAnalytics
 from agent.pipeline.gating import FrameGate
 from agent.pipeline.metrics import PipelineMetrics

@@ -21,8 +21,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from agent.errors import SourceError
-from agent.pipeline.backoff import Backoff
+from agent.common.backoff import Backoff
+from agent.common.errors import SourceError
 from agent.pipeline.metrics import PipelineMetrics
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,7 @@ from agent.pipeline.kalman import BoxFilter, xyxy_to_z
 from agent.pipeline.postprocess import Detection
 
 if TYPE_CHECKING:
-    from agent.config import TrackingConfig
+    from agent.pipeline.config import TrackingConfig
 
 __all__ = [
     "Track",

@@ -35,18 +35,12 @@ import numpy.typing as npt
 from agent.pipeline.tracking import Track, TrackUpdate
 
 if TYPE_CHECKING:
-    from agent.config import LineConfig, ZoneConfig
+    from agent.pipeline.config import LineConfig, ZoneConfig
 
-__all__ = ["RegionCounter", "anchor_point", "points_in_polygon"]
+__all__ = ["RegionCounter", "points_in_polygon"]
 
 F64 = npt.NDArray[np.float64]
 Events = list[dict[str, Any]]
-
-
-def anchor_point(box: Sequence[float], anchor: str) -> tuple[float, float]:
-    """The point of a box (x1, y1, x2, y2) that a region tests: bottom centre or centre."""
-    x1, y1, x2, y2 = box
-    return ((x1 + x2) / 2, y2 if anchor == "bottom_center" else (y1 + y2) / 2)
 
 
 def points_in_polygon(points: F64, poly: F64) -> npt.NDArray[np.bool_]:

@@ -55,7 +55,7 @@ from pydantic import (
     model_serializer,
 )
 
-from agent.errors import BadDataError
+from agent.protocol.wire import BadMessage
 
 MAX_CHUNK = 256 * 1024  # hard cap on a window, whatever a device asks for
 MAX_HEADER = 4096
@@ -64,10 +64,6 @@ MAX_FILE = 1 << 40  # bytes of a registry file, and so of any offset or size on 
 _PATH_PATTERN = r"^(metadata|targets)/[A-Za-z0-9._/-]{1,512}$"
 _FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok", "sticky_ok")
 _REPLICA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # topic-safe, like a device id
-
-
-class BadMessage(BadDataError):
-    """A payload that does not parse or validate."""
 
 
 class FetchRequest(BaseModel):

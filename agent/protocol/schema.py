@@ -19,11 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agent.fsutil import atomic_write_bytes
+from agent.common.fsutil import atomic_write_bytes
 from agent.protocol import CONTRACT_VERSION
 from agent.protocol.fetch import MAX_CHUNK, MAX_FILE, MAX_HEADER, MAX_REQUEST, FetchRequest
 from agent.protocol.state import (
-    MAX_MESSAGE,
     DesiredState,
     DeviceState,
     PipelineReport,
@@ -47,6 +46,7 @@ from agent.protocol.telemetry import (
     Telemetry,
 )
 from agent.protocol.topics import DEFAULT_ROOT
+from agent.protocol.wire import MAX_MESSAGE
 
 __all__ = [
     "EXAMPLES",

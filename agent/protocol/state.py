@@ -2,37 +2,35 @@
 
 * ``…/devices/D/desired`` (cloud→device, retained) carries a ``SignedDesired``: a
   ``DesiredState`` body plus TUF-style ``signatures`` over the canonical JSON of the body
-  (see ``agent.update.desired`` for signing and verification).
+  (see ``agent.protocol.desired`` for signing and verification).
 * ``…/devices/D/reported`` (device→cloud, retained) carries a ``ReportedState``: per pipeline
   the running model, the update phase and the last error.
 * ``…/devices/D/state`` (device→cloud, retained) carries a ``DeviceState``: the birth message
   at connect and, as the broker's last will, the same with ``online: false``.
 
 Every message is parsed from untrusted bytes by ``decode`` and fails with ``BadMessage`` (and
-nothing else) when it is oversized, not JSON or does not validate.
+nothing else) when it is oversized, not JSON or does not validate (``agent.protocol.wire``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from agent.protocol import CONTRACT_VERSION
 from agent.protocol.card import Precision
-from agent.protocol.fetch import BadMessage
+from agent.protocol.wire import WireMessage
 
-MAX_MESSAGE = 64 * 1024  # bytes; far above any real state message, far below broker limits
 MAX_PIPELINES = 64
 MAX_SIGNATURES = 32
 MAX_ERROR_TEXT = 500
@@ -61,69 +59,11 @@ ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Version = Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
 Contract = Annotated[str, StringConstraints(pattern=CONTRACT_PATTERN)]
 
-M = TypeVar("M", bound="WireMessage")
-
 
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must carry a timezone (UTC expected), got a naive one")
     return value.astimezone(timezone.utc)
-
-
-def describe_validation_error(e: ValidationError, limit: int = 3) -> str:
-    """One readable line for a pydantic error: ``field 'a.b': message; …``."""
-    errors = e.errors(include_url=False, include_input=False)
-    parts = [
-        f"field '{'.'.join(str(p) for p in err['loc']) or '<root>'}': {err['msg']}"
-        for err in errors[:limit]
-    ]
-    if len(errors) > limit:
-        parts.append(f"and {len(errors) - limit} more")
-    return "; ".join(parts) or str(e)[:300]
-
-
-class WireMessage(BaseModel):
-    """Base of the state messages: strict schema, bounded size, ``encode``/``decode``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    # Largest payload sent or accepted; messages that carry data (snapshots) raise it.
-    max_bytes: ClassVar[int] = MAX_MESSAGE
-
-    def encode(self) -> bytes:
-        """Serialize to compact JSON bytes.
-
-        Raises:
-            BadMessage: the message would exceed ``max_bytes`` (receivers would drop it).
-        """
-        data = self.model_dump_json().encode()
-        if len(data) > self.max_bytes:
-            raise BadMessage(
-                f"{type(self).__name__} encodes to {len(data)} bytes, more than the"
-                f" {self.max_bytes} a receiver accepts; not sent"
-            )
-        return data
-
-    @classmethod
-    def decode(cls: type[M], payload: bytes) -> M:
-        """Parse and validate untrusted bytes.
-
-        Raises:
-            BadMessage: oversized, not UTF-8 JSON, or not matching the schema.
-        """
-        name = cls.__name__
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise BadMessage(f"{name} payload must be bytes, got {type(payload).__name__}")
-        if len(payload) > cls.max_bytes:
-            raise BadMessage(
-                f"{name} payload is {len(payload)} bytes, more than the {cls.max_bytes} allowed;"
-                " message dropped"
-            )
-        try:
-            return cls.model_validate_json(bytes(payload))
-        except ValidationError as e:
-            raise BadMessage(f"bad {name}: {describe_validation_error(e)}") from e
-        except (ValueError, RecursionError) as e:  # defensive: parser limits
-            raise BadMessage(f"bad {name}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
 # --- desired ---------------------------------------------------------------------------------
@@ -316,8 +256,6 @@ def contract_major(contract: str) -> int:
 
 
 __all__ = [
-    "MAX_MESSAGE",
-    "BadMessage",
     "DesiredState",
     "DeviceState",
     "PipelineReport",
@@ -327,6 +265,5 @@ __all__ = [
     "SignatureEntry",
     "SignedDesired",
     "UpdatePhase",
-    "WireMessage",
     "contract_major",
 ]

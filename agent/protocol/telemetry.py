@@ -42,9 +42,9 @@ from agent.protocol.state import (
     ModelName,
     PipelineName,
     Version,
-    WireMessage,
     _utc,
 )
+from agent.protocol.wire import WireMessage
 
 __all__ = [
     "Classification",
@@ -73,7 +73,7 @@ SensorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.
 StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Label = Annotated[str, StringConstraints(max_length=128)]
 SourceState = Literal["connecting", "streaming", "waiting", "ended", "stopped"]
-SkipReason = Literal["max_fps", "no_motion"]  # agent.pipeline.gating.SKIP_REASONS
+SkipReason = Literal["max_fps", "no_motion"]  # agent.pipeline.gating.SkipReason
 MAX_REGION_ROWS = 256  # zone/line x class rows of one pipeline (~90 bytes each)
 
 _FINITE = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

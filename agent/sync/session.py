@@ -5,7 +5,7 @@ a per-device random floor, so a fleet that lost the broker together does not ret
 lock-step). Incoming desired-state payloads are handed to a callback without any work done in
 paho's thread. The session is connected only after the broker *accepted* the connection
 (Frigate's MQTT client marks itself connected even after a refusal: not here), and only while
-paho's network thread runs: every callback is guarded (``agent.sync.mqtt.CallbackGuard``), and
+paho's network thread runs: every callback is guarded (``agent.common.mqtt.CallbackGuard``), and
 should that thread end all the same, ``connected`` says so instead of paho's stale state.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.common.mqtt import CallbackGuard, make_client, parse_broker_url
 from agent.config import BrokerConfig
-from agent.protocol.fetch import BadMessage
 from agent.protocol.state import DeviceState, ReportedState, SignedDesired
 from agent.protocol.topics import Topics
-from agent.sync.mqtt import CallbackGuard, make_client, parse_broker_url
+from agent.protocol.wire import BadMessage
 
 log = logging.getLogger(__name__)
 

@@ -224,6 +224,47 @@ def _power(root: Path) -> dict[str, int]:
     return power
 
 
+def _cpu(root: Path, prev: CpuTimes | None, now: float) -> tuple[float | None, CpuTimes]:
+    cur = CpuTimes(total=0, idle=0, at=now)
+    cpu: float | None = None
+    stat = _read(root / "proc/stat")
+    if stat is not None:
+        try:
+            cur = parse_proc_stat(stat, now=now)
+            cpu = cpu_percent(prev, cur)
+        except ValueError as e:
+            log.warning("event=device_stats_unreadable file=/proc/stat error=%s", e)
+    return cpu, cur
+
+
+def _load1(root: Path) -> float | None:
+    loadavg = _read(root / "proc/loadavg")
+    if loadavg is not None:
+        try:
+            return parse_loadavg(loadavg)
+        except ValueError as e:
+            log.warning("event=device_stats_unreadable file=/proc/loadavg error=%s", e)
+    return None
+
+
+def _memory(root: Path) -> tuple[float | None, float | None]:
+    meminfo = _read(root / "proc/meminfo")
+    if meminfo is not None:
+        try:
+            return parse_meminfo(meminfo)
+        except ValueError as e:
+            log.warning("event=device_stats_unreadable file=/proc/meminfo error=%s", e)
+    return None, None
+
+
+def _disk_used_pct(path: Path) -> float | None:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    return 100.0 * usage.used / usage.total if usage.total else None
+
+
 def read_device_stats(
     root: Path = Path("/"),
     *,
@@ -252,40 +293,10 @@ def read_device_stats(
     Raises:
         Nothing for missing or malformed files.
     """
-    cur_cpu = CpuTimes(total=0, idle=0, at=now)
-    cpu: float | None = None
-    stat = _read(root / "proc/stat")
-    if stat is not None:
-        try:
-            cur_cpu = parse_proc_stat(stat, now=now)
-            cpu = cpu_percent(prev_cpu, cur_cpu)
-        except ValueError as e:
-            log.warning("event=device_stats_unreadable file=/proc/stat error=%s", e)
-
-    load1: float | None = None
-    loadavg = _read(root / "proc/loadavg")
-    if loadavg is not None:
-        try:
-            load1 = parse_loadavg(loadavg)
-        except ValueError as e:
-            log.warning("event=device_stats_unreadable file=/proc/loadavg error=%s", e)
-
-    mem_used: float | None = None
-    mem_total: float | None = None
-    meminfo = _read(root / "proc/meminfo")
-    if meminfo is not None:
-        try:
-            mem_used, mem_total = parse_meminfo(meminfo)
-        except ValueError as e:
-            log.warning("event=device_stats_unreadable file=/proc/meminfo error=%s", e)
-
-    disk: float | None = None
-    try:
-        usage = shutil.disk_usage(data_dir if data_dir is not None else root)
-        disk = 100.0 * usage.used / usage.total if usage.total else None
-    except OSError:
-        disk = None
-
+    cpu, cur_cpu = _cpu(root, prev_cpu, now)
+    load1 = _load1(root)
+    mem_used, mem_total = _memory(root)
+    disk = _disk_used_pct(data_dir if data_dir is not None else root)
     gpu = _gpu_load(root)
     power = _power(root)
     if tegra is not None:

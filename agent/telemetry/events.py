@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from agent.errors import EdgefleetError
+from agent.common.errors import EdgefleetError
 from agent.pipeline.sinks import Sink
 from agent.protocol.telemetry import InferenceEvent
 from agent.telemetry.outbox import Outbox

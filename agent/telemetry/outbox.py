@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError, TransportError
 
 log = logging.getLogger(__name__)
 

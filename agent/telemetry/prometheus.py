@@ -43,9 +43,7 @@ _COUNTERS = (
 
 def _pipeline_metrics(t: Telemetry) -> Iterator[Any]:
     lab = ["pipeline"]
-    info = InfoMetricFamily(
-        "edgefleet_pipeline_model", "Model running in the pipeline", labels=lab
-    )
+    info = InfoMetricFamily("edgefleet_pipeline_model", "Model running in the pipeline", labels=lab)
     fps = GaugeMetricFamily(
         "edgefleet_pipeline_fps", "Frames per second since the last scrape", labels=[*lab, "stage"]
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.errors import EdgefleetError
+from agent.common.errors import EdgefleetError
 from agent.pipeline.runner import Pipeline
 from agent.protocol.telemetry import (
     DeviceStats,

@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.errors import EdgefleetError
+from agent.common.errors import EdgefleetError
 from agent.pipeline.sinks import Sink
 from agent.protocol.telemetry import Snapshot
 from agent.telemetry.outbox import Outbox

@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.errors import EdgefleetError
+from agent.common.errors import EdgefleetError
 from agent.protocol.state import MAX_REVISION, PipelineName, PipelineTarget, UpdatePhase
 
 ModelRef = PipelineTarget  # name@version: the same type the desired state uses

@@ -23,24 +23,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from agent.errors import BadDataError, EdgefleetError, ModelError, TransportError
-from agent.pipeline.backoff import Backoff
+from agent.common.backoff import Backoff
+from agent.common.errors import BadDataError, EdgefleetError, ModelError, TransportError
+from agent.models import BuildProgress
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
 from agent.protocol.card import ModelCard
-from agent.protocol.fetch import BadMessage
-from agent.protocol.state import (
-    PipelineReport,
-    PipelineTarget,
-    Progress,
-    ReportedState,
-    SignedDesired,
-    UpdatePhase,
-)
-from agent.update.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
+from agent.protocol.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
+from agent.protocol.state import PipelineTarget, Progress, ReportedState, SignedDesired, UpdatePhase
+from agent.protocol.wire import BadMessage
+from agent.testhooks import NO_HOOKS, TestHooks
+from agent.update.checks import check_card, check_golden
+from agent.update.download import download_dir, fetch_version
+from agent.update.health import swap_and_watch
 from agent.update.machine import (
     HealthWindow,
     UpdateAttempt,
@@ -49,40 +45,20 @@ from agent.update.machine import (
     recover_after_crash,
     should_attempt,
 )
+from agent.update.report import BuildStep, LastErrors, build_percent, reported_state
+from agent.update.storage import clean_storage, over_budget
 from agent.update.store import ModelStore
 from agent.update.tuf_client import MetadataExpired, TufClient
 
 log = logging.getLogger(__name__)
 P = UpdatePhase
 
-REQUIRED_FILES = ("model.onnx", "card.json", "golden.npz")
-OPTIONAL_FILES = ("model.int8.onnx", "labels.txt")
+# How a delivered model.onnx is opened, reporting build progress (see ``build_percent``)
+OpenModel = Callable[[Path, BuildStep], RunnableModel]
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class Rejected(BadDataError):
-    """This version cannot run here; the reason is for people."""
-
-
-class _Errors(dict[str, str]):
-    """Last error per key, remembering which was set most recently."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._order: dict[str, int] = {}
-        self._n = 0
-
-    def __setitem__(self, key: str, value: str) -> None:
-        self._n += 1
-        self._order[key] = self._n
-        super().__setitem__(key, value)
-
-    def newest(self, *keys: str) -> str | None:
-        present = [k for k in keys if k in self]
-        return self[max(present, key=lambda k: self._order.get(k, 0))] if present else None
 
 
 class UpdateManager:
@@ -96,7 +72,7 @@ class UpdateManager:
         pipelines: dict[str, Pipeline],
         store: ModelStore,
         tuf: TufClient,
-        open_model: Callable[[Path, Callable[[str], None]], RunnableModel],
+        open_model: OpenModel,
         publish_reported: Callable[[ReportedState], None],
         health: Callable[[], HealthWindow],
         clock: Callable[[], float] = time.monotonic,
@@ -106,12 +82,12 @@ class UpdateManager:
         prune_engines: Callable[[], int] | None = None,
         storage_budget_mb: int | None = None,
         stop_event: threading.Event | None = None,
-        trial_sleep_s: float = 0.0,
+        hooks: TestHooks = NO_HOOKS,
     ) -> None:
         self.device_id = device_id
-        # Test-only (EDGEFLEET_TEST_TRIAL_SLEEP_S in the agent): the trial waits this long
-        # first, so crash tests can kill the agent while a built model is on trial.
-        self.trial_sleep_s = trial_sleep_s
+        # Test-only: hooks.trial_sleep_s makes the trial wait first, so crash tests can kill
+        # the agent while a built model is on trial.
+        self.hooks = hooks
         self.profile = profile
         self.pipelines = pipelines
         self.store = store
@@ -123,7 +99,7 @@ class UpdateManager:
         self.wall = wall
         self.state: UpdateState = store.load_state()
         # pipeline (or "*" for the whole device) → last error in words; newest wins in reports
-        self.errors = _Errors()
+        self.errors = LastErrors()
         self.progress: dict[str, Progress] = {}
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
         # Shared with the ChunkClient (when given), so stop() also ends a running transfer
@@ -374,7 +350,7 @@ class UpdateManager:
             self._resume[name] = target
             return
         except OSError as e:  # disk full under DATA_DIR/tuf: nothing half-written kept
-            shutil.rmtree(self._download_dir(target), ignore_errors=True)
+            shutil.rmtree(download_dir(self.tuf, target), ignore_errors=True)
             self.errors[name] = (
                 f"{target} fetch failed on the device's disk: {e}; retrying in {self.retry_s:g} s,"
                 f" {self._keeping()}"
@@ -386,7 +362,7 @@ class UpdateManager:
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
             return
         try:
-            self._check_card(card)
+            check_card(card, self.profile)
             self._advance(attempt, P.VERIFIED)
             self.store.install_version(  # downloads: linked, not copied a second time
                 target.model, target.version, files, card.model_dump(mode="json"), link=True
@@ -421,7 +397,7 @@ class UpdateManager:
             self._resume[name] = target
             return
         finally:
-            shutil.rmtree(self._download_dir(target), ignore_errors=True)
+            shutil.rmtree(download_dir(self.tuf, target), ignore_errors=True)
         self._activate(pipe, attempt, model, trial)
 
     def _reject(self, attempt: UpdateAttempt, message: str) -> None:
@@ -429,172 +405,70 @@ class UpdateManager:
         self._advance(attempt, P.REJECTED, message)
         self._collect_garbage()
 
-    def _download_dir(self, target: PipelineTarget) -> Path:
-        return self.tuf.target_dir / "incoming" / target.model / target.version
-
     def _fetch(self, name: str, target: PipelineTarget) -> tuple[dict[str, Path], ModelCard]:
-        base = f"models/{target.model}/{target.version}"
-        infos = {}
-        for fname in (*REQUIRED_FILES, *OPTIONAL_FILES):
-            info = self.tuf.target_info(f"{base}/{fname}")
-            if info is None and fname in REQUIRED_FILES:
-                raise Rejected(f"the registry has no signed target {base}/{fname}")
-            if info is not None:
-                infos[fname] = info
-        total = sum(i.length for i in infos.values())
-        done = 0
-        dest = self._download_dir(target)
-        dest.mkdir(parents=True, exist_ok=True)
-        files: dict[str, Path] = {}
-        for fname, info in infos.items():
-            self.progress[name] = Progress(done=done, total=total)
-            self.report()
-            files[fname] = self.tuf.download(info, dest / fname)
-            done += info.length
-        self.progress[name] = Progress(done=done, total=total)
-        signed_card = self.tuf.card_of(infos["model.onnx"])
-        if signed_card is None:
-            raise Rejected(f"target {base}/model.onnx carries no signed model card")
-        try:
-            card = ModelCard.model_validate(signed_card)
-        except ValueError as e:
-            raise Rejected(f"signed model card of {target} is invalid: {e}") from e
-        on_disk = ModelCard.model_validate_json(files["card.json"].read_bytes())
-        if on_disk != card:
-            raise Rejected(f"card.json of {target} differs from the card signed in its metadata")
-        if (card.name, card.version) != (target.model, target.version):
-            raise Rejected(
-                f"card says {card.name}@{card.version}, desired state asked for {target}"
-            )
-        return files, card
+        def set_progress(p: Progress) -> None:
+            self.progress[name] = p
 
-    def _check_card(self, card: ModelCard) -> None:
-        """The card against the device profile."""
-        allowed = set(self.profile.precisions)
-        offered = {v.precision for v in card.variants} or {"fp32"}
-        if not offered & (allowed | {"fp32"}):
-            raise Rejected(
-                f"model offers precisions {sorted(offered)}, device profile {self.profile.name} "
-                f"runs {sorted(allowed)}"
-            )
+        return fetch_version(self.tuf, target, set_progress, self.report)
 
     def _collect_garbage(self) -> None:
         """Keep what can still run (committed, previous, active, in flight) and remove the
-        rest: other model versions and their objects, partial downloads of versions no longer
-        wanted, and engines beyond ``keep_engines``. Runs after each settled update and before
-        retrying on a full disk. Never raises: a failed clean-up is logged and reported."""
+        rest (``agent.update.storage``); then check the storage budget. Runs after each settled
+        update and before retrying on a full disk. Never raises: a failed clean-up is logged
+        and reported."""
         try:
-            result = self.store.gc(keep=())
-            wanted = self.store.referenced()
             incoming = self.tuf.target_dir / "incoming"
-            if incoming.is_dir():
-                for model_dir in incoming.iterdir():
-                    for version_dir in model_dir.iterdir() if model_dir.is_dir() else ():
-                        ref = PipelineTarget(model=model_dir.name, version=version_dir.name)
-                        if ref not in wanted:
-                            shutil.rmtree(version_dir, ignore_errors=True)
-            engines = self.prune_engines() if self.prune_engines is not None else 0
+            result, engines = clean_storage(self.store, incoming, self.prune_engines)
             log.info(
                 "device=%s storage: removed %d versions, %d bytes of models, %d engines",
                 self.device_id, len(result.versions), result.bytes, engines,
             )  # fmt: skip
-            self._check_budget()
+            if self.storage_budget_mb is not None:
+                problem = over_budget(self.store, self.storage_budget_mb)
+                if problem is not None:
+                    self.errors["storage"] = problem
+                else:
+                    self.errors.pop("storage", None)
         except Exception as e:  # never let clean-up take an update down
             log.exception("storage clean-up failed")
             self.errors["storage"] = f"storage clean-up failed: {e}"
-
-    def _check_budget(self) -> None:
-        if self.storage_budget_mb is None:
-            return
-        used = sum(
-            f.stat().st_size
-            for root in (self.store.root, self.store.root.parent / "engines")
-            if root.is_dir()
-            for f in root.rglob("*")
-            if f.is_file()
-        )
-        if used > self.storage_budget_mb << 20:
-            self.errors["storage"] = (
-                f"models and engines use {used >> 20} MiB after clean-up, over the "
-                f"[storage] max_mb budget of {self.storage_budget_mb} MiB: only what can still "
-                "run is kept; raise the budget or run fewer/smaller models"
-            )
-        else:
-            self.errors.pop("storage", None)
 
     def _release(self, model: RunnableModel | None) -> None:
         """Close a model no pipeline runs any more (local models can be shared)."""
         if model is not None and all(p.model is not model for p in self.pipelines.values()):
             model.close()
 
-    def _open_version(self, ref: PipelineTarget, progress: Callable[[str], None]) -> RunnableModel:
+    def _open_version(self, ref: PipelineTarget, progress: BuildStep) -> RunnableModel:
         d = self.store.materialize(ref.model, ref.version)
         return self.open_model(d / "model.onnx", progress)
 
-    def _set_progress(self, name: str, msg: str) -> None:
-        if "%" in msg:
-            try:
-                pct = int(msg.rsplit(" ", 1)[-1].rstrip("%"))
-            except ValueError:
-                return
-            self.progress[name] = Progress(done=pct, total=100)
-            self.report()
+    def _set_progress(self, name: str, step: BuildProgress) -> None:
+        """An engine build's progress, in the reported state."""
+        self.progress[name] = Progress(done=build_percent(step), total=100)
+        self.report()
 
     def _trial(self, model: RunnableModel) -> dict[str, Any]:
-        """Golden inputs within the precision's tolerance, outputs finite, latency measured.
+        """Golden inputs within the precision's tolerance, outputs finite, latency measured
+        (``check_golden``).
 
         Raises:
             Rejected: a mismatch or NaN/inf, in words.
         """
-        if self.trial_sleep_s:
-            self._stop.wait(self.trial_sleep_s)
+        if self.hooks.trial_sleep_s:
+            self._stop.wait(self.hooks.trial_sleep_s)
         golden = self.store.materialize(model.card.name, model.card.version) / "golden.npz"
         ins, outs = load_golden(golden)
-        prec = model.backend.info.precision
-        atol = model.card.golden_atol.get(prec, 1e-1)
-        times = []
-        for i, (x, want) in enumerate(zip(ins, outs, strict=False)):
-            t0 = time.perf_counter()
-            got = model.backend.run(model.feeds(x))[0]
-            times.append((time.perf_counter() - t0) * 1e3)
-            if not np.all(np.isfinite(got)):
-                raise Rejected(f"golden input {i}: output has NaN/inf ({prec})")
-            if got.shape != want.shape:
-                raise Rejected(f"golden input {i}: output shape {got.shape}, expected {want.shape}")
-            err = float(np.max(np.abs(got.astype(np.float64) - want)))
-            if err > atol:
-                raise Rejected(
-                    f"golden input {i}: max abs error {err:.3g} > {atol:g} allowed for {prec}"
-                )
-        return {"latency_ms": float(np.median(times)) if times else 0.0}
+        return check_golden(model, ins, outs)
 
     def _activate(
         self, pipe: Pipeline, attempt: UpdateAttempt, model: RunnableModel, trial: dict[str, Any]
     ) -> None:
-        infer = pipe.metrics.latency().get("infer", {})
-        baseline = infer.get("p95") if pipe.model is not None else None
-        window = self.new_health()
-        lock = threading.Lock()
-
-        def observe(m: RunnableModel, ok: bool, nan: bool, ms: float) -> None:
-            if m is model:
-                with lock:
-                    window.observe(ok, nan, ms, now=self.clock())
-
-        pipe.observer = observe
-        old = pipe.swap_model(model)  # between two frames: the stream never stops
-        self._advance(attempt, P.ACTIVE)
-        try:
-            while not self._stop.is_set():
-                with lock:
-                    verdict = window.verdict(self.clock(), baseline)
-                if verdict.outcome != "pending":
-                    break
-                self._stop.wait(0.1)
-            else:
-                return  # agent stopping: the attempt stays active; recovery rolls it back
-        finally:
-            pipe.observer = None
+        old, verdict = swap_and_watch(
+            pipe, model, self.new_health(), clock=self.clock, stop=self._stop,
+            on_active=lambda: self._advance(attempt, P.ACTIVE),
+        )  # fmt: skip
+        if verdict is None:
+            return  # agent stopping: the attempt stays active; recovery rolls it back
         if verdict.outcome == "commit":
             self._advance(attempt, P.COMMITTED, verdict.reason)
             self._release(old)
@@ -612,38 +486,8 @@ class UpdateManager:
     # --- reporting ---------------------------------------------------------------------------
 
     def reported(self) -> ReportedState:
-        now = self.wall()
-        reports = []
-        for name, pipe in self.pipelines.items():
-            slot = self.state.pipelines.get(name)
-            attempt = slot.attempt if slot else None
-            model = pipe.model
-            if attempt is not None:
-                phase = attempt.phase
-            elif model is not None:
-                phase = P.COMMITTED
-            else:
-                phase = P.WAITING
-            err = self.errors.newest(name, "*", "storage", "clock")
-            reports.append(
-                PipelineReport(
-                    name=name,
-                    phase=phase,
-                    active_model=model.card.name if model else None,
-                    active_version=model.card.version if model else None,
-                    backend=model.backend.info.name if model else None,
-                    precision=model.backend.info.precision if model else None,
-                    target_model=attempt.target.model if attempt else None,
-                    target_version=attempt.target.version if attempt else None,
-                    progress=self.progress.get(name),
-                    last_error=err[:2000] if err else None,
-                    updated_at=attempt.updated_at if attempt else now,
-                )
-            )
-        return ReportedState(
-            device_id=self.device_id,
-            desired_revision=self.state.applied_revision,
-            pipelines=reports,
+        return reported_state(
+            self.device_id, self.pipelines, self.state, self.errors, self.progress, self.wall()
         )
 
     def report(self) -> None:

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import BadDataError
-from agent.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
-from agent.protocol.state import describe_validation_error
+from agent.common.errors import BadDataError
+from agent.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from agent.protocol.wire import describe_validation_error
 from agent.update.machine import ModelRef, UpdateState
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,6 @@ def _ref(name: str, version: str) -> ModelRef:
         ) from e
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -151,7 +143,7 @@ class ModelStore:
         """Whether the object exists and its content hashes to ``sha``."""
         p = self.path(sha)
         try:
-            return _sha256_file(p) == sha
+            return sha256_file(p) == sha
         except OSError:
             return False
 
@@ -190,7 +182,7 @@ class ModelStore:
             tmp = Path(tmp_name)
         try:
             if linked is not None:
-                sha = _sha256_file(tmp)
+                sha = sha256_file(tmp)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())  # cheap when the fetcher synced it already
             else:
@@ -444,7 +436,7 @@ class ModelStore:
         for obj in sorted(self._objects.iterdir()):
             if not _SHA_RE.fullmatch(obj.name):
                 problems.append(f"stray file {obj} in the object store")
-            elif (actual := _sha256_file(obj)) != obj.name:
+            elif (actual := sha256_file(obj)) != obj.name:
                 problems.append(
                     f"object {obj.name[:12]}… is corrupt: content hashes to {actual[:12]}…"
                 )
@@ -466,7 +458,7 @@ class ModelStore:
                 f = mat / fname
                 if not f.is_file():
                     problems.append(f"{ref}/{fname}: missing from {mat}")
-                elif not (obj.is_file() and os.path.samefile(f, obj)) and _sha256_file(f) != sha:
+                elif not (obj.is_file() and os.path.samefile(f, obj)) and sha256_file(f) != sha:
                     problems.append(
                         f"{ref}/{fname}: materialized copy does not hash to {sha[:12]}…"
                     )

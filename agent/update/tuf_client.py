@@ -22,8 +22,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from agent.errors import BadDataError, TransportError
-from agent.fsutil import TUF_TEMP, remove_stale_temps
+from agent.common.errors import BadDataError, TransportError
+from agent.common.fsutil import TUF_TEMP, remove_stale_temps
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.secrets import redact_url, resolve_db_url
 from cloud_sync.units import argparse_type, parse_duration
 
@@ -30,7 +31,7 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing = sub.add_parser("ingest", help="store device state, telemetry and events in a database")
     ing.add_argument("--broker", required=True, help="mqtt://host:port")
     ing.add_argument("--db", default=None, help=DB_HELP)
-    ing.add_argument("--topic-root", default="edgefleet/v1")
+    ing.add_argument("--topic-root", default=DEFAULT_ROOT)
     ing.add_argument("--worker", default="1", help="worker name (run several to scale out)")
     ing.add_argument("--share-group", default=None, metavar="NAME",
                      help="the workers' shared-subscription group (default: the deployment's, "
@@ -63,10 +64,18 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     fsub = fleet.add_subparsers(dest="fleet_cmd", required=True)
     st = fsub.add_parser("status", help="one row per device")
     st.add_argument("--db", default=None, help=DB_HELP)
-    st.add_argument("--repo", type=Path, default=None,
-                    help="also warn about registry metadata near expiry (registry directory)")
-    st.add_argument("--ca", type=Path, default=None,
-                    help="also warn about certificates and the CRL near expiry (CA directory)")
+    st.add_argument(
+        "--repo",
+        type=Path,
+        default=None,
+        help="also warn about registry metadata near expiry (registry directory)",
+    )
+    st.add_argument(
+        "--ca",
+        type=Path,
+        default=None,
+        help="also warn about certificates and the CRL near expiry (CA directory)",
+    )
     st.add_argument("--warn-days", type=int, default=30, help="warn this far ahead")  # fmt: skip
     st.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="filter")
     st.add_argument("--json", action="store_true", help="print a JSON list")
@@ -102,7 +111,7 @@ def _retention(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from agent.errors import TransportError
+    from agent.common.errors import TransportError
     from cloud_sync.ingest.store import open_store
     from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker, freeze_startup_heap
     from cloud_sync.pki import service_share_group
@@ -194,8 +203,11 @@ def expiry_warnings(repo: Path | None, ca: Path | None, warn_days: int) -> list[
         for what, exp, level in ca_warnings(FleetCA(ca), now, timedelta(days=warn_days)):
             if level != "ok":
                 left = exp - now
-                msg = (f"expired {exp:%Y-%m-%d}" if level == "expired" else
-                       f"expires {exp:%Y-%m-%d} ({left.days} d left); `edgefleet ca status`")
+                msg = (
+                    f"expired {exp:%Y-%m-%d}"
+                    if level == "expired"
+                    else f"expires {exp:%Y-%m-%d} ({left.days} d left); `edgefleet ca status`"
+                )
                 out.append({"component": "ca", "what": what, "level": level,
                             "expires": exp.isoformat(), "message": msg})  # fmt: skip
     return sorted(out, key=lambda w: (w["level"] != "expired", w["expires"]))

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.errors import TransportError
+from agent.common.errors import TransportError
 from cloud_sync.ingest.worker import IngestWorker
 
 

@@ -1,38 +1,28 @@
-"""Adapter: the ingest database itself — engine, tables, versioned migrations, error mapping.
+"""Adapter: the ingest database's tables and their versioned migrations.
 
 The tables are defined as they are at each schema version (``_define``), so a migration creates
-exactly what that version had; ``migrate`` applies the missing ones in one transaction.
-``guard`` maps driver errors to the project's two roots (bad data, or a store that may come
-back); the store (``store.py``) and the rollout adapters write through it.
+exactly what that version had; ``migrate`` applies the missing ones in one transaction. The
+engine and the driver-error mapping are in ``db.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
-from agent.errors import BadDataError, TransportError
+from agent.common.errors import BadDataError
+from cloud_sync.ingest.db import guard
 
 log = logging.getLogger(__name__)
 
 PG_MIGRATION_LOCK = 0x6564_6765_666C  # pg_advisory_xact_lock key: one migrator at a time
-SQLITE_BUSY_TIMEOUT_S = 30.0  # a writer waits this long for SQLite's lock (URL ?timeout=S)
-
-
-class StoreUnavailable(TransportError):
-    """The database could not be reached or was busy; the write may be retried."""
-
-
-# --- schema ----------------------------------------------------------------------------------
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
@@ -65,8 +55,21 @@ ROW_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite rowid ne
 
 def _define(md: sa.MetaData, version: int) -> sa.MetaData:
     """The tables as they are at schema ``version`` (1 for migration 1, LATEST for queries)."""
-    ts = UtcDateTime
-    sa.Table(
+    _devices(md, version)
+    _pipeline_state(md)
+    _telemetry(md, version)
+    _device_telemetry(md)
+    _events(md)
+    if version >= 3:
+        _snapshots(md)
+    if version >= 5:
+        _rollouts(md)
+    _dead_letters(md, version)
+    return md
+
+
+def _devices(md: sa.MetaData, version: int) -> sa.Table:
+    return sa.Table(
         "devices", md,
         sa.Column("device_id", sa.String(64), primary_key=True),
         sa.Column("online", sa.Boolean),  # NULL: never sent a birth message or will
@@ -76,10 +79,13 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         sa.Column("tags", JSON),
         sa.Column("pipelines", JSON),
         *([sa.Column("groups", JSON)] if version >= 4 else []),
-        sa.Column("first_seen", ts, nullable=False),
-        sa.Column("last_seen", ts, nullable=False),
+        sa.Column("first_seen", UtcDateTime, nullable=False),
+        sa.Column("last_seen", UtcDateTime, nullable=False),
     )  # fmt: skip
-    sa.Table(
+
+
+def _pipeline_state(md: sa.MetaData) -> sa.Table:
+    return sa.Table(
         "pipeline_state", md,
         sa.Column("device_id", sa.String(64),
                   sa.ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True),
@@ -93,33 +99,39 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         sa.Column("precision", sa.String(8)),
         sa.Column("last_error", sa.Text),
         sa.Column("desired_revision", sa.BigInteger),
-        sa.Column("updated_at", ts, nullable=False),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
     )  # fmt: skip
-    telemetry_v2 = (
+
+
+def _telemetry(md: sa.MetaData, version: int) -> sa.Table:
+    v2 = (
         [sa.Column("backend", sa.String(64)), sa.Column("precision", sa.String(8))]
         if version >= 2
         else []
     )
-    sa.Table(
+    return sa.Table(
         "telemetry", md,
         sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
         sa.Column("device_id", sa.String(64), nullable=False),
-        sa.Column("ts", ts, nullable=False),
+        sa.Column("ts", UtcDateTime, nullable=False),
         sa.Column("pipeline", sa.String(64), nullable=False),
         sa.Column("fps_in", sa.Float), sa.Column("fps_out", sa.Float),
         sa.Column("frames_dropped", sa.BigInteger), sa.Column("errors", sa.BigInteger),
         sa.Column("p50_ms", sa.Float), sa.Column("p95_ms", sa.Float), sa.Column("p99_ms", sa.Float),
         sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
-        *telemetry_v2,
+        *v2,
         # also the index for "latest row of each pipeline" (fleet view)
         sa.UniqueConstraint("device_id", "pipeline", "ts", name="uq_telemetry_key"),
         sa.Index("ix_telemetry_device_ts", "device_id", "ts"),
     )  # fmt: skip
-    sa.Table(
+
+
+def _device_telemetry(md: sa.MetaData) -> sa.Table:
+    return sa.Table(
         "device_telemetry", md,
         sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
         sa.Column("device_id", sa.String(64), nullable=False),
-        sa.Column("ts", ts, nullable=False),
+        sa.Column("ts", UtcDateTime, nullable=False),
         sa.Column("cpu_percent", sa.Float), sa.Column("mem_used_mb", sa.Float),
         sa.Column("mem_total_mb", sa.Float), sa.Column("disk_used_pct", sa.Float),
         sa.Column("gpu_load_pct", sa.Float),
@@ -128,11 +140,14 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         # also serves as the (device_id, ts) index
         sa.UniqueConstraint("device_id", "ts", name="uq_device_telemetry_key"),
     )  # fmt: skip
-    sa.Table(
+
+
+def _events(md: sa.MetaData) -> sa.Table:
+    return sa.Table(
         "events", md,
         sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
         sa.Column("device_id", sa.String(64), nullable=False),
-        sa.Column("ts", ts, nullable=False),
+        sa.Column("ts", UtcDateTime, nullable=False),
         sa.Column("pipeline", sa.String(64), nullable=False),
         sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
         sa.Column("frame_seq", sa.BigInteger, nullable=False),
@@ -142,52 +157,60 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq", name="uq_events_key"),
         sa.Index("ix_events_device_ts", "device_id", "ts"),
     )  # fmt: skip
-    if version >= 3:
-        sa.Table(
-            "snapshots", md,
-            sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-            sa.Column("device_id", sa.String(64), nullable=False),
-            sa.Column("ts", ts, nullable=False),
-            sa.Column("pipeline", sa.String(64), nullable=False),
-            sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
-            sa.Column("frame_seq", sa.BigInteger, nullable=False),
-            sa.Column("width", sa.Integer, nullable=False),
-            sa.Column("height", sa.Integer, nullable=False),
-            sa.Column("jpeg", sa.LargeBinary, nullable=False),
-            sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq",
-                                name="uq_snapshots_key"),
-            sa.Index("ix_snapshots_device_ts", "device_id", "ts"),
-        )  # fmt: skip
-    if version >= 5:
-        sa.Table(
-            "rollouts", md,
-            sa.Column("id", sa.String(64), primary_key=True),
-            sa.Column("model", sa.String(128), nullable=False),
-            sa.Column("version", sa.String(64), nullable=False),
-            sa.Column("pipeline", sa.String(64)),  # NULL: every pipeline of each device
-            sa.Column("status", sa.String(16), nullable=False),
-            sa.Column("spec", JSON, nullable=False),  # RolloutSpec, JSON mode
-            sa.Column("state", JSON, nullable=False),  # RolloutState, JSON mode
-            sa.Column("created_at", ts, nullable=False),
-            sa.Column("updated_at", ts, nullable=False),
-            sa.Column("rev", sa.Integer, nullable=False),  # optimistic concurrency
-            sa.Index("ix_rollouts_status", "status", "created_at"),
-            sa.Index("ix_rollouts_model", "model", "version"),
-        )  # fmt: skip
-    dead_v6: list[sa.Column[Any]] = [
+
+
+def _snapshots(md: sa.MetaData) -> sa.Table:
+    """Since version 3."""
+    return sa.Table(
+        "snapshots", md,
+        sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        sa.Column("device_id", sa.String(64), nullable=False),
+        sa.Column("ts", UtcDateTime, nullable=False),
+        sa.Column("pipeline", sa.String(64), nullable=False),
+        sa.Column("model", sa.String(128)), sa.Column("version", sa.String(64)),
+        sa.Column("frame_seq", sa.BigInteger, nullable=False),
+        sa.Column("width", sa.Integer, nullable=False),
+        sa.Column("height", sa.Integer, nullable=False),
+        sa.Column("jpeg", sa.LargeBinary, nullable=False),
+        sa.UniqueConstraint("device_id", "pipeline", "ts", "frame_seq",
+                            name="uq_snapshots_key"),
+        sa.Index("ix_snapshots_device_ts", "device_id", "ts"),
+    )  # fmt: skip
+
+
+def _rollouts(md: sa.MetaData) -> sa.Table:
+    """Since version 5."""
+    return sa.Table(
+        "rollouts", md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("model", sa.String(128), nullable=False),
+        sa.Column("version", sa.String(64), nullable=False),
+        sa.Column("pipeline", sa.String(64)),  # NULL: every pipeline of each device
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("spec", JSON, nullable=False),  # RolloutSpec, JSON mode
+        sa.Column("state", JSON, nullable=False),  # RolloutState, JSON mode
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+        sa.Column("rev", sa.Integer, nullable=False),  # optimistic concurrency
+        sa.Index("ix_rollouts_status", "status", "created_at"),
+        sa.Index("ix_rollouts_model", "model", "version"),
+    )  # fmt: skip
+
+
+def _dead_letters(md: sa.MetaData, version: int) -> sa.Table:
+    v6: list[sa.Column[Any]] = [
         sa.Column("payload_bytes", sa.BigInteger),  # the whole payload's length
         sa.Column("payload_sha256", sa.String(64)),
     ]
-    sa.Table(
+    return sa.Table(
         "dead_letters", md,
         sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
-        sa.Column("received_at", ts, nullable=False, index=True),
+        sa.Column("received_at", UtcDateTime, nullable=False, index=True),
         sa.Column("topic", sa.Text, nullable=False),
-        sa.Column("payload", sa.LargeBinary),  # v6: the first bytes only (store.py)
+        sa.Column("payload", sa.LargeBinary),  # v6: the first bytes only (rows.py)
         sa.Column("reason", sa.Text, nullable=False),
-        *(dead_v6 if version >= 6 else []),
+        *(v6 if version >= 6 else []),
     )  # fmt: skip
-    return md
 
 
 SCHEMA_VERSION = sa.Table(
@@ -198,6 +221,19 @@ SCHEMA_VERSION = sa.Table(
 )
 
 
+def _create_table(conn: Connection, version: int, table: str) -> None:
+    """Create ``table`` as it is at ``version``."""
+    _define(sa.MetaData(), version).tables[table].create(conn)
+
+
+def _add_columns(conn: Connection, version: int, table: str, *columns: str) -> None:
+    """``ALTER TABLE … ADD COLUMN`` for ``columns``, typed as ``version`` defines them."""
+    tbl = _define(sa.MetaData(), version).tables[table]
+    for name in columns:
+        typ = tbl.c[name].type.compile(dialect=conn.dialect)  # e.g. JSON, or JSONB on PostgreSQL
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {typ}"))
+
+
 def _migration_1(conn: Connection) -> None:
     """Initial schema."""
     _define(sa.MetaData(), 1).create_all(conn)
@@ -205,24 +241,22 @@ def _migration_1(conn: Connection) -> None:
 
 def _migration_2(conn: Connection) -> None:
     """Telemetry rows keep the backend and precision, to tell fp16 from int8 on a dashboard."""
-    conn.execute(sa.text("ALTER TABLE telemetry ADD COLUMN backend VARCHAR(64)"))
-    conn.execute(sa.text("ALTER TABLE telemetry ADD COLUMN precision VARCHAR(8)"))
+    _add_columns(conn, 2, "telemetry", "backend", "precision")
 
 
 def _migration_3(conn: Connection) -> None:
     """Opt-in camera snapshots (JPEG), for pipelines that enable them."""
-    _define(sa.MetaData(), 3).tables["snapshots"].create(conn)
+    _create_table(conn, 3, "snapshots")
 
 
 def _migration_4(conn: Connection) -> None:
     """Devices report their groups, for rollout targets (``group:lobby``)."""
-    typ = "JSONB" if conn.dialect.name == "postgresql" else "JSON"
-    conn.execute(sa.text(f"ALTER TABLE devices ADD COLUMN groups {typ}"))
+    _add_columns(conn, 4, "devices", "groups")
 
 
 def _migration_5(conn: Connection) -> None:
     """Staged rollouts: spec and state of each, for the controller and ``edgefleet rollout``."""
-    _define(sa.MetaData(), 5).tables["rollouts"].create(conn)
+    _create_table(conn, 5, "rollouts")
 
 
 def _migration_6(conn: Connection) -> None:
@@ -231,8 +265,7 @@ def _migration_6(conn: Connection) -> None:
     Rows from before hold their whole payload: measured and hashed here, one row at a time so
     that a table of large payloads does not have to fit in memory.
     """
-    conn.execute(sa.text("ALTER TABLE dead_letters ADD COLUMN payload_bytes BIGINT"))
-    conn.execute(sa.text("ALTER TABLE dead_letters ADD COLUMN payload_sha256 VARCHAR(64)"))
+    _add_columns(conn, 6, "dead_letters", "payload_bytes", "payload_sha256")
     dl = _define(sa.MetaData(), 6).tables["dead_letters"]
     ids = conn.execute(sa.select(dl.c.id).order_by(dl.c.id)).scalars().all()
     for row_id in ids:
@@ -273,7 +306,7 @@ def migrate(engine: Engine, upto: int = LATEST, *, now: datetime | None = None) 
         BadDataError: the database is at a newer version than this code knows.
     """
     now = now or datetime.now(timezone.utc)
-    with _guard("migrate"), engine.begin() as conn:
+    with guard("migrate"), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
         SCHEMA_VERSION.create(conn, checkfirst=True)
@@ -288,60 +321,3 @@ def migrate(engine: Engine, upto: int = LATEST, *, now: datetime | None = None) 
             conn.execute(sa.insert(SCHEMA_VERSION).values(version=version, applied_at=now))
             log.info("ingest store migrated to schema version %s", version)
         return max(current, upto)
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``sqlite:///path`` (WAL, foreign keys, real transactions) or PostgreSQL.
-
-    A SQLite writer waits ``SQLITE_BUSY_TIMEOUT_S`` for another writer's lock, or what the URL
-    says (``sqlite:///path?timeout=2``), then fails as ``StoreUnavailable``.
-    """
-    if url.startswith("sqlite"):
-        given = sa.engine.make_url(url).query.get("timeout", str(SQLITE_BUSY_TIMEOUT_S))
-        timeout = float(given if isinstance(given, str) else given[-1])
-        engine = sa.create_engine(url, connect_args={"timeout": timeout})
-
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # The sqlite3 module's own transaction handling skips BEGIN before DDL, which would
-            # make migrations non-atomic: take control of BEGIN ourselves (SQLAlchemy recipe).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoint, never corrupt
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # IMMEDIATE: take the write lock up front, so a writer waits (busy timeout) instead
-            # of failing when its read snapshot goes stale mid-transaction.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
-
-
-@contextmanager
-def _guard(what: str) -> Iterator[None]:
-    """Wrap driver errors into the two roots: bad data or a store that may come back.
-
-    Besides the driver's own errors: a pool that hands out no connection in time is a store
-    that may come back; a value the driver cannot bind (a StatementError, or sqlite3's bare
-    OverflowError for an integer beyond 64 bits) is bad data.
-    """
-    try:
-        yield
-    except (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError) as e:
-        raise BadDataError(f"{what} rejected by the database: {str(e.orig)[:300]}") from e
-    except sa_exc.DBAPIError as e:
-        raise StoreUnavailable(f"{what} failed, database unavailable: {str(e.orig)[:300]}") from e
-    except (sa_exc.TimeoutError, sa_exc.DisconnectionError) as e:
-        raise StoreUnavailable(f"{what} failed, no database connection: {e}") from e
-    except sa_exc.StatementError as e:
-        raise BadDataError(f"{what} rejected by the driver: {str(e.orig)[:300]}") from e
-    except OverflowError as e:  # sqlite3 raises it as is; SQLAlchemy does not wrap it
-        raise BadDataError(f"{what} rejected by the driver: {e}") from e
-
-
-guard = _guard  # for other adapters on this database (rollouts)

@@ -19,9 +19,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from agent.protocol.topics import valid_device_id
-from cloud_sync.ingest.store import Store, StoreUnavailable
+from cloud_sync.ingest.db import StoreUnavailable
+from cloud_sync.ingest.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -33,15 +33,16 @@ from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import BadDataError, TransportError
-from agent.pipeline.backoff import Backoff
-from agent.protocol.fetch import BadMessage
+from agent.common.backoff import Backoff
+from agent.common.errors import BadDataError, TransportError
+from agent.common.mqtt import parse_broker_url, service_client
 from agent.protocol.state import DeviceState, ReportedState
 from agent.protocol.telemetry import InferenceEvent, Snapshot, Telemetry
 from agent.protocol.topics import DEFAULT_ROOT, Topics
-from agent.sync.mqtt import parse_broker_url, service_client
+from agent.protocol.wire import BadMessage
 from cloud_sync.ingest.flow import AckWindow, Received
-from cloud_sync.ingest.store import DEAD_LETTER_KEEP, Store
+from cloud_sync.ingest.rows import DEAD_LETTER_KEEP
+from cloud_sync.ingest.store import Store
 
 log = logging.getLogger(__name__)
 SHARE_GROUP = "ingest"

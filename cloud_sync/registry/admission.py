@@ -1,16 +1,13 @@
 """Pure: what a registry replica serves now, and how much any one device may take of it.
 
-The chunk server (``cloud_sync.registry.serve``) asks these classes before it reads a byte:
+The chunk server asks these classes (through ``cloud_sync.registry.gate``) before it reads a byte:
 
-- ``canonical_path``: one spelling per file (``targets/./x``, ``targets//x`` and ``targets/x/``
-  are ``targets/x``); a path that does not normalise is refused with the reason.
 - ``Admission``: which transfers — a (device, file) pair — are served at once, fleet-wide
   (``max_transfers``) and per device (``device_transfers``), and a first-come-first-served
   line for the rest, with at most ``device_waiting`` places per device.
 - ``DeviceAccounts``: per device, a request-rate token bucket and the bytes of its answers
   still in the outgoing queue; the fleet-wide queued bytes. An answer is queued only while
   both byte bounds hold.
-- ``_Clocks``: a request's queueing delay from the device's ``sent_at``, clock skew cancelled.
 
 Everything takes ``now`` (monotonic seconds) from the caller and nothing here is thread-safe:
 the server holds its lock around every call.
@@ -20,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,10 +30,8 @@ __all__ = [
     "Decision",
     "DeviceAccounts",
     "DeviceUsage",
-    "PathError",
     "ServeLimits",
     "TransferKey",
-    "canonical_path",
 ]
 
 KiB = 1024
@@ -50,8 +46,6 @@ MAX_FINISHED = 100_000  # finished transfers remembered for their grace period
 # its own timeout (5 s and a backoff of up to 5 s in the oldest fetcher), so its place in line
 # is kept this long after each request.
 HOLD_TTL_S = 30.0
-BASE_DRIFT = 0.01  # s/s: how fast a device's clock-offset floor may rise (clock drift)
-MAX_CLOCKS = 100_000  # devices whose clock offset is remembered
 MAX_DEVICES = 100_000  # devices whose rate and queued bytes are tracked (idle ones are evicted)
 # What one queued answer costs beyond its payload: paho's message and packet objects, the
 # topic. A flood of tiny answers (busy, bad_request) is bounded by this too, not only by bytes.
@@ -130,33 +124,6 @@ class ServeLimits(BaseModel):
                 f"max_queued_bytes ({self.max_queued_bytes})"
             )
         return self
-
-
-class PathError(ValueError):
-    """A request path that does not normalise to a file of the served tree."""
-
-
-def canonical_path(path: str) -> str:
-    """The one spelling of a registry path: empty and ``.`` segments dropped.
-
-    ``targets/./a//b/`` → ``targets/a/b``. The result starts with ``metadata/`` or
-    ``targets/`` and names something below it.
-
-    Raises:
-        PathError: a ``..`` segment, a hidden segment (``.x``: temporary files of atomic
-            writes, never published), no ``metadata``/``targets`` head, or nothing below it.
-    """
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if not parts or parts[0] not in ("metadata", "targets"):
-        raise PathError(f"path {path[:80]!r} does not start with metadata/ or targets/")
-    if len(parts) < 2:
-        raise PathError(f"path {path[:80]!r} names no file below {parts[0]}/")
-    for p in parts[1:]:
-        if p == "..":
-            raise PathError(f"path {path[:80]!r} climbs out of the repository")
-        if p.startswith("."):
-            raise PathError(f"path {path[:80]!r} has a hidden segment {p[:40]!r}")
-    return "/".join(parts)
 
 
 TransferKey = tuple[str, str]  # (device id, canonical file)
@@ -375,6 +342,21 @@ class DeviceUsage:
 _COUNTERS = frozenset(("requests", "rate_limited", "throttled", "shed", "refused", "held", "busy"))
 
 
+class _Queued(Protocol):
+    """Queued answer bytes and their peak: of one device (``DeviceUsage``) or of the fleet
+    (``DeviceAccounts``); both bounds are checked and kept alike."""
+
+    queued_bytes: int
+    peak_queued_bytes: int
+
+
+def _add_queued(q: _Queued, nbytes: int) -> None:
+    """Add ``nbytes`` to ``q``'s queued bytes (negative: give back; never below 0), and keep
+    its peak."""
+    q.queued_bytes = max(0, q.queued_bytes + nbytes)
+    q.peak_queued_bytes = max(q.peak_queued_bytes, q.queued_bytes)
+
+
 @dataclass
 class _Account:
     usage: DeviceUsage
@@ -454,26 +436,24 @@ class DeviceAccounts:
 
     def reserve(self, device_id: str, nbytes: int) -> bool:
         """Take ``nbytes`` of queue for one answer; False (counted ``shed``) past a bound."""
-        acc = self._account(device_id, 0.0)
-        u = acc.usage
-        if (
-            u.queued_bytes + nbytes > self.limits.device_queued_bytes
-            or self.queued_bytes + nbytes > self.limits.max_queued_bytes
-        ):
+        u = self._account(device_id, 0.0).usage
+        bounds: tuple[tuple[_Queued, int], ...] = (
+            (u, self.limits.device_queued_bytes),
+            (self, self.limits.max_queued_bytes),
+        )
+        if any(q.queued_bytes + nbytes > bound for q, bound in bounds):
             u.shed += 1
             return False
-        u.queued_bytes += nbytes
-        u.peak_queued_bytes = max(u.peak_queued_bytes, u.queued_bytes)
-        self.queued_bytes += nbytes
-        self.peak_queued_bytes = max(self.peak_queued_bytes, self.queued_bytes)
+        for q, _ in bounds:
+            _add_queued(q, nbytes)
         return True
 
     def release(self, device_id: str, nbytes: int) -> None:
         """Give back ``nbytes`` taken by ``reserve`` (the answer left the queue, or never went)."""
         acc = self._accounts.get(device_id)
         if acc is not None:
-            acc.usage.queued_bytes = max(0, acc.usage.queued_bytes - nbytes)
-        self.queued_bytes = max(0, self.queued_bytes - nbytes)
+            _add_queued(acc.usage, -nbytes)
+        _add_queued(self, -nbytes)
 
     def count(self, device_id: str, name: str, n: int = 1) -> None:
         """Add ``n`` to one of the counters of ``DeviceUsage`` (``busy``, ``held``, …)."""
@@ -500,26 +480,3 @@ class DeviceAccounts:
     def devices(self) -> list[str]:
         """Tracked devices, least recently seen first."""
         return list(self._accounts)
-
-
-class _Clocks:
-    """Per device, the floor of ``receive wall time - sent_at`` (delay + clock offset).
-
-    A request's queueing delay is its own ``receive - sent_at`` minus that floor, so the two
-    clocks need not agree. The floor may rise ``BASE_DRIFT`` s per s (clock drift).
-    """
-
-    def __init__(self) -> None:
-        self.floor: OrderedDict[str, tuple[float, float]] = OrderedDict()  # dev -> (floor, at)
-
-    def delay(self, device_id: str, sent_at: float, now_wall: float, *, learn: bool) -> float:
-        """Seconds the request has waited beyond the fastest one seen from this device."""
-        sample = now_wall - sent_at
-        old = self.floor.get(device_id)
-        floor = sample if old is None else min(sample, old[0] + BASE_DRIFT * (now_wall - old[1]))
-        if learn:
-            self.floor[device_id] = (floor, now_wall)
-            self.floor.move_to_end(device_id)
-            if len(self.floor) > MAX_CLOCKS:
-                self.floor.popitem(last=False)
-        return sample - floor

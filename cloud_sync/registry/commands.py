@@ -104,6 +104,13 @@ def add_registry_commands(
     Returns:
         The ``registry`` and ``model`` sub-parser groups, for more commands under them.
     """
+    return {"registry": _add_registry(subparsers), "model": _add_model(subparsers)}
+
+
+def _add_registry(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """``registry init``, ``registry status`` and ``registry renew-root``."""
     reg = subparsers.add_parser("registry", help="manage the signed model registry (TUF)")
     reg_sub = reg.add_subparsers(dest="registry_cmd", required=True)
     init = reg_sub.add_parser("init", help="create keys and version-1 TUF metadata in DIR")
@@ -139,7 +146,13 @@ def add_registry_commands(
     rr.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
     _keys_arg(rr, "where the root key is: its offline copy (root.pem or offline/root.pem)")
     rr.set_defaults(fn=_renew_root)
+    return reg_sub
 
+
+def _add_model(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """``model publish``, ``model inspect`` and ``model list``."""
     model = subparsers.add_parser("model", help="publish and list model versions")
     model_sub = model.add_subparsers(dest="model_cmd", required=True)
     pub = model_sub.add_parser("publish", help="validate, quantize, gate and sign a model")
@@ -163,7 +176,6 @@ def add_registry_commands(
     pub.add_argument("--force", action="store_true", help="publish INT8 even if the gate fails")
     _card_args(pub)
     pub.set_defaults(fn=_publish)
-
     ins = model_sub.add_parser(
         "inspect", help="show what publish would infer for a model (writes nothing)"
     )
@@ -185,7 +197,7 @@ def add_registry_commands(
     ls.add_argument("--repo", required=True, metavar="DIR", help="registry folder")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(fn=_list)
-    return {"registry": reg_sub, "model": model_sub}
+    return model_sub
 
 
 def _keys_arg(p: argparse.ArgumentParser, text: str) -> None:
@@ -259,7 +271,7 @@ def _inspect(args: argparse.Namespace) -> int:
         card_fields=parse_card_fields(args.set),
     )
     if args.card_out and "card" in report:
-        from agent.fsutil import atomic_write_bytes
+        from agent.common.fsutil import atomic_write_bytes
         from agent.protocol.card import ModelCard
 
         stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(args.model).stem)
@@ -403,7 +415,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from cloud_sync.registry.publish import list_models
+    from cloud_sync.registry.catalog import list_models
     from cloud_sync.registry.repo import Repository
 
     models = list_models(Repository(args.repo))

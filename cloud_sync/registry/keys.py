@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 # securesystemslib re-exports these without __all__ (mypy: no implicit re-export)
 from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined,unused-ignore]
 
-from agent.errors import BadDataError
-from agent.fsutil import atomic_write_bytes
+from agent.common.errors import BadDataError
+from agent.common.fsutil import atomic_write_bytes
 
 __all__ = [
     "KEY_FILE_MODE",

@@ -15,8 +15,9 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 from pydantic import ValidationError
 
-from agent.errors import ModelError
+from agent.common.errors import ModelError
 from agent.protocol.card import InputSpec, ModelCard, Task
+from cloud_sync.registry.artifacts import ort_session
 from cloud_sync.registry.formats import (
     FormatError,
     Inferred,
@@ -25,7 +26,6 @@ from cloud_sync.registry.formats import (
     infer_format,
 )
 from cloud_sync.registry.repo import RegistryError
-from cloud_sync.samples.common import ort_session
 
 __all__ = [
     "MIN_OPSET",

@@ -6,43 +6,20 @@ the broker hands each request to exactly one replica, which answers on
 ``ROOT/devices/D/fetch/resp`` (QoS 1) with the window ``[offset, offset + length)`` of
 ``repo_dir/<path>`` and the file's total size.
 
-The server trusts nothing in a request. The path must match the contract's pattern and
-normalise (``canonical_path``: ``targets/./x`` and ``targets//x`` are ``targets/x``; ``..``
-and hidden segments are refused), and once resolved, symlinks included, it must still lie in
-``repo_dir/metadata`` or ``repo_dir/targets``: nothing else below ``repo_dir`` is served, so
-a link ``targets/k -> ../keys`` is refused. Refusals are answered ``bad_request`` with the
-reason when an id can be recovered, counted and dropped otherwise. Content is never checked
-here: devices verify every byte against signed TUF metadata. Every paho callback catches
-whatever it raises (a request must cost at most itself, never paho's network thread).
+The checks of a request and the reading of its window are ``reader``'s (nothing in a
+request is trusted; the path must stay in ``metadata/`` or ``targets/``); the admission of
+each valid request and the counters are ``gate``'s. Every paho callback catches whatever it
+raises (a request must cost at most itself, never paho's network thread).
 
 Requests are served on paho's network thread by default: a window is one ``pread`` from the
 page cache, and handing it to a pool only adds thread switches (``scripts/bench_transfer.py``:
 196 MB/s on paho's thread against 169 MB/s with a pool of 4, 10 MB file, 64 KiB windows,
 8 in flight); ``workers=N`` turns the pool on for slow disks.
 
-Admission (``cloud_sync.registry.admission``), for every request, in this order:
-
-1. Rate: a device (the id in the topic) may send ``device_rate`` requests per second
-   (bucket ``device_burst``); the rest are dropped before they are parsed, and count against
-   it: a device that keeps flooding is not served at all until it slows down.
-2. Transfers: a transfer is a (device, resolved file) pair, so aliases of one file are one
-   transfer. At most ``max_transfers`` are served at once, at most ``device_transfers`` of
-   one device; the others wait in a first-come-first-served line where a device holds at
-   most ``device_waiting`` places. A transfer is released when the window holding the end of
-   its file is served, or after ``IDLE_S`` without a request. A single-window file (metadata)
-   needs no admission. A device that understands ``busy`` (``busy_ok``) is answered ``busy``
-   with ``retry_after_s``; an older one gets no answer while it waits (its place is kept
-   ``HOLD_TTL_S`` after each request) and is served when it asks again after its own
-   timeout, which every fetcher version does. With the line full, ``busy`` for the first and
-   nothing for the second, without a place.
-3. Data rate: a device may draw ``device_byte_rate`` bytes per second (bucket
-   ``device_byte_burst``, so a whole model of that size comes at full speed); beyond, it is
-   told ``busy`` until its share is back (or, without ``busy_ok``, not answered).
-4. Queue: an answer is queued only while the bytes of answers not yet acknowledged by the
-   broker stay within ``device_queued_bytes`` for its device and ``max_queued_bytes`` for all
-   (each answer counts its payload + 1 KiB, ``answer_queue``); otherwise it is dropped
-   (``shed``) and the device asks again. paho keeps a payload and, until written, its
-   packet: memory stays under twice the bound.
+Admission (``cloud_sync.registry.gate``, ``cloud_sync.registry.admission``), for every
+request, in this order: the device's request rate (dropped unread), the transfer's place in
+a first-come-first-served line (``busy`` with ``retry_after_s``, or no answer for an old
+device), the device's data rate, the bytes of answers queued (``shed``).
 
 What this cannot do: every request still costs the replica its reading. Measured here under
 a flood, 9 in 10 requests dropped over the rate: ~70 µs of CPU per request, most of it paho's,
@@ -62,48 +39,34 @@ replicas: 68,000 busy answers in one rollout).
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
-from agent.errors import TransportError
-from agent.protocol.fetch import (
-    MAX_CHUNK,
-    BadMessage,
-    FetchHeader,
-    FetchRequest,
-    encode_response,
-)
+from agent.common.errors import TransportError
+from agent.common.mqtt import configure_service_tls, make_client, parse_broker_url
+from agent.protocol.fetch import FetchHeader, FetchRequest, encode_response
 from agent.protocol.topics import DEFAULT_ROOT, REGISTRY_SHARE_GROUP, Topics, valid_device_id
-from agent.sync.mqtt import configure_service_tls, make_client, parse_broker_url
 from cloud_sync.registry.admission import (
     ANSWER_OVERHEAD,
     GRACE_S,
-    HOLD_TTL_S,
     IDLE_S,
-    MAX_RETRY_S,
-    MIN_RETRY_S,
     Admission,
-    Decision,
-    DeviceAccounts,
     DeviceUsage,
-    PathError,
     ServeLimits,
     TransferKey,
-    _Clocks,
-    canonical_path,
 )
 from cloud_sync.registry.answer_queue import AnswerQueue, Outcome
 from cloud_sync.registry.fair import FairPool
+from cloud_sync.registry.gate import Gate, Job, ServerStats
+from cloud_sync.registry.reader import RequestReader
 from cloud_sync.registry.served_tree import (
     ServedTree,
     fits_one_window,
@@ -114,97 +77,22 @@ from cloud_sync.registry.served_tree import (
 __all__ = [
     "GRACE_S",
     "IDLE_S",
-    "MAX_REQUEST_BYTES",
     "Admission",
     "ChunkServer",
     "DeviceUsage",
     "ServeLimits",
-    "ServerStats",
-    "_Clocks",
     "read_window",
     "resolve_repo_path",
 ]
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 4096  # a valid request is < 700 bytes; bigger ones are not even parsed
 # QoS 1 answers awaiting PUBACK: no count limit (0), the byte bounds decide. A count shared by
 # all devices lets one device's unacknowledged answers hold everyone's back in paho's queue
 # (paho's default of 20 also throttled windows).
 MAX_INFLIGHT = 0
 MAX_TRANSFERS = ServeLimits().max_transfers
 LOG_EVERY_S = 10.0  # one log line per kind of refusal this often (a flood must not flood logs)
-
-
-@dataclass
-class ServerStats:
-    """Counters since start (a snapshot; ``ChunkServer.stats()`` returns a copy).
-
-    Attributes:
-        requests: request messages received (valid or not).
-        answered: responses handed to paho, any status.
-        bytes_sent: data bytes in ``ok`` responses.
-        not_found: answered ``not_found``.
-        bad_requests: malformed or forbidden requests (answered ``bad_request`` when possible).
-        errors: local read errors (answered ``error``) and responses paho refused to queue.
-        dropped: requests that could not be answered at all (no id, unknown topic).
-        busy: answered ``busy`` (admission control).
-        expired: dropped unanswered because they waited longer than the device's timeout.
-        admitted: transfers admitted.
-        exempt: single-window files served without admission.
-        rate_limited: dropped unread: the device was over its request rate.
-        throttled: not served now: the device was over its data rate (``busy``, or held).
-        held: unanswered while their transfer waits in line or the device is over its data rate
-            (devices without ``busy_ok``).
-        refused: transfers refused a place in line (the device's or the fleet's line full).
-        shed: answers not queued: a queued-bytes bound (the device's or the fleet's) was hit.
-        aliases: requests whose path was not in its canonical form (served as that form).
-        queued_bytes: bytes of answers in paho's outgoing queue now (see ``ServeLimits``).
-        peak_queued_bytes: the most there ever were.
-        by_device: requests per device id.
-        bytes_by_device: data bytes per device id.
-    """
-
-    requests: int = 0
-    answered: int = 0
-    bytes_sent: int = 0
-    not_found: int = 0
-    bad_requests: int = 0
-    errors: int = 0
-    dropped: int = 0
-    busy: int = 0
-    expired: int = 0
-    admitted: int = 0
-    exempt: int = 0
-    rate_limited: int = 0
-    throttled: int = 0
-    held: int = 0
-    refused: int = 0
-    shed: int = 0
-    aliases: int = 0
-    queued_bytes: int = 0
-    peak_queued_bytes: int = 0
-    by_device: dict[str, int] = field(default_factory=dict)
-    bytes_by_device: dict[str, int] = field(default_factory=dict)
-
-
-def _recover_id(payload: bytes) -> tuple[str, str] | None:
-    """``(id, path)`` of a request that failed validation, if the id can be trusted to echo."""
-    try:
-        obj = json.loads(payload)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
-        return None
-    if not isinstance(obj, dict):
-        return None
-    rid, path = obj.get("id"), obj.get("path")
-    if not isinstance(rid, str) or not 1 <= len(rid) <= 64:
-        return None
-    return rid, path[:600] if isinstance(path, str) else ""
-
-
-def _charge(req: FetchRequest) -> int:
-    """Queue bytes to reserve for the answer to ``req`` (the largest it can be)."""
-    return 4 + 300 + 2 * len(req.path) + min(req.length, MAX_CHUNK) + ANSWER_OVERHEAD
 
 
 class _LogLimiter:
@@ -222,17 +110,6 @@ class _LogLimiter:
             return None
         self._last[kind] = (now, 0)
         return skipped
-
-
-@dataclass
-class _Job:
-    """An accepted request waiting to be read and answered."""
-
-    device_id: str
-    req: FetchRequest
-    file: Path
-    key: TransferKey | None  # the admitted transfer, released at its last window
-    reserved: int = 0  # queue bytes reserved for the answer
 
 
 class ChunkServer:
@@ -253,7 +130,7 @@ class ChunkServer:
             fleet-wide limit (the per-device limits still apply).
         limits: per-device and fleet-wide limits (default ``ServeLimits()``).
         tls_context: for ``mqtts://``; default: from the environment (``EDGEFLEET_TLS_*``,
-            see ``agent.sync.mqtt.configure_service_tls``).
+            see ``agent.common.mqtt.configure_service_tls``).
 
     Raises:
         ValueError: a bad broker URL, ``workers < 0`` or ``max_transfers < 0``.
@@ -281,15 +158,9 @@ class ChunkServer:
         if max_transfers is not None:
             limits = limits.model_copy(update={"max_transfers": max_transfers})
         self.limits = limits
-        self._admission = Admission(
-            limits.max_transfers,
-            device_transfers=limits.device_transfers,
-            device_waiting=limits.device_waiting,
-        )
-        self._accounts = DeviceAccounts(limits)
-        self._clocks = _Clocks()
-        self._tree = ServedTree(Path(repo_dir))
-        self.repo_root = self._tree.repo_root
+        self._gate = Gate(limits)
+        tree = ServedTree(Path(repo_dir))
+        self.repo_root = tree.repo_root
         self.host, self.port, tls = parse_broker_url(broker_url)
         self.topics = Topics(root)
         self.subscription = self.topics.shared(share_group, "fetch/req")
@@ -298,14 +169,14 @@ class ChunkServer:
         self.direct = self.topics.all_replica_requests(self.replica) if self.replica else None
         self.client_id = client_id
         self.on_tick = on_tick
-        self._stats = ServerStats()
+        self._reader = RequestReader(tree, self.replica, self._count, self._log)
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._sub_mid: int | None = None
         self._sub_failure = ""
         # devices served in turn, not in arrival order (fair.py: one device's backlog does
         # not hold up everyone else's next window)
-        self._pool: FairPool[_Job] | None = FairPool(workers, self._finish) if workers else None
+        self._pool: FairPool[Job] | None = FairPool(workers, self._finish) if workers else None
         self._log_limit = _LogLimiter()
         self.client = make_client(client_id, clean=True)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -319,7 +190,7 @@ class ChunkServer:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
-        self._answers = AnswerQueue(self.client, self._accounts, self._lock)
+        self._answers = AnswerQueue(self.client, self._gate.accounts, self._lock)
         # Every subscription of this client is a request topic: one callback for all, without
         # paho's per-message topic matching (~10 % of a flood's cost; _intake parses anyway).
         self.client.on_message = self._on_message
@@ -388,18 +259,17 @@ class ChunkServer:
     def stats(self) -> ServerStats:
         """A copy of the counters."""
         with self._lock:
-            return replace(
-                self._stats,
-                queued_bytes=self._accounts.queued_bytes,
-                peak_queued_bytes=self._accounts.peak_queued_bytes,
-                by_device=dict(self._stats.by_device),
-                bytes_by_device=dict(self._stats.bytes_by_device),
-            )
+            return self._gate.snapshot()
 
     def usage(self, device_id: str) -> DeviceUsage | None:
         """A copy of one device's usage (rate, transfers, line, queued bytes, peaks)."""
         with self._lock:
-            return self._accounts.usage(device_id)
+            return self._gate.accounts.usage(device_id)
+
+    @property
+    def _admission(self) -> Admission:
+        """The replica's transfers and line (hold ``_lock`` to use it)."""
+        return self._gate.admission
 
     # -- paho callbacks (network thread): none lets an exception reach paho ------------------
 
@@ -480,7 +350,7 @@ class ChunkServer:
 
     # -- serving ------------------------------------------------------------------------
 
-    def _dispatch(self, job: _Job) -> None:
+    def _dispatch(self, job: Job) -> None:
         """Answer ``job`` on this thread, or hand it to the pool; never raises."""
         if self._pool is None:
             self._finish(job)
@@ -490,24 +360,17 @@ class ChunkServer:
         except RuntimeError:  # the pool is shut down: stop() is under way
             self._unreserve(job)
 
-    def _intake(self, topic: str, payload: bytes) -> _Job | None:
+    def _intake(self, topic: str, payload: bytes) -> Job | None:
         """Rate-limit, parse, check and admit one request (cheap: no file reads).
 
         Bad, forbidden, expired, over-rate and not-admitted requests are answered (or dropped)
-        here; the rest come back as a ``_Job`` for ``_finish``, with queue bytes reserved.
+        here; the rest come back as a ``Job`` for ``_finish``, with queue bytes reserved.
         """
         now = time.monotonic()
         parsed = self.topics.parse(topic)
         device_id = parsed[0] if parsed is not None and parsed[1] == "fetch/req" else None
         with self._lock:
-            self._stats.requests += 1
-            allowed = True
-            if device_id is not None:
-                by = self._stats.by_device
-                by[device_id] = by.get(device_id, 0) + 1
-                allowed = self._accounts.request(device_id, now)
-                if not allowed:
-                    self._stats.rate_limited += 1
+            allowed = self._gate.request(device_id, now)
         if device_id is None:
             self._count(dropped=1)
             self._log("topic", now, "chunk request on unexpected topic %r dropped", topic[:200])
@@ -523,7 +386,7 @@ class ChunkServer:
                 device_id,
             )
             return None
-        decoded = self._decode(payload)
+        decoded = self._reader.decode(payload)
         if decoded is None:
             return None
         if isinstance(decoded, FetchHeader):
@@ -534,70 +397,25 @@ class ChunkServer:
             return None
         return self._admit(device_id, req, file, now)
 
-    def _admit(self, device_id: str, req: FetchRequest, file: Path, now: float) -> _Job | None:
-        """Admission for one valid request: a ``_Job``, or None (answered busy or dropped).
-
-        In order: the transfer's place (or a single-window file's exemption), the device's
-        data rate, the queue bytes for the answer.
-        """
-        key = (device_id, str(file))
+    def _admit(self, device_id: str, req: FetchRequest, file: Path, now: float) -> Job | None:
+        """Admission for one valid request (``Gate.admit``): a ``Job``, or None (answered
+        busy or dropped)."""
         # A single-window file is cheaper to serve than to queue: no admission.
         single = req.offset == 0 and fits_one_window(file, req.length)
         with self._lock:
-            adm = self._admission
-            if single and not adm.is_served(key, now):
-                decision = Decision(True)
-                self._stats.exempt += 1
-            else:
-                was_active = key in adm.active
-                decision = adm.check(key, now, ttl_s=None if req.busy_ok else HOLD_TTL_S)
-                if decision.admitted and not was_active and key in adm.active:
-                    self._stats.admitted += 1
-            self._accounts.note_transfers(
-                device_id, adm.active_of(device_id), adm.waiting_of(device_id)
-            )
-            if decision.admitted:
-                wait = self._accounts.draw(device_id, min(req.length, MAX_CHUNK), now)
-                if wait is not None:
-                    self._stats.throttled += 1
-                    retry = min(MAX_RETRY_S, max(MIN_RETRY_S, wait))
-                    decision = Decision(False, retry, in_line=True)
-            if decision.admitted:
-                reserved = _charge(req)
-                if not self._accounts.reserve(device_id, reserved):
-                    self._stats.shed += 1
-                    return None
-                admitted = key in adm.active
-                return _Job(device_id, req, file, key if admitted else None, reserved)
-            if not decision.in_line:
-                self._stats.refused += 1
-                self._accounts.count(device_id, "refused")
-            if not req.busy_ok:
-                if decision.in_line:
-                    self._stats.held += 1
-                    self._accounts.count(device_id, "held")
-                return None  # no answer it understands: it asks again after its timeout
-            self._stats.busy += 1
-            self._accounts.count(device_id, "busy")
-        busy = FetchHeader(
-            id=req.id,
-            path=req.path,
-            offset=req.offset,
-            total=0,
-            status="busy",
-            retry_after_s=round(decision.retry_after_s, 3),
-            error="" if decision.in_line else "the registry's line is full for this device",
-        )
-        self._publish(device_id, busy, b"")
-        return None
+            outcome = self._gate.admit(device_id, req, file, single=single, now=now)
+        if isinstance(outcome, FetchHeader):
+            self._publish(device_id, outcome, b"")
+            return None
+        return outcome
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         """Read and answer an accepted request; never raises."""
         try:
             if self._expired(job.device_id, job.req, learn=False):
                 self._unreserve(job)
                 return
-            header, data = self._read(job.req, job.file)
+            header, data = self._reader.read(job.req, job.file)
             if job.key is not None and (
                 header.status != "ok" or job.req.offset + len(data) >= header.total
             ):
@@ -609,69 +427,17 @@ class ChunkServer:
             return
         self._publish(job.device_id, header, data, reserved=job.reserved)
 
-    def _unreserve(self, job: _Job) -> None:
+    def _unreserve(self, job: Job) -> None:
         self._answers.release(job.device_id, job.reserved)
 
     def _release(self, key: TransferKey) -> None:
         with self._lock:
-            if key in self._admission.active:
-                self._admission.done(key, time.monotonic())
-                dev = key[0]
-                self._accounts.note_transfers(
-                    dev, self._admission.active_of(dev), self._admission.waiting_of(dev)
-                )
+            self._gate.release(key, time.monotonic())
 
     def _expired(self, device_id: str, req: FetchRequest, *, learn: bool) -> bool:
         """True (counted) when the request waited longer than the device waits for it."""
-        if req.sent_at is None or req.timeout_s is None:
-            return False
         with self._lock:
-            waited = self._clocks.delay(device_id, req.sent_at, time.time(), learn=learn)
-        if waited <= req.timeout_s:
-            return False
-        self._count(expired=1)
-        return True
-
-    def _decode(self, payload: bytes) -> tuple[FetchRequest, Path] | FetchHeader | None:
-        """The request and its file; or the ``bad_request`` answer; or None (drop). Counts."""
-        if len(payload) > MAX_REQUEST_BYTES:
-            self._count(bad_requests=1, dropped=1)
-            return None
-        try:
-            req = FetchRequest.decode(payload)
-        except BadMessage as e:
-            self._count(bad_requests=1)
-            recovered = _recover_id(payload)
-            if recovered is None:
-                self._count(dropped=1)
-                return None
-            rid, path = recovered
-            return self._status(rid, path, 0, "bad_request", str(e))
-        try:
-            canon = canonical_path(req.path)
-        except PathError as e:
-            self._count(bad_requests=1)
-            return self._status(req.id, req.path, req.offset, "bad_request", f"{e}; refused")
-        if canon != req.path:
-            self._count(aliases=1)
-        file = self._tree.resolve(canon)
-        if file is None:
-            self._count(bad_requests=1)
-            self._log(
-                "escape",
-                time.monotonic(),
-                "chunk request %s for %r leads out of metadata/ and targets/; refused",
-                req.id,
-                req.path,
-            )
-            return self._status(
-                req.id,
-                req.path,
-                req.offset,
-                "bad_request",
-                f"path {req.path!r} is outside the served metadata/ and targets/",
-            )
-        return req, file
+            return self._gate.expired(device_id, req, time.time(), learn=learn)
 
     def answer(self, payload: bytes) -> tuple[FetchHeader | None, bytes]:
         """The answer to one request payload, or ``(None, b"")`` when none can be sent.
@@ -680,40 +446,12 @@ class ChunkServer:
         time). Counts into ``stats()``; never raises for bad input (malformed, forbidden,
         missing).
         """
-        decoded = self._decode(payload)
+        decoded = self._reader.decode(payload)
         if decoded is None:
             return None, b""
         if isinstance(decoded, FetchHeader):
             return decoded, b""
-        return self._read(*decoded)
-
-    def _read(self, req: FetchRequest, file: Path) -> tuple[FetchHeader, bytes]:
-        """The answer to a valid request for ``file`` (``ok``, ``not_found`` or ``error``)."""
-        try:
-            total, data = read_window(file, req.offset, req.length)
-        except FileNotFoundError:
-            self._count(not_found=1)
-            return self._status(req.id, req.path, req.offset, "not_found", ""), b""
-        except OSError as e:
-            self._count(errors=1)
-            log.error("chunk request %s: reading %s failed: %s", req.id, file, e)
-            return self._status(
-                req.id,
-                req.path,
-                req.offset,
-                "error",
-                f"registry could not read the file: {e.strerror}",
-            ), b""
-        replica = self.replica if req.sticky_ok else None
-        return FetchHeader(
-            id=req.id, path=req.path, offset=req.offset, total=total, replica=replica
-        ), data
-
-    @staticmethod
-    def _status(rid: str, path: str, offset: int, status: Any, error: str) -> FetchHeader:
-        return FetchHeader(
-            id=rid, path=path, offset=offset, total=0, status=status, error=error[:500]
-        )
+        return self._reader.read(*decoded)
 
     def _publish(self, device_id: str, header: FetchHeader, data: bytes, reserved: int = 0) -> None:
         """Queue one answer within the byte bounds (``reserved`` exchanged); never raises."""
@@ -736,9 +474,10 @@ class ChunkServer:
             )
             return
         with self._lock:
-            self._stats.answered += 1
-            self._stats.bytes_sent += len(data)
-            by = self._stats.bytes_by_device
+            stats = self._gate.stats
+            stats.answered += 1
+            stats.bytes_sent += len(data)
+            by = stats.bytes_by_device
             by[device_id] = by.get(device_id, 0) + len(data)
 
     def _log(self, kind: str, now: float, msg: str, *args: Any) -> None:
@@ -754,5 +493,4 @@ class ChunkServer:
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
-            for name, n in deltas.items():
-                setattr(self._stats, name, getattr(self._stats, name) + n)
+            self._gate.count(**deltas)

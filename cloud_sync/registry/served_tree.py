@@ -1,6 +1,8 @@
 """Adapter: the files a registry replica serves — ``metadata/`` and ``targets/``, nothing else.
 
-A request path is first normalised (``admission.canonical_path``), then resolved here with
+A request path is first normalised (``canonical_path``: one spelling per file, ``targets/./x``,
+``targets//x`` and ``targets/x/`` are ``targets/x``; a path that does not normalise is refused
+with the reason), then resolved here with
 every symlink followed, and served only when the result still lies in ``REPO/metadata`` or
 ``REPO/targets`` (each resolved once, at start: either may be a link to another disk). A link
 ``targets/k -> ../keys``, or to anywhere outside, resolves elsewhere and is refused; the final
@@ -18,11 +20,46 @@ from pathlib import Path
 
 from agent.protocol.fetch import MAX_CHUNK
 
-__all__ = ["SERVED_DIRS", "ServedTree", "fits_one_window", "read_window", "resolve_repo_path"]
+__all__ = [
+    "SERVED_DIRS",
+    "PathError",
+    "ServedTree",
+    "canonical_path",
+    "fits_one_window",
+    "read_window",
+    "resolve_repo_path",
+]
 
 SERVED_DIRS = ("metadata", "targets")
 RESOLVE_TTL_S = 1.0  # how long a resolved request path is reused
 RESOLVE_CACHE = 256  # resolved request paths kept
+
+
+class PathError(ValueError):
+    """A request path that does not normalise to a file of the served tree."""
+
+
+def canonical_path(path: str) -> str:
+    """The one spelling of a registry path: empty and ``.`` segments dropped.
+
+    ``targets/./a//b/`` → ``targets/a/b``. The result starts with ``metadata/`` or
+    ``targets/`` and names something below it.
+
+    Raises:
+        PathError: a ``..`` segment, a hidden segment (``.x``: temporary files of atomic
+            writes, never published), no ``metadata``/``targets`` head, or nothing below it.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts or parts[0] not in ("metadata", "targets"):
+        raise PathError(f"path {path[:80]!r} does not start with metadata/ or targets/")
+    if len(parts) < 2:
+        raise PathError(f"path {path[:80]!r} names no file below {parts[0]}/")
+    for p in parts[1:]:
+        if p == "..":
+            raise PathError(f"path {path[:80]!r} climbs out of the repository")
+        if p.startswith("."):
+            raise PathError(f"path {path[:80]!r} has a hidden segment {p[:40]!r}")
+    return "/".join(parts)
 
 
 def served_roots(repo_root: Path) -> tuple[Path, ...]:

@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
+from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.ingest.commands import DB_HELP
 from cloud_sync.ingest.commands import db_url as _db
 from cloud_sync.secrets import redact_url
@@ -77,7 +78,7 @@ def _common(p: argparse.ArgumentParser, *, broker: bool) -> None:
     if broker:
         p.add_argument("--repo", required=True, help="registry directory")
         p.add_argument("--broker", required=True, help="mqtt://host:port")
-        p.add_argument("--topic-root", default="edgefleet/v1")
+        p.add_argument("--topic-root", default=DEFAULT_ROOT)
 
 
 def _add_start(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,7 +114,7 @@ def _now() -> datetime:
 def _spec(args: argparse.Namespace, now: datetime) -> Any:
     from pydantic import ValidationError
 
-    from agent.protocol.state import describe_validation_error
+    from agent.protocol.wire import describe_validation_error
     from cloud_sync.deploy import parse_ref
     from cloud_sync.rollout.state import RolloutSpec
 
@@ -164,7 +165,7 @@ def _stopper() -> threading.Event:
 
 def _drive(args: argparse.Namespace, store: Any, rollout_id: str) -> int:
     """Tick one rollout in the foreground until it ends or pauses; print each change."""
-    from cloud_sync.ingest.store import StoreUnavailable
+    from cloud_sync.ingest.db import StoreUnavailable
     from cloud_sync.rollout import db
     from cloud_sync.rollout.controller import RolloutController
     from cloud_sync.rollout.report import progress_line

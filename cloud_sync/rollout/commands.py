@@ -6,40 +6,20 @@ like ``plan.decide``; none of them reads a clock or touches the fleet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
 
+from cloud_sync.rollout.plan import check_now, revert_touched
 from cloud_sync.rollout.state import (
     ACTIVE,
-    Action,
     Decision,
-    DeviceRecord,
     EventKind,
     Log,
     Revert,
     RolloutEvent,
     RolloutSpec,
     RolloutState,
+    Status,
 )
-
-_LIST = 5  # device ids named in one history line
-
-
-def names(ids: Iterable[str]) -> str:
-    """``a, b, c, d, e (+3 more)``: a few ids for a history line."""
-    ids = list(ids)
-    more = f" (+{len(ids) - _LIST} more)" if len(ids) > _LIST else ""
-    return ", ".join(ids[:_LIST]) + more
-
-
-def check_now(now: datetime) -> None:
-    """Refuse a naive ``now``: comparing it with stored aware times would raise later.
-
-    Raises:
-        ValueError: ``now`` has no timezone.
-    """
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError("now must carry a timezone (UTC expected), got a naive datetime")
 
 
 def start(spec: RolloutSpec, now: datetime) -> RolloutState:
@@ -55,38 +35,6 @@ def start(spec: RolloutSpec, now: datetime) -> RolloutState:
     return RolloutState(history=(RolloutEvent(at=now, stage=0, kind="started", message=msg),))
 
 
-def revert_touched(
-    devices: dict[str, DeviceRecord],
-) -> tuple[dict[str, DeviceRecord], list[Action], list[str]]:
-    """Revert every touched pipeline to its recorded previous version.
-
-    Returns:
-        The updated records (reverted pipelines marked ``reverted``), the ``Revert`` actions,
-        and one history line per device (also naming pipelines without a known previous
-        version, which stay on the new one).
-    """
-    out = dict(devices)
-    actions: list[Action] = []
-    lines: list[str] = []
-    for device_id in sorted(devices):
-        rec = devices[device_id]
-        pipelines = dict(rec.pipelines)
-        done: list[str] = []
-        for name, p in rec.pipelines.items():
-            if not p.sent or p.outcome == "reverted":
-                continue
-            if p.previous is None:
-                lines.append(f"{device_id}/{name}: no previous version known, left as it is")
-                continue
-            actions.append(Revert(device_id, name, p.previous.model, p.previous.version))
-            pipelines[name] = p.model_copy(update={"outcome": "reverted"})
-            done.append(f"{name} → {p.previous}")
-        if done:
-            out[device_id] = rec.model_copy(update={"pipelines": pipelines})
-            lines.append(f"{device_id}: reverting {', '.join(done)}")
-    return out, actions, lines
-
-
 def _command(
     state: RolloutState, now: datetime, kind: EventKind, msg: str, **changes: object
 ) -> Decision:
@@ -96,7 +44,7 @@ def _command(
     return Decision((Log(msg),), new)
 
 
-def _require(state: RolloutState, allowed: frozenset[str], what: str) -> None:
+def _require(state: RolloutState, allowed: frozenset[Status], what: str) -> None:
     if state.status not in allowed:
         raise ValueError(f"cannot {what} a rollout that is {state.status}")
 
@@ -166,11 +114,8 @@ def abort(spec: RolloutSpec, state: RolloutState, now: datetime, why: str = "ope
 
 __all__ = [
     "abort",
-    "check_now",
-    "names",
     "pause",
     "promote",
     "resume",
-    "revert_touched",
     "start",
 ]

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from agent.errors import BadDataError, EdgefleetError, TransportError
+from agent.common.errors import BadDataError, EdgefleetError, TransportError
 from agent.protocol.state import PipelineTarget
 from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.deploy import DesiredPublisher
-from cloud_sync.ingest.store import Store, StoreUnavailable
+from cloud_sync.ingest.db import StoreUnavailable
+from cloud_sync.ingest.store import Store
 from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import db

@@ -15,8 +15,10 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from agent.errors import BadDataError, TransportError
-from cloud_sync.ingest.store import ROLLOUTS, Store, guard
+from agent.common.errors import BadDataError, TransportError
+from cloud_sync.ingest.db import guard
+from cloud_sync.ingest.schema import ROLLOUTS
+from cloud_sync.ingest.store import Store
 from cloud_sync.rollout.state import ACTIVE, RolloutSpec, RolloutState
 
 

@@ -32,21 +32,12 @@ paused accepts that stage's failing gates (the operator's call) and moves on.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 from typing import Literal
 
 from agent.protocol.state import UpdatePhase
-from cloud_sync.rollout.commands import (
-    abort,
-    check_now,
-    names,
-    pause,
-    promote,
-    resume,
-    revert_touched,
-    start,
-)
 from cloud_sync.rollout.fleet import DeviceView, FleetSnapshot, ModelRef, PipelineMetrics
 from cloud_sync.rollout.gates import Evidence, GateResult, evaluate_all
 from cloud_sync.rollout.stages import rank, select, stage_sizes
@@ -60,6 +51,7 @@ from cloud_sync.rollout.state import (
     EventKind,
     Log,
     PipelineRecord,
+    Revert,
     RolloutEvent,
     RolloutSpec,
     RolloutState,
@@ -68,6 +60,56 @@ from cloud_sync.rollout.state import (
 from cloud_sync.rollout.target import Target
 
 _FAILED_PHASES = frozenset({UpdatePhase.REJECTED, UpdatePhase.ROLLED_BACK})
+_LIST = 5  # device ids named in one history line
+
+
+def names(ids: Iterable[str]) -> str:
+    """``a, b, c, d, e (+3 more)``: a few ids for a history line."""
+    ids = list(ids)
+    more = f" (+{len(ids) - _LIST} more)" if len(ids) > _LIST else ""
+    return ", ".join(ids[:_LIST]) + more
+
+
+def check_now(now: datetime) -> None:
+    """Refuse a naive ``now``: comparing it with stored aware times would raise later.
+
+    Raises:
+        ValueError: ``now`` has no timezone.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must carry a timezone (UTC expected), got a naive datetime")
+
+
+def revert_touched(
+    devices: dict[str, DeviceRecord],
+) -> tuple[dict[str, DeviceRecord], list[Action], list[str]]:
+    """Revert every touched pipeline to its recorded previous version.
+
+    Returns:
+        The updated records (reverted pipelines marked ``reverted``), the ``Revert`` actions,
+        and one history line per device (also naming pipelines without a known previous
+        version, which stay on the new one).
+    """
+    out = dict(devices)
+    actions: list[Action] = []
+    lines: list[str] = []
+    for device_id in sorted(devices):
+        rec = devices[device_id]
+        pipelines = dict(rec.pipelines)
+        done: list[str] = []
+        for name, p in rec.pipelines.items():
+            if not p.sent or p.outcome == "reverted":
+                continue
+            if p.previous is None:
+                lines.append(f"{device_id}/{name}: no previous version known, left as it is")
+                continue
+            actions.append(Revert(device_id, name, p.previous.model, p.previous.version))
+            pipelines[name] = p.model_copy(update={"outcome": "reverted"})
+            done.append(f"{name} → {p.previous}")
+        if done:
+            out[device_id] = rec.model_copy(update={"pipelines": pipelines})
+            lines.append(f"{device_id}: reverting {', '.join(done)}")
+    return out, actions, lines
 
 
 class _Step:
@@ -421,11 +463,9 @@ def decide(
 
 
 __all__ = [
-    "abort",
+    "check_now",
     "decide",
+    "names",
     "needs_metrics",
-    "pause",
-    "promote",
-    "resume",
-    "start",
+    "revert_touched",
 ]

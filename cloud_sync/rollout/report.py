@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from cloud_sync.rollout.stages import stage_sizes
 from cloud_sync.rollout.state import RolloutSpec, RolloutState
 
 
@@ -71,9 +70,4 @@ def progress_line(spec: RolloutSpec, state: RolloutState, now: datetime) -> str:
     return line
 
 
-def planned_sizes(spec: RolloutSpec, targeted: int) -> list[int]:
-    """Cumulative devices per stage for ``targeted`` devices (for ``start``'s first line)."""
-    return stage_sizes(spec.stages, targeted)
-
-
-__all__ = ["planned_sizes", "progress_line", "soak_remaining", "summary"]
+__all__ = ["progress_line", "soak_remaining", "summary"]

@@ -35,7 +35,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from agent.protocol.state import UpdatePhase
-from cloud_sync.ingest.store import DEVICES, EVENTS, PIPELINE_STATE, TELEMETRY, Store, guard
+from cloud_sync.ingest.db import guard
+from cloud_sync.ingest.schema import DEVICES, EVENTS, PIPELINE_STATE, TELEMETRY
+from cloud_sync.ingest.store import Store
 from cloud_sync.rollout.fleet import DeviceView, FleetSnapshot, PipelineMetrics, PipelineView
 
 Key = tuple[str, str]  # (device_id, pipeline)
@@ -233,9 +235,4 @@ def _device(
     )
 
 
-def read_snapshot(store: Store, since: datetime, until: datetime) -> FleetSnapshot:
-    """``SnapshotReader(store).read(since, until)``."""
-    return SnapshotReader(store).read(since, until)
-
-
-__all__ = ["SnapshotReader", "read_snapshot", "telemetry_metrics"]
+__all__ = ["SnapshotReader", "telemetry_metrics"]

@@ -16,16 +16,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
-from cloud_sync.samples.common import (
-    SEED,
-    init_tensor,
-    save_model,
-    sha256_file,
-    time_model,
-    write_card,
-    write_golden,
-)
+from cloud_sync.registry.artifacts import write_card, write_golden
+from cloud_sync.samples.common import SEED, init_tensor, save_model, time_model
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive
 
@@ -50,6 +44,11 @@ def _blob_box_part() -> _Part:
     predicts the square's own box, and NMS collapses them. Objectness rewards bright area and the
     centroid being near the cell centre (the YOLO 'responsible cell').
     """
+    return _blob_box_nodes(), _blob_box_inits()
+
+
+def _blob_box_inits() -> list[TensorProto]:
+    """The box part's weights: moment and window kernels, the cell grid and the constants."""
     g, cell, k = BLOB_SIZE // BLOB_CELL, BLOB_CELL, BLOB_WINDOW
     rel = (np.arange(cell) + 0.5 - cell / 2) / cell  # pixel centre offset, in cells
     ry, rx = np.meshgrid(rel, rel, indexing="ij")
@@ -68,7 +67,7 @@ def _blob_box_part() -> _Part:
         ]
     )
     gy, gx = np.meshgrid(np.arange(g) + 0.5, np.arange(g) + 0.5, indexing="ij")
-    inits = [
+    return [
         init_tensor("w_bright", np.full((1, 3, 1, 1), 10.0 / 3.0)),
         init_tensor("b_bright", [-5.5]),
         init_tensor("w_mom", wm),
@@ -87,6 +86,11 @@ def _blob_box_part() -> _Part:
         init_tensor("bias", -0.5),
         helper.make_tensor("split5", TensorProto.INT64, [5], [1] * 5),
     ]
+
+
+def _blob_box_nodes() -> list[onnx.NodeProto]:
+    """The box part's graph: bright mask, moments, window sums, then box, objectness, class."""
+    cell, k = BLOB_CELL, BLOB_WINDOW
     n = helper.make_node
     nodes = [
         n("Conv", ["images", "w_bright", "b_bright"], ["bright_lin"], kernel_shape=[1, 1]),
@@ -121,7 +125,7 @@ def _blob_box_part() -> _Part:
         n("Mul", ["s0", "inv_min_area"], ["cls_raw"]),
         n("Clip", ["cls_raw", "zero", "one"], ["cls"]),
     ]
-    return nodes, inits
+    return nodes
 
 
 def _blob_heavy_part() -> _Part:

@@ -11,15 +11,10 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
+from agent.common.fsutil import sha256_file
 from agent.protocol.card import InputSpec, ModelCard, PostprocessSpec, VariantSpec
-from cloud_sync.samples.common import (
-    SEED,
-    init_tensor,
-    save_model,
-    sha256_file,
-    write_card,
-    write_golden,
-)
+from cloud_sync.registry.artifacts import write_card, write_golden
+from cloud_sync.samples.common import SEED, init_tensor, save_model
 
 
 def build_tinyseg(out: Path) -> Path:

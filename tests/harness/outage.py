@@ -26,7 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol.schema import EXAMPLES
 from agent.protocol.telemetry import Telemetry
 from agent.protocol.topics import Topics
-from cloud_sync.ingest.store import DEVICE_TELEMETRY, Store, make_engine
+from cloud_sync.ingest.db import make_engine
+from cloud_sync.ingest.schema import DEVICE_TELEMETRY
+from cloud_sync.ingest.store import Store
 from tests.harness.util import ROOT, free_port, wait_for
 
 TOPICS = Topics()

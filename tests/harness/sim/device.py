@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from agent import __version__
+from agent.common.mqtt import parse_broker_url
 from agent.config import BrokerConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import get_profile
@@ -37,16 +38,13 @@ from agent.protocol.telemetry import (
     DeviceStats,
 )
 from agent.protocol.topics import DEFAULT_ROOT
-from agent.sync.mqtt import parse_broker_url
 from agent.sync.session import DeviceSession
 from agent.telemetry.device import CpuTimes, read_device_stats
 from agent.telemetry.outbox import Outbox, OutboxSender
 from agent.telemetry.reporter import TelemetryReporter, TelemetrySnapshot
-from agent.update.fetcher import ChunkClient, MqttFetcher
-from agent.update.machine import HealthWindow
+from agent.update.delivery import wire_delivery
 from agent.update.manager import UpdateManager
-from agent.update.store import ModelStore
-from agent.update.tuf_client import TufClient
+from agent.update.transfer.client import ChunkClient
 from tests.harness.sim.engine import ProfileFn, SimPipeline, default_profile, open_sim_model
 from tests.harness.sim.netloop import MqttLoop
 
@@ -193,43 +191,25 @@ class SimDevice:
         )
         session = DeviceSession(broker, self.device_id, birth, self._on_desired, rng=self.rng)
         self.session = session
-        stop_updates = threading.Event()  # stops a running transfer with the manager
-        chunks = ChunkClient(
-            session.client,
-            self.device_id,
-            root=self.topic_root,
-            chunk_size=upd.chunk_kb * 1024,
-            window=upd.window,
-            request_timeout_s=upd.request_timeout_s,
-            stop_event=stop_updates,
-        )
-        self.chunks = chunks
-        session.on_connected.append(chunks.resubscribe)
-        fetcher = MqttFetcher(chunks, resume_dir=self.data_dir / "tuf" / "partial")
-        tuf = TufClient(self.data_dir, self.trust_root, fetcher)
         for name in self.pipeline_names:
             pipe = SimPipeline(name, self.device_id, self.profile_fn, rng=self.rng)
             self.pipelines[name] = pipe
         # UpdateManager and TelemetrySnapshot are typed for the real Pipeline; SimPipeline has
         # the part of its surface they use (model, swap_model, observer, metrics, status).
         as_pipes = cast(dict[str, Pipeline], self.pipelines)
-        self.updates = UpdateManager(
+        delivery = wire_delivery(
+            session,
             device_id=self.device_id,
+            topic_root=self.topic_root,
+            data_dir=self.data_dir,
+            trust_root=self.trust_root,
+            update=upd,
             profile=get_profile(self.device_profile),
             pipelines=as_pipes,
-            store=ModelStore(self.data_dir),
-            tuf=tuf,
             open_model=open_sim_model,
             publish_reported=self._publish_reported,
-            retry_s=upd.retry_s,
-            stop_event=stop_updates,
-            health=lambda: HealthWindow(
-                duration_s=upd.health_window_s,
-                min_frames=upd.health_min_frames,
-                max_error_rate=upd.max_error_rate,
-                max_latency_ratio=upd.max_latency_ratio,
-            ),
         )
+        self.chunks, self.updates = delivery.chunks, delivery.updates
         self.updates.recover()  # runs the last committed model, as the agent does on start
         self.updates.start()
         self._start_telemetry(list(as_pipes.values()))

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.common.errors import ModelError
 from agent.engine.base import Backend, BackendInfo, TensorSpec
-from agent.errors import ModelError
+from agent.models import BuildProgress
 from agent.pipeline.metrics import PipelineMetrics
 from agent.pipeline.model import RunnableModel
 from agent.protocol.card import ModelCard
@@ -144,7 +145,7 @@ _EVALUATORS: dict[str, tuple[Any, threading.Lock]] = {}
 _EVAL_LOCK = threading.Lock()
 
 
-def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel:
+def open_sim_model(path: Path, progress: Callable[[BuildProgress], None]) -> RunnableModel:
     """The engine-build stand-in: the delivered file must be a loadable one-input ONNX model.
 
     The card is the ``card.json`` the store materialised beside the model (the update manager
@@ -153,7 +154,7 @@ def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel
     Raises:
         ModelError: not ONNX, not one input, or no valid card beside it.
     """
-    progress("build sim 0%")
+    progress(BuildProgress("sim", 0.0))
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -167,7 +168,7 @@ def open_sim_model(path: Path, progress: Callable[[str], None]) -> RunnableModel
     except (OSError, ValueError) as e:
         raise ModelError(f"no valid card beside {path}: {e}", model=str(path), reason="card") from e
     backend = SimBackend(path, sig, sha256)
-    progress("build sim 100%")
+    progress(BuildProgress("sim", 1.0))
     return RunnableModel(card, backend)
 
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 RECONNECT_MIN_DELAY_S = 0.5

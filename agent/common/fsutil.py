@@ -1,4 +1,5 @@
-"""Adapter: crash-safe file writes (temp file in the same folder, fsync, ``os.replace``).
+"""Adapter: crash-safe file writes (temp file in the same folder, fsync, ``os.replace``), and
+the sha256 of a file read in chunks.
 
 After a power cut a reader sees either the old file or the new one, never a half-written one
 (the pattern python-tuf uses to persist metadata). A process killed between creating the temp
@@ -8,6 +9,7 @@ file and the rename leaves the temp file; ``remove_stale_temps`` sweeps them at 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -75,3 +77,19 @@ def remove_stale_temps(directory: Path, pattern: re.Pattern[str] = OUR_TEMP) -> 
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """IO: sha256 hex of a file, read in chunks (models and engines can be hundreds of MB).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()

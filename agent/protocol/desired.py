@@ -39,7 +39,7 @@ from securesystemslib.signer import (  # type: ignore[attr-defined,unused-ignore
     Signer,
 )
 
-from agent.errors import BadDataError
+from agent.common.errors import BadDataError
 from agent.protocol import CONTRACT_VERSION
 from agent.protocol.state import (
     MAX_REVISION_STEP,

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import ModelError
-from agent.fsutil import atomic_write_bytes
-from cloud_sync.samples.common import ort_session
+from agent.common.errors import ModelError
+from agent.common.fsutil import atomic_write_bytes
+from cloud_sync.registry.artifacts import ort_session
 
 __all__ = [
     "DEFAULT_OP_TYPES",
@@ -269,6 +269,64 @@ def _run(sess: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(o, dtype=np.float64) for o in sess.run(None, feeds)]
 
 
+@dataclass
+class _Tally:
+    """Pure: the gate's comparison of FP32 and INT8 outputs, added up sample by sample."""
+
+    task: str
+    detect: DetectFn | None  # set for detection only: compare decoded boxes
+    agree: int = 0
+    errors: list[float] = field(default_factory=list)
+    finite: bool = True
+    matched: int = 0
+    n_ref: int = 0
+    n_got: int = 0
+
+    def add(self, a: list[np.ndarray], b: list[np.ndarray]) -> None:
+        """Count one sample's FP32 outputs ``a`` against its INT8 outputs ``b``."""
+        self.finite = self.finite and all(np.isfinite(o).all() for o in b)
+        if self.detect is not None and self.finite:
+            ref, got = self.detect(a), self.detect(b)
+            self.matched += match_detections(ref, got)
+            self.n_ref, self.n_got = self.n_ref + len(ref[1]), self.n_got + len(got[1])
+        elif self.task == "classification":
+            self.agree += int(np.argmax(a[0].reshape(-1)) == np.argmax(b[0].reshape(-1)))
+        else:
+            self.errors += [
+                float(np.linalg.norm(y8 - y) / max(float(np.linalg.norm(y)), _EPS))
+                for y, y8 in zip(a, b, strict=True)
+            ]
+
+    def verdict(self, n: int, max_drop: float) -> GateResult:
+        """The gate's result over ``n`` samples."""
+        finite = self.finite
+        if self.task == "classification":
+            metric, value = "top1_agreement", self.agree / n
+            drop = 1.0 - value if finite else float("inf")
+            what = f"top-1 agreement {value:.4f} on {n} held-back samples ({n - self.agree} differ)"
+        elif self.detect is not None:
+            metric = "detection_f1"
+            total = self.n_ref + self.n_got
+            value = 2 * self.matched / total if total else 1.0
+            drop = 1.0 - value if finite else float("inf")
+            what = (
+                f"detection F1 {value:.4f} on {n} held-back samples ({self.matched} of "
+                f"{self.n_ref} FP32 boxes found again among {self.n_got} INT8 boxes, same class, "
+                "IoU >= 0.5)"
+            )
+        else:
+            metric = "mean_relative_error"
+            value = float(np.mean(self.errors)) if finite else float("inf")
+            drop = value
+            what = f"mean relative output error {value:.4f} on {n} held-back samples"
+        if not finite:
+            what += "; the INT8 model gave non-finite outputs"
+        passed = bool(drop <= max_drop)
+        verdict = "<=" if passed else ">"
+        detail = f"{what}: drop {drop:.4f} {verdict} max {max_drop:.4f}"
+        return GateResult(metric, float(value), float(drop), passed, detail, n)
+
+
 def accuracy_gate(
     fp32_path: str | Path,
     int8_path: str | Path,
@@ -306,51 +364,15 @@ def accuracy_gate(
     s32, name, dtype = _input_of(p32, constants=consts)
     s8, name8, _ = _input_of(p8, simulated=True, constants=consts)
     data = _check_samples(samples, "samples", p32).astype(dtype, copy=False)
-    agree, errors, finite = 0, [], True
-    matched = n_ref = n_got = 0
-    boxes = task == "detection" and detect is not None
+    tally = _Tally(task, detect if task == "detection" else None)
     try:
         for i in range(len(data)):
             x = data[i : i + 1]
-            a, b = _run(s32, {**consts, name: x}), _run(s8, {**consts, name8: x})
-            finite = finite and all(np.isfinite(o).all() for o in b)
-            if boxes and finite:
-                ref, got = detect(a), detect(b)  # type: ignore[misc]
-                m = match_detections(ref, got)
-                matched, n_ref, n_got = matched + m, n_ref + len(ref[1]), n_got + len(got[1])
-            elif task == "classification":
-                agree += int(np.argmax(a[0].reshape(-1)) == np.argmax(b[0].reshape(-1)))
-            else:
-                errors += [
-                    float(np.linalg.norm(y8 - y) / max(float(np.linalg.norm(y)), _EPS))
-                    for y, y8 in zip(a, b, strict=True)
-                ]
+            tally.add(_run(s32, {**consts, name: x}), _run(s8, {**consts, name8: x}))
     except Exception as e:  # ORT run errors (shape, type) are foreign types
         raise ModelError(
             f"comparing {p8} with {p32} failed on a sample of shape {data.shape[1:]}: {e}",
             model=str(p8),
             reason="run",
         ) from e
-    n = len(data)
-    if task == "classification":
-        metric, value = "top1_agreement", agree / n
-        drop = 1.0 - value if finite else float("inf")
-        what = f"top-1 agreement {value:.4f} on {n} held-back samples ({n - agree} differ)"
-    elif boxes:
-        metric = "detection_f1"
-        value = 2 * matched / (n_ref + n_got) if n_ref + n_got else 1.0
-        drop = 1.0 - value if finite else float("inf")
-        what = (
-            f"detection F1 {value:.4f} on {n} held-back samples ({matched} of {n_ref} FP32 "
-            f"boxes found again among {n_got} INT8 boxes, same class, IoU >= 0.5)"
-        )
-    else:
-        metric, value = "mean_relative_error", float(np.mean(errors)) if finite else float("inf")
-        drop = value
-        what = f"mean relative output error {value:.4f} on {n} held-back samples"
-    if not finite:
-        what += "; the INT8 model gave non-finite outputs"
-    passed = bool(drop <= max_drop)
-    verdict = "<=" if passed else ">"
-    detail = f"{what}: drop {drop:.4f} {verdict} max {max_drop:.4f}"
-    return GateResult(metric, float(value), float(drop), passed, detail, n)
+    return tally.verdict(len(data), max_drop)

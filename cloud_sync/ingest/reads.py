@@ -1,0 +1,165 @@
+"""Adapter: the ingest store's reads — fleet view, one device's series, snapshots, counts.
+
+Every read is bounded (a ``limit`` or one row per device and pipeline) and goes through
+``db.guard``, so an unreachable database is ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cloud_sync.ingest.db import guard
+from cloud_sync.ingest.rows import utc_time
+from cloud_sync.ingest.schema import (
+    DEAD_LETTERS,
+    DEVICE_TELEMETRY,
+    DEVICES,
+    PIPELINE_STATE,
+    SNAPSHOTS,
+    TABLES,
+    TELEMETRY,
+    schema_version,
+)
+
+
+class StoreReads:
+    """The reading half of ``store.Store`` (which sets ``engine``)."""
+
+    engine: Engine
+
+    def latest_snapshot(self, device_id: str, pipeline: str | None = None) -> dict[str, Any] | None:
+        """The newest snapshot of a device (of one pipeline if given), or None."""
+        q = sa.select(SNAPSHOTS).where(SNAPSHOTS.c.device_id == device_id)
+        if pipeline is not None:
+            q = q.where(SNAPSHOTS.c.pipeline == pipeline)
+        q = q.order_by(SNAPSHOTS.c.ts.desc(), SNAPSHOTS.c.id.desc()).limit(1)
+        with guard("latest snapshot"), self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return dict(row._mapping) if row is not None else None
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters first: ``payload`` is the first bytes of the message (all of it
+        when ``len(payload) == payload_bytes``), ``payload_sha256`` the hash of the whole."""
+        q = sa.select(DEAD_LETTERS).order_by(DEAD_LETTERS.c.id.desc()).limit(limit)
+        with guard("read dead letters"), self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def fleet(self, tag_filter: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """One row per device with its pipelines' model, phase and latest telemetry.
+
+        Args:
+            tag_filter: keep only devices whose tags hold all of these key/value pairs.
+        """
+        t = TELEMETRY
+        latest = (
+            sa.select(t.c.device_id, t.c.pipeline, sa.func.max(t.c.ts).label("ts"))
+            .group_by(t.c.device_id, t.c.pipeline)
+            .subquery()
+        )
+        tq = sa.select(t).join(
+            latest,
+            (t.c.device_id == latest.c.device_id)
+            & (t.c.pipeline == latest.c.pipeline)
+            & (t.c.ts == latest.c.ts),
+        )
+        with guard("fleet view"), self.engine.connect() as conn:
+            devices = conn.execute(sa.select(DEVICES).order_by(DEVICES.c.device_id)).all()
+            states = conn.execute(sa.select(PIPELINE_STATE)).all()
+            tele = conn.execute(tq).all()
+        state_of = {(s.device_id, s.pipeline): s for s in states}
+        tele_of = {(r.device_id, r.pipeline): r for r in tele}
+        out = []
+        for d in devices:
+            tags = d.tags or {}
+            if tag_filter and any(tags.get(k) != v for k, v in tag_filter.items()):
+                continue
+            names = dict.fromkeys(d.pipelines or [])
+            names.update(dict.fromkeys(sorted(p for dev, p in state_of if dev == d.device_id)))
+            names.update(dict.fromkeys(sorted(p for dev, p in tele_of if dev == d.device_id)))
+            out.append({
+                "device_id": d.device_id, "online": d.online, "last_seen": d.last_seen,
+                "agent_version": d.agent_version, "profile": d.profile, "tags": tags,
+                "groups": d.groups or [],
+                "pipelines": [_pipeline_view(n, state_of.get((d.device_id, n)),
+                                             tele_of.get((d.device_id, n))) for n in names],
+            })  # fmt: skip
+        return out
+
+    def series(
+        self, device_id: str, since: datetime, *, limit: int = 10_000
+    ) -> dict[str, Any] | None:
+        """One device's telemetry since ``since``, per pipeline and for the device, oldest first.
+
+        Args:
+            device_id: the device.
+            since: keep rows with ``ts >= since`` (an aware datetime).
+            limit: at most this many of the newest rows per table, so a chatty device cannot
+                make one answer unbounded.
+
+        Returns:
+            ``{"pipelines": {name: [{ts, fps_out, p95_ms, errors}, …]}, "device": [{ts,
+            cpu_percent, mem_used_mb, temperatures}, …], "truncated": bool}``, or None when the
+            device is unknown.
+        """
+        cut = utc_time(since, "series", "since")
+        t, dt = TELEMETRY, DEVICE_TELEMETRY
+        tq = (
+            sa.select(t.c.ts, t.c.pipeline, t.c.fps_out, t.c.p95_ms, t.c.errors)
+            .where(t.c.device_id == device_id, t.c.ts >= cut)
+            .order_by(t.c.ts.desc(), t.c.pipeline)
+            .limit(limit)
+        )
+        dq = (
+            sa.select(dt.c.ts, dt.c.cpu_percent, dt.c.mem_used_mb, dt.c.temperatures)
+            .where(dt.c.device_id == device_id, dt.c.ts >= cut)
+            .order_by(dt.c.ts.desc())
+            .limit(limit)
+        )
+        known = sa.select(DEVICES.c.device_id).where(DEVICES.c.device_id == device_id)
+        with guard(f"series of {device_id}"), self.engine.connect() as conn:
+            if conn.execute(known).first() is None:
+                return None
+            tele = conn.execute(tq).all()[::-1]  # newest `limit` rows, handed out oldest first
+            dev = conn.execute(dq).all()[::-1]
+        pipelines: dict[str, list[dict[str, Any]]] = {}
+        for r in tele:
+            pipelines.setdefault(r.pipeline, []).append(
+                {"ts": r.ts, "fps_out": r.fps_out, "p95_ms": r.p95_ms, "errors": r.errors}
+            )
+        return {
+            "pipelines": dict(sorted(pipelines.items())),
+            "device": [dict(r._mapping) for r in dev],
+            "truncated": len(tele) == limit or len(dev) == limit,
+        }
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+        with guard("counts"), self.engine.connect() as conn:
+            return {
+                name: int(conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar() or 0)
+                for name, tbl in TABLES.items()
+            }
+
+    def version(self) -> int:
+        """The schema version of the database."""
+        with guard("schema version"), self.engine.connect() as conn:
+            return schema_version(conn)
+
+
+def _pipeline_view(name: str, state: Any, tele: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": (state and state.active_model) or (tele and tele.model),
+        "version": (state and state.active_version) or (tele and tele.version),
+        "phase": state.phase if state else None,
+        "last_error": state.last_error if state else None,
+        "fps": tele.fps_out if tele else None,
+        "p95_ms": tele.p95_ms if tele else None,
+        "errors": tele.errors if tele else None,
+        "telemetry_ts": tele.ts if tele else None,
+    }
