@@ -17,8 +17,8 @@ every ``--tick`` seconds, and the fleet (``tests.harness.sim``) in a child proce
    desired state naming 1.2.0 (a subscriber decodes every ``SignedDesired`` of the run).
 
 Reports wall times, broker/replica/simulator/controller CPU and memory (from /proc), the load
-average and each replica's request count. ``run_bench()`` is what ``tests/test_rollout_scale.py``
-calls with a small fleet.
+average and each replica's request count. ``run_bench()`` is what
+``tests/cloud_sync/rollout/test_rollout_scale.py`` calls with a small fleet.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Crash consistency: kill -9 a real agent at random moments of model updates, check recovery.
 
 A real TUF registry with its MQTT chunk server, a Mosquitto broker and ``edgefleet-agent run``
-in a subprocess (as ``tests/test_delivery_crash.py`` starts it). Each round publishes and
+in a subprocess (as ``tests/agent/update/test_delivery_crash.py`` starts it). Each round
+publishes and
 deploys a new version, SIGKILLs the agent at a moment drawn uniformly over the measured update
 duration (so kills land in fetching, verified, building, trial, active and after commit:
 each version carries ``--model-mb`` of padding so its download lasts, and the test-only hooks

@@ -1,6 +1,7 @@
 """Scenario: a long database outage under ``edgefleet ingest`` loses no acknowledged message.
 
-Runs ``tests.harness.outage.outage_run`` (the same scenario ``tests/test_ingest_backpressure.py``
+Runs ``tests.harness.outage.outage_run`` (the same scenario
+``tests/cloud_sync/ingest/test_ingest_backpressure.py``
 runs for seconds) for as long as asked: a real Mosquitto on a loopback port, ``edgefleet
 ingest`` as a child process, simulated devices publishing telemetry QoS 1 at ``--rate``
 messages/s in all, and a real database outage of ``--outage-s`` (default one hour): SQLite

@@ -1,6 +1,7 @@
 """Network partitions of minutes between a real agent and a real Mosquitto.
 
-Runs the scenarios of ``tests/test_partition.py`` (``tests/harness/partition.py``) with a long
+Runs the scenarios of ``tests/system/test_partition.py`` (``tests/harness/partition.py``) with a
+long
 partition (the tests use a few keepalive periods): a partition while the operator deploys a
 new version (inference goes on, telemetry waits in the outbox and arrives in order with none
 lost, the deploy is taken after the heal) and a partition in the middle of a model download

@@ -10,7 +10,7 @@ Stage latency is a summary (``edgefleet_pipeline_latency_seconds{stage,quantile}
 ``_sum``/``_count``): quantiles over the recent frames (the telemetry's rings), sum and count
 since the start, as client-side summaries are (a gauge may not carry ``quantile``: promtool
 refuses it). Zone and line counts are counters per pipeline, zone or line, and class;
-``tests/test_promtool.py`` runs ``promtool check metrics`` on a real scrape.
+``tests/system/test_promtool.py`` runs ``promtool check metrics`` on a real scrape.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 With a first-in, first-out pool, a device that keeps hundreds of requests waiting (within
 its rate limit, or aliases of one file) has every honest device's next window queued behind
-all of them: measured in ``tests/test_bad_device.py``, two honest 4 MiB downloads took 6.4x
+all of them: measured in ``tests/system/test_bad_device.py``, two honest 4 MiB downloads took 6.4x
 as long beside such a device. Here each device has its own line, and the workers take one job
 from each device in turn (round robin), so a device with one request waiting is served after
 at most one job of each other device, however many the heavy one has queued.

@@ -1,6 +1,7 @@
 """The ingest worker's database outage: real outages (another SQLite connection holds the
 write lock, or PostgreSQL refuses connections), devices publishing telemetry at a rate, and
-``outage_run``, the scenario ``tests/test_ingest_backpressure.py`` runs for seconds and
+``outage_run``, the scenario ``tests/cloud_sync/ingest/test_ingest_backpressure.py`` runs for
+seconds and
 ``scripts/ingest_outage.py`` for an hour."""
 
 from __future__ import annotations

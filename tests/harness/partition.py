@@ -1,5 +1,5 @@
 """A network partition between a device and a real broker, on loopback, without root, and
-the scenarios ``tests/test_partition.py`` runs for seconds and ``scripts/partition_suite.py``
+the scenarios ``tests/system/test_partition.py`` runs for seconds and ``scripts/partition_suite.py``
 for minutes.
 
 ``PartitionProxy`` forwards TCP between clients and an upstream (the real Mosquitto). ``cut()``
