@@ -89,6 +89,27 @@ class Agent:
             )
         return self.models[key]
 
+    def _clips_for(self, p: PipelineConfig) -> Any:
+        """The pipeline's clip recorder (``[pipelines.clips]``), or None."""
+        if p.clips is None:
+            return None
+        from agent.pipeline.clips import ClipRecorder
+
+        c = p.clips
+        return ClipRecorder(
+            p.name, parse_source(p.source), self.cfg.data_dir / "clips" / p.name,
+            pre_s=c.pre_s, post_s=c.post_s, max_s=c.max_s, max_mb=c.max_mb,
+            segment_s=c.segment_s, loop=p.loop,
+        )  # fmt: skip
+
+    def _clips(self) -> Any:
+        """The clip library when any pipeline records clips (local API, cloud fetch)."""
+        if not any(p.clips for p in self.cfg.pipelines):
+            return None
+        from agent.pipeline.clips import ClipLibrary
+
+        return ClipLibrary(self.cfg.data_dir / "clips")
+
     def _check_clock(self) -> str | None:
         from agent.clock import clock_problem, last_seen_time
 
@@ -125,6 +146,7 @@ class Agent:
                     pace=p.pace,
                     open_timeout_s=p.open_timeout_s,
                     **pipeline_options(p),  # rate control, tracking, zones and lines
+                    clips=self._clips_for(p),
                 )
                 self.pipelines.append(pipe)
             if self.cfg.broker is not None:
@@ -137,7 +159,7 @@ class Agent:
             if self.cfg.api is not None:
                 from agent.api.server import ApiServer
 
-                self.api = ApiServer.from_config(self.cfg.api, self.pipelines)
+                self.api = ApiServer.from_config(self.cfg.api, self.pipelines, self._clips())
                 self.api.start()
         except BaseException:
             self.stop()
@@ -227,6 +249,13 @@ class Agent:
                     self.session.topics.device(cfg.device_id, "snapshots"),
                     every_s=snap.every_s, jpeg_quality=snap.jpeg_quality, max_width=snap.max_width,
                 ))  # fmt: skip
+        library = self._clips()
+        if library is not None:  # the cloud fetches event clips on clips/req
+            from agent.sync.clips import ClipResponder
+
+            responder = ClipResponder(self.session.client, cfg.device_id, library,
+                                      root=broker.topic_root)  # fmt: skip
+            self.session.on_connected.append(responder.subscribe)
         if trust is not None:
             self._start_delivery(broker, trust)
         self.outbox_sender.start()

@@ -2,11 +2,12 @@
 
 With ``use_identity_as_username`` the certificate CN is the MQTT username. Devices get
 ``pattern`` rules, so each may publish only its own state, reported state, telemetry, events,
-snapshots and chunk requests (to any registry replica: ``fetch/req/+``), and read only its own
-desired state, chunk answers and commands: no device can write any desired state or read
-another device's data. Services get exactly the
-topics their job needs (``svc:ingest`` reads what devices send; ``svc:registry`` answers chunk
-requests; operators ``op:NAME`` write desired state and read device state).
+snapshots, chunk requests (to any registry replica: ``fetch/req/+``) and answers to clip
+requests (``clips/resp``), and read only its own desired state, chunk answers, commands and
+clip requests: no device can write any desired state or read another device's data or clips.
+Services get exactly the topics their job needs (``svc:ingest`` reads what devices send;
+``svc:registry`` answers chunk requests; operators ``op:NAME`` write desired state, read
+device state, and ask devices for event clips).
 
 What the ACL cannot do, and how the config covers it (Mosquitto 2.0.x; deploy/mosquitto/README.md):
 
@@ -29,9 +30,9 @@ from collections.abc import Iterable
 
 DEVICE_WRITES = (
     "state", "reported", "telemetry", "events", "snapshots", "fetch/req", "fetch/req/+",
-    "cmd/result",
+    "cmd/result", "clips/resp",
 )  # fmt: skip
-DEVICE_READS = ("desired", "fetch/resp", "cmd")
+DEVICE_READS = ("desired", "fetch/resp", "cmd", "clips/req")
 INGEST_READS = ("state", "reported", "telemetry", "events", "snapshots")
 SHARED_KINDS = ("telemetry", "events", "snapshots", "fetch/req")
 
@@ -65,7 +66,9 @@ def _service_rules(root: str, name: str, role: str) -> list[str]:
                   f"topic write {dev}/fetch/resp"]  # fmt: skip
     elif role == "operator":
         lines += [f"topic readwrite {dev}/desired", f"topic read {dev}/state",
-                  f"topic read {dev}/reported", f"topic readwrite {root}/operators/#"]  # fmt: skip
+                  f"topic read {dev}/reported", f"topic readwrite {root}/operators/#",
+                  # event clips: ask a device for a clip's windows, read its answers
+                  f"topic write {dev}/clips/req", f"topic read {dev}/clips/resp"]  # fmt: skip
     else:
         raise ValueError(f"no broker rules for role {role!r}")
     return lines

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_sync.enroll import add_pki_commands
 
     add_pki_commands(sub)
+    from cloud_sync.clips import add_clip_commands
+
+    add_clip_commands(sub)
     _add_serve(groups["registry"])
 
     dp = sub.add_parser("deploy", help="set a device's desired model version (signed, retained)")

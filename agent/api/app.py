@@ -21,8 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
+from agent.api.clips import add_clip_routes
 from agent.api.gate import ApiError, InferenceGate, model_info
 from agent.api.payload import PayloadError, identify
+from agent.pipeline.clips import ClipLibrary
 from agent.pipeline.runner import Pipeline
 
 log = logging.getLogger(__name__)
@@ -255,6 +257,7 @@ def create_app(
     max_queue: int = 8,
     max_body_bytes: int = 8 << 20,
     max_image_pixels: int = 40_000_000,
+    clips: ClipLibrary | None = None,
 ) -> FastAPI:
     """The API over ``pipelines`` (read live: swaps and deliveries show at once).
 
@@ -265,6 +268,7 @@ def create_app(
         max_queue: requests waiting beyond those before 429.
         max_body_bytes: larger bodies get 413.
         max_image_pixels: larger decoded images get 413.
+        clips: the agent's event clips (``/v1/clips``), None when no pipeline records any.
 
     The gate is ``app.state.gate``; call ``app.state.gate.close()`` after the server stops.
     """
@@ -286,7 +290,9 @@ def create_app(
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
-    _add_routes(app, gate, _authorizer(token))
+    authorize = _authorizer(token)
+    _add_routes(app, gate, authorize)
+    add_clip_routes(app, clips, authorize, _ERRORS, _SECURED)
     return app
 
 

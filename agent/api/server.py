@@ -21,6 +21,7 @@ from agent.api.app import create_app
 from agent.api.guard import GuardStats, guarded_protocol
 from agent.common.errors import ConfigError, EdgefleetError
 from agent.config import ApiConfig
+from agent.pipeline.clips import ClipLibrary
 from agent.pipeline.runner import Pipeline
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ class ApiServer:
         self._sock: socket.socket | None = None
 
     @classmethod
-    def from_config(cls, cfg: ApiConfig, pipelines: Sequence[Pipeline]) -> ApiServer:
+    def from_config(
+        cls, cfg: ApiConfig, pipelines: Sequence[Pipeline], clips: ClipLibrary | None = None
+    ) -> ApiServer:
         """The server for ``[api]``; reads the token (file) once, here.
 
         Raises:
@@ -104,6 +107,7 @@ class ApiServer:
             max_queue=cfg.max_queue,
             max_body_bytes=int(cfg.max_body_mb * (1 << 20)),
             max_image_pixels=int(cfg.max_image_mpix * 1e6),
+            clips=clips,
         )
         return cls(
             app,

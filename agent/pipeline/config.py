@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 __all__ = [
     "MAX_REGIONS",
+    "ClipsConfig",
     "EventsConfig",
     "LineConfig",
     "MotionConfig",
@@ -57,6 +58,37 @@ class SnapshotConfig(_Strict):
     every_s: float = Field(60.0, ge=1, le=86400, description="At most one snapshot per this")
     jpeg_quality: int = Field(80, ge=10, le=95, description="JPEG quality")
     max_width: int = Field(640, ge=32, le=4096, description="Downscale wider frames to this")
+
+
+class ClipsConfig(_Strict):
+    """Opt-in: MP4 clips around object events, cut from the source's own compressed stream
+    (never re-encoded); kept on the device, fetched through the local API or by the cloud."""
+
+    pre_s: float = Field(5.0, ge=0, le=120, description="Seconds before the event")
+    post_s: float = Field(5.0, ge=0, le=120, description="Seconds after the (last) event")
+    max_s: float = Field(
+        60.0, ge=1, le=900,
+        description="Longest clip: events while a clip waits for its post roll extend it "
+        "up to this, later ones start another",
+    )  # fmt: skip
+    max_mb: float = Field(
+        512, ge=1, le=1_000_000, description="Disk budget of the pipeline's clips (oldest go)"
+    )
+    segment_s: float = Field(
+        1.0, ge=0.2, le=30,
+        description="Recorder segment length; segments end at the next keyframe, so at or "
+        "below the camera's GOP every segment is one GOP and a clip starts and ends at most "
+        "one GOP beyond its roll",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _fits(self) -> ClipsConfig:
+        if self.pre_s + self.post_s > self.max_s:
+            raise ValueError(
+                f"clips: pre_s + post_s = {self.pre_s + self.post_s:g} s exceeds max_s "
+                f"{self.max_s:g} s"
+            )
+        return self
 
 
 RegionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
@@ -243,6 +275,11 @@ class PipelineConfig(_Strict):
     lines: list[LineConfig] = Field(
         default_factory=list, max_length=MAX_REGIONS, description="Directed lines to count"
     )
+    clips: ClipsConfig | None = Field(
+        None,
+        description="MP4 clips around object events from the compressed stream (file or "
+        "network sources); off unless set",
+    )
 
     @model_validator(mode="after")
     def _regions(self) -> PipelineConfig:
@@ -254,7 +291,30 @@ class PipelineConfig(_Strict):
             raise ValueError(f"{len(names)} zones and lines, at most {MAX_REGIONS} per pipeline")
         if names and self.tracking is None:
             self.tracking = TrackingConfig()  # zones and lines count tracks
+        if self.clips is not None:
+            self._clips_possible(bool(names))
         return self
+
+    def _clips_possible(self, has_regions: bool) -> None:
+        from agent.pipeline.sources import parse_source  # OpenCV: only when clips are asked
+
+        kind = parse_source(self.source).kind
+        if kind in ("device", "gstreamer"):
+            raise ValueError(
+                f"pipeline {self.name}: clips need a compressed stream to copy, and "
+                f"{kind} source {self.source!r} delivers decoded frames only (encoding them "
+                "would cost the CPU the model needs). Use a file or rtsp/http source, or set "
+                "[pipelines.snapshots] to send JPEG frames instead"
+            )
+        if self.pace == "none" and kind == "file":
+            raise ValueError(
+                f"pipeline {self.name}: clips follow the wall clock, and pace = 'none' reads "
+                "the file faster than it plays; use pace = 'realtime' with clips"
+            )
+        if not has_regions:
+            raise ValueError(
+                f"pipeline {self.name}: clips are cut around object events; add zones or lines"
+            )
 
     def longest_inference_gap_s(self) -> float:
         """The longest a streaming pipeline may go without inferring, by its rate settings."""

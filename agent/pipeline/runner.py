@@ -17,6 +17,7 @@ import cv2
 
 from agent.common.errors import BadDataError, ModelError
 from agent.pipeline.analytics import FrameAnalytics
+from agent.pipeline.clips import ClipRecorder
 from agent.pipeline.gating import FrameGate
 from agent.pipeline.metrics import PipelineMetrics
 from agent.pipeline.model import RunnableModel, StageTimes
@@ -76,8 +77,10 @@ class Pipeline:
         wall_clock: Callable[[], float] = time.time,
         gate: FrameGate | None = None,
         analytics: FrameAnalytics | None = None,
+        clips: ClipRecorder | None = None,
     ) -> None:
         self.name = name
+        self.clips = clips  # event clips: rolling recorder and cutter, started and stopped here
         self.gate = gate  # max_fps and motion gating: frames skipped before inference
         self.analytics = analytics  # tracks, zones and lines on detection results
         self.source = source
@@ -135,6 +138,8 @@ class Pipeline:
     def start(self) -> None:
         claim_cores_for_inference()
         self.metrics.start_window(time.monotonic())
+        if self.clips is not None:
+            self.clips.start()
         self.reader.start()
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         self._thread.start()
@@ -144,6 +149,8 @@ class Pipeline:
         self.reader.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.clips is not None:
+            self.clips.stop()
         for s in self.sinks:
             s.close()
 
@@ -202,6 +209,12 @@ class Pipeline:
         )
         analytics = self.analytics
         track_ms = 0.0 if analytics is None else self._analyse(analytics, event, result, frame)
+        zero = self.reader.stream_zero_wall  # file sources: lines the clips up with the reader
+        if self.clips is not None and zero is not None and self.source.kind == "file":
+            self.clips.recorder.anchor_first(zero)
+        if self.clips is not None and event.get("objects"):
+            kinds = [o["kind"] for o in event["objects"]]
+            event["clip"] = self.clips.mark(event["frame_time"], kinds)
         for sink in self.sinks:
             try:
                 if sink.wants_frame:
@@ -257,4 +270,5 @@ class Pipeline:
             "last_error": self.last_error or self.reader.last_error or None,
             **self.metrics.snapshot(now, reader),
             **(self.analytics.status() if self.analytics is not None else {}),
+            **(self.clips.status() if self.clips is not None else {}),
         }

@@ -212,6 +212,10 @@ class FrameReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seq = 0
+        # a file source: where its stream time 0 falls on the wall clock, from the last frame
+        # read (wall time minus its place in the file); it moves when reading falls behind.
+        # The clip recorder lines its segments up with it.
+        self.stream_zero_wall: float | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"reader-{self.name}", daemon=True)
@@ -265,7 +269,7 @@ class FrameReader:
 
     def _pump(self, cap: cv2.VideoCapture) -> bool:
         """Read until the source fails (False) or a non-looping file ends (True)."""
-        period = stream_period = 0.0
+        period = stream_period = nominal = 0.0
         if self.spec.kind == "file":
             fps = cap.get(cv2.CAP_PROP_FPS)
             nominal = 1.0 / fps if fps and 0 < fps < 1000 else 1.0 / 30
@@ -292,6 +296,8 @@ class FrameReader:
                 else:
                     next_due = now  # fell behind: don't burst to catch up
             self._seq += 1
+            if nominal:
+                self.stream_zero_wall = time.time() - (self._seq - 1) * nominal
             self.metrics.count("frames_read")
             before = self.slot.dropped
             t_stream = None

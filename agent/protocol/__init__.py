@@ -3,4 +3,6 @@
 # 1.1: track ids in detections, object events (zones, lines, dwell) in events; zone/line counts,
 # frames skipped by rate control, tracks, and stage sample count/sum in telemetry. All added
 # fields are optional, so 1.0 messages still validate.
-CONTRACT_VERSION = "1.1"
+# 1.2: the id of the event clip in events (optional 'clip'), and the clip fetch topics
+# clips/req (cloud→dev, fetch requests for clips/ID.mp4) and clips/resp (dev→cloud).
+CONTRACT_VERSION = "1.2"

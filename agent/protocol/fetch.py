@@ -61,7 +61,8 @@ MAX_CHUNK = 256 * 1024  # hard cap on a window, whatever a device asks for
 MAX_HEADER = 4096
 MAX_REQUEST = 4096  # bytes of a request; a real one is about 250
 MAX_FILE = 1 << 40  # bytes of a registry file, and so of any offset or size on the wire
-_PATH_PATTERN = r"^(metadata|targets)/[A-Za-z0-9._/-]{1,512}$"
+# clips/ID.mp4: a device's event clip, asked for by the cloud on clips/req (contract 1.2)
+_PATH_PATTERN = r"^(metadata|targets|clips)/[A-Za-z0-9._/-]{1,512}$"
 _FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok", "sticky_ok")
 _REPLICA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # topic-safe, like a device id
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from agent.common.fsutil import atomic_write_bytes
 from agent.protocol import CONTRACT_VERSION
+from agent.protocol.analytics import ObjectEvent
 from agent.protocol.fetch import MAX_CHUNK, MAX_FILE, MAX_HEADER, MAX_REQUEST, FetchRequest
 from agent.protocol.state import (
     DesiredState,
@@ -112,6 +113,17 @@ TOPICS: tuple[TopicInfo, ...] = (
         None,
         "binary: 4-byte big-endian header length, header JSON, data (agent/protocol/fetch.py)",
     ),
+    TopicInfo(
+        "clips/req",
+        "cloud→dev",
+        1,
+        False,
+        "fetch_request",
+        "chunk request for one of the device's event clips (`clips/ID.mp4`; contract 1.2)",
+    ),
+    TopicInfo(
+        "clips/resp", "dev→cloud", 1, False, None, "binary answers in the `fetch/resp` format"
+    ),
     TopicInfo("cmd", "cloud→dev", 1, False, None, "operator command (schema not yet defined)"),
     TopicInfo("cmd/result", "dev→cloud", 1, False, None, "command result (schema not yet defined)"),
 )
@@ -138,9 +150,19 @@ def schemas() -> dict[str, dict[str, Any]]:
     return out
 
 
+def _topic_of_message() -> dict[str, TopicInfo]:
+    """Message → the first topic that carries it (``fetch_request`` rides on ``fetch/req``
+    and, for clips, ``clips/req``: the index names the first)."""
+    out: dict[str, TopicInfo] = {}
+    for t in TOPICS:
+        if t.message:
+            out.setdefault(t.message, t)
+    return out
+
+
 def index() -> dict[str, Any]:
     """The ``index.json`` content: contract version and, per message, its topic and flags."""
-    by_message = {t.message: t for t in TOPICS if t.message}
+    by_message = _topic_of_message()
     messages = {}
     for name, model in MESSAGES.items():
         t = by_message[name]
@@ -330,6 +352,38 @@ EXTRA_EXAMPLES: dict[str, BaseModel] = {
             Classification(label_id=1, label="car", score=0.0912),
         ],
     ),
+    "inference_event (object event with its clip)": InferenceEvent(
+        device_id="cam-017",
+        pipeline="gate",
+        model="det",
+        version="1.3.2",
+        task="detection",
+        frame_seq=4512,
+        frame_time=1768465804.48,
+        latency_ms=9.8,
+        detections=[
+            Detection(
+                box=(300.0, 180.0, 340.0, 220.0), score=0.91, label_id=0, label="person", track_id=7
+            )
+        ],
+        objects=[
+            ObjectEvent(
+                kind="crossed",
+                region="door",
+                track_id=7,
+                label_id=0,
+                label="person",
+                first_seen=1768465801.2,
+                last_seen=1768465804.48,
+                best_score=0.93,
+                direction="in",
+            )
+        ],
+        clip="gate.1768465804480",
+    ),
+    "fetch_request (an event clip, on clips/req)": FetchRequest(
+        id="op-7f3a-1", path="clips/gate.1768465804480.mp4", offset=0, length=65536
+    ),
 }
 """More examples of the same messages (other shapes), in the doc and tests too."""
 
@@ -384,7 +438,7 @@ def render_protocol_doc() -> str:
             f" | {'yes' if t.retained else 'no'} | {schema} | {t.content} |"
         )
     lines += ["", "## Example payloads", ""]
-    by_message = {t.message: t for t in TOPICS if t.message}
+    by_message = _topic_of_message()
     examples = [(name, name, m) for name, m in EXAMPLES.items()]
     examples += [(title, title.split(" ")[0], m) for title, m in EXTRA_EXAMPLES.items()]
     for title, name, model in examples:

@@ -26,8 +26,10 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -47,6 +49,7 @@ from agent.protocol.state import (
 from agent.protocol.wire import WireMessage
 
 __all__ = [
+    "CLIP_ID_PATTERN",
     "Classification",
     "Detection",
     "DeviceStats",
@@ -75,6 +78,9 @@ Label = Annotated[str, StringConstraints(max_length=128)]
 SourceState = Literal["connecting", "streaming", "waiting", "ended", "stopped"]
 SkipReason = Literal["max_fps", "no_motion"]  # agent.pipeline.gating.SkipReason
 MAX_REGION_ROWS = 256  # zone/line x class rows of one pipeline (~90 bytes each)
+# PIPELINE.MILLISECONDS (the clip's first event, ms since the epoch): path- and topic-safe
+CLIP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{10,16}$"
+ClipId = Annotated[str, StringConstraints(pattern=CLIP_ID_PATTERN)]
 
 _FINITE = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -306,6 +312,12 @@ class InferenceEvent(WireMessage):
         max_length=MAX_RESULTS,
         description="Object events of this frame at zones and lines (contract 1.1)",
     )
+    clip: ClipId | None = Field(
+        None,
+        description="Id of the MP4 clip around this frame's object events (pipelines with "
+        "[clips]; fetch it on clips/req or GET /v1/clips/ID once its post roll has passed; "
+        "contract 1.2)",
+    )
     contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
 
     @field_validator("summary")
@@ -325,6 +337,15 @@ class InferenceEvent(WireMessage):
 
         check(v)
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_no_clip(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``clip`` is written only when set: an event without a clip is byte for byte what a
+        1.1 receiver (which forbids unknown fields) accepts."""
+        out: dict[str, Any] = handler(self)
+        if out.get("clip", 0) is None:
+            del out["clip"]
+        return out
 
     @classmethod
     def from_pipeline_event(cls, device_id: str, event: Mapping[str, Any]) -> InferenceEvent:

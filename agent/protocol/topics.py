@@ -10,6 +10,8 @@ Per device ``D`` under a configurable root (default ``edgefleet/v1``)::
     ROOT/devices/D/fetch/req    dev→cloud  chunk requests (registry: shared subscription)
     ROOT/devices/D/fetch/req/R  dev→cloud  chunk requests for registry replica R (sticky)
     ROOT/devices/D/fetch/resp   cloud→dev  chunk responses
+    ROOT/devices/D/clips/req    cloud→dev  chunk requests for the device's clips (clips/ID.mp4)
+    ROOT/devices/D/clips/resp   dev→cloud  their answers (the fetch/resp format)
     ROOT/devices/D/cmd          cloud→dev
     ROOT/devices/D/cmd/result   dev→cloud
 """
@@ -29,6 +31,8 @@ KINDS = (
     "snapshots",
     "fetch/req",
     "fetch/resp",
+    "clips/req",
+    "clips/resp",
     "cmd",
     "cmd/result",
 )

@@ -31,6 +31,15 @@ CLOUD_USES_DEVICE_CODE: dict[str, tuple[tuple[str, ...], str]] = {
         ("cloud_sync/registry/",),
         "publish computes golden outputs and the input contract exactly as the device will",
     ),
+    "agent.update.transfer.client": (
+        ("cloud_sync/clips.py",),
+        "`edgefleet clip get` fetches a device's clip with the same chunk client the device "
+        "uses for models, pointed at the clip topics (one implementation of the protocol)",
+    ),
+    "agent.update.transfer.errors": (
+        ("cloud_sync/clips.py",),
+        "the chunk client's errors, to tell a missing clip from a timeout",
+    ),
     "agent.pipeline.postprocess": (
         ("cloud_sync/registry/",),
         "publish computes golden outputs exactly as the device will",

@@ -83,6 +83,9 @@ class ChunkClient:
         rng: jitter of the waits after ``busy``.
         flow_fields: send ``sent_at``/``timeout_s``/``busy_ok`` (turned off by itself when a
             registry that predates them refuses them).
+        kinds: the request and answer topic kinds: the device's own model downloads
+            (``fetch/req``, ``fetch/resp``), or the cloud fetching one of the device's event
+            clips (``clips/req``, ``clips/resp``).
 
     Raises:
         ValueError: a parameter out of range or a device id that is not topic-safe.
@@ -119,6 +122,7 @@ class ChunkClient:
         stop_event: threading.Event | None = None,
         rng: random.Random | None = None,
         flow_fields: bool = True,
+        kinds: tuple[str, str] = ("fetch/req", "fetch/resp"),
     ) -> None:
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK}, got {chunk_size}")
@@ -129,8 +133,8 @@ class ChunkClient:
         if min_timeout_s <= 0 or max_timeout_s <= 0 or max_busy_wait_s < 0:
             raise ValueError("min_timeout_s > 0, max_timeout_s > 0, max_busy_wait_s >= 0")
         topics = Topics(root)
-        self.req_topic = topics.device(device_id, "fetch/req")
-        self.resp_topic = topics.device(device_id, "fetch/resp")
+        self.req_topic = topics.device(device_id, kinds[0])
+        self.resp_topic = topics.device(device_id, kinds[1])
         self.device_id = device_id
         self.chunk_size = chunk_size
         self.window = window
