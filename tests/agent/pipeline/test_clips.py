@@ -387,3 +387,51 @@ def test_real_detector_events_carry_clip_ids_and_clips_cover_the_roll(
         assert meta["stream_end"] >= want_end - 2 / fps - 1e-6
         assert meta["stream_end"] <= want_end + gop_s + 2 / fps + 1e-6
     assert list((tmp_path / "clips" / "cam").glob(".*")) == []  # no temp file left
+
+
+@pytest.mark.video
+@pytest.mark.slow
+def test_the_agent_records_clips_and_serves_them_on_its_api(
+    tmp_path: Path, test_models: dict[str, Path]
+) -> None:
+    """The daemon itself: [pipelines.clips] in the config, a clip id in an event, the clip on
+    GET /v1/clips/{id}, and no recorder left after stop."""
+    import httpx
+
+    from agent.pipeline.scene import SPARSE_SCENE, write_scene_video
+    from agent.pipeline.sinks import CallbackSink
+    from agent.service import Agent
+
+    scene = SPARSE_SCENE
+    raw = write_scene_video(tmp_path / "scene.mkv", scene)
+    video = tmp_path / "scene.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(raw), "-c:v",
+                    "libx264", "-g", str(GOP), "-bf", "0", "-pix_fmt", "yuv420p", str(video)],
+                   check=True)  # fmt: skip
+    line = {"name": "line", "start": list(scene.line[0]), "end": list(scene.line[1])}
+    cfg = parse_config({
+        "device_id": "d", "data_dir": str(tmp_path / "data"), "profile": "x86-cpu",
+        "engine": {"type": "onnxruntime"}, "api": {"port": 0},
+        "pipelines": [{"name": "cam", "source": str(video), "loop": True,
+                       "model": str(test_models["blobdet"] / "model.onnx"), "lines": [line],
+                       "clips": {"pre_s": 0.5, "post_s": 0.5, "segment_s": 0.4}}],
+    })  # fmt: skip
+    agent = Agent(cfg)
+    clip_ids: list[str] = []
+    agent.start()
+    try:
+        pipe = agent.pipelines[0]
+        assert pipe.clips is not None
+        pipe.sinks.append(CallbackSink(lambda e: e.get("clip") and clip_ids.append(e["clip"])))
+        assert wait_for(lambda: clip_ids, timeout=60)
+        with httpx.Client(base_url=agent.api.url, timeout=30) as c:
+            assert wait_for(
+                lambda: clip_ids[0] in [m["id"] for m in c.get("/v1/clips").json()["clips"]],
+                timeout=30,
+            )
+            r = c.get(f"/v1/clips/{clip_ids[0]}")
+        assert r.status_code == 200 and r.content[4:8] == b"ftyp"  # an MP4
+        ffmpeg_proc = pipe.clips.recorder.proc
+    finally:
+        agent.stop()
+    assert ffmpeg_proc is not None and not pid_alive(ffmpeg_proc.pid)
