@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from agent.common.fsutil import atomic_write_bytes
 from agent.protocol import CONTRACT_VERSION
+from agent.protocol.analytics import ObjectEvent
 from agent.protocol.fetch import MAX_CHUNK, MAX_FILE, MAX_HEADER, MAX_REQUEST, FetchRequest
 from agent.protocol.state import (
     DesiredState,
@@ -328,6 +329,56 @@ EXTRA_EXAMPLES: dict[str, BaseModel] = {
         classifications=[
             Classification(label_id=3, label="truck", score=0.8811),
             Classification(label_id=1, label="car", score=0.0912),
+        ],
+    ),
+    "inference_event (objects)": InferenceEvent(
+        device_id="cam-017",
+        pipeline="entrance",
+        model="det",
+        version="1.3.2",
+        task="detection",
+        frame_seq=18042,
+        frame_time=1768465801.805,
+        latency_ms=10.4,
+        detections=[
+            Detection(
+                box=(402.5, 260.0, 471.0, 448.5),
+                score=0.8874,
+                label_id=0,
+                label="person",
+                track_id=17,
+            ),
+            Detection(
+                box=(96.0, 301.25, 180.5, 359.0),
+                score=0.7611,
+                label_id=2,
+                label="car",
+                track_id=12,
+            ),
+        ],
+        summary={"count": 2},
+        objects=[
+            ObjectEvent(
+                kind="entered",
+                region="dock",
+                track_id=17,
+                label_id=0,
+                label="person",
+                first_seen=1768465799.645,
+                last_seen=1768465801.805,
+                best_score=0.9132,
+            ),
+            ObjectEvent(
+                kind="crossed",
+                region="gate",
+                track_id=12,
+                label_id=2,
+                label="car",
+                first_seen=1768465797.12,
+                last_seen=1768465801.805,
+                best_score=0.8045,
+                direction="in",
+            ),
         ],
     ),
 }
