@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_sync.ingest.db import guard
-from cloud_sync.ingest.rows import utc_time
+from cloud_sync.ingest.rows import COUNT_COLUMNS, utc_time
 from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
     DEVICE_TELEMETRY,
     DEVICES,
     PIPELINE_STATE,
+    REGION_COUNTS,
     SNAPSHOTS,
     TABLES,
     TELEMETRY,
@@ -137,6 +138,83 @@ class StoreReads:
             "truncated": len(tele) == limit or len(dev) == limit,
         }
 
+    def latest_counts(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """The zone and line counts of each pipeline's latest telemetry message: one row per
+        device, pipeline, zone or line and class, each with ``ts``, ``kind``, ``region``,
+        ``label`` and the ``COUNT_COLUMNS`` (running since the agent started).
+
+        A zone or line no longer in the latest message (configured away) is not listed.
+        """
+        t, rc = TELEMETRY, REGION_COUNTS
+        latest = sa.select(t.c.device_id, t.c.pipeline, sa.func.max(t.c.ts).label("ts"))
+        if device_id is not None:
+            latest = latest.where(t.c.device_id == device_id)
+        lt = latest.group_by(t.c.device_id, t.c.pipeline).subquery()
+        q = (
+            sa.select(rc.c.device_id, rc.c.pipeline, rc.c.kind, rc.c.region, rc.c.label, rc.c.ts,
+                      *(rc.c[c] for c in COUNT_COLUMNS))
+            .join(lt, (rc.c.device_id == lt.c.device_id) & (rc.c.pipeline == lt.c.pipeline)
+                  & (rc.c.ts == lt.c.ts))
+            .order_by(*_SERIES)
+        )  # fmt: skip
+        with guard("latest counts"), self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def count_increase(self, since: datetime, device_id: str | None = None) -> list[dict[str, Any]]:
+        """How much each zone/line counter grew since ``since``, like Prometheus' ``increase``
+        without its extrapolation: per series (device, pipeline, zone or line, class) the sum of
+        the rises between consecutive samples, from the last sample at or before ``since`` (the
+        first one after it when the series is younger). A sample where any counter of the series
+        went down is a restart of the agent: its counters count from zero.
+
+        Returns:
+            One row per series with samples since ``since``: its key, ``first``/``last`` (the
+            samples' times), ``samples``, ``resets`` and the increase of ``entered``,
+            ``exited``, ``dwell`` (zones) or ``crossed_in``, ``crossed_out`` (lines; the
+            other kind's are None). ``inside`` is a gauge: see ``latest_counts``.
+        """
+        cut = utc_time(since, "count increase", "since")
+        rc = REGION_COUNTS
+        keys = [rc.c[k] for k in _KEYS]
+        counters = [c for c in COUNT_COLUMNS if c != "inside"]
+        base = sa.select(*keys, sa.func.max(rc.c.ts).label("ts")).where(rc.c.ts <= cut)
+        if device_id is not None:
+            base = base.where(rc.c.device_id == device_id)
+        b = base.group_by(*keys).subquery()
+        lag = {c: sa.func.lag(rc.c[c]).over(partition_by=keys, order_by=rc.c.ts) for c in counters}
+        w = (
+            sa.select(*keys, rc.c.ts, *(rc.c[c] for c in counters),
+                      *(lag[c].label(f"prev_{c}") for c in counters))
+            .select_from(rc.outerjoin(b, sa.and_(*(rc.c[k] == b.c[k] for k in _KEYS))))
+            .where(rc.c.ts >= sa.func.coalesce(b.c.ts, cut))
+        )  # fmt: skip
+        if device_id is not None:
+            w = w.where(rc.c.device_id == device_id)
+        s = w.subquery()
+        reset = sa.or_(*(s.c[c] < s.c[f"prev_{c}"] for c in counters))
+        rises = [
+            sa.func.sum(
+                sa.case((s.c[c].is_(None), sa.null()), (s.c[f"prev_{c}"].is_(None), 0),
+                        (reset, s.c[c]), else_=s.c[c] - s.c[f"prev_{c}"])
+            ).label(c)
+            for c in counters
+        ]  # fmt: skip
+        q = (
+            sa.select(*(s.c[k] for k in _KEYS), *rises,
+                      sa.func.sum(sa.case((reset, 1), else_=0)).label("resets"),
+                      sa.func.count().label("samples"),
+                      sa.func.min(s.c.ts).label("first"), sa.func.max(s.c.ts).label("last"))
+            .group_by(*(s.c[k] for k in _KEYS))
+            .having(sa.func.max(s.c.ts) >= cut)
+            .order_by(*(s.c[k] for k in _KEYS))
+        )  # fmt: skip
+        with guard("count increase"), self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for r in rows:  # PostgreSQL sums bigints as NUMERIC
+            for c in (*counters, "resets", "samples"):
+                r[c] = None if r[c] is None else int(r[c])
+        return rows
+
     def counts(self) -> dict[str, int]:
         """Rows per table."""
         with guard("counts"), self.engine.connect() as conn:
@@ -149,6 +227,10 @@ class StoreReads:
         """The schema version of the database."""
         with guard("schema version"), self.engine.connect() as conn:
             return schema_version(conn)
+
+
+_KEYS = ("device_id", "pipeline", "kind", "region", "label")  # one counter series
+_SERIES = [REGION_COUNTS.c[k] for k in _KEYS]
 
 
 def _pipeline_view(name: str, state: Any, tele: Any) -> dict[str, Any]:
