@@ -163,9 +163,14 @@ class StoreReads:
     def count_increase(self, since: datetime, device_id: str | None = None) -> list[dict[str, Any]]:
         """How much each zone/line counter grew since ``since``, like Prometheus' ``increase``
         without its extrapolation: per series (device, pipeline, zone or line, class) the sum of
-        the rises between consecutive samples, from the last sample at or before ``since`` (the
-        first one after it when the series is younger). A sample where any counter of the series
-        went down is a restart of the agent: its counters count from zero.
+        the rises between consecutive samples, from the last sample at or before ``since``.
+
+        * A sample where any counter of the series went down is a restart of the agent (or a
+          reload of its config): its counters count from zero.
+        * A series without a sample at or before ``since`` starts from its first sample, like
+          Prometheus; except that when the same pipeline's telemetry came in after ``since``
+          and before that sample without the series (a class seen for the first time: the
+          device adds its row then), the series was zero there, so its first counts are in.
 
         Returns:
             One row per series with samples since ``since``: its key, ``first``/``last`` (the
@@ -174,44 +179,10 @@ class StoreReads:
             other kind's are None). ``inside`` is a gauge: see ``latest_counts``.
         """
         cut = utc_time(since, "count increase", "since")
-        rc = REGION_COUNTS
-        keys = [rc.c[k] for k in _KEYS]
-        counters = [c for c in COUNT_COLUMNS if c != "inside"]
-        base = sa.select(*keys, sa.func.max(rc.c.ts).label("ts")).where(rc.c.ts <= cut)
-        if device_id is not None:
-            base = base.where(rc.c.device_id == device_id)
-        b = base.group_by(*keys).subquery()
-        lag = {c: sa.func.lag(rc.c[c]).over(partition_by=keys, order_by=rc.c.ts) for c in counters}
-        w = (
-            sa.select(*keys, rc.c.ts, *(rc.c[c] for c in counters),
-                      *(lag[c].label(f"prev_{c}") for c in counters))
-            .select_from(rc.outerjoin(b, sa.and_(*(rc.c[k] == b.c[k] for k in _KEYS))))
-            .where(rc.c.ts >= sa.func.coalesce(b.c.ts, cut))
-        )  # fmt: skip
-        if device_id is not None:
-            w = w.where(rc.c.device_id == device_id)
-        s = w.subquery()
-        reset = sa.or_(*(s.c[c] < s.c[f"prev_{c}"] for c in counters))
-        rises = [
-            sa.func.sum(
-                sa.case((s.c[c].is_(None), sa.null()), (s.c[f"prev_{c}"].is_(None), 0),
-                        (reset, s.c[c]), else_=s.c[c] - s.c[f"prev_{c}"])
-            ).label(c)
-            for c in counters
-        ]  # fmt: skip
-        q = (
-            sa.select(*(s.c[k] for k in _KEYS), *rises,
-                      sa.func.sum(sa.case((reset, 1), else_=0)).label("resets"),
-                      sa.func.count().label("samples"),
-                      sa.func.min(s.c.ts).label("first"), sa.func.max(s.c.ts).label("last"))
-            .group_by(*(s.c[k] for k in _KEYS))
-            .having(sa.func.max(s.c.ts) >= cut)
-            .order_by(*(s.c[k] for k in _KEYS))
-        )  # fmt: skip
         with guard("count increase"), self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(q)]
+            rows = [dict(r._mapping) for r in conn.execute(_increase_query(cut, device_id))]
         for r in rows:  # PostgreSQL sums bigints as NUMERIC
-            for c in (*counters, "resets", "samples"):
+            for c in (*_COUNTERS, "resets", "samples"):
                 r[c] = None if r[c] is None else int(r[c])
         return rows
 
@@ -231,6 +202,56 @@ class StoreReads:
 
 _KEYS = ("device_id", "pipeline", "kind", "region", "label")  # one counter series
 _SERIES = [REGION_COUNTS.c[k] for k in _KEYS]
+
+
+_COUNTERS = [c for c in COUNT_COLUMNS if c != "inside"]  # "inside" is a gauge
+
+
+def _increase_query(cut: datetime, device_id: str | None) -> sa.Select[Any]:
+    """``count_increase`` in SQL (window functions: SQLite 3.25+, PostgreSQL), a row a series."""
+    rc, keys = REGION_COUNTS, _SERIES
+    base = sa.select(*keys, sa.func.max(rc.c.ts).label("ts")).where(rc.c.ts <= cut)
+    if device_id is not None:
+        base = base.where(rc.c.device_id == device_id)
+    b = base.group_by(*keys).subquery()
+
+    def lag(col: Any) -> Any:
+        return sa.func.lag(col).over(partition_by=keys, order_by=rc.c.ts)
+
+    # the series' first sample, no baseline, and its pipeline reported since the cut without it
+    t = TELEMETRY.alias("earlier")
+    seen_without = sa.exists().where(t.c.device_id == rc.c.device_id,
+                                     t.c.pipeline == rc.c.pipeline, t.c.ts >= cut,
+                                     t.c.ts < rc.c.ts)  # fmt: skip
+    born = sa.and_(lag(rc.c.ts).is_(None), b.c.ts.is_(None), seen_without)
+    w = (
+        sa.select(*keys, rc.c.ts, *(rc.c[c] for c in _COUNTERS),
+                  *(lag(rc.c[c]).label(f"prev_{c}") for c in _COUNTERS),
+                  sa.case((born, 1), else_=0).label("born"))
+        .select_from(rc.outerjoin(b, sa.and_(*(rc.c[k] == b.c[k] for k in _KEYS))))
+        .where(rc.c.ts >= sa.func.coalesce(b.c.ts, cut))
+    )  # fmt: skip
+    if device_id is not None:
+        w = w.where(rc.c.device_id == device_id)
+    s = w.subquery()
+    reset = sa.or_(*(s.c[c] < s.c[f"prev_{c}"] for c in _COUNTERS))
+    rises = [
+        sa.func.sum(
+            sa.case((s.c[c].is_(None), sa.null()),
+                    (s.c[f"prev_{c}"].is_(None), sa.case((s.c.born == 1, s.c[c]), else_=0)),
+                    (reset, s.c[c]), else_=s.c[c] - s.c[f"prev_{c}"])
+        ).label(c)
+        for c in _COUNTERS
+    ]  # fmt: skip
+    return (
+        sa.select(*(s.c[k] for k in _KEYS), *rises,
+                  sa.func.sum(sa.case((reset, 1), else_=0)).label("resets"),
+                  sa.func.count().label("samples"),
+                  sa.func.min(s.c.ts).label("first"), sa.func.max(s.c.ts).label("last"))
+        .group_by(*(s.c[k] for k in _KEYS))
+        .having(sa.func.max(s.c.ts) >= cut)
+        .order_by(*(s.c[k] for k in _KEYS))
+    )  # fmt: skip
 
 
 def _pipeline_view(name: str, state: Any, tele: Any) -> dict[str, Any]:

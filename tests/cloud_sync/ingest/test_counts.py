@@ -352,3 +352,28 @@ def test_metrics_export_fleet_counts_and_pass_promtool(tmp_path: Path) -> None:
     ):
         assert sample in text, text.decode()
     assert b"# TYPE edgefleet_fleet_line_crossed_total counter" in text
+
+
+def test_a_series_that_appears_in_the_window_counts_from_zero_when_its_pipeline_was_seen(
+    store: Store,
+) -> None:
+    """The device adds a class's row at its first event: when the pipeline reported inside the
+    window without the row, the row's first counts happened in the window."""
+    at = [T0 + timedelta(seconds=10 * k) for k in range(4)]
+    store.add_telemetry_batch([
+        counts_msg(at=at[0], lines=[line("gate", "car", 5)]),
+        counts_msg(at=at[1], lines=[line("gate", "car", 5)]),
+        counts_msg(at=at[2], lines=[line("gate", "car", 6), line("gate", "bike", 2, 1)]),
+        counts_msg(at=at[3], lines=[line("gate", "car", 6), line("gate", "bike", 3, 1)]),
+        # another device whose first message in the window already has counts: unknown
+        # since when, so counted from there (Prometheus' way)
+        counts_msg("cam-2", at=at[2], lines=[line("gate", "bike", 4)]),
+        counts_msg("cam-2", at=at[3], lines=[line("gate", "bike", 5)]),
+    ], now=T0)  # fmt: skip
+    got = {(r["device_id"], r["label"]): (r["crossed_in"], r["crossed_out"])
+           for r in store.count_increase(T0 + timedelta(seconds=5))}  # fmt: skip
+    assert got == {("cam-1", "bike"): (3, 1), ("cam-1", "car"): (1, 0),
+                   ("cam-2", "bike"): (1, 0)}  # fmt: skip
+    # a cut at bike's first sample makes that sample its baseline
+    got = {r["label"]: r["crossed_in"] for r in store.count_increase(at[2], device_id="cam-1")}
+    assert got == {"bike": 1, "car": 0}
