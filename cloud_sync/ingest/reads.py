@@ -1,7 +1,8 @@
-"""Adapter: the ingest store's reads — fleet view, one device's series, snapshots, counts.
+"""Adapter: the ingest store's reads — fleet view, one device's series, snapshots, zone and line
+counts (latest, and their increase over a window), row counts.
 
-Every read is bounded (a ``limit`` or one row per device and pipeline) and goes through
-``db.guard``, so an unreachable database is ``StoreUnavailable``.
+Every read is bounded (a ``limit``, or one row per device and pipeline or per counted series)
+and goes through ``db.guard``, so an unreachable database is ``StoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -202,8 +203,6 @@ class StoreReads:
 
 _KEYS = ("device_id", "pipeline", "kind", "region", "label")  # one counter series
 _SERIES = [REGION_COUNTS.c[k] for k in _KEYS]
-
-
 _COUNTERS = [c for c in COUNT_COLUMNS if c != "inside"]  # "inside" is a gauge
 
 
@@ -223,11 +222,13 @@ def _increase_query(cut: datetime, device_id: str | None) -> sa.Select[Any]:
     seen_without = sa.exists().where(t.c.device_id == rc.c.device_id,
                                      t.c.pipeline == rc.c.pipeline, t.c.ts >= cut,
                                      t.c.ts < rc.c.ts)  # fmt: skip
-    born = sa.and_(lag(rc.c.ts).is_(None), b.c.ts.is_(None), seen_without)
+    # nested CASE: the EXISTS runs for the first sample only (AND may evaluate both sides)
+    first = sa.and_(lag(rc.c.ts).is_(None), b.c.ts.is_(None))
+    born = sa.case((first, sa.case((seen_without, 1), else_=0)), else_=0)
     w = (
         sa.select(*keys, rc.c.ts, *(rc.c[c] for c in _COUNTERS),
                   *(lag(rc.c[c]).label(f"prev_{c}") for c in _COUNTERS),
-                  sa.case((born, 1), else_=0).label("born"))
+                  born.label("born"))
         .select_from(rc.outerjoin(b, sa.and_(*(rc.c[k] == b.c[k] for k in _KEYS))))
         .where(rc.c.ts >= sa.func.coalesce(b.c.ts, cut))
     )  # fmt: skip
