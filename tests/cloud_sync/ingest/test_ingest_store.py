@@ -255,7 +255,7 @@ def test_retention(store: Store) -> None:
     store.add_snapshots([snapshot(1, old), snapshot(2, new)])
     counts = store.retention(T0 - timedelta(days=30))
     assert counts == {"telemetry": 2, "device_telemetry": 1, "events": 1, "snapshots": 1,
-                      "dead_letters": 1}  # fmt: skip
+                      "region_counts": 0, "dead_letters": 1}  # fmt: skip
     c = store.counts()
     assert (c["telemetry"], c["events"], c["dead_letters"], c["devices"]) == (2, 1, 0, 1)
     assert c["snapshots"] == 1
@@ -281,13 +281,13 @@ def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 6
+    assert s.version() == LATEST == 7
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7] and s.counts()["telemetry"] == 2
     s.close()
 
 
