@@ -283,10 +283,6 @@ class AgentConfig(_Strict):
                 raise ValueError(f"tag key {k!r} may hold only letters, digits, '_', '-', '.'")
         return v
 
-    def remote_pipelines(self) -> list[str]:
-        """Pipelines whose model is a registry name (delivered over MQTT)."""
-        return [p.name for p in self.pipelines if not p.model.endswith(".onnx")]
-
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:
         names = [p.name for p in self.pipelines]

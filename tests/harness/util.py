@@ -8,11 +8,20 @@ import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def script_workdir(given: Path | None, prefix: str) -> Path:
+    """A fault suite's work folder: ``given`` (``--workdir``, made if missing) or a new temp
+    folder named ``prefix…``."""
+    workdir = given or Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
 
 
 def wait_for(cond: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -60,6 +69,11 @@ def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
     if proc is None:
         return
     proc.terminate()
+    reap(proc, timeout)
+
+
+def reap(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait ``timeout`` for the process to end (asked to already), then SIGKILL it; reaps it."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

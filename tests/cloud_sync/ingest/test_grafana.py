@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_sync.ingest.store import Store, open_store
-from tests.cloud_sync.ingest.test_ingest_store import reported, state, telemetry
+from tests.harness.ingest_messages import reported, state, telemetry
 from tests.harness.postgres import Postgres
 
 GRAFANA = Path(__file__).resolve().parents[3] / "docs" / "grafana"

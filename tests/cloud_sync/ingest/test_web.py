@@ -21,8 +21,8 @@ from cloud_sync.ingest.db import make_engine
 from cloud_sync.ingest.schema import TELEMETRY
 from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.ingest.web import FleetWebServer, serve_web
-from tests.cloud_sync.ingest.test_ingest_store import reported, state, telemetry
 from tests.harness.broker import Mosquitto
+from tests.harness.ingest_messages import reported, state, telemetry
 from tests.harness.util import free_port, terminate, wait_for
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
