@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.protocol.schema import EXAMPLES
+from agent.protocol.telemetry import Telemetry
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -77,3 +78,27 @@ def snapshot(
     return SNAPSHOT.model_copy(update={
         "device_id": device, "pipeline": pipeline, "frame_seq": seq, "frame_time": at.timestamp(),
     }).model_dump(mode="json")  # fmt: skip
+
+
+def zone(name: str, label: str, entered: int, left: int = 0, dwell: int = 0, inside: int = 0
+         ) -> dict[str, Any]:  # fmt: skip
+    return {"zone": name, "label": label, "entered": entered, "left": left, "dwell": dwell,
+            "inside": inside}  # fmt: skip
+
+
+def line(name: str, label: str, crossed_in: int, crossed_out: int = 0) -> dict[str, Any]:
+    return {"line": name, "label": label, "crossed_in": crossed_in, "crossed_out": crossed_out}
+
+
+def counts_msg(
+    device: str = "cam-1",
+    at: datetime = T0,
+    zones: list[dict[str, Any]] | None = None,
+    lines: list[dict[str, Any]] | None = None,
+    pipeline: str = "front",
+) -> dict[str, Any]:
+    """A contract-1.1 telemetry message (validated by the wire model) with these counts."""
+    base = EXAMPLES["telemetry"].model_dump(mode="json")
+    p = {**base["pipelines"][0], "name": pipeline, "zones": zones or [], "lines": lines or []}
+    msg = {**base, "device_id": device, "ts": at.isoformat(), "pipelines": [p]}
+    return Telemetry.model_validate(msg).model_dump(mode="json")

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -143,3 +145,13 @@ class UdpStream:
     def stop(self) -> None:
         terminate(self.proc)
         self.proc = None
+
+
+def promtool(text: bytes) -> str:
+    """``promtool check metrics`` on exposition text: its complaints ('' when clean)."""
+    exe = shutil.which("promtool")
+    if exe is None:  # fail, never skip: CI must run this
+        pytest.fail("promtool not installed; scripts/test installs it (apt-get install prometheus)")
+    r = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    out = (r.stdout + r.stderr).decode()
+    return out if r.returncode != 0 or out.strip() else ""

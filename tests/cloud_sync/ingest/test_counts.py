@@ -18,39 +18,14 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.protocol.schema import EXAMPLES
-from agent.protocol.telemetry import Telemetry
 from cloud_sync.ingest.counts_view import format_counts, merge_counts
 from cloud_sync.ingest.db import make_engine
 from cloud_sync.ingest.rows import BadRecord, region_count_rows
 from cloud_sync.ingest.schema import LATEST, REGION_COUNTS, migrate
 from cloud_sync.ingest.store import Store, open_store
+from tests.harness.ingest_messages import T0, counts_msg, line, zone
 
-T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
-
-
-def zone(name: str, label: str, entered: int, left: int = 0, dwell: int = 0, inside: int = 0
-         ) -> dict[str, Any]:  # fmt: skip
-    return {"zone": name, "label": label, "entered": entered, "left": left, "dwell": dwell,
-            "inside": inside}  # fmt: skip
-
-
-def line(name: str, label: str, crossed_in: int, crossed_out: int = 0) -> dict[str, Any]:
-    return {"line": name, "label": label, "crossed_in": crossed_in, "crossed_out": crossed_out}
-
-
-def counts_msg(
-    device: str = "cam-1",
-    at: datetime = T0,
-    zones: list[dict[str, Any]] | None = None,
-    lines: list[dict[str, Any]] | None = None,
-    pipeline: str = "front",
-) -> dict[str, Any]:
-    """A contract-1.1 telemetry message (validated by the wire model) with these counts."""
-    base = EXAMPLES["telemetry"].model_dump(mode="json")
-    p = {**base["pipelines"][0], "name": pipeline, "zones": zones or [], "lines": lines or []}
-    msg = {**base, "device_id": device, "ts": at.isoformat(), "pipelines": [p]}
-    return Telemetry.model_validate(msg).model_dump(mode="json")
 
 
 # --- rows (pure) -----------------------------------------------------------------------------
@@ -328,7 +303,7 @@ def test_web_counts_api(tmp_path: Path) -> None:
 def test_metrics_export_fleet_counts_and_pass_promtool(tmp_path: Path) -> None:
     from cloud_sync.ingest.metrics import IngestCollector
     from cloud_sync.ingest.worker import IngestWorker
-    from tests.system.test_promtool import promtool
+    from tests.harness.util import promtool
 
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     fill_recent(db)
