@@ -206,9 +206,26 @@ class ApiConfig(_Strict):
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="A request's body must arrive within this after headers"
     )
+    max_streams: int = Field(
+        8, ge=1, le=256,
+        description="Result streams (SSE) open at once, each holding one of max_connections "
+        "(default 8, at most max_connections - 1); more get 429",
+    )  # fmt: skip
+    stream_queue: int = Field(
+        32, ge=1, le=4096,
+        description="Results held per stream client; a slower client loses its oldest (counted)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _auth(self) -> ApiConfig:
+        if "max_streams" not in self.model_fields_set:  # default: leave a connection free
+            self.max_streams = max(1, min(self.max_streams, self.max_connections - 1))
+        elif self.max_streams >= self.max_connections:
+            raise ValueError(
+                f"max_streams ({self.max_streams}) must be below max_connections "
+                f"({self.max_connections}): streams hold their connections, and requests need "
+                "some left"
+            )
         if self.token is not None and self.token_file is not None:
             raise ValueError("set token or token_file, not both")
         if not is_loopback(self.addr) and self.token is None and self.token_file is None:
@@ -265,10 +282,6 @@ class AgentConfig(_Strict):
             if not k or not all(c.isalnum() or c in "_-." for c in k):
                 raise ValueError(f"tag key {k!r} may hold only letters, digits, '_', '-', '.'")
         return v
-
-    def remote_pipelines(self) -> list[str]:
-        """Pipelines whose model is a registry name (delivered over MQTT)."""
-        return [p.name for p in self.pipelines if not p.model.endswith(".onnx")]
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

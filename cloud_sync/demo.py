@@ -3,8 +3,9 @@
 Starts an MQTT broker (Mosquitto when installed, else amqtt in-process), a registry in the work
 dir with its chunk server, an ingest worker into SQLite, and an agent on a generated video;
 builds the sample detector, publishes it (signed; INT8 when it passes the accuracy gate),
-deploys it, follows the update to ``committed``, then shows the fleet status and the live
-detections from the ingest database until Ctrl-C or ``--duration``.
+deploys it, follows the update to ``committed``, then shows the live detections, and the fleet
+status and the count of a line across the video (tracked squares crossing it, counted on the
+device, read back from the ingest database) until Ctrl-C or ``--duration``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ DEVICE = "demo-01"
 MODEL = "blobdet"
 VERSION = "1.0.0"
 UPDATE_TIMEOUT_S = 300.0
+# A vertical line through the middle of the frame, drawn top to bottom: the square of the
+# synthetic video circles once every 10 s and crosses it twice, leftward at the top ('in', the
+# line's right-hand side as drawn) and rightward at the bottom ('out').
+LINE = {"name": "middle", "coords": "normalized", "start": [0.5, 0.0], "end": [0.5, 1.0],
+        "classes": ["blob"]}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -115,6 +121,7 @@ def _agent_config(wd: Path, broker: LocalBroker, repo_dir: Path, video: Path) ->
                 "loop": True,
                 "sink": {"jsonl": str(wd / "data" / "front.jsonl")},
                 "events": {"policy": "rate", "max_per_s": 2},
+                "lines": [LINE],  # tracking comes on with it
             }
         ],
         "broker": {"url": broker.url},
@@ -184,6 +191,17 @@ def _fleet_line(store: Any) -> str:
     )
 
 
+def _counts_line(store: Any) -> str:
+    """The demo line's counts as ``edgefleet fleet counts`` shows them, from the ingest database."""
+    rows = [r for r in store.latest_counts(DEVICE) if r["kind"] == "line"]
+    if not rows:
+        return "fleet counts: (no line counts in the ingest database yet)"
+    return "fleet counts: " + "; ".join(
+        f"line {r['region']} {r['label']}: in {r['crossed_in']} out {r['crossed_out']}"
+        for r in rows
+    )
+
+
 def run_demo(
     *, duration_s: float | None = None, workdir: str | None = None, broker: str = "auto"
 ) -> int:
@@ -247,7 +265,7 @@ def _live(
     for p in agent.pipelines:
         p.sinks.append(CallbackSink(on_event))
     _step(
-        "live: detections each second, fleet status from the ingest database"
+        "live: detections each second; fleet status and line counts from the ingest database"
         + (f" for {duration_s:.0f} s" if duration_s else " (Ctrl-C stops)")
     )
     t_end = None if duration_s is None else time.monotonic() + duration_s
@@ -263,6 +281,7 @@ def _live(
             flush=True,
         )
         print(f"  {_fleet_line(store)}", flush=True)
+        print(f"  {_counts_line(store)}", flush=True)
         if t_end is not None and time.monotonic() >= t_end:
             break
     final = agent.status()["pipelines"][0]
@@ -270,7 +289,7 @@ def _live(
     _step(
         f"done: {final['frames_inferred']} frames inferred, {final['frames_dropped']} dropped, "
         f"{final['errors']} errors; ingest stored {counts['telemetry']} telemetry rows and "
-        f"{counts['events']} events"
+        f"{counts['events']} events; {_counts_line(store)}"
         + (f"; everything is kept in {kept}" if kept else " (pass --workdir DIR to keep it)")
     )
     return 0

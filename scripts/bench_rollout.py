@@ -4,8 +4,9 @@ Everything runs on this machine: Mosquitto, a TUF registry with ``sim@1.0.0`` (i
 every device first, timed separately), ``sim@1.1.0`` (good) and ``sim@1.2.0`` (bad: p95 x3 and
 5 % inference errors on every device), two chunk-server replicas in their own processes
 sharing one ``$share`` group, the ingest worker into SQLite, the rollout controller ticking
-every ``--tick`` seconds, and the fleet (``tests.harness.sim``) in a child process of its own
-(its MQTT sockets would push this process's file descriptors past ``select``'s 1023)::
+every ``--tick`` seconds, and the fleet in child processes of its own
+(``tests.harness.sim.shards``: its MQTT sockets would push this process's file descriptors past
+``select``'s 1023)::
 
     python -m scripts.bench_rollout --devices 1000 [--json]
 
@@ -37,10 +38,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from scripts import fleet_sim as fs
-from tests.harness.util import ROOT, wait_for
+from tests.harness.sim.registry import make_sim_registry
+from tests.harness.sim.shards import ShardedSimFleet
+from tests.harness.util import ROOT, terminate, wait_for
 
 log = logging.getLogger("bench_rollout")
 SHARE_GROUP = "registry"
@@ -71,7 +74,7 @@ class BenchConfig:
     quiet: bool = False
 
 
-# --- child processes: chunk-server replica, fleet ---------------------------------------------
+# --- child processes: chunk-server replica, fleet shards ---------------------------------
 
 
 def serve_replica(name: str, repo: str, url: str, workers: int, out: str) -> int:
@@ -92,156 +95,16 @@ def serve_replica(name: str, repo: str, url: str, workers: int, out: str) -> int
     return 0
 
 
-def fleet_child(cfg_json: str) -> int:
-    """Child: the simulated fleet; answers JSON-line commands on stdin until ``stop``."""
-    from agent.config import UpdateConfig
-    from tests.harness.sim import SimFleet, SimProfile
-
-    c = json.loads(cfg_json)
-    ids = [f"{c['prefix']}-{i:04d}" for i in range(c["devices"])]
-    base = SimProfile(fps=c["fps"], p50_ms=20.0, p95_ms=30.0)
-    fleet = SimFleet(
-        c["url"], Path(c["repo"]) / "root.json", c["devices"], base_dir=Path(c["dir"]),
-        prefix=c["prefix"],
-        profile_fn=fs.make_profile_fn(base, "1.2.0", set(ids), 3.0, 0.05),
-        update=UpdateConfig(
-            health_window_s=c["health_window_s"], health_min_frames=c["health_min_frames"],
-            retry_s=c["retry_s"],
-        ),
-        telemetry_interval_s=c["telemetry_s"], loops=c["loops"], connect_rate=c["connect_rate"],
-    )  # fmt: skip
-    fleet.start()
-    out = sys.stdout
-    try:
-        for raw in sys.stdin:
-            cmd = json.loads(raw)
-            op = cmd["op"]
-            if op == "stop":
-                break
-            answer: Any
-            if op == "summary":
-                answer = fleet.summary()
-            elif op == "all_in":
-                answer = fleet.all_in(cmd["phase"], cmd.get("version"), cmd.get("ids"))
-            elif op == "active":  # device → (idle, active versions of its pipelines)
-                answer = {
-                    s["device_id"]: [s["idle"], [p["active"] for p in s["pipelines"]]]
-                    for s in fleet.status()
-                }
-            else:
-                answer = {"error": f"unknown op {op!r}"}
-            out.write(json.dumps(answer) + "\n")
-            out.flush()
-    finally:
-        fleet.stop()
-    out.write(json.dumps("stopped") + "\n")
-    out.flush()
-    return 0
-
-
-class FleetProcess:
-    """The parent's handle on ``fleet_child``: one command at a time."""
-
-    def __init__(
-        self, cfg: BenchConfig, url: str, repo: Path, work: Path, prefix: str, n: int
-    ) -> None:
-        child_cfg = {
-            "devices": n, "prefix": prefix, "url": url, "repo": str(repo),
-            "dir": str(work / "devices"),
-            "fps": cfg.fps, "health_window_s": cfg.health_window_s,
-            "health_min_frames": cfg.health_min_frames, "retry_s": cfg.retry_s,
-            "telemetry_s": cfg.telemetry_s, "loops": cfg.loops,
-            "connect_rate": cfg.connect_rate,
-        }  # fmt: skip
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.bench_rollout", "--fleet-child",
-             json.dumps(child_cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
-        self._lock = threading.Lock()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def ask(self, op: str, **kw: Any) -> Any:
-        """Send one command, return its answer.
-
-        Raises:
-            RuntimeError: the child has gone.
-        """
-        stdin: IO[str] | None = self.proc.stdin
-        stdout: IO[str] | None = self.proc.stdout
-        if stdin is None or stdout is None:
-            raise RuntimeError("fleet child has no pipes")
-        with self._lock:
-            stdin.write(json.dumps({"op": op, **kw}) + "\n")
-            stdin.flush()
-            line = stdout.readline()
-        if not line:
-            raise RuntimeError(f"fleet child exited (rc={self.proc.poll()}) during {op!r}")
-        return json.loads(line)
-
-    def stop(self) -> None:
-        """Ask the child to stop its devices; kill it if it does not end."""
-        if self.proc.poll() is None:
-            try:
-                self.ask("stop")
-            except (RuntimeError, OSError, ValueError) as e:
-                log.warning("fleet child did not stop cleanly: %s", e)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-
-
-def _merge(a: Any, b: Any) -> Any:
-    """Summaries of two shards: numbers added, dicts merged key by key."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {k: _merge(a.get(k), b.get(k)) for k in {*a, *b}}
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a + b
-    return a
-
-
-class Fleet:
-    """The fleet split over ``procs`` child processes (device ids ``sim-NNNN`` with one,
-    ``simK-NNNN`` with several): each has its own GIL, as devices would have their own CPU."""
-
-    def __init__(self, cfg: BenchConfig, url: str, repo: Path, work: Path) -> None:
-        k = max(1, cfg.fleet_procs)
-        sizes = [cfg.devices // k + (1 if i < cfg.devices % k else 0) for i in range(k)]
-        prefixes = ["sim"] if k == 1 else [f"sim{i}" for i in range(k)]
-        self.ids = [f"{p}-{i:04d}" for p, n in zip(prefixes, sizes, strict=True) for i in range(n)]
-        self.shards = [FleetProcess(cfg, url, repo, work, p, n)
-                       for p, n in zip(prefixes, sizes, strict=True)]  # fmt: skip
-
-    def pids(self) -> dict[str, int]:
-        """``fleet`` (first shard), ``fleet-1`` … for the others."""
-        return {("fleet" if i == 0 else f"fleet-{i}"): s.pid for i, s in enumerate(self.shards)}
-
-    def ask(self, op: str, **kw: Any) -> Any:
-        """The command on every shard, answers merged (``all_in``: all of them)."""
-        answers = [s.ask(op, **kw) for s in self.shards]
-        if op == "all_in":
-            return all(answers)
-        out = answers[0]
-        for a in answers[1:]:
-            out = _merge(out, a)
-        return out
-
-    def stop(self) -> None:
-        """Stop every shard."""
-        for s in self.shards:
-            s.stop()
+def shard_config(cfg: BenchConfig, url: str, repo: Path, work: Path) -> dict[str, Any]:
+    """What every fleet shard runs (``tests.harness.sim.shards``): ``sim@1.2.0`` is the bad
+    version, p95 x3 and 5 % inference errors on every device."""
+    return {
+        "url": url, "repo": str(repo), "dir": str(work / "devices"),
+        "fps": cfg.fps, "health_window_s": cfg.health_window_s,
+        "health_min_frames": cfg.health_min_frames, "retry_s": cfg.retry_s,
+        "telemetry_s": cfg.telemetry_s, "loops": cfg.loops, "connect_rate": cfg.connect_rate,
+        "bad_version": "1.2.0", "bad_latency": 3.0, "bad_error_rate": 0.05,
+    }  # fmt: skip
 
 
 class Replica:
@@ -268,12 +131,7 @@ class Replica:
     def stop(self) -> dict[str, Any]:
         """SIGTERM, wait, return its counters."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, 30)
         try:
             data: dict[str, Any] = json.loads(self.out.read_text())
             return data
@@ -346,7 +204,7 @@ def _gate(g: Any) -> dict[str, Any]:
 
 
 def run_rollout(
-    store: Any, fleet: Fleet, watch: DesiredWatch, usage_pids: dict[str, int],
+    store: Any, fleet: ShardedSimFleet, watch: DesiredWatch, usage_pids: dict[str, int],
     cfg: BenchConfig, rid: str, version: str, on_fail: str, ingest: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Record one rollout, wait until the controller ends it; figures and the final row."""
@@ -414,7 +272,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         broker.start()
         stop_ctl = threading.Event()
         replicas: list[Replica] = []
-        fleet: Fleet | None = None
+        fleet: ShardedSimFleet | None = None
         worker = watch = store = ctl_thread = None
         try:
             if broker.proc is None:
@@ -422,7 +280,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             repo = work / "registry"
             t = time.monotonic()
             size = int(cfg.model_mb * 2**20)
-            fs.make_registry(repo, work / "src", ["1.0.0", "1.1.0", "1.2.0"], size)
+            make_sim_registry(repo, work / "src", ["1.0.0", "1.1.0", "1.2.0"], size)
             res["publish_s"] = round(time.monotonic() - t, 1)
             replicas = [Replica(n, repo, broker.url, cfg.server_workers, work)
                         for n in ("registry-a", "registry-b")]  # fmt: skip
@@ -434,7 +292,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             watch = DesiredWatch(broker.url)
             watch.start()
             ctl = RolloutController(store, repo, broker.url)
-            fleet = Fleet(cfg, broker.url, repo, work)
+            fleet = ShardedSimFleet(shard_config(cfg, broker.url, repo, work), cfg.devices,
+                                    cfg.fleet_procs)  # fmt: skip
             pids = {"broker": broker.proc.pid, "registry-a": replicas[0].proc.pid,
                     "registry-b": replicas[1].proc.pid, **fleet.pids(),
                     "cloud": os.getpid()}  # fmt: skip
@@ -599,14 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", help=argparse.SUPPRESS)
     p.add_argument("--broker", help=argparse.SUPPRESS)
     p.add_argument("--stats-out", help=argparse.SUPPRESS)
-    p.add_argument("--fleet-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     if args.serve_replica:
         return serve_replica(args.serve_replica, args.repo, args.broker, args.server_workers,
                              args.stats_out)  # fmt: skip
-    if args.fleet_child:
-        return fleet_child(args.fleet_child)
     cfg = BenchConfig(
         devices=args.devices, model_mb=args.model_mb, stages=tuple(args.stage or d.stages),
         soak_s=args.soak, max_concurrent=args.max_concurrent, telemetry_s=args.telemetry,

@@ -32,7 +32,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -44,8 +43,8 @@ import numpy as np
 from agent.common.fsutil import TUF_TEMP
 from agent.update.machine import UpdateState
 from tests.harness.agent_process import AgentProcess
-from tests.harness.fleet import Fleet, local_fleet
-from tests.harness.util import wait_for
+from tests.harness.fleet import Fleet, close_local_fleet, local_fleet
+from tests.harness.util import script_workdir, wait_for
 
 TERMINAL = ("committed", "rolled_back", "rejected")
 STALE_TMP_S = 5.0
@@ -246,8 +245,7 @@ def run_suite(
             )
     finally:
         agent.stop()
-        fleet.close()
-        fleet.broker.stop()
+        close_local_fleet(fleet)
     failures = [r for r in rounds if r.problems]
     return {
         "kills": len(rounds),
@@ -276,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="crash-suite-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = script_workdir(args.workdir, "crash-suite-")
     summary = run_suite(
         args.kills,
         workdir,

@@ -38,56 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import UpdateConfig
-from agent.protocol.state import PipelineTarget
-from tests.harness.sim import SimFleet, SimProfile
-from tests.harness.sim.engine import ProfileFn
+from tests.harness.sim import SimFleet, SimProfile, make_profile_fn
+from tests.harness.sim.registry import make_sim_registry
 
 log = logging.getLogger("fleet_sim")
-INPUT_SHAPE = (1, 3, 16, 16)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# --- the model and the registry -----------------------------------------------------------
-
-
-def build_model(path: Path, size_bytes: int, seed: int) -> Path:
-    """An ONNX model of about ``size_bytes``: image → Flatten → MatMul(W) → scores.
-
-    The weights differ per ``seed``, so each version has its own bytes.
-    """
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    n_in = int(np.prod(INPUT_SHAPE))
-    n_out = max(1, size_bytes // (4 * n_in))
-    w = np.random.default_rng(seed).standard_normal((n_in, n_out)).astype(np.float32) * 0.01
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "W"], ["scores"]),
-        ],
-        "sim",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(INPUT_SHAPE))],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, n_out])],
-        [numpy_helper.from_array(w, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def make_registry(repo_dir: Path, work: Path, versions: Sequence[str], size_bytes: int) -> None:
-    """A TUF repository with model ``sim`` at each of ``versions``."""
-    from cloud_sync.registry.publish import publish
-    from cloud_sync.registry.repo import Repository
-
-    repo = Repository.init(repo_dir)
-    for i, version in enumerate(versions):
-        model = build_model(work / f"sim-{version}" / "model.onnx", size_bytes, seed=i + 1)
-        publish(repo, model, name="sim", version=version, task="raw")
 
 
 def _serve(repo_dir: str, url: str, workers: int, stop: Any, out: Any) -> None:
@@ -223,19 +178,6 @@ def pick(ids: Sequence[str], share: float, salt: str = "bad") -> set[str]:
     return set(ranked[: round(len(ids) * share)])
 
 
-def make_profile_fn(
-    base: SimProfile, bad_version: str | None, bad: set[str], factor: float, error_rate: float
-) -> ProfileFn:
-    """``base`` everywhere; ``bad_version`` on the ``bad`` devices: latency × ``factor``, errors."""
-
-    def fn(device_id: str, model: PipelineTarget | None) -> SimProfile:
-        if model is not None and model.version == bad_version and device_id in bad:
-            return base.degraded(factor, error_rate)
-        return base
-
-    return fn
-
-
 def parse_pct(text: str) -> float:
     """``"5%"`` or ``"5"`` → 0.05."""
     value = float(text.rstrip("%")) / 100
@@ -329,7 +271,8 @@ def self_test(args: argparse.Namespace) -> dict[str, Any]:
         try:
             repo_dir = work / "registry"
             t = time.monotonic()
-            make_registry(repo_dir, work / "src", ["1.0.0", "1.1.0"], int(args.model_mb * 2**20))
+            size = int(args.model_mb * 2**20)
+            make_sim_registry(repo_dir, work / "src", ["1.0.0", "1.1.0"], size)
             results["publish_s"] = round(time.monotonic() - t, 2)
             with chunk_server_process(repo_dir, broker.url, args.server_workers) as server:
                 assert broker.proc is not None

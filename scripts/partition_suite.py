@@ -18,13 +18,13 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
-from tests.harness.fleet import local_fleet
+from tests.harness.fleet import close_local_fleet, local_fleet
 from tests.harness.partition import partition_during_deploy, partition_mid_download
+from tests.harness.util import script_workdir
 
 
 def run_scenario(name: str, workdir: Path, cut_s: float, log: Any) -> dict[str, Any]:
@@ -44,8 +44,7 @@ def run_scenario(name: str, workdir: Path, cut_s: float, log: Any) -> dict[str, 
             "trace": traceback.format_exc(),
         }
     finally:
-        fleet.close()
-        fleet.broker.stop()
+        close_local_fleet(fleet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="keep data dirs and logs here")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="partition-"))
+    workdir = script_workdir(args.workdir, "partition-")
     names = ("deploy", "download") if args.scenario == "all" else (args.scenario,)
 
     def log(msg: str) -> None:

@@ -28,15 +28,14 @@ import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.harness.agent_process import AgentProcess
-from tests.harness.fleet import Fleet, local_fleet
-from tests.harness.util import UdpStream, free_port, wait_for
+from tests.harness.fleet import close_local_fleet, local_fleet
+from tests.harness.util import UdpStream, free_port, script_workdir, wait_for
 
 
 @dataclass
@@ -97,32 +96,12 @@ def _pipeline(agent: AgentProcess) -> dict[str, Any]:
     return pipes[0]  # type: ignore[no-any-return]
 
 
-def write_config(
-    agent: AgentProcess, fleet: Fleet, stream: UdpStream, health_window_s: float
-) -> None:
+def write_config(agent: AgentProcess, stream: UdpStream) -> None:
     """The crash suite's agent config with the UDP stream as source, events and telemetry."""
-    agent.config.write_text(
-        f'device_id = "{fleet.device}"\n'
-        f'data_dir = "{agent.data}"\n'
-        'profile = "x86-cpu"\n'
-        "[[pipelines]]\n"
-        'name = "front"\n'
-        f'source = "{stream.url}?timeout=2000000"\n'
-        'model = "digits"\n'
-        "open_timeout_s = 2.0\n"
-        "[pipelines.events]\n"
-        'policy = "rate"\n'
-        "max_per_s = 2.0\n"
-        "[broker]\n"
-        f'url = "{fleet.broker.url}"\n'
-        "[trust]\n"
-        f'root = "{fleet.repo_dir / "root.json"}"\n'
-        "[telemetry]\n"
-        "interval_s = 5.0\n"
-        "[update]\n"
-        f"health_window_s = {health_window_s}\n"
-        "health_min_frames = 5\n"
-        "max_latency_ratio = 20.0\n"
+    agent.write_config(
+        f"{stream.url}?timeout=2000000",
+        pipeline='open_timeout_s = 2.0\n[pipelines.events]\npolicy = "rate"\nmax_per_s = 2.0\n',
+        sections="[telemetry]\ninterval_s = 5.0\n",
     )
 
 
@@ -141,7 +120,7 @@ def run_soak(
     fleet = local_fleet(workdir)
     stream = UdpStream(fleet.video, free_port(socket.SOCK_DGRAM))
     agent = AgentProcess(fleet, health_window_s=health_window_s)
-    write_config(agent, fleet, stream, health_window_s)
+    write_config(agent, stream)
     result = SoakResult(duration_s=duration_s)
     versions = 0
     try:
@@ -203,8 +182,7 @@ def run_soak(
     finally:
         agent.stop()
         stream.stop()
-        fleet.close()
-        fleet.broker.stop()
+        close_local_fleet(fleet)
     return result
 
 
@@ -248,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="keep registry, data dir and logs here")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="soak-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = script_workdir(args.workdir, "soak-")
     result = run_soak(
         args.duration,
         workdir,

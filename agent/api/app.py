@@ -22,8 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.api.clips import add_clip_routes
+from agent.api.feed import StreamHub
 from agent.api.gate import ApiError, InferenceGate, model_info
 from agent.api.payload import PayloadError, identify
+from agent.api.streams import HEARTBEAT_S, add_stream_routes
 from agent.pipeline.clips import ClipLibrary
 from agent.pipeline.runner import Pipeline
 
@@ -258,6 +260,9 @@ def create_app(
     max_body_bytes: int = 8 << 20,
     max_image_pixels: int = 40_000_000,
     clips: ClipLibrary | None = None,
+    max_streams: int = 8,
+    stream_queue: int = 32,
+    stream_heartbeat_s: float = HEARTBEAT_S,
 ) -> FastAPI:
     """The API over ``pipelines`` (read live: swaps and deliveries show at once).
 
@@ -269,8 +274,13 @@ def create_app(
         max_body_bytes: larger bodies get 413.
         max_image_pixels: larger decoded images get 413.
         clips: the agent's event clips (``/v1/clips``), None when no pipeline records any.
+        max_streams: result streams (SSE) open at once; more get 429.
+        stream_queue: results held per stream client; beyond, its oldest are dropped.
+        stream_heartbeat_s: a keep-alive comment on a stream after this long without results.
 
-    The gate is ``app.state.gate``; call ``app.state.gate.close()`` after the server stops.
+    The gate is ``app.state.gate``, the result feeds ``app.state.streams`` (a ``StreamHub``
+    attached to the pipelines as a sink): call ``app.state.streams.close()`` before stopping
+    the server (streams end) and ``app.state.gate.close()`` after.
     """
     gate = InferenceGate(
         pipelines,
@@ -281,18 +291,23 @@ def create_app(
     app = FastAPI(
         title=API_TITLE,
         version=__version__,
-        description="Answers from the device's active models on demand. Loopback only unless "
-        "configured; a bearer token is required when bound elsewhere.",
+        description="Answers from the device's active models on demand, and the results of its "
+        "running stream pipelines (latest and live). Loopback only unless configured; a bearer "
+        "token is required when bound elsewhere.",
         docs_url=None,
         redoc_url=None,
     )
     app.state.gate = gate
+    streams = StreamHub(pipelines, max_streams=max_streams, queue_size=stream_queue)
+    app.state.streams = streams
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     authorize = _authorizer(token)
     _add_routes(app, gate, authorize)
     add_clip_routes(app, clips, authorize, _ERRORS, _SECURED)
+    add_stream_routes(app, streams, list(pipelines), authorize, errors=_ERRORS, secured=_SECURED,
+                      heartbeat_s=stream_heartbeat_s)  # fmt: skip
     return app
 
 

@@ -11,6 +11,14 @@ class so that:
   of the connection, for one that sends nothing), its body within ``body_timeout_s`` of the
   headers; otherwise the connection is closed.
 
+- a connection's unsent output is bounded by ``send_buffer_bytes``, in the kernel (its send
+  buffer, which Linux otherwise grows up to ``tcp_wmem``'s 4 MiB for a client that does not
+  read) and in asyncio's transport (paused above it). A result stream's slow client then
+  blocks the stream within about that many bytes, and the stream's own queue drops its oldest
+  results from there, instead of megabytes of stale results queueing in the kernel (measured
+  here: a client that stopped reading had 12,000 results, 3.6 MB, buffered before the first
+  drop).
+
 The time the app takes to answer is not limited here (the inference gate bounds that).
 Both of uvicorn's parsers (httptools, h11) create the request's ``cycle`` once its headers are
 parsed and clear ``cycle.more_body`` once its body is read, so the checks run after each
@@ -21,9 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+SEND_BUFFER_BYTES = 32 << 10  # per connection, kernel and asyncio each (the kernel doubles it)
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -51,6 +62,7 @@ def guarded_protocol(
     header_timeout_s: float,
     body_timeout_s: float,
     stats: GuardStats | None = None,
+    send_buffer_bytes: int = SEND_BUFFER_BYTES,
 ) -> type[asyncio.Protocol]:
     """``base`` (uvicorn's ``HttpToolsProtocol`` or ``H11Protocol``) with the limits above.
 
@@ -66,6 +78,7 @@ def guarded_protocol(
 
         def connection_made(self, transport: Any) -> None:
             over = len(self.connections) >= max_connections
+            _bound_output(transport, send_buffer_bytes)
             super().connection_made(transport)
             self._guard_timer: asyncio.TimerHandle | None = None
             self._guard_cycle: object | None = None
@@ -120,3 +133,15 @@ def guarded_protocol(
 
     Guarded.__name__ = f"Guarded{base.__name__}"
     return Guarded
+
+
+def _bound_output(transport: Any, limit: int) -> None:
+    """Cap what a connection may hold unsent: the socket's send buffer (fixing it also stops
+    the kernel's auto-tuning) and the transport's high-water mark."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+        except OSError as e:  # not a TCP socket (a test's pipe): nothing to bound
+            log.debug("local API: cannot set SO_SNDBUF: %s", e)
+    transport.set_write_buffer_limits(high=limit)

@@ -20,6 +20,7 @@ def openapi_document() -> dict[str, Any]:
     try:
         return app.openapi()
     finally:
+        app.state.streams.close()
         app.state.gate.close()
 
 

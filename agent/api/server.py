@@ -108,6 +108,8 @@ class ApiServer:
             max_body_bytes=int(cfg.max_body_mb * (1 << 20)),
             max_image_pixels=int(cfg.max_image_mpix * 1e6),
             clips=clips,
+            max_streams=cfg.max_streams,
+            stream_queue=cfg.stream_queue,
         )
         return cls(
             app,
@@ -170,7 +172,11 @@ class ApiServer:
         log.info("local inference API on %s", self.url)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let requests in flight finish (up to uvicorn's grace), join."""
+        """End the result streams, stop accepting, let requests in flight finish (up to
+        uvicorn's grace), join."""
+        # streams first: each sends its end event and completes, so uvicorn's graceful
+        # shutdown does not wait its grace period out on them
+        self.app.state.streams.close()
         server = self._server
         if server is not None:
             server.should_exit = True  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Adapter: ``edgefleet ingest`` and ``edgefleet fleet status``."""
+"""Adapter: ``edgefleet ingest`` and ``edgefleet fleet status|counts|retention``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,14 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     st.add_argument("--json", action="store_true", help="print a JSON list")
     st.add_argument("--watch", type=float, default=None, metavar="S", help="refresh every S s")
     st.set_defaults(fn=_fleet_status)
+    ct = fsub.add_parser("counts", help="zone and line counts per device (contract 1.1 agents)")
+    ct.add_argument("--db", default=None, help=DB_HELP)
+    ct.add_argument("--device", default=None, metavar="ID", help="one device only")
+    ct.add_argument("--since", type=DURATION, default=None, metavar="DURATION",
+                    help="also show how much each count grew in this window, e.g. 1h (agent "
+                         "restarts, which start counts from zero, are handled)")  # fmt: skip
+    ct.add_argument("--json", action="store_true", help="print a JSON list")
+    ct.set_defaults(fn=_fleet_counts)
     rt = fsub.add_parser("retention", help="delete history older than --keep, once")
     rt.add_argument("--db", default=None, help=DB_HELP)
     rt.add_argument("--keep", type=DURATION, required=True, metavar="DURATION",
@@ -211,6 +219,31 @@ def expiry_warnings(repo: Path | None, ca: Path | None, warn_days: int) -> list[
                 out.append({"component": "ca", "what": what, "level": level,
                             "expires": exp.isoformat(), "message": msg})  # fmt: skip
     return sorted(out, key=lambda w: (w["level"] != "expired", w["expires"]))
+
+
+def _fleet_counts(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    from cloud_sync.ingest.counts_view import format_counts, merge_counts
+    from cloud_sync.ingest.store import open_store
+    from cloud_sync.units import format_duration
+
+    store = open_store(db_url(args))
+    try:
+        latest = store.latest_counts(args.device)
+        increase = None
+        if args.since is not None:
+            since = datetime.now(timezone.utc) - timedelta(seconds=args.since)
+            increase = store.count_increase(since, args.device)
+    finally:
+        store.close()
+    rows = merge_counts(latest, increase)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        window = None if args.since is None else format_duration(args.since)
+        print(format_counts(rows, window))
+    return 0
 
 
 def _fleet_status(args: argparse.Namespace) -> int:

@@ -22,7 +22,8 @@ from cloud_sync.ingest.worker import IngestWorker
 class IngestCollector(Collector):
     """``edgefleet_ingest_messages_total{kind}``, the back-pressure figures
     (``edgefleet_ingest_unacked_*``, ``_window_full_seconds_total``, ``_store_failures_total``,
-    ``_store_up``) and the ``edgefleet_device_*`` gauges (skipped while the database is down)."""
+    ``_store_up``), the ``edgefleet_device_*`` and ``edgefleet_fleet_pipeline_*`` gauges and the
+    ``edgefleet_fleet_zone_*``/``_line_*`` counts (skipped while the database is down)."""
 
     def __init__(self, worker: IngestWorker) -> None:
         self.worker = worker
@@ -39,6 +40,7 @@ class IngestCollector(Collector):
         yield from self._flow()
         try:
             fleet = self.worker.store.fleet()
+            counts = self.worker.store.latest_counts()
         except TransportError:  # the database is down: the worker's own figures still count
             return
         online = GaugeMetricFamily("edgefleet_devices_online", "Devices whose last state is online")
@@ -71,6 +73,7 @@ class IngestCollector(Collector):
         yield fps
         yield p95
         yield errors
+        yield from _count_metrics(counts)
 
     def _flow(self) -> Iterator[Any]:
         """Back-pressure: the unacknowledged window, time spent full, store failures."""
@@ -98,6 +101,39 @@ class IngestCollector(Collector):
             "edgefleet_ingest_store_up", "1 while writes succeed, else 0",
             value=0 if w.store_down_since is not None else 1,
         )  # fmt: skip
+
+
+def _count_metrics(rows: list[dict[str, Any]]) -> Iterator[Any]:
+    """The latest zone/line counts of every device, named as on the device's own endpoint
+    with ``fleet_`` added: counters that restart from zero with the agent, which Prometheus'
+    ``rate``/``increase`` handle."""
+    zl = ["device_id", "pipeline", "zone", "class"]
+    zone = {
+        col: CounterMetricFamily(f"edgefleet_fleet_zone_{name}", doc, labels=zl)
+        for col, name, doc in (
+            ("entered", "entered", "Tracks that entered the zone, since the agent started"),
+            ("exited", "left", "Tracks that left the zone (or ended inside it), since start"),
+            ("dwell", "dwell", "Tracks that stayed in the zone its dwell time, since start"),
+        )
+    }
+    inside = GaugeMetricFamily(
+        "edgefleet_fleet_zone_objects", "Tracks inside the zone at the latest telemetry", labels=zl
+    )
+    crossed = CounterMetricFamily(
+        "edgefleet_fleet_line_crossed",
+        "Tracks that crossed the line, by direction (in, out), since the agent started",
+        labels=["device_id", "pipeline", "line", "class", "direction"],
+    )
+    for r in rows:
+        key = [r["device_id"], r["pipeline"], r["region"], r["label"]]
+        if r["kind"] == "zone":
+            for col, fam in zone.items():
+                fam.add_metric(key, r[col])
+            inside.add_metric(key, r["inside"])
+        else:
+            crossed.add_metric([*key, "in"], r["crossed_in"])
+            crossed.add_metric([*key, "out"], r["crossed_out"])
+    yield from (*zone.values(), inside, crossed)
 
 
 def serve_metrics(worker: IngestWorker, port: int, addr: str = "127.0.0.1") -> WSGIServer:

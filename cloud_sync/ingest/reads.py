@@ -1,7 +1,8 @@
-"""Adapter: the ingest store's reads — fleet view, one device's series, snapshots, counts.
+"""Adapter: the ingest store's reads — fleet view, one device's series, snapshots, zone and line
+counts (latest, and their increase over a window), row counts.
 
-Every read is bounded (a ``limit`` or one row per device and pipeline) and goes through
-``db.guard``, so an unreachable database is ``StoreUnavailable``.
+Every read is bounded (a ``limit``, or one row per device and pipeline or per counted series)
+and goes through ``db.guard``, so an unreachable database is ``StoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_sync.ingest.db import guard
-from cloud_sync.ingest.rows import utc_time
+from cloud_sync.ingest.rows import COUNT_COLUMNS, utc_time
 from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
     DEVICE_TELEMETRY,
     DEVICES,
     PIPELINE_STATE,
+    REGION_COUNTS,
     SNAPSHOTS,
     TABLES,
     TELEMETRY,
@@ -137,6 +139,54 @@ class StoreReads:
             "truncated": len(tele) == limit or len(dev) == limit,
         }
 
+    def latest_counts(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """The zone and line counts of each pipeline's latest telemetry message: one row per
+        device, pipeline, zone or line and class, each with ``ts``, ``kind``, ``region``,
+        ``label`` and the ``COUNT_COLUMNS`` (running since the agent started).
+
+        A zone or line no longer in the latest message (configured away) is not listed.
+        """
+        t, rc = TELEMETRY, REGION_COUNTS
+        latest = sa.select(t.c.device_id, t.c.pipeline, sa.func.max(t.c.ts).label("ts"))
+        if device_id is not None:
+            latest = latest.where(t.c.device_id == device_id)
+        lt = latest.group_by(t.c.device_id, t.c.pipeline).subquery()
+        q = (
+            sa.select(rc.c.device_id, rc.c.pipeline, rc.c.kind, rc.c.region, rc.c.label, rc.c.ts,
+                      *(rc.c[c] for c in COUNT_COLUMNS))
+            .join(lt, (rc.c.device_id == lt.c.device_id) & (rc.c.pipeline == lt.c.pipeline)
+                  & (rc.c.ts == lt.c.ts))
+            .order_by(*_SERIES)
+        )  # fmt: skip
+        with guard("latest counts"), self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def count_increase(self, since: datetime, device_id: str | None = None) -> list[dict[str, Any]]:
+        """How much each zone/line counter grew since ``since``, like Prometheus' ``increase``
+        without its extrapolation: per series (device, pipeline, zone or line, class) the sum of
+        the rises between consecutive samples, from the last sample at or before ``since``.
+
+        * A sample where any counter of the series went down is a restart of the agent (or a
+          reload of its config): its counters count from zero.
+        * A series without a sample at or before ``since`` starts from its first sample, like
+          Prometheus; except that when the same pipeline's telemetry came in after ``since``
+          and before that sample without the series (a class seen for the first time: the
+          device adds its row then), the series was zero there, so its first counts are in.
+
+        Returns:
+            One row per series with samples since ``since``: its key, ``first``/``last`` (the
+            samples' times), ``samples``, ``resets`` and the increase of ``entered``,
+            ``exited``, ``dwell`` (zones) or ``crossed_in``, ``crossed_out`` (lines; the
+            other kind's are None). ``inside`` is a gauge: see ``latest_counts``.
+        """
+        cut = utc_time(since, "count increase", "since")
+        with guard("count increase"), self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(_increase_query(cut, device_id))]
+        for r in rows:  # PostgreSQL sums bigints as NUMERIC
+            for c in (*_COUNTERS, "resets", "samples"):
+                r[c] = None if r[c] is None else int(r[c])
+        return rows
+
     def counts(self) -> dict[str, int]:
         """Rows per table."""
         with guard("counts"), self.engine.connect() as conn:
@@ -149,6 +199,60 @@ class StoreReads:
         """The schema version of the database."""
         with guard("schema version"), self.engine.connect() as conn:
             return schema_version(conn)
+
+
+_KEYS = ("device_id", "pipeline", "kind", "region", "label")  # one counter series
+_SERIES = [REGION_COUNTS.c[k] for k in _KEYS]
+_COUNTERS = [c for c in COUNT_COLUMNS if c != "inside"]  # "inside" is a gauge
+
+
+def _increase_query(cut: datetime, device_id: str | None) -> sa.Select[Any]:
+    """``count_increase`` in SQL (window functions: SQLite 3.25+, PostgreSQL), a row a series."""
+    rc, keys = REGION_COUNTS, _SERIES
+    base = sa.select(*keys, sa.func.max(rc.c.ts).label("ts")).where(rc.c.ts <= cut)
+    if device_id is not None:
+        base = base.where(rc.c.device_id == device_id)
+    b = base.group_by(*keys).subquery()
+
+    def lag(col: Any) -> Any:
+        return sa.func.lag(col).over(partition_by=keys, order_by=rc.c.ts)
+
+    # the series' first sample, no baseline, and its pipeline reported since the cut without it
+    t = TELEMETRY.alias("earlier")
+    seen_without = sa.exists().where(t.c.device_id == rc.c.device_id,
+                                     t.c.pipeline == rc.c.pipeline, t.c.ts >= cut,
+                                     t.c.ts < rc.c.ts)  # fmt: skip
+    # nested CASE: the EXISTS runs for the first sample only (AND may evaluate both sides)
+    first = sa.and_(lag(rc.c.ts).is_(None), b.c.ts.is_(None))
+    born = sa.case((first, sa.case((seen_without, 1), else_=0)), else_=0)
+    w = (
+        sa.select(*keys, rc.c.ts, *(rc.c[c] for c in _COUNTERS),
+                  *(lag(rc.c[c]).label(f"prev_{c}") for c in _COUNTERS),
+                  born.label("born"))
+        .select_from(rc.outerjoin(b, sa.and_(*(rc.c[k] == b.c[k] for k in _KEYS))))
+        .where(rc.c.ts >= sa.func.coalesce(b.c.ts, cut))
+    )  # fmt: skip
+    if device_id is not None:
+        w = w.where(rc.c.device_id == device_id)
+    s = w.subquery()
+    reset = sa.or_(*(s.c[c] < s.c[f"prev_{c}"] for c in _COUNTERS))
+    rises = [
+        sa.func.sum(
+            sa.case((s.c[c].is_(None), sa.null()),
+                    (s.c[f"prev_{c}"].is_(None), sa.case((s.c.born == 1, s.c[c]), else_=0)),
+                    (reset, s.c[c]), else_=s.c[c] - s.c[f"prev_{c}"])
+        ).label(c)
+        for c in _COUNTERS
+    ]  # fmt: skip
+    return (
+        sa.select(*(s.c[k] for k in _KEYS), *rises,
+                  sa.func.sum(sa.case((reset, 1), else_=0)).label("resets"),
+                  sa.func.count().label("samples"),
+                  sa.func.min(s.c.ts).label("first"), sa.func.max(s.c.ts).label("last"))
+        .group_by(*(s.c[k] for k in _KEYS))
+        .having(sa.func.max(s.c.ts) >= cut)
+        .order_by(*(s.c[k] for k in _KEYS))
+    )  # fmt: skip
 
 
 def _pipeline_view(name: str, state: Any, tele: Any) -> dict[str, Any]:

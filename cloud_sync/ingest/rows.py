@@ -163,6 +163,39 @@ def telemetry_rows(msg: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[s
     return rows, device
 
 
+# region_counts columns of a zone row and of a line row (schema v7), from the contract's names
+ZONE_COUNTERS = {"entered": "entered", "exited": "left", "dwell": "dwell"}
+LINE_COUNTERS = {"crossed_in": "crossed_in", "crossed_out": "crossed_out"}
+COUNT_COLUMNS = (*ZONE_COUNTERS, "inside", *LINE_COUNTERS)
+
+
+def region_count_rows(msg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One telemetry message → a ``region_counts`` row per zone or line and class of each
+    pipeline (contract 1.1; none from a 1.0 device). Every row has every column, the other
+    kind's counters None, so a batch goes out as one executemany.
+
+    Raises:
+        BadRecord: a row lacks its name, class or a counter.
+    """
+    device_id = required(msg, "device_id", "telemetry")
+    ts = utc_time(required(msg, "ts", "telemetry"), "telemetry", "ts")
+    rows = []
+    for p in msg.get("pipelines") or []:
+        base = {"device_id": device_id, "ts": ts, "pipeline": required(p, "name", "telemetry")}
+        blank = dict.fromkeys(COUNT_COLUMNS)
+        for z in p.get("zones") or []:
+            counters = {col: required(z, key, "telemetry") for col, key in ZONE_COUNTERS.items()}
+            rows.append({**base, "kind": "zone", "region": required(z, "zone", "telemetry"),
+                         "label": required(z, "label", "telemetry"), **blank, **counters,
+                         "inside": required(z, "inside", "telemetry")})  # fmt: skip
+        for ln in p.get("lines") or []:
+            counters = {col: required(ln, key, "telemetry") for col, key in LINE_COUNTERS.items()}
+            rows.append({**base, "kind": "line", "region": required(ln, "line", "telemetry"),
+                         "label": required(ln, "label", "telemetry"), **blank,
+                         **counters})  # fmt: skip
+    return rows
+
+
 def event_row(msg: Mapping[str, Any]) -> dict[str, Any]:
     """One inference event → its row; the top label is the best-scoring class or detection."""
     when = msg.get("ts", msg.get("frame_time"))

@@ -65,6 +65,8 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
     if version >= 5:
         _rollouts(md)
     _dead_letters(md, version)
+    if version >= 7:
+        _region_counts(md)
     return md
 
 
@@ -213,6 +215,31 @@ def _dead_letters(md: sa.MetaData, version: int) -> sa.Table:
     )  # fmt: skip
 
 
+def _region_counts(md: sa.MetaData) -> sa.Table:
+    """Since version 7: the zone and line counts of each telemetry message, one row per zone or
+    line and class. Counters run from the start of the agent (a restart or a reload starts them
+    from zero again; reads handle that like Prometheus' ``increase``). Zone rows fill
+    ``entered``/``exited``/``dwell``/``inside`` (``exited`` is the contract's ``left``, a word
+    SQL reserves), line rows ``crossed_in``/``crossed_out``; the other columns stay NULL."""
+    return sa.Table(
+        "region_counts", md,
+        sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        sa.Column("device_id", sa.String(64), nullable=False),
+        sa.Column("ts", UtcDateTime, nullable=False),
+        sa.Column("pipeline", sa.String(64), nullable=False),
+        sa.Column("kind", sa.String(8), nullable=False),  # "zone" or "line"
+        sa.Column("region", sa.String(64), nullable=False),
+        sa.Column("label", sa.String(128), nullable=False),
+        sa.Column("entered", sa.BigInteger), sa.Column("exited", sa.BigInteger),
+        sa.Column("dwell", sa.BigInteger), sa.Column("inside", sa.BigInteger),
+        sa.Column("crossed_in", sa.BigInteger), sa.Column("crossed_out", sa.BigInteger),
+        # also the index of one series' samples in time order (latest, increase)
+        sa.UniqueConstraint("device_id", "pipeline", "kind", "region", "label", "ts",
+                            name="uq_region_counts_key"),
+        sa.Index("ix_region_counts_ts", "ts"),  # retention, fleet-wide windows
+    )  # fmt: skip
+
+
 SCHEMA_VERSION = sa.Table(
     "schema_version",
     sa.MetaData(),
@@ -277,9 +304,15 @@ def _migration_6(conn: Connection) -> None:
         )
 
 
+def _migration_7(conn: Connection) -> None:
+    """Zone and line counts per telemetry message (contract 1.1), for the fleet's counts."""
+    _create_table(conn, 7, "region_counts")
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
+    _migration_7,
 ]  # fmt: skip
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
@@ -287,6 +320,7 @@ DEVICES, PIPELINE_STATE = TABLES["devices"], TABLES["pipeline_state"]
 TELEMETRY, DEVICE_TELEMETRY = TABLES["telemetry"], TABLES["device_telemetry"]
 EVENTS, DEAD_LETTERS = TABLES["events"], TABLES["dead_letters"]
 SNAPSHOTS, ROLLOUTS = TABLES["snapshots"], TABLES["rollouts"]
+REGION_COUNTS = TABLES["region_counts"]
 
 
 def schema_version(conn: Connection) -> int:

@@ -1,9 +1,11 @@
 """Adapter: the fleet web page and its JSON API, a WSGI app over the ingest ``Store``.
 
-``GET /`` is a static page (``fleet.html``, vanilla JS) that polls ``GET /api/fleet`` and draws
-``GET /api/devices/<id>/telemetry?minutes=N`` as SVG charts. Served by the standard library
-(``wsgiref`` with one thread per request, so a slow client does not hold up the others) on
-loopback by default: the page has no authentication, put a proxy in front to share it.
+``GET /`` is a static page (``fleet.html``, vanilla JS) that polls ``GET /api/fleet`` and
+``GET /api/counts?minutes=N`` (zone and line counts, and how much they grew in the last N
+minutes) and draws ``GET /api/devices/<id>/telemetry?minutes=N`` as SVG charts. Served by the
+standard library (``wsgiref`` with one thread per request, so a slow client does not hold up
+the others) on loopback by default: the page has no authentication, put a proxy in front to
+share it.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class FleetApp:
         if path == "/api/fleet":
             tags = parse_tags(v for k, v in query if k == "tag")
             return self.store.fleet(tag_filter=tags or None)
+        if path == "/api/counts":
+            return self._counts(dict(query).get("minutes"))
         parts = path.split("/")  # "", "api", "devices", ID, "telemetry"
         if len(parts) == 5 and parts[:3] == ["", "api", "devices"] and parts[4] == "telemetry":
             return self._telemetry(parts[3], dict(query).get("minutes"))
@@ -141,6 +145,15 @@ class FleetApp:
             which = f" pipeline {pipeline[:64]!r}" if pipeline else ""
             raise HttpError(404, f"no snapshot of device {device_id[:64]!r}{which}")
         return bytes(snap["jpeg"])
+
+    def _counts(self, minutes_raw: str | None) -> dict[str, Any]:
+        """Every device's latest zone/line counts and their increase over ``minutes``."""
+        from cloud_sync.ingest.counts_view import merge_counts
+
+        minutes = parse_minutes(minutes_raw)
+        since = self.clock() - timedelta(minutes=minutes)
+        rows = merge_counts(self.store.latest_counts(), self.store.count_increase(since))
+        return {"minutes": minutes, "since": since, "counts": rows}
 
     def _telemetry(self, device_id: str, minutes_raw: str | None) -> dict[str, Any]:
         minutes = parse_minutes(minutes_raw)

@@ -22,6 +22,7 @@ from cloud_sync.ingest.rows import (
     DEAD_LETTER_KEEP,
     dead_letter_row,
     event_row,
+    region_count_rows,
     reported_rows,
     snapshot_row,
     state_row,
@@ -34,6 +35,7 @@ from cloud_sync.ingest.schema import (
     DEVICES,
     EVENTS,
     PIPELINE_STATE,
+    REGION_COUNTS,
     SNAPSHOTS,
     TELEMETRY,
 )
@@ -107,7 +109,8 @@ class StoreWrites:
     def add_telemetry_batch(
         self, msgs: Sequence[Mapping[str, Any]], *, now: datetime | None = None
     ) -> int:
-        """Store many telemetry messages in one transaction (one executemany per table).
+        """Store many telemetry messages in one transaction (one executemany per table): the
+        pipeline rows, the device rows and the zone/line count rows (``region_counts``).
 
         Returns:
             Pipeline rows added; rows already stored (redelivered messages) are not counted.
@@ -118,10 +121,12 @@ class StoreWrites:
         now = now or datetime.now(timezone.utc)
         rows: list[dict[str, Any]] = []
         devices: list[dict[str, Any]] = []
+        counts: list[dict[str, Any]] = []
         for m in msgs:
             r, d = telemetry_rows(m)
             rows += r
             devices.append(d)
+            counts += region_count_rows(m)
         with guard("telemetry batch"), self.engine.begin() as conn:
             self._touch(conn, {d["device_id"] for d in devices}, now)
             added = 0
@@ -130,10 +135,14 @@ class StoreWrites:
                     added = _insert_new_sqlite(conn, TELEMETRY, rows)
                 if devices:
                     _insert_new_sqlite(conn, DEVICE_TELEMETRY, devices)
+                if counts:
+                    _insert_new_sqlite(conn, REGION_COUNTS, counts)
                 return added
             if rows:
                 added = _insert_new(conn, self._dialect.insert(TELEMETRY), rows)
             conn.execute(self._dialect.insert(DEVICE_TELEMETRY).on_conflict_do_nothing(), devices)
+            if counts:
+                conn.execute(self._dialect.insert(REGION_COUNTS).on_conflict_do_nothing(), counts)
             return added
 
     def add_events(self, msgs: Sequence[Mapping[str, Any]], *, now: datetime | None = None) -> int:
@@ -212,7 +221,7 @@ class StoreWrites:
         with guard("retention"), self.engine.begin() as conn:
             counts = {
                 tbl.name: conn.execute(sa.delete(tbl).where(tbl.c.ts < cut)).rowcount
-                for tbl in (TELEMETRY, DEVICE_TELEMETRY, EVENTS, SNAPSHOTS)
+                for tbl in (TELEMETRY, DEVICE_TELEMETRY, EVENTS, SNAPSHOTS, REGION_COUNTS)
             }
             dl = sa.delete(DEAD_LETTERS).where(DEAD_LETTERS.c.received_at < cut)
             counts["dead_letters"] = conn.execute(dl).rowcount

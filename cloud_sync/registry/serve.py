@@ -91,7 +91,6 @@ log = logging.getLogger(__name__)
 # all devices lets one device's unacknowledged answers hold everyone's back in paho's queue
 # (paho's default of 20 also throttled windows).
 MAX_INFLIGHT = 0
-MAX_TRANSFERS = ServeLimits().max_transfers
 LOG_EVERY_S = 10.0  # one log line per kind of refusal this often (a flood must not flood logs)
 
 

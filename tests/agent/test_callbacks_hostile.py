@@ -18,14 +18,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-import scripts.fleet_sim
 import scripts.fuzz_parsers
 from agent.common.mqtt import MAX_GUARD_REASONS, CallbackGuard, make_client
 from agent.config import UpdateConfig, parse_config
@@ -38,7 +36,9 @@ from agent.service import Agent, read_status
 from cloud_sync.deploy import DesiredPublisher, deploy
 from cloud_sync.registry.serve import ChunkServer
 from tests.harness.broker import Mosquitto
+from tests.harness.fetch import chunk_server
 from tests.harness.sim.device import SimDevice
+from tests.harness.sim.registry import make_sim_registry
 from tests.harness.util import wait_for
 
 TOPICS = Topics()
@@ -269,24 +269,17 @@ def hostile_desired() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def fleet_sim() -> ModuleType:
-    return scripts.fleet_sim
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, fleet_sim: ModuleType) -> Path:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A signed registry with sim@1.0.0 and sim@1.1.0 (96 KB models: 12 windows of 8 KiB)."""
     tmp = tmp_path_factory.mktemp("hostile-registry")
-    fleet_sim.make_registry(tmp / "registry", tmp / "src", ["1.0.0", "1.1.0"], 96 << 10)
+    make_sim_registry(tmp / "registry", tmp / "src", ["1.0.0", "1.1.0"], 96 << 10)
     return tmp / "registry"
 
 
 @pytest.fixture
 def server(broker: Mosquitto, registry: Path) -> Iterator[ChunkServer]:
-    srv = ChunkServer(registry, broker.url, client_id="registry-1")
-    srv.start()
-    yield srv
-    srv.stop()
+    with chunk_server(registry, broker) as srv:
+        yield srv
 
 
 @pytest.fixture

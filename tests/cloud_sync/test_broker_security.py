@@ -20,33 +20,28 @@ broker limits (``max_packet_size``, ``max_queued_bytes``); deploy/mosquitto/READ
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
-from typing import cast
 
 import pytest
 
 from agent.protocol.fetch import MAX_CHUNK, MAX_HEADER, FetchRequest, decode_response
-from agent.protocol.schema import EXAMPLES
-from agent.protocol.telemetry import Snapshot, Telemetry
-from agent.protocol.topics import REGISTRY_SHARE_GROUP, Topics
+from agent.protocol.telemetry import Snapshot
+from agent.protocol.topics import REGISTRY_SHARE_GROUP
 from cloud_sync.acl import (
     MAX_PACKET_SIZE,
     MAX_QUEUED_BYTES,
     MAX_QUEUED_MESSAGES,
     render_mosquitto_conf,
 )
-from cloud_sync.ingest.store import open_store
-from cloud_sync.ingest.worker import SHARE_GROUP, IngestWorker
+from cloud_sync.ingest.worker import SHARE_GROUP
 from cloud_sync.pki import SHARE_GROUP_FILE, FleetCA, PkiError, service_share_group
 from cloud_sync.registry.serve import ChunkServer
-from tests.harness.tls import ROOT, Conn, TlsFleet
+from tests.harness.shared_groups import StoringWorker, T, join_every_group, telemetry_message
+from tests.harness.tls import ROOT, TlsFleet
 from tests.harness.util import wait_for
 
-T = Topics(ROOT)
 N = 20  # messages the honest device sends in each attack
 
 
@@ -62,58 +57,7 @@ def fleet(tmp_path: Path) -> Iterator[TlsFleet]:
     f.close()
 
 
-def _env(fleet: TlsFleet, cn: str) -> dict[str, str]:
-    c = fleet.creds[cn]
-    return {"EDGEFLEET_TLS_CA": str(c.ca), "EDGEFLEET_TLS_CERT": str(c.cert),
-            "EDGEFLEET_TLS_KEY": str(c.key)}  # fmt: skip
-
-
-def _url(fleet: TlsFleet) -> str:
-    return f"mqtts://127.0.0.1:{fleet.broker.port}"
-
-
-class StoringWorker:
-    """A real ``IngestWorker`` with its own SQLite store on the TLS broker, in the group
-    ``edgefleet ingest`` picks (``service_share_group``)."""
-
-    def __init__(self, fleet: TlsFleet, cn: str, mp: pytest.MonkeyPatch, tmp: Path) -> None:
-        for k, v in _env(fleet, cn).items():
-            mp.setenv(k, v)  # the worker reads its TLS identity from the environment
-        self.group = service_share_group(SHARE_GROUP)
-        self.store = open_store(f"sqlite:///{tmp / (cn.replace(':', '-') + '.db')}")
-        self.worker = IngestWorker(_url(fleet), self.store, client_id=f"edgefleet-{cn[4:]}",
-                                   share_group=self.group, flush_s=0.05)  # fmt: skip
-        subacked = threading.Event()
-        self.worker.client.on_subscribe = lambda *_a: subacked.set()
-        self.worker.start()
-        assert subacked.wait(10), f"{cn}: subscriptions not acknowledged"
-
-    def stored(self) -> int:
-        """Telemetry messages written (dead letters would count as lost)."""
-        return self.store.counts()["device_telemetry"]
-
-    def close(self) -> None:
-        self.worker.stop()
-        self.store.close()
-
-
-def _telemetry(device: str, i: int) -> bytes:
-    t = cast(Telemetry, EXAMPLES["telemetry"])
-    return t.model_copy(update={"device_id": device, "ts": t.ts + timedelta(seconds=i)}).encode()
-
-
 # ------------------------------------------------------------------ 1: shared subscriptions
-
-
-def _attacker(fleet: TlsFleet) -> Conn:
-    """dev-a in every group name it can know or guess, for every volume topic."""
-    att = fleet.connect("dev-a", "edgefleet-dev-a")
-    topics = [f"$share/{g}/{T.all_devices(k)}"
-              for g in (SHARE_GROUP, REGISTRY_SHARE_GROUP, "+", "edgefleet", "default")
-              for k in ("telemetry", "events", "snapshots", "fetch/req")]  # fmt: skip
-    # the broker grants every one of them: Mosquitto 2.0's ACL file does not check SUBSCRIBE
-    assert att.subscribe(*topics) == [1] * len(topics)
-    return att
 
 
 @pytest.mark.broker
@@ -123,7 +67,7 @@ def test_mosquitto_2_0_lets_any_device_join_a_group_it_knows(fleet: TlsFleet) ->
     shared subscriptions now (see deploy/mosquitto/README.md)."""
     ingest = fleet.connect("svc:ingest-1", "edgefleet-ingest-1")
     assert ingest.subscribe(T.shared(SHARE_GROUP, "telemetry")) == [1]
-    att = _attacker(fleet)
+    att = join_every_group(fleet)
     b = fleet.connect("dev-b", "edgefleet-dev-b")
     for i in range(N):
         b.publish(T.device("dev-b", "telemetry"), b"t%d" % i)
@@ -140,10 +84,10 @@ def test_ingest_workers_get_every_message_while_a_device_sits_in_their_group(
     w2 = StoringWorker(fleet, "svc:ingest-2", monkeypatch, tmp_path)
     try:
         assert w1.group == w2.group == fleet.ca.share_group("ingest") != SHARE_GROUP
-        att = _attacker(fleet)
+        att = join_every_group(fleet)
         b = fleet.connect("dev-b", "edgefleet-dev-b")
         for i in range(N):
-            b.publish(T.device("dev-b", "telemetry"), _telemetry("dev-b", i))
+            b.publish(T.device("dev-b", "telemetry"), telemetry_message("dev-b", i))
         assert wait_for(lambda: w1.stored() + w2.stored() >= N, 15), (w1.stored(), w2.stored())
         time.sleep(0.5)
         assert (w1.stored() + w2.stored(), att.got) == (N, [])  # 20 of 20, nothing leaked
@@ -163,15 +107,15 @@ def test_the_registry_answers_every_request_while_a_device_sits_in_its_group(
     (repo / "targets").mkdir(parents=True)
     blob = bytes(range(256)) * (N * MAX_CHUNK // 256)
     (repo / "targets" / "blob.bin").write_bytes(blob)
-    for k, v in _env(fleet, "svc:registry-1").items():
+    for k, v in fleet.tls_env("svc:registry-1").items():
         monkeypatch.setenv(k, v)
     group = service_share_group(REGISTRY_SHARE_GROUP)  # as `edgefleet registry serve` does
     assert group == fleet.ca.share_group("registry")
-    server = ChunkServer(repo, _url(fleet), root=ROOT, client_id="edgefleet-registry-1",
+    server = ChunkServer(repo, fleet.url, root=ROOT, client_id="edgefleet-registry-1",
                          share_group=group)  # fmt: skip
     server.start()
     try:
-        att = _attacker(fleet)
+        att = join_every_group(fleet)
         b = fleet.connect("dev-b", "edgefleet-dev-b")
         assert b.subscribe(T.device("dev-b", "fetch/resp")) == [1]
         for i in range(N):

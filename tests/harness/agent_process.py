@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.fleet import Fleet
+from tests.harness.util import terminate
 
 BIN = Path(sys.executable).parent
 
@@ -21,30 +22,45 @@ class AgentProcess:
         self, fleet: Fleet, health_window_s: float, *, max_tries: int = 3, retry_s: float = 10
     ) -> None:
         self.fleet = fleet
+        self.health_window_s = health_window_s
         self.data = fleet.tmp / "data"
         self.config = fleet.tmp / "agent.toml"
+        self.write_config(
+            str(fleet.video),
+            pipeline="loop = true\n",
+            update=f"max_tries = {max_tries}\nretry_s = {retry_s}\n",
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(
+        self, source: str, *, pipeline: str = "", sections: str = "", update: str = ""
+    ) -> None:
+        """The agent's config: one pipeline ``front`` running the digits model on ``source``,
+        the fleet's broker and root, the health window given at construction; ``pipeline``,
+        ``sections`` and ``update`` are TOML lines added to the pipeline, before ``[update]``
+        and to it."""
+        fleet = self.fleet
         self.config.write_text(
             f'device_id = "{fleet.device}"\n'
             f'data_dir = "{self.data}"\n'
             'profile = "x86-cpu"\n'
             "[[pipelines]]\n"
             'name = "front"\n'
-            f'source = "{fleet.video}"\n'
+            f'source = "{source}"\n'
             'model = "digits"\n'
-            "loop = true\n"
+            f"{pipeline}"
             "[broker]\n"
             f'url = "{fleet.broker.url}"\n'
             "[trust]\n"
             f'root = "{fleet.repo_dir / "root.json"}"\n'
+            f"{sections}"
             "[update]\n"
-            f"health_window_s = {health_window_s}\n"
+            f"health_window_s = {self.health_window_s}\n"
             "health_min_frames = 5\n"
             # no test here is about latency: a loaded machine's jitter must not roll back
             "max_latency_ratio = 20.0\n"
-            f"max_tries = {max_tries}\n"
-            f"retry_s = {retry_s}\n"
+            f"{update}"
         )
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, **env: str) -> None:
         with open(self.fleet.tmp / "agent.log", "ab") as log:  # kept for failure analysis
@@ -62,12 +78,7 @@ class AgentProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, 20)
 
     def status(self) -> dict[str, Any]:
         try:

@@ -1,5 +1,6 @@
 """A registry, its chunk server and one in-process agent around a broker: the delivery tests,
-the fault suites and the delivery benchmark share it; and a telemetry subscriber."""
+the fault suites and the delivery benchmark share it; an agent config looping a video; and a
+telemetry subscriber."""
 
 from __future__ import annotations
 
@@ -173,6 +174,12 @@ class Fleet:
         assert ok, f"phase {self.last().phase.value}, wanted {phases}: {self.last().last_error}"
         return self.last()
 
+    def commit(self, ref: str, timeout: float = 60) -> Any:
+        """Deploy ``ref`` (``name@version``), wait until its attempt is committed; the agent's
+        reported pipeline then."""
+        self.deploy(ref)
+        return self.wait_phase("committed", version=ref.split("@", 1)[1], timeout=timeout)
+
     def close(self) -> None:
         self.stop_agent()
         for s in self.servers:
@@ -180,6 +187,18 @@ class Fleet:
         if self.watcher is not None:
             self.watcher.loop_stop()
             self.watcher.disconnect()
+
+
+def looping_agent_config(
+    device_id: str, data_dir: Path, video: Path, model: Path, broker_url: str, **extra: Any
+) -> AgentConfig:
+    """An agent whose one pipeline ``front`` loops ``video`` through the local ``model`` file,
+    telemetry every 0.2 s; ``extra`` adds top-level fields (``tags``, ``groups`` …)."""
+    return parse_config({
+        "device_id": device_id, "data_dir": str(data_dir), "profile": "x86-cpu", **extra,
+        "pipelines": [{"name": "front", "source": str(video), "model": str(model), "loop": True}],
+        "broker": {"url": broker_url}, "telemetry": {"interval_s": 0.2},
+    })  # fmt: skip
 
 
 def local_fleet(workdir: Path) -> Fleet:
@@ -192,6 +211,12 @@ def local_fleet(workdir: Path) -> Fleet:
     fleet = Fleet(workdir, broker, write_digit_loop(models, workdir / "digits.mkv"), models)
     fleet.start_server()
     return fleet
+
+
+def close_local_fleet(fleet: Fleet) -> None:
+    """End what ``local_fleet`` started: the agent, the chunk servers, the broker."""
+    fleet.close()
+    fleet.broker.stop()
 
 
 class Collector:

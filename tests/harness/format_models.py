@@ -407,6 +407,34 @@ def _build_yolov5(out_dir: Path, opset: int) -> FormatCase:
     return FormatCase("yolov5", path, size, _truth(plants), _DET_LABELS, meta)
 
 
+def _yolov8_case(
+    name: str,
+    out: np.ndarray,
+    plants: Sequence[_Plant],
+    out_dir: Path,
+    opset: int,
+    *,
+    nms: bool = False,
+) -> FormatCase:
+    """A YOLOv8n detect export at ``GRID_INPUT_SIZE`` whose "output0" is ``out``, with the
+    exporter's metadata (``nms``: ``args['nms'] = True``); truth from ``plants``."""
+    size = GRID_INPUT_SIZE
+    g = _Graph(opset)
+    g.add_input("images", [1, 3, size[1], size[0]])
+    g.emit("output0", out)
+    meta = _ultralytics_metadata(
+        task="detect",
+        stem="YOLOv8n",
+        data="coco.yaml",
+        imgsz_hw=(size[1], size[0]),
+        names=_DET_LABELS,
+        stride=32,
+        nms=nms,
+    )
+    path = _save(g.build("main_graph", meta, _TORCH), out_dir, name)
+    return FormatCase(name, path, size, _truth(plants), _DET_LABELS, meta)
+
+
 def _build_yolov8(out_dir: Path, opset: int) -> FormatCase:
     """Ultralytics ``nn/modules/head.py`` Detect._inference (export=True): "output0"
     [1, 4+nc, A], rows cx, cy, w, h (input pixels, ``dist2bbox(xywh=True) * strides``) then the
@@ -434,19 +462,7 @@ def _build_yolov8(out_dir: Path, opset: int) -> FormatCase:
         out[0, :4, i] = (*_centre(p.box), *_size(p.box))
         out[0, 4:, i] = 0.001
         out[0, 4 + p.box.class_id, i] = p.box.score
-    g = _Graph(opset)
-    g.add_input("images", [1, 3, size[1], size[0]])
-    g.emit("output0", out)
-    meta = _ultralytics_metadata(
-        task="detect",
-        stem="YOLOv8n",
-        data="coco.yaml",
-        imgsz_hw=(size[1], size[0]),
-        names=_DET_LABELS,
-        stride=32,
-    )
-    path = _save(g.build("main_graph", meta, _TORCH), out_dir, "yolov8")
-    return FormatCase("yolov8", path, size, _truth(plants), _DET_LABELS, meta)
+    return _yolov8_case("yolov8", out, plants, out_dir, opset)
 
 
 def _build_yolox(out_dir: Path, opset: int) -> FormatCase:
@@ -492,25 +508,11 @@ def _build_nms_ultralytics(out_dir: Path, opset: int) -> FormatCase:
     an export with a low ``conf`` keeps; the decoder must drop it with its own threshold.
     Reference: ``utils/nms.py`` non_max_suppression end2end branch
     (``pred[pred[:, 4] > conf_thres]``)."""
-    size = GRID_INPUT_SIZE
     plants = _plants()
     out = np.zeros((1, 300, 6), np.float32)
     for i, p in enumerate(_nms_rows(plants)):
         out[0, i] = (*p.box.xyxy, p.box.score, p.box.class_id)
-    g = _Graph(opset)
-    g.add_input("images", [1, 3, size[1], size[0]])
-    g.emit("output0", out)
-    meta = _ultralytics_metadata(
-        task="detect",
-        stem="YOLOv8n",
-        data="coco.yaml",
-        imgsz_hw=(size[1], size[0]),
-        names=_DET_LABELS,
-        stride=32,
-        nms=True,
-    )
-    path = _save(g.build("main_graph", meta, _TORCH), out_dir, "nms_ultralytics")
-    return FormatCase("nms_ultralytics", path, size, _truth(plants), _DET_LABELS, meta)
+    return _yolov8_case("nms_ultralytics", out, plants, out_dir, opset, nms=True)
 
 
 def _build_nms_efficient(out_dir: Path, opset: int) -> FormatCase:

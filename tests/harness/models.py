@@ -33,9 +33,12 @@ def build_test_models() -> dict[str, Path]:
                 if out.exists():
                     shutil.rmtree(out)
                 built = make_test_models.build_all(out)
-                done.write_text("\n".join(f"{k}={v}" for k, v in built.items()))
+                done.write_text("\n".join(f"{k}={Path(v).name}" for k, v in built.items()))
+    # entries name folders inside ``out`` (older caches wrote absolute paths: their last part
+    # is the same folder), so a checkout that moved, or a cache shared by worktrees, still works
     return {
-        line.split("=", 1)[0]: Path(line.split("=", 1)[1]) for line in done.read_text().splitlines()
+        line.split("=", 1)[0]: out / Path(line.split("=", 1)[1]).name
+        for line in done.read_text().splitlines()
     }
 
 

@@ -30,7 +30,7 @@ from agent.protocol.topics import Topics
 from cloud_sync.ingest.db import make_engine
 from cloud_sync.ingest.schema import DEVICE_TELEMETRY
 from cloud_sync.ingest.store import Store
-from tests.harness.util import ROOT, free_port, wait_for
+from tests.harness.util import ROOT, free_port, terminate, wait_for
 
 TOPICS = Topics()
 TEL = cast(Telemetry, EXAMPLES["telemetry"])
@@ -290,10 +290,5 @@ def outage_run(
         if pub._thread.is_alive():
             pub.stop()
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 30)
         outage.end()

@@ -55,10 +55,6 @@ class PartitionProxy:
     def heal(self) -> None:
         self._open.set()
 
-    @property
-    def partitioned(self) -> bool:
-        return not self._open.is_set()
-
     def close(self) -> None:
         self._closed.set()
         self._open.set()  # release pumps waiting for a heal
@@ -164,8 +160,7 @@ def partition_during_deploy(fleet: Fleet, cut_s: float, log: Any = None) -> dict
         fleet.publish("digits", "1.1.0")
         agent = start_partitioned_agent(fleet, proxy)
         assert agent.outbox is not None and agent.telemetry is not None
-        fleet.deploy("digits@1.0.0")
-        fleet.wait_phase("committed", version="1.0.0")
+        fleet.commit("digits@1.0.0")
         assert wait_for(lambda: len(dash.messages) >= 3, 20), "no telemetry before the cut"
         frames0 = fleet.pipe.status(time.monotonic())["frames_inferred"]
         proxy.cut()
@@ -227,8 +222,7 @@ def partition_mid_download(
         big = big_model(fleet.models["digits"], tmp / "big", megabytes)
         publish(fleet.repo, big, name="digits", version="2.0.0")
         agent = start_partitioned_agent(fleet, proxy, retry_s=1.0)
-        fleet.deploy("digits@1.0.0")
-        fleet.wait_phase("committed", version="1.0.0")
+        fleet.commit("digits@1.0.0")
         sent0 = fleet.server.stats().bytes_sent
         fleet.deploy("digits@2.0.0")
         half = (megabytes << 20) // 3

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_sync.ingest.store import Store, open_store
-from tests.harness.util import free_port
+from tests.harness.util import free_port, reap
 
 PG_BIN = Path(os.environ.get("EDGEFLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -103,11 +103,7 @@ class Postgres:
                 os.kill(pid, signal.SIGINT)
             except (OSError, ValueError):
                 self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc, 15)
             if self.proc.stderr:
                 self.proc.stderr.close()
             self.proc = None

@@ -4,7 +4,8 @@ renders, a fleet CA, and paho clients connected with the CA's identities.
 ``TlsFleet`` takes the config text from its ``render_conf``/``render_acl`` arguments, so a test
 can run the same attack against another config (the pre-fix one, say) on the same harness.
 ``SecureFleet`` (the enrollment tests) issues two devices, the ingest service and an operator
-up front; ``AgedFleet`` is one made ``days`` ago (the enrollment tests and ``year_sim``).
+up front; ``AgedFleet`` is one made ``days`` ago (the enrollment tests and ``year_sim``). All
+three are a ``TlsBroker``: the CA, the broker certificate and the broker.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,27 @@ def write_tls_config(
       + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
 
 
-class TlsFleet:
+class TlsBroker:
+    """A CA with a broker certificate for 127.0.0.1, made at ``now`` (default: now), and a
+    TLS-only Mosquitto in ``tmp/broker`` (not started); ``close`` ends its clients and it."""
+
+    def __init__(self, tmp: Path, now: datetime | None = None) -> None:
+        self.tmp = tmp
+        self.ca = FleetCA.init(tmp / "ca", now=now)
+        self.ca.issue_server(("127.0.0.1", "localhost"), now=now)
+        self.creds: dict[str, Credentials] = {}
+        (tmp / "broker").mkdir()
+        self.broker = Mosquitto(tmp / "broker")
+        self.clients: list[mqtt.Client] = []
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.loop_stop()
+            c.disconnect()
+        self.broker.stop()
+
+
+class TlsFleet(TlsBroker):
     """A CA with a broker certificate for 127.0.0.1 and a TLS-only Mosquitto (not started)."""
 
     def __init__(
@@ -58,14 +80,8 @@ class TlsFleet:
         conf: Callable[..., str] = render_mosquitto_conf,
         acl: Callable[[str, list[tuple[str, str]]], str] = render_acl,
     ) -> None:
-        self.tmp = tmp
-        self.ca = FleetCA.init(tmp / "ca")
-        self.ca.issue_server(("127.0.0.1", "localhost"))
-        self.creds: dict[str, Credentials] = {}
-        (tmp / "broker").mkdir()
-        self.broker = Mosquitto(tmp / "broker")
+        super().__init__(tmp)
         self._conf, self._acl = conf, acl
-        self.clients: list[mqtt.Client] = []
 
     def issue(self, role: Role, name: str) -> str:
         """Issue an identity; returns its CN (the key for ``connect``)."""
@@ -80,6 +96,17 @@ class TlsFleet:
                     if r.role != "device" and r.revoked_at is None]  # fmt: skip
         write_tls_config(self.broker, self.ca, services, conf=self._conf, acl=self._acl)
         self.broker.start()
+
+    @property
+    def url(self) -> str:
+        """The broker's URL as a service is given it."""
+        return f"mqtts://127.0.0.1:{self.broker.port}"
+
+    def tls_env(self, cn: str) -> dict[str, str]:
+        """The environment a service started as ``cn`` reads its TLS identity from."""
+        c = self.creds[cn]
+        return {"EDGEFLEET_TLS_CA": str(c.ca), "EDGEFLEET_TLS_CERT": str(c.cert),
+                "EDGEFLEET_TLS_KEY": str(c.key)}  # fmt: skip
 
     def client(self, who: str, cid: str) -> mqtt.Client:
         """A paho client (MQTT 3.1.1, like the project's) with ``who``'s certificate."""
@@ -97,12 +124,6 @@ class TlsFleet:
         if not conn.up.wait(5):
             raise ConnectionError(f"{who} ({cid}) was not accepted")
         return conn
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.loop_stop()
-            c.disconnect()
-        self.broker.stop()
 
 
 class Conn:
@@ -154,24 +175,19 @@ class Conn:
         return [p for _, p in self.got]
 
 
-class SecureFleet:
+class SecureFleet(TlsBroker):
     """A CA, a TLS-only Mosquitto with the rendered ACL (not started), and identities for two
     devices, the ingest service and an operator."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.ca = FleetCA.init(tmp / "ca")
-        self.ca.issue_server(("127.0.0.1", "localhost"))
-        self.creds: dict[str, Credentials] = {
+        super().__init__(tmp)
+        self.creds = {
             "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a"),
             "dev-b": self.ca.issue("device", "dev-b", tmp / "id" / "dev-b"),
             "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest"),
             "op:alice": self.ca.issue("operator", "alice", tmp / "id" / "alice"),
         }
-        (tmp / "broker").mkdir()
-        self.broker = Mosquitto(tmp / "broker")
         self.write_config()
-        self.clients: list[mqtt.Client] = []
 
     def write_config(self) -> None:
         services = [(r.name, r.role) for r in self.ca.issued() if r.role != "device"]
@@ -193,28 +209,15 @@ class SecureFleet:
             raise ConnectionError(f"{who} was not accepted")
         return c
 
-    def close(self) -> None:
-        for c in self.clients:
-            c.loop_stop()
-            c.disconnect()
-        self.broker.stop()
-
 
 class AgedFleet(SecureFleet):
     """A SecureFleet whose CA, broker certificate and identities were made ``days`` ago."""
 
     def __init__(self, tmp: Path, days: int) -> None:
-        from datetime import datetime, timedelta, timezone
-
-        self.tmp = tmp
         self.start = datetime.now(timezone.utc) - timedelta(days=days)
-        self.ca = FleetCA.init(tmp / "ca", now=self.start)
-        self.ca.issue_server(("127.0.0.1", "localhost"), now=self.start)
+        TlsBroker.__init__(self, tmp, now=self.start)
         self.creds = {
             "dev-a": self.ca.issue("device", "dev-a", tmp / "id" / "dev-a", now=self.start),
             "svc:ingest": self.ca.issue("ingest", "ingest", tmp / "id" / "ingest", now=self.start),
         }
-        (tmp / "broker").mkdir()
-        self.broker = Mosquitto(tmp / "broker")
         self.write_config()
-        self.clients = []

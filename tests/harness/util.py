@@ -8,11 +8,22 @@ import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def script_workdir(given: Path | None, prefix: str) -> Path:
+    """A fault suite's work folder: ``given`` (``--workdir``, made if missing) or a new temp
+    folder named ``prefix…``."""
+    workdir = given or Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
 
 
 def wait_for(cond: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -60,6 +71,11 @@ def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
     if proc is None:
         return
     proc.terminate()
+    reap(proc, timeout)
+
+
+def reap(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait ``timeout`` for the process to end (asked to already), then SIGKILL it; reaps it."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -129,3 +145,13 @@ class UdpStream:
     def stop(self) -> None:
         terminate(self.proc)
         self.proc = None
+
+
+def promtool(text: bytes) -> str:
+    """``promtool check metrics`` on exposition text: its complaints ('' when clean)."""
+    exe = shutil.which("promtool")
+    if exe is None:  # fail, never skip: CI must run this
+        pytest.fail("promtool not installed; scripts/test installs it (apt-get install prometheus)")
+    r = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    out = (r.stdout + r.stderr).decode()
+    return out if r.returncode != 0 or out.strip() else ""

@@ -31,14 +31,7 @@ from agent.protocol.topics import REGISTRY_SHARE_GROUP
 from agent.update.transfer.client import ChunkClient
 from cloud_sync.pki import service_share_group
 from cloud_sync.registry.serve import ChunkServer
-from tests.cloud_sync.test_broker_security import (
-    StoringWorker,
-    T,
-    _attacker,
-    _env,
-    _telemetry,
-    _url,
-)
+from tests.harness.shared_groups import StoringWorker, T, join_every_group, telemetry_message
 from tests.harness.tls import ROOT, TlsFleet
 from tests.harness.util import wait_for
 
@@ -75,8 +68,8 @@ class Honest:
 
     def send_telemetry(self, first: int) -> None:
         for i in range(first, first + N):
-            info = self.client.publish(T.device(self.who, "telemetry"), _telemetry(self.who, i),
-                                       qos=1)  # fmt: skip
+            msg = telemetry_message(self.who, i)
+            info = self.client.publish(T.device(self.who, "telemetry"), msg, qos=1)
             info.wait_for_publish(10)
             time.sleep(0.01)
 
@@ -123,7 +116,7 @@ class Attack:
                         threading.Thread(target=self._junk, daemon=True)]  # fmt: skip
 
     def __enter__(self) -> Attack:
-        self.joined = _attacker(self.fleet)  # every shared group it can name or guess
+        self.joined = join_every_group(self.fleet)  # every shared group it can name or guess
         # the services' client ids: the broker makes them "dev-a" (and so drops the
         # attacker's own earlier connection, nothing else)
         self.thieves = []
@@ -192,9 +185,9 @@ def test_one_device_doing_its_worst_costs_the_others_nothing(
     (repo / "metadata").mkdir()
     (repo / "targets" / "blob.bin").write_bytes(BLOB)
     ingest = StoringWorker(fleet, "svc:ingest-1", monkeypatch, tmp_path)
-    for k, v in _env(fleet, "svc:registry-1").items():
+    for k, v in fleet.tls_env("svc:registry-1").items():
         monkeypatch.setenv(k, v)
-    server = ChunkServer(repo, _url(fleet), root=ROOT, client_id="edgefleet-registry-1",
+    server = ChunkServer(repo, fleet.url, root=ROOT, client_id="edgefleet-registry-1",
                          share_group=service_share_group(REGISTRY_SHARE_GROUP))  # fmt: skip
     server.start()
     devices: list[Honest] = []

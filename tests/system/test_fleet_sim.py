@@ -19,8 +19,9 @@ from agent.config import UpdateConfig
 from agent.protocol.state import PipelineTarget, ReportedState
 from agent.protocol.topics import Topics
 from cloud_sync.registry.serve import ChunkServer
-from tests.harness.broker import Mosquitto
+from tests.harness.broker import Mosquitto, subscriber
 from tests.harness.sim import SimFleet, SimPipeline, SimProfile
+from tests.harness.sim.registry import build_sim_model, make_sim_registry
 from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -34,10 +35,10 @@ def fleet_sim() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, fleet_sim: ModuleType) -> Path:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with sim@1.0.0 and sim@1.1.0 (~256 KB ONNX models), built once."""
     tmp = tmp_path_factory.mktemp("fleet-registry")
-    fleet_sim.make_registry(tmp / "registry", tmp / "src", ["1.0.0", "1.1.0"], 256 << 10)
+    make_sim_registry(tmp / "registry", tmp / "src", ["1.0.0", "1.1.0"], 256 << 10)
     return tmp / "registry"
 
 
@@ -47,11 +48,7 @@ class Reported:
     def __init__(self, broker: Mosquitto) -> None:
         self.latest: dict[str, ReportedState] = {}
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(Topics().all_devices("reported"), qos=1)
-        self.client.loop_start()
+        self.client = subscriber(broker, Topics().all_devices("reported"), self._on_message)
 
     def _on_message(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.payload:
@@ -192,7 +189,7 @@ def test_sim_model_check_runs_once_per_content(
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: (calls.append(1),
                         real(m, *a, **k)))  # fmt: skip
     monkeypatch.setattr(engine, "_SIGNATURES", {})
-    path = fleet_sim.build_model(tmp_path / "m.onnx", 4096, seed=7)
+    path = build_sim_model(tmp_path / "m.onnx", 4096, seed=7)
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     first = engine._checked_signature(data, sha, path)

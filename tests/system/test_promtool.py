@@ -3,8 +3,6 @@ scripts/test installs it, and the test fails rather than skips when it is missin
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -20,17 +18,7 @@ from agent.pipeline.sources import parse_source
 from agent.protocol.schema import EXAMPLES
 from agent.telemetry.prometheus import serve_device_metrics
 from agent.telemetry.reporter import TelemetrySnapshot
-from tests.harness.util import free_port, wait_for
-
-
-def promtool(text: bytes) -> str:
-    """``promtool check metrics`` on exposition text: its complaints ('' when clean)."""
-    exe = shutil.which("promtool")
-    if exe is None:  # fail, never skip: CI must run this
-        pytest.fail("promtool not installed; scripts/test installs it (apt-get install prometheus)")
-    r = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, timeout=60)
-    out = (r.stdout + r.stderr).decode()
-    return out if r.returncode != 0 or out.strip() else ""
+from tests.harness.util import free_port, promtool, wait_for
 
 
 def test_promtool_catches_a_gauge_with_quantiles() -> None:

@@ -670,7 +670,10 @@ def test_schemathesis_finds_no_server_error(agent: Agent) -> None:
     from schemathesis.generation import GenerationMode
 
     schemathesis.serializer.alias("application/x-npy", "application/octet-stream")
-    schema = schemathesis.openapi.from_url(f"{agent.api.url}/openapi.json")
+    # the live result stream never ends on its own (tests/agent/api/test_api_streams.py)
+    schema = schemathesis.openapi.from_url(f"{agent.api.url}/openapi.json").exclude(
+        path="/v1/pipelines/{name}/results"
+    )
     strategy = st.one_of(
         schema.as_strategy(),
         schema.as_strategy(path_parameters={"name": "digits"}),

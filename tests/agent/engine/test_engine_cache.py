@@ -244,16 +244,20 @@ def ort_key(model: Path, **opts: object) -> EngineKey:
 def test_onnxruntime_build_caches_an_optimised_model(cache: EngineCache, model: Path) -> None:
     k = ort_key(model)
     seen: list[tuple[str, float]] = []
-    path = get_or_build(
-        cache,
-        k,
-        model,
-        backend="onnxruntime",
-        precision="fp32",
-        timeout_s=60,
-        progress=lambda p, f: seen.append((p, f)),
-        providers=CPU,
-    )
+
+    def build() -> Path:
+        return get_or_build(
+            cache,
+            k,
+            model,
+            backend="onnxruntime",
+            precision="fp32",
+            timeout_s=60,
+            progress=lambda p, f: seen.append((p, f)),
+            providers=CPU,
+        )
+
+    path = build()
     assert path == cache.root / k.digest() / ENGINE_FILE
     assert ("optimize", 1.0) in seen and all(0.0 <= f <= 1.0 for _, f in seen)
     onnx.checker.check_model(onnx.load(path), full_check=False)  # a real ONNX graph
@@ -266,16 +270,7 @@ def test_onnxruntime_build_caches_an_optimised_model(cache: EngineCache, model: 
             cached.run({"x": x})[0], plain.run({"x": x})[0], rtol=1e-5, atol=1e-6
         )
     seen.clear()
-    again = get_or_build(
-        cache,
-        k,
-        model,
-        backend="onnxruntime",
-        precision="fp32",
-        timeout_s=60,
-        progress=lambda p, f: seen.append((p, f)),
-        providers=CPU,
-    )
+    again = build()
     assert again == path and seen == []  # a hit: no child process
 
 

@@ -381,8 +381,7 @@ def test_a_delivered_model_updates_on_tensorrt_with_precision_choice_and_hot_swa
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
         fleet.agent = Agent(cfg)
         fleet.agent.start()
-        fleet.deploy("digits@1.0.0")
-        rep = fleet.wait_phase("committed", version="1.0.0", timeout=120)
+        rep = fleet.commit("digits@1.0.0", timeout=120)
         assert rep.last_error is None
         model = fleet.pipe.model
         assert model.backend.info.name == "tensorrt"
@@ -390,8 +389,7 @@ def test_a_delivered_model_updates_on_tensorrt_with_precision_choice_and_hot_swa
         assert wait_for(lambda: fleet.pipe.metrics.counters["frames_inferred"] > 10, 30)
 
         fleet.publish("digits", "1.1.0")
-        fleet.deploy("digits@1.1.0")
-        rep = fleet.wait_phase("committed", version="1.1.0", timeout=120)
+        rep = fleet.commit("digits@1.1.0", timeout=120)
         assert fleet.running() == "digits@1.1.0" and rep.last_error is None
         before = fleet.pipe.metrics.counters["frames_inferred"]
         assert wait_for(lambda: fleet.pipe.metrics.counters["frames_inferred"] > before + 5, 30)

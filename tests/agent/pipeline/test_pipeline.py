@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from agent.common.errors import SourceError
-from agent.engine.onnxrt import OnnxRuntimeBackend
-from agent.pipeline.model import RunnableModel, card_for_local_model
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.sinks import CallbackSink, JsonlSink
 from agent.pipeline.sources import open_capture, parse_source
+from tests.harness.pipeline import Collect, local_model, udp_pipeline
 from tests.harness.util import UdpStream, wait_for
 
 pytestmark = pytest.mark.video
-
-
-def _model(path: Path) -> RunnableModel:
-    backend = OnnxRuntimeBackend(path)
-    return RunnableModel(card_for_local_model(path, backend), backend)
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.times: list[float] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, e: dict[str, Any]) -> None:
-        with self.lock:
-            self.events.append(e)
-            self.times.append(time.monotonic())
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +52,11 @@ def test_classification_accuracy_through_pipeline_equals_direct(
 
     sink = Collect()
     pipe = Pipeline(
-        "digits", parse_source(str(video)), _model(model_path), [CallbackSink(sink)], pace="none"
+        "digits",
+        parse_source(str(video)),
+        local_model(model_path),
+        [CallbackSink(sink)],
+        pace="none",
     )
     pipe.start()
     assert pipe.wait(120), "pipeline did not finish the file"
@@ -96,7 +80,7 @@ def test_detection_pipeline_finds_the_moving_square(
     pipe = Pipeline(
         "blob",
         parse_source(str(video)),
-        _model(test_models["blobdet"] / "model.onnx"),
+        local_model(test_models["blobdet"] / "model.onnx"),
         [CallbackSink(sink), JsonlSink(jsonl)],
         pace="none",
     )
@@ -122,8 +106,8 @@ def test_hot_swap_between_frames_loses_no_frame(
     test_models: dict[str, Path], digit_video: tuple[Path, list[int]]
 ) -> None:
     video, truth = digit_video
-    a = _model(test_models["digits"] / "model.onnx")
-    b = _model(test_models["digits"] / "model.onnx")
+    a = local_model(test_models["digits"] / "model.onnx")
+    b = local_model(test_models["digits"] / "model.onnx")
     b.card = b.card.model_copy(update={"version": "2.0.0"})
     sink = Collect()
     pipe = Pipeline("swap", parse_source(str(video)), a, [CallbackSink(sink)], pace="none")
@@ -152,7 +136,7 @@ def test_overloaded_live_source_drops_frames_instead_of_queueing(
     pipe = Pipeline(
         "over",
         parse_source(str(video)),
-        _model(test_models["blobdet"] / "model.onnx"),
+        local_model(test_models["blobdet"] / "model.onnx"),
         [CallbackSink(sink)],
         pace="realtime",
     )
@@ -171,15 +155,7 @@ def test_udp_stream_reconnects_after_the_sender_restarts(
 ) -> None:
     udp_stream.start()
     sink = Collect()
-    pipe = Pipeline(
-        "udp",
-        parse_source(udp_stream.url),
-        _model(test_models["blobdet"] / "model.onnx"),
-        [CallbackSink(sink)],
-        open_timeout_s=2.0,
-    )
-    pipe.reader.backoff.base_s = 0.2
-    pipe.reader.backoff.cap_s = 1.0
+    pipe = udp_pipeline(udp_stream.url, test_models["blobdet"] / "model.onnx", sink, 2.0)
     pipe.start()
     try:
         assert wait_for(lambda: len(sink.events) >= 10, 30), pipe.reader.last_error

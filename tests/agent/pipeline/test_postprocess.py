@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +22,7 @@ from agent.pipeline.postprocess import (
 )
 from agent.pipeline.preprocess import FrameTransform, Preprocessor
 from agent.protocol.card import InputSpec, PostprocessSpec
+from tests.harness.text_image import LINES, text_lines_image
 
 SQUARE = InputSpec(width=640, height=640)
 IDENTITY = FrameTransform(src_w=640, src_h=640, scale_x=1.0, scale_y=1.0, pad_x=0.0, pad_y=0.0)
@@ -363,23 +363,11 @@ def ppocr_det_model() -> Path:
     return path
 
 
-LINES = [  # text, origin (bottom-left), font scale, thickness
-    ("EDGEFLEET AGENT", (40, 80), 1.5, 3),
-    ("model det@1.4.0 ok", (40, 170), 1.2, 2),
-    ("Jetson Orin Nano", (60, 260), 1.0, 2),
-]
-
-
 @pytest.mark.parametrize(("width", "height"), [(640, 640), (960, 480)])
 def test_ppocr_v4_text_detector_finds_the_lines(width: int, height: int) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = ppocr_det_model()
-    img = np.full((height, width, 3), 255, np.uint8)
-    truth = []
-    for text, org, scale, thick in LINES:
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
-        truth.append((org[0], org[1] - th, org[0] + tw, org[1] + base))
+    img, truth = text_lines_image(height, width)
     # rapidocr-onnxruntime 1.4.4 config.yaml, section Det: mean [0.5, 0.5, 0.5], std
     # [0.5, 0.5, 0.5]; ch_ppocr_det/utils.py DetPreProcess: img * (1/255), then (x - mean) / std,
     # HWC -> CHW; utils/load_image.py hands the detector BGR (OpenCV order, no swap). So: BGR,

@@ -16,7 +16,7 @@ from agent.config import parse_config
 from agent.service import Agent
 from agent.telemetry.prometheus import TelemetryCollector
 from agent.telemetry.reporter import TelemetrySnapshot
-from tests.agent.telemetry.test_device_stats import _orin_tree
+from tests.harness.jetson_sysfs import orin_tree
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.video
@@ -119,7 +119,7 @@ def test_port_in_use_is_a_clear_error_and_nothing_keeps_running(
 def test_jetson_gpu_power_and_temperatures_become_metrics(tmp_path: Path) -> None:
     # A fake AGX Orin sysfs tree (no Jetson here; layout from
     # tests/agent/telemetry/test_device_stats.py).
-    _orin_tree(tmp_path)
+    orin_tree(tmp_path)
     snap = TelemetrySnapshot("orin-1", [], None, interval_s=1.0, data_dir=tmp_path,
                              sysroot=tmp_path, clock=lambda: 10.0)  # fmt: skip
     fams = {f.name: f for f in TelemetryCollector(snap).collect()}

@@ -26,6 +26,15 @@ from agent.telemetry.device import (
     read_device_stats,
 )
 from agent.telemetry.tegrastats import CpuCore, TegraSample, parse_tegrastats
+from tests.harness.jetson_sysfs import (
+    MEMINFO,
+    PROC_STAT,
+    fake_proc,
+    nano_tree,
+    orin_tree,
+    write_file,
+    xavier_nx_tree,
+)
 
 STATS_KEYS = {
     "cpu_percent",
@@ -287,9 +296,7 @@ def test_real_line_with_junk_appended_still_parses(line: str, junk: str) -> None
 
 # ------------------------------------------------------------------- device.py pure helpers
 
-PROC_STAT = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1\n"
 PROC_STAT_LATER = "cpu  160 0 70 900 70 0 0 0 0 0\ncpu0 80 0 35 450 35 0 0 0 0 0\n"
-MEMINFO = "MemTotal:        4051236 kB\nMemFree:          100000 kB\nMemAvailable:    2025618 kB\n"
 
 
 def test_proc_stat_and_cpu_percent() -> None:
@@ -321,103 +328,29 @@ def test_meminfo_loadavg_thermal_gpu_power_helpers() -> None:
 
 
 # ------------------------------------------------------------------- fake sysfs trees
-# A fake /proc and /sys tree is used here only because a Jetson's sysfs cannot exist on this
-# x86 build machine; the layouts copy the real paths cited in agent/telemetry/device.py, and the
-# real /proc of this machine is exercised by test_real_proc_smoke below.
-
-
-def _write(root: Path, rel: str, text: str) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def _proc(root: Path) -> None:
-    _write(root, "proc/stat", PROC_STAT)
-    _write(root, "proc/loadavg", "1.50 1.00 0.50 2/300 1234\n")
-    _write(root, "proc/meminfo", MEMINFO)
-
-
-def _zones(root: Path, zones: list[tuple[str, str]]) -> None:
-    for i, (name, temp) in enumerate(zones):
-        _write(root, f"sys/class/thermal/thermal_zone{i}/type", name + "\n")
-        _write(root, f"sys/class/thermal/thermal_zone{i}/temp", temp + "\n")
-
-
-def _nano_tree(root: Path) -> None:
-    # JetPack 4 / L4T 32: gpu.0/load and the IIO ina3221x driver at 6-0040.
-    _proc(root)
-    _zones(root, [("AO-therm", "40500"), ("CPU-therm", "37000"), ("GPU-therm", "36500")])
-    _write(root, "sys/devices/gpu.0/load", "420\n")
-    iio = "sys/bus/i2c/drivers/ina3221x/6-0040/iio:device0"
-    for n, (name, mw) in enumerate([("POM_5V_IN", 2552), ("POM_5V_GPU", 0), ("POM_5V_CPU", 320)]):
-        _write(root, f"{iio}/rail_name_{n}", name + "\n")
-        _write(root, f"{iio}/in_power{n}_input", f"{mw}\n")
-
-
-def _hwmon(root: Path, base: str, channels: list[tuple[int, str, int | None, int]]) -> None:
-    for ch, label, ma, mv in channels:
-        _write(root, f"{base}/in{ch}_label", label + "\n")
-        _write(root, f"{base}/in{ch}_input", f"{mv}\n")
-        if ma is not None:
-            _write(root, f"{base}/curr{ch}_input", f"{ma}\n")
-
-
-def _xavier_nx_tree(root: Path) -> None:
-    # JetPack 5: platform/gpu.0/load and hwmon ina3221 at 7-0040 (alumet README example),
-    # channel 7 "sum of shunt voltages" has no current file.
-    _proc(root)
-    _zones(root, [("CPU-therm", "46500"), ("GPU-therm", "45500")])
-    _write(root, "sys/devices/platform/gpu.0/load", "0\n")
-    _hwmon(
-        root,
-        "sys/bus/i2c/drivers/ina3221/7-0040/hwmon/hwmon6",
-        [
-            (1, "VDD_IN", 544, 5080),
-            (2, "VDD_CPU_GPU_CV", 128, 5080),
-            (3, "VDD_SOC", 128, 5080),
-            (7, "sum of shunt voltages", None, 40),
-        ],
-    )
-
-
-def _orin_tree(root: Path) -> None:
-    # JetPack 6 AGX Orin: bus@0/17000000.gpu/load, hwmon found via /sys/class/hwmon by name,
-    # an "NC" channel, a GPU zone that is off (-256 C) and a zone whose temp cannot be read.
-    _proc(root)
-    _zones(root, [("cpu-thermal", "52562"), ("gpu-thermal", "-256000"), ("tj-thermal", "52562")])
-    (root / "sys/class/thermal/thermal_zone3").mkdir(parents=True)
-    _write(root, "sys/class/thermal/thermal_zone3/type", "cv0-thermal\n")  # no temp file
-    _write(root, "sys/devices/platform/bus@0/17000000.gpu/load", "999\n")
-    _write(root, "sys/class/hwmon/hwmon0/name", "some_other_chip\n")
-    _hwmon(root, "sys/class/hwmon/hwmon0", [(1, "NOT_INA", 1, 1)])
-    _write(root, "sys/class/hwmon/hwmon1/name", "ina3221\n")
-    _hwmon(
-        root,
-        "sys/class/hwmon/hwmon1",
-        [(1, "VDD_GPU_SOC", 180, 19864), (2, "VDD_CPU_CV", 20, 19864), (3, "NC", 0, 0)],
-    )
+# Fake /proc and /sys trees (tests.harness.jetson_sysfs) only because a Jetson's sysfs cannot
+# exist on this x86 build machine; test_real_proc_smoke below reads this machine's real /proc.
 
 
 @pytest.mark.parametrize(
     "build,temps,gpu,power",
     [
         pytest.param(
-            _nano_tree,
+            nano_tree,
             {"AO-therm": 40.5, "CPU-therm": 37.0, "GPU-therm": 36.5},
             42.0,
             {"POM_5V_IN": 2552, "POM_5V_GPU": 0, "POM_5V_CPU": 320},
             id="nano",
         ),
         pytest.param(
-            _xavier_nx_tree,
+            xavier_nx_tree,
             {"CPU-therm": 46.5, "GPU-therm": 45.5},
             0.0,
             {"VDD_IN": 2764, "VDD_CPU_GPU_CV": 650, "VDD_SOC": 650},
             id="xavier-nx",
         ),
         pytest.param(
-            _orin_tree,
+            orin_tree,
             {"cpu-thermal": 52.562, "tj-thermal": 52.562},
             99.9,
             {"VDD_GPU_SOC": 3576, "VDD_CPU_CV": 397},
@@ -445,7 +378,7 @@ def test_fake_jetson_sysfs(
     assert 0.0 <= stats["disk_used_pct"] <= 100.0
     assert times == CpuTimes(total=1000, idle=850, at=10.0)
 
-    _write(tmp_path, "proc/stat", PROC_STAT_LATER)
+    write_file(tmp_path, "proc/stat", PROC_STAT_LATER)
     stats2, _ = read_device_stats(tmp_path, prev_cpu=times, now=11.0, data_dir=tmp_path)
     assert stats2["cpu_percent"] == pytest.approx(40.0)
 
@@ -458,10 +391,10 @@ def test_empty_root_gives_nones_not_exceptions(tmp_path: Path) -> None:
 
 
 def test_garbage_files_give_nones(tmp_path: Path) -> None:
-    _write(tmp_path, "proc/stat", "nonsense\n")
-    _write(tmp_path, "proc/loadavg", "\n")
-    _write(tmp_path, "proc/meminfo", "MemTotal: lots\n")
-    _write(tmp_path, "sys/devices/gpu.0/load", "n/a\n")
+    write_file(tmp_path, "proc/stat", "nonsense\n")
+    write_file(tmp_path, "proc/loadavg", "\n")
+    write_file(tmp_path, "proc/meminfo", "MemTotal: lots\n")
+    write_file(tmp_path, "sys/devices/gpu.0/load", "n/a\n")
     stats, _ = read_device_stats(tmp_path, prev_cpu=None, now=0.0)
     assert stats["cpu_percent"] is None
     assert stats["load1"] is None
@@ -470,7 +403,7 @@ def test_garbage_files_give_nones(tmp_path: Path) -> None:
 
 
 def test_tegrastats_sample_fills_emc_and_fallbacks(tmp_path: Path) -> None:
-    _proc(tmp_path)
+    fake_proc(tmp_path)
     sample = parse_tegrastats(AGX_ORIN_JP6)
     stats, _ = read_device_stats(tmp_path, prev_cpu=None, now=0.0, tegra=sample)
     assert stats["emc_load_pct"] == 3.0

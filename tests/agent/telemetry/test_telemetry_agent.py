@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import parse_config
 from agent.protocol.topics import Topics
 from agent.service import Agent
 from tests.harness.broker import Mosquitto
-from tests.harness.fleet import Collector
+from tests.harness.fleet import Collector, looping_agent_config
 from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
@@ -26,23 +25,8 @@ def test_telemetry_flows_and_survives_a_broker_outage(
     broker.start()
     topic = Topics().device("tele-01", "telemetry")
     dash = Collector(broker, topic)
-    cfg = parse_config(
-        {
-            "device_id": "tele-01",
-            "data_dir": str(tmp_path / "data"),
-            "profile": "x86-cpu",
-            "pipelines": [
-                {
-                    "name": "front",
-                    "source": str(synthetic_video),
-                    "model": str(test_models["blobdet"] / "model.onnx"),
-                    "loop": True,
-                }
-            ],
-            "broker": {"url": broker.url},
-            "telemetry": {"interval_s": 0.2},
-        }
-    )
+    model = test_models["blobdet"] / "model.onnx"
+    cfg = looping_agent_config("tele-01", tmp_path / "data", synthetic_video, model, broker.url)
     agent = Agent(cfg)
     agent.start()
     try:

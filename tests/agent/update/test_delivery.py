@@ -34,16 +34,14 @@ def test_publish_deploy_commit_then_hot_swap_to_a_new_version(fleet: Fleet) -> N
     fleet.publish("digits", "1.0.0")
     agent = fleet.start_agent()
     assert fleet.running() is None and fleet.last().phase.value == "waiting"
-    fleet.deploy("digits@1.0.0")
-    rep = fleet.wait_phase("committed", version="1.0.0")
+    rep = fleet.commit("digits@1.0.0")
     assert fleet.running() == "digits@1.0.0"
     assert rep.active_version == "1.0.0" and rep.last_error is None
     # events flow from the delivered model
     assert wait_for(lambda: fleet.pipe.metrics.counters["frames_inferred"] > 10, 20)
 
     fleet.publish("digits", "1.1.0")
-    fleet.deploy("digits@1.1.0")
-    rep = fleet.wait_phase("committed", version="1.1.0")
+    rep = fleet.commit("digits@1.1.0")
     assert rep.target_version == "1.1.0" and fleet.running() == "digits@1.1.0"
     assert agent.updates.state.pipelines["front"].previous == PipelineTarget(
         model="digits", version="1.0.0"
@@ -64,8 +62,7 @@ def test_publish_deploy_commit_then_hot_swap_to_a_new_version(fleet: Fleet) -> N
 def test_restart_runs_the_committed_model_without_the_broker(fleet: Fleet) -> None:
     fleet.publish("digits", "1.0.0")
     fleet.start_agent()
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     fleet.stop_agent()
     fleet.broker.stop()
     f = fleet
@@ -85,8 +82,7 @@ def test_tampered_artifact_is_rejected_and_the_old_model_keeps_running(fleet: Fl
     fleet.publish("digits", "1.0.0")
     fleet.publish("digits", "1.1.0")
     fleet.start_agent()
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     target = fleet.repo.targets()["models/digits/1.1.0/model.onnx"]
     stored = fleet.repo.target_path(target)
     data = bytearray(stored.read_bytes())
@@ -128,8 +124,7 @@ def test_replayed_older_desired_state_is_refused(fleet: Fleet) -> None:
     fleet.start_agent()
     old = fleet.deploy("digits@1.0.0")
     fleet.wait_phase("committed", version="1.0.0")
-    fleet.deploy("digits@1.1.0")
-    fleet.wait_phase("committed", version="1.1.0")
+    fleet.commit("digits@1.1.0")
     assert fleet.running() == "digits@1.1.0"
     fleet.inject_desired(old)
     assert wait_for(lambda: "replay" in (fleet.last().last_error or ""), 20), fleet.last()
@@ -168,8 +163,7 @@ def test_golden_mismatch_is_rejected(fleet: Fleet, tmp_path: Path) -> None:
     custom = {f"{base}/golden.npz": gold_t.custom}
     fleet.repo.add_targets({f"{base}/golden.npz": bad}, custom)
     fleet.start_agent()
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     fleet.deploy("digits@1.2.0")
     rep = fleet.wait_phase("rejected", version="1.2.0")
     assert "golden" in rep.last_error and "max abs error" in rep.last_error
@@ -185,8 +179,7 @@ def test_artifact_longer_than_signed_is_rejected(fleet: Fleet) -> None:
     fleet.publish("digits", "1.0.0")
     fleet.publish("digits", "1.1.0")
     fleet.start_agent()
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     stored = fleet.repo.target_path(fleet.repo.targets()["models/digits/1.1.0/model.onnx"])
     with open(stored, "ab") as fh:  # endless-data attack: more bytes than the signed length
         fh.write(b"\0" * 100_000)
@@ -199,8 +192,7 @@ def test_artifact_longer_than_signed_is_rejected(fleet: Fleet) -> None:
 def test_root_key_rotation_is_followed(fleet: Fleet) -> None:
     fleet.publish("digits", "1.0.0")
     fleet.start_agent()  # provisioned with root v1
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     assert fleet.repo.rotate_root_key("root") == 2
     assert fleet.repo.rotate_root_key("desired") == 3  # desired-state key rotated too
     fleet.publish("digits", "1.1.0")
@@ -245,8 +237,7 @@ def test_model_with_nan_outputs_is_rejected_at_trial(fleet: Fleet, tmp_path: Pat
     (d / "card.json").write_text(json.dumps(card))
     publish(fleet.repo, d / "model.onnx", name="digits", version="1.3.0")
     fleet.start_agent()
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     fleet.deploy("digits@1.3.0")
     rep = fleet.wait_phase("rejected", version="1.3.0")
     assert "NaN" in rep.last_error, rep.last_error
@@ -345,8 +336,7 @@ def test_tuf_metadata_attacks_are_refused(fleet: Fleet, attack: Any, expect: str
     saved_timestamp = (fleet.repo_dir / "metadata" / "timestamp.json").read_bytes()
     fleet.publish("digits", "1.1.0")
     fleet.start_agent()
-    fleet.deploy("digits@1.1.0")
-    fleet.wait_phase("committed", version="1.1.0")  # the device has seen the newest metadata
+    fleet.commit("digits@1.1.0")  # the device has seen the newest metadata
     fleet.publish("digits", "1.2.0")
     signer = fleet.repo.desired_signer()
     attack(fleet, saved_timestamp)
@@ -372,8 +362,7 @@ def test_engine_build_that_dies_is_rejected(fleet: Fleet) -> None:
     fleet.publish("digits", "1.0.0")
     fleet.publish("digits", "1.1.0")
     agent = fleet.start_agent()
-    fleet.deploy("digits@1.0.0")
-    fleet.wait_phase("committed", version="1.0.0")
+    fleet.commit("digits@1.0.0")
     agent.hooks = TestHooks(build_crash="SIGKILL")  # the build's child process is killed
     fleet.deploy("digits@1.1.0")
     rep = fleet.wait_phase("rejected", version="1.1.0")

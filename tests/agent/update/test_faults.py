@@ -24,16 +24,15 @@ import pytest
 import scripts.crash_suite
 from agent.common.errors import TransportError
 from agent.pipeline.runner import Pipeline
-from agent.pipeline.sinks import CallbackSink
 from agent.pipeline.sources import parse_source
 from agent.protocol.telemetry import Telemetry
 from agent.systemd import Liveness
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporter import TelemetryReporter
 from agent.update.machine import HealthWindow
-from tests.agent.pipeline.test_pipeline import Collect, _model
 from tests.harness.broker import Mosquitto
 from tests.harness.fleet import Fleet
+from tests.harness.pipeline import Collect, udp_pipeline
 from tests.harness.util import UdpStream, fill, wait_for
 
 # --------------------------------------------------------------------------- helpers
@@ -205,8 +204,7 @@ def test_model_download_on_a_full_disk_fails_clearly_and_recovers(
             f.publish("digits", "1.0.0")
             f.publish("digits", "1.1.0")
             f.start_agent(retry_s=0.5)
-            f.deploy("digits@1.0.0")
-            f.wait_phase("committed", version="1.0.0")
+            f.commit("digits@1.0.0")
             filler = fill(data)
             f.deploy("digits@1.1.0")
             assert wait_for(lambda: "no space" in (f.last().last_error or "").lower(), 30), (
@@ -361,15 +359,8 @@ def test_camera_outage_reconnects_without_a_watchdog_stall(
     stall_s = 3.0
     udp_stream.start()
     sink = Collect()
-    pipe = Pipeline(
-        "udp",
-        parse_source(udp_stream.url),
-        _model(test_models["blobdet"] / "model.onnx"),
-        [CallbackSink(sink)],
-        open_timeout_s=1.0,  # < stall_s: a silent stream is noticed before the watchdog cares
-    )
-    pipe.reader.backoff.base_s = 0.2
-    pipe.reader.backoff.cap_s = 1.0
+    # open timeout < stall_s: a silent stream is noticed before the watchdog cares
+    pipe = udp_pipeline(udp_stream.url, test_models["blobdet"] / "model.onnx", sink, 1.0)
     live = Liveness(stall_s=stall_s)
     stalls: list[str] = []
     quiet_for = 0.0

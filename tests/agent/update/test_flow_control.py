@@ -20,24 +20,24 @@ from agent.update.transfer.client import ChunkClient
 from agent.update.transfer.errors import FetchStoppedError
 from cloud_sync.registry.gate import Clocks, Job
 from cloud_sync.registry.serve import Admission, ChunkServer
-from tests.agent.update.test_transfer import RawDevice, _close, _connect
 from tests.harness.broker import Mosquitto
+from tests.harness.fetch import (
+    RawDevice,
+    close_client,
+    connect_client,
+    put_random_file,
+    random_bytes,
+    served_repo,
+)
 from tests.harness.util import wait_for
 
 KB = 1024
 MB = 1024 * 1024
 
 
-def _bytes(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    (root / "metadata").mkdir(parents=True)
-    (root / "targets").mkdir()
-    return root
+    return served_repo(tmp_path)
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def busy_then_serve(repo: Path, n: int, *, retry_after_s: float) -> Callable[[by
 
 
 def test_busy_waits_without_failing_or_tripping_the_rate_guard(repo: Path) -> None:
-    blob = _bytes(200 * KB, 1)
+    blob = random_bytes(200 * KB, 1)
     (repo / "targets" / "f.bin").write_bytes(blob)
     fake = FakeBroker(busy_then_serve(repo, 4, retry_after_s=0.15))
     cc = ChunkClient(
@@ -266,17 +266,15 @@ def test_two_devices_through_one_transfer_slot(
     narrow_server: ChunkServer, broker: Mosquitto, repo: Path, tmp_path: Path
 ) -> None:
     size = 6 * MB
-    blob = _bytes(size, 3)
     path = "targets/models/m/1.0.0/model.onnx"
-    (repo / path).parent.mkdir(parents=True)
-    (repo / path).write_bytes(blob)
-    clients = [_connect(broker, f"edgefleet-dev{i}") for i in (1, 2)]
+    blob = put_random_file(repo, path, size, 3)
+    clients = [connect_client(broker, f"edgefleet-dev{i}") for i in (1, 2)]
     chunks = [ChunkClient(c, f"dev{i}", window=4) for i, c in zip((1, 2), clients, strict=True)]
     try:
         errors, ends = fetch_at_once(chunks, path, blob, tmp_path)
     finally:
         for c in clients:
-            _close(c)
+            close_client(c)
     assert not errors, errors
     waited = [i for i in (0, 1) if chunks[i].busy_responses > 0]
     assert len(waited) == 1, [c.busy_responses for c in chunks]  # exactly one had to wait
@@ -297,7 +295,7 @@ def test_old_devices_wait_in_line_unanswered_and_expired_requests(
 ) -> None:
     big_path = "targets/big.bin"
     big = repo / big_path
-    big.write_bytes(_bytes(300 * KB, 5))
+    big.write_bytes(random_bytes(300 * KB, 5))
     other = ("other", str(big.resolve()))
     with narrow_server._lock:  # another device holds the only transfer slot
         assert narrow_server._admission.check(other, time.monotonic()).admitted
@@ -363,12 +361,12 @@ def test_timeouts_halve_the_window_and_it_grows_back(
     broker: Mosquitto, repo: Path, tmp_path: Path
 ) -> None:
     chunk, n = 16 * KB, 96
-    blob = _bytes(chunk * n, 9)
+    blob = random_bytes(chunk * n, 9)
     (repo / "targets" / "f.bin").write_bytes(blob)
     srv = DroppingServer(repo, broker.url, client_id="registry-drop")
     srv.drop = {20 * chunk, 21 * chunk}
     srv.start()
-    client = _connect(broker, "edgefleet-dev1")
+    client = connect_client(broker, "edgefleet-dev1")
     try:
         cc = ChunkClient(
             client, "dev1", chunk_size=chunk, window=8, request_timeout_s=0.4, backoff_s=0.01
@@ -382,7 +380,7 @@ def test_timeouts_halve_the_window_and_it_grows_back(
         )
         assert (tmp_path / "f.bin").read_bytes() == blob
     finally:
-        _close(client)
+        close_client(client)
         srv.stop()
     assert cc.timeouts == 2
     assert cc.window_cuts == 1  # two windows of one loss event: one cut
@@ -397,16 +395,16 @@ def test_timeouts_halve_the_window_and_it_grows_back(
 def test_timeout_adapts_to_measured_round_trips(
     broker: Mosquitto, repo: Path, tmp_path: Path
 ) -> None:
-    (repo / "targets" / "f.bin").write_bytes(_bytes(2 * MB, 2))
+    (repo / "targets" / "f.bin").write_bytes(random_bytes(2 * MB, 2))
     srv = ChunkServer(repo, broker.url, client_id="registry-rtt")
     srv.start()
-    client = _connect(broker, "edgefleet-dev1")
+    client = connect_client(broker, "edgefleet-dev1")
     try:
         cc = ChunkClient(client, "dev1", window=8, request_timeout_s=5.0)
         assert cc.rto == 5.0
         cc.fetch_file("targets/f.bin", tmp_path / "f.bin", max_length=2 * MB)
     finally:
-        _close(client)
+        close_client(client)
         srv.stop()
     assert cc.srtt is not None and cc.srtt < 1.0
     assert cc.rto == pytest.approx(1.0)  # SRTT + 4 RTTVAR on loopback is under the 1 s floor
@@ -465,17 +463,15 @@ def test_each_transfer_stays_on_the_replica_that_admitted_it(
     each transfer needed a slot on both)."""
     size = 2 * MB
     path = "targets/models/m/1.0.0/model.onnx"
-    (repo / path).parent.mkdir(parents=True)
-    blob = _bytes(size, 7)
-    (repo / path).write_bytes(blob)
+    blob = put_random_file(repo, path, size, 7)
     servers = _replicas(broker, repo, 2, max_transfers=1)
-    clients = [_connect(broker, f"edgefleet-sticky{i}") for i in (0, 1)]
+    clients = [connect_client(broker, f"edgefleet-sticky{i}") for i in (0, 1)]
     chunks = [ChunkClient(c, f"sticky{i}", window=8) for i, c in enumerate(clients)]
     try:
         errors, _ends = fetch_at_once(chunks, path, blob, tmp_path)
     finally:
         for c in clients:
-            _close(c)
+            close_client(c)
         stats = [s.stats() for s in servers]
         for s in servers:
             s.stop()
@@ -496,10 +492,10 @@ def test_a_sticky_transfer_survives_its_replica_going_away(
     asks through the shared topic again, and the other replica finishes the file."""
     size = 3 * MB
     path = "targets/big.bin"
-    blob = _bytes(size, 8)
+    blob = random_bytes(size, 8)
     (repo / path).write_bytes(blob)
     servers = _replicas(broker, repo, 2)
-    client = _connect(broker, "edgefleet-sticky-survivor")
+    client = connect_client(broker, "edgefleet-sticky-survivor")
     chunk = ChunkClient(client, "survivor", window=2, request_timeout_s=1.0, min_timeout_s=0.3)
     done: list[BaseException | None] = []
     dest = tmp_path / "big.bin"
@@ -520,7 +516,7 @@ def test_a_sticky_transfer_survives_its_replica_going_away(
         serving[0].stop()
         th.join(120)
     finally:
-        _close(client)
+        close_client(client)
         for s in servers:
             s.stop()
     assert done == [None], done

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import queue
 import random
 import threading
 import time
@@ -28,8 +27,7 @@ from tuf.ngclient import Updater
 
 from agent.common.errors import BadDataError, TransportError
 from agent.common.mqtt import make_client, parse_broker_url
-from agent.protocol.fetch import FetchHeader, FetchRequest, decode_response, encode_response
-from agent.protocol.topics import Topics
+from agent.protocol.fetch import FetchRequest, encode_response
 from agent.update.transfer.client import ChunkClient
 from agent.update.transfer.errors import (
     FileTooLargeError,
@@ -40,98 +38,38 @@ from agent.update.transfer.partial import resume_key
 from agent.update.transfer.tuf_fetcher import MqttFetcher
 from cloud_sync.registry.serve import ChunkServer, resolve_repo_path
 from tests.harness.broker import Mosquitto
+from tests.harness.fetch import (
+    CHUNK,
+    TOPICS,
+    RawDevice,
+    chunk_server,
+    close_client,
+    connect_client,
+    put_random_file,
+    random_bytes,
+    served_repo,
+)
 from tests.harness.util import wait_for
 
-CHUNK = 64 * 1024
 MB = 1024 * 1024
-TOPICS = Topics()
-
-
-# -- helpers ------------------------------------------------------------------------------
-
-
-def _bytes(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def _connect(broker: Mosquitto, client_id: str) -> mqtt.Client:
-    client = make_client(client_id)
-    client.connect(broker.host, broker.port, keepalive=30)
-    client.loop_start()
-    if not wait_for(client.is_connected, 10):
-        raise RuntimeError(f"{client_id} did not connect to {broker.url}")
-    return client
-
-
-def _close(client: mqtt.Client) -> None:
-    client.disconnect()
-    client.loop_stop()
-    # paho may lose a disconnect() that races its reconnect(); see ChunkServer.stop
-    if client.is_connected() or client.socket() is not None:
-        client.disconnect()
-
-
-class RawDevice:
-    """A device that publishes raw payloads and collects every answer on its resp topic."""
-
-    def __init__(self, broker: Mosquitto, device_id: str) -> None:
-        self.device_id = device_id
-        self.req = TOPICS.device(device_id, "fetch/req")
-        self.answers: queue.SimpleQueue[tuple[FetchHeader, bytes]] = queue.SimpleQueue()
-        self.subscribed = threading.Event()
-        self.client = make_client(f"raw-{device_id}")
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_a: self.subscribed.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe(TOPICS.device(device_id, "fetch/resp"), qos=1)
-        if not self.subscribed.wait(10):
-            raise RuntimeError("raw device not subscribed")
-
-    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        self.answers.put(decode_response(bytes(msg.payload)))
-
-    def publish(self, payload: bytes) -> None:
-        self.client.publish(self.req, payload, qos=1).wait_for_publish(10)
-
-    def ask(self, rid: str, path: str, offset: int = 0, length: int = CHUNK) -> FetchHeader:
-        self.publish(
-            json.dumps({"id": rid, "path": path, "offset": offset, "length": length}).encode()
-        )
-        return self.wait(rid)[0]
-
-    def wait(self, rid: str, timeout: float = 10.0) -> tuple[FetchHeader, bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            header, data = self.answers.get(timeout=max(0.01, deadline - time.monotonic()))
-            if header.id == rid:
-                return header, data
-
-    def close(self) -> None:
-        _close(self.client)
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    (root / "metadata").mkdir(parents=True)
-    (root / "targets").mkdir()
-    return root
+    return served_repo(tmp_path)
 
 
 @pytest.fixture
 def server(broker: Mosquitto, repo: Path) -> Iterator[ChunkServer]:
-    srv = ChunkServer(repo, broker.url, client_id="registry-1")
-    srv.start()
-    yield srv
-    srv.stop()
+    with chunk_server(repo, broker) as srv:
+        yield srv
 
 
 @pytest.fixture
 def device(broker: Mosquitto) -> Iterator[mqtt.Client]:
-    client = _connect(broker, "edgefleet-dev1")
+    client = connect_client(broker, "edgefleet-dev1")
     yield client
-    _close(client)
+    close_client(client)
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -259,7 +197,7 @@ class FakeRegistry:
 
 def test_out_of_order_lost_and_duplicate_answers(repo: Path, tmp_path: Path) -> None:
     size = 40 * 1024 + 123
-    blob = _bytes(size, 7)
+    blob = random_bytes(size, 7)
     (repo / "targets" / "f.bin").write_bytes(blob)
     server = ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="unused")
     fake = FakeRegistry(server, drop={3 * 1024, 17 * 1024, 40 * 1024}, dup=True, seed=3)
@@ -300,7 +238,7 @@ def test_out_of_order_lost_and_duplicate_answers(repo: Path, tmp_path: Path) -> 
 
 @pytest.fixture
 def fake_repo(repo: Path) -> Iterator[tuple[FakeRegistry, bytes]]:
-    blob = _bytes(20 * 1024 + 5, 11)
+    blob = random_bytes(20 * 1024 + 5, 11)
     (repo / "targets" / "f.bin").write_bytes(blob)
     fake = FakeRegistry(
         ChunkServer(repo, "mqtt://127.0.0.1:1", client_id="u"), drop=set(), dup=False, seed=1
@@ -404,7 +342,7 @@ SIZES = [0, 1, CHUNK - 1, CHUNK, 3 * CHUNK + 7, 5 * MB]
 def test_round_trip_byte_exact(
     server: ChunkServer, device: mqtt.Client, repo: Path, tmp_path: Path, resumable: bool
 ) -> None:
-    blobs = {f"targets/models/m/1.0.0/f{n}.bin": _bytes(n, n) for n in SIZES}
+    blobs = {f"targets/models/m/1.0.0/f{n}.bin": random_bytes(n, n) for n in SIZES}
     for path, blob in blobs.items():
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_bytes(blob)
@@ -543,7 +481,7 @@ def test_malformed_requests_never_stop_the_server(
 def test_two_replicas_share_the_load_each_request_answered_once(
     broker: Mosquitto, repo: Path
 ) -> None:
-    (repo / "targets" / "x.bin").write_bytes(_bytes(5000))
+    (repo / "targets" / "x.bin").write_bytes(random_bytes(5000))
     # One replica serves on paho's thread, the other from a pool: both modes, one contract.
     servers = [
         ChunkServer(repo, broker.url, client_id=f"registry-{i}", workers=w)
@@ -585,7 +523,7 @@ def test_two_replicas_share_the_load_each_request_answered_once(
 def test_max_length_exceeded_leaves_nothing(
     server: ChunkServer, device: mqtt.Client, repo: Path, tmp_path: Path
 ) -> None:
-    (repo / "targets" / "big.bin").write_bytes(_bytes(MB))
+    (repo / "targets" / "big.bin").write_bytes(random_bytes(MB))
     cc = ChunkClient(device, "dev1")
     dest_dir = tmp_path / "dest"
     resume_dir = tmp_path / "resume"
@@ -625,10 +563,8 @@ def test_resume_after_broker_outage_refetches_at_most_one_window(
     server: ChunkServer, device: mqtt.Client, broker: Mosquitto, repo: Path, tmp_path: Path
 ) -> None:
     size = 5 * MB
-    blob = _bytes(size, 42)
     path = "targets/models/big/1.0.0/model.onnx"
-    (repo / path).parent.mkdir(parents=True)
-    (repo / path).write_bytes(blob)
+    blob = put_random_file(repo, path, size, 42)
     resume_dir = tmp_path / "resume"
     dest = tmp_path / "models" / "model.onnx"
     window = 8
@@ -660,7 +596,7 @@ def test_resume_after_broker_outage_refetches_at_most_one_window(
 
     broker.start()  # same port; the replica reconnects on its own
     assert wait_for(server.ready, 30)
-    client2 = _connect(broker, "edgefleet-dev1-restarted")
+    client2 = connect_client(broker, "edgefleet-dev1-restarted")
     try:
         c2 = ChunkClient(client2, "dev1", window=window)  # a new client, as after a restart
         first: list[int] = []
@@ -678,7 +614,7 @@ def test_resume_after_broker_outage_refetches_at_most_one_window(
         assert 0 <= refetched <= window * CHUNK
         assert list(resume_dir.iterdir()) == []
     finally:
-        _close(client2)
+        close_client(client2)
 
 
 @pytest.mark.broker
@@ -765,7 +701,7 @@ def test_ngclient_updater_over_mqtt(
     server: ChunkServer, device: mqtt.Client, repo: Path, tmp_path: Path
 ) -> None:
     tiny = TinyRepo(repo)
-    model = _bytes(3 * CHUNK + 11, 5)
+    model = random_bytes(3 * CHUNK + 11, 5)
     stored = tiny.add_target("models/det/1.0.0/model.onnx", model)
     tiny.add_target("models/det/1.0.0/labels.txt", b"cat\ndog\n")
     tiny.publish()

@@ -11,12 +11,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.config import parse_config
 from agent.protocol.topics import Topics
 from agent.service import Agent
 from cloud_sync.ingest.store import open_store
 from cloud_sync.ingest.worker import IngestWorker
 from tests.harness.broker import Mosquitto
+from tests.harness.fleet import looping_agent_config
 from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
@@ -51,27 +51,10 @@ def test_fleet_status_shows_what_the_agent_reports(
     worker = IngestWorker(broker.url, store)
     worker.start()
     assert worker.subscribed.wait(10)
-    agent = Agent(
-        parse_config(
-            {
-                "device_id": "cam-07",
-                "data_dir": str(tmp_path / "data"),
-                "profile": "x86-cpu",
-                "tags": {"site": "berlin"},
-                "groups": ["lobby"],
-                "pipelines": [
-                    {
-                        "name": "front",
-                        "source": str(synthetic_video),
-                        "model": str(test_models["blobdet"] / "model.onnx"),
-                        "loop": True,
-                    }
-                ],
-                "broker": {"url": broker.url},
-                "telemetry": {"interval_s": 0.2},
-            }
-        )
-    )
+    model = test_models["blobdet"] / "model.onnx"
+    cfg = looping_agent_config("cam-07", tmp_path / "data", synthetic_video, model, broker.url,
+                               tags={"site": "berlin"}, groups=["lobby"])  # fmt: skip
+    agent = Agent(cfg)
     agent.start()
     try:
 

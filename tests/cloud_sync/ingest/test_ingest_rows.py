@@ -16,7 +16,7 @@ from cloud_sync.ingest.rows import (
     telemetry_rows,
     utc_time,
 )
-from tests.cloud_sync.ingest.test_ingest_store import T0, event, reported, state, telemetry
+from tests.harness.ingest_messages import T0, event, reported, state, telemetry
 
 
 def test_telemetry_rows_latency_is_total_else_the_frame_stages_summed() -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from cloud_sync.ingest.store import open_store
 from cloud_sync.units import format_duration, parse_duration
-from tests.cloud_sync.ingest.test_ingest_store import event, telemetry
 from tests.harness.broker import Mosquitto
+from tests.harness.ingest_messages import event, telemetry
 from tests.harness.util import terminate, wait_for
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

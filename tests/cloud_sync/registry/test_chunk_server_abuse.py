@@ -36,8 +36,8 @@ from cloud_sync.registry.admission import (
 )
 from cloud_sync.registry.serve import ChunkServer
 from cloud_sync.registry.served_tree import PathError, canonical_path
-from tests.agent.update.test_transfer import RawDevice, _close, _connect
 from tests.harness.broker import Mosquitto
+from tests.harness.fetch import RawDevice, close_client, connect_client, random_bytes, served_repo
 from tests.harness.util import wait_for
 
 KB = 1024
@@ -55,10 +55,6 @@ CHILD = (
 # (~25,000/s from a Python client), reading the flood takes the replica's whole core and the
 # honest requests wait behind it in the broker: see cloud_sync/registry/serve.py.
 FLOOD_RATE = 2000.0
-
-
-def _bytes(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -173,10 +169,7 @@ def test_limits_are_checked() -> None:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    (root / "metadata").mkdir(parents=True)
-    (root / "targets").mkdir()
-    return root
+    return served_repo(tmp_path)
 
 
 def flood(host: str, port: str, rate: str, paths: str) -> None:
@@ -253,7 +246,7 @@ def honest_devices(host: str, port: str, tag: str, out_dir: str, n: str) -> None
     """``n`` devices ``TAG0``… download ``BIG`` at once with the real fetcher (run in a
     process of its own by ``honest_round``); prints ``{"times": […], "errors": […]}``."""
     count = int(n)
-    blob = _bytes(BIG_SIZE, 1)
+    blob = random_bytes(BIG_SIZE, 1)
     clients = []
     for i in range(count):
         c = make_client(f"edgefleet-{tag}{i}")
@@ -284,7 +277,7 @@ def honest_devices(host: str, port: str, tag: str, out_dir: str, n: str) -> None
     for t in threads:
         t.join(300)
     for c in clients:
-        _close(c)
+        close_client(c)
     counters = [
         {k: getattr(cc, k) for k in ("timeouts", "busy_responses", "bytes_refetched")}
         for cc in chunks
@@ -328,14 +321,14 @@ def honest_round(broker: Mosquitto, tag: str, tmp_path: Path, n: int = 3) -> lis
 def test_one_abusive_device_does_not_stall_honest_downloads(
     broker: Mosquitto, repo: Path, tmp_path: Path
 ) -> None:
-    blob = _bytes(BIG_SIZE, 1)
+    blob = random_bytes(BIG_SIZE, 1)
     (repo / BIG).parent.mkdir(parents=True)
     (repo / BIG).write_bytes(blob)
     (repo / "targets" / "alias.bin").symlink_to(repo / BIG)
     own = [f"targets/evil/{i}.bin" for i in range(8)]
     (repo / "targets" / "evil").mkdir()
     for i, p in enumerate(own):
-        (repo / p).write_bytes(_bytes(4 * MB, 10 + i))
+        (repo / p).write_bytes(random_bytes(4 * MB, 10 + i))
     aliases = [
         "targets/models/m/./1.0.0/big.bin",
         "targets//models/m/1.0.0/big.bin",
@@ -394,7 +387,7 @@ def _paho_queued_bytes(client: mqtt.Client) -> int:
 @pytest.mark.broker
 def test_queued_bytes_stay_under_the_bound_in_a_flood(broker: Mosquitto, repo: Path) -> None:
     for i in range(4):
-        (repo / "targets" / f"f{i}.bin").write_bytes(_bytes(4 * MB, i))
+        (repo / "targets" / f"f{i}.bin").write_bytes(random_bytes(4 * MB, i))
     limits = ServeLimits(
         device_rate=1e6,
         device_burst=1_000_000,
@@ -432,7 +425,7 @@ def test_queued_bytes_stay_under_the_bound_in_a_flood(broker: Mosquitto, repo: P
     finally:
         done.set()
         sampler.join(10)
-        _close(flooder)
+        close_client(flooder)
         server.stop()
     stats = server.stats()
     use = server.usage("flooder")
@@ -451,7 +444,7 @@ def test_queued_bytes_stay_under_the_bound_in_a_flood(broker: Mosquitto, repo: P
 
 @pytest.mark.broker
 def test_aliases_of_a_file_are_one_transfer(broker: Mosquitto, repo: Path) -> None:
-    blob = _bytes(1 * MB, 3)  # more than the 5 windows asked: the transfer stays open
+    blob = random_bytes(1 * MB, 3)  # more than the 5 windows asked: the transfer stays open
     (repo / "targets" / "m").mkdir()
     (repo / "targets" / "m" / "a.bin").write_bytes(blob)
     (repo / "targets" / "b.bin").write_bytes(blob)
@@ -498,7 +491,7 @@ def test_old_and_new_devices_through_one_transfer_slot(
     """While another device holds the only place, a device that predates ``busy`` (no
     ``busy_ok``) waits in line unanswered and is served when it asks again; one that knows
     ``busy`` is told to wait. Both finish."""
-    blob = _bytes(3 * MB, 4)
+    blob = random_bytes(3 * MB, 4)
     (repo / "targets" / "m.bin").write_bytes(blob)
     server = ChunkServer(repo, broker.url, client_id="registry-1", max_transfers=1)
     server.start()
@@ -506,7 +499,7 @@ def test_old_and_new_devices_through_one_transfer_slot(
     with server._lock:
         assert server._admission.check(other, time.monotonic()).admitted
     threading.Timer(1.5, server._release, args=(other,)).start()
-    clients = [_connect(broker, f"edgefleet-{d}") for d in ("old", "new")]
+    clients = [connect_client(broker, f"edgefleet-{d}") for d in ("old", "new")]
     old = ChunkClient(clients[0], "old", window=4, flow_fields=False, request_timeout_s=1.0)
     new = ChunkClient(clients[1], "new", window=4)
     errors: list[BaseException] = []
@@ -527,7 +520,7 @@ def test_old_and_new_devices_through_one_transfer_slot(
             th.join(120)
     finally:
         for c in clients:
-            _close(c)
+            close_client(c)
         server.stop()
     assert not errors, errors
     old_use, new_use = server.usage("old"), server.usage("new")
@@ -575,7 +568,7 @@ def test_callbacks_survive_any_payload(
     (repo / "targets" / "a.bin").write_bytes(b"0123456789abc")
     server = ChunkServer(repo, broker.url, client_id="registry-1", workers=workers)
     server.start()
-    device = _connect(broker, "edgefleet-dev1")
+    device = connect_client(broker, "edgefleet-dev1")
     topic = TOPICS.device("dev1", "fetch/req").encode()
     topics = [
         topic,
@@ -612,7 +605,7 @@ def test_callbacks_survive_any_payload(
             lambda: server.stats().queued_bytes == 0, 10
         )
     finally:
-        _close(device)
+        close_client(device)
         server.stop()
     stats = server.stats()
     assert stats.errors == 1  # the refused publish, and nothing else

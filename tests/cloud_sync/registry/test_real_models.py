@@ -32,6 +32,7 @@ from agent.engine.onnxrt import OnnxRuntimeBackend
 from agent.pipeline.model import RunnableModel
 from agent.protocol.card import ModelCard
 from cloud_sync.registry.model_file import inspect_model
+from tests.harness.text_image import LINES, text_lines_image
 
 pytestmark = pytest.mark.slow
 
@@ -280,8 +281,6 @@ def test_an_opset11_yolox_publishes_with_int8_gated_on_decoded_boxes(tmp_path: P
 
 # ------------------------------------------------------------------------------------ heat map
 def test_ppocr_v4_detector_published_with_the_readme_flags_finds_the_lines() -> None:
-    from tests.agent.pipeline.test_postprocess import LINES
-
     path = wheel_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
     from cloud_sync.registry.commands import parse_card_fields
 
@@ -298,12 +297,7 @@ def test_ppocr_v4_detector_published_with_the_readme_flags_finds_the_lines() -> 
     assert report["opset"] == 12 and report["card"]["task"] == "heatmap"
     card = ModelCard.model_validate({**report["card"], "name": "ppocr"})
     model = RunnableModel(card, OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"]))
-    img = np.full((480, 960, 3), 255, np.uint8)
-    truth = []
-    for text, org, scale, thick in LINES:
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
-        truth.append((org[0], org[1] - th, org[0] + tw, org[1] + base))
+    img, truth = text_lines_image(480, 960)
     result, _ = model.infer(img)
     boxes = [d.box for d in result.detections]
     assert len(boxes) == len(LINES), boxes

@@ -1,24 +1,20 @@
 """The registry's TUF repository with real keys, real signatures and real ONNX models, checked by
 python-tuf's own client (``tuf.ngclient.Updater``) reading the repository folder.
 
-ngclient's default fetcher speaks HTTP(S) only (urllib3), so the client here gets ``FileFetcher``,
-a test-only ``FetcherInterface`` that reads ``file://`` URLs and answers 404 for missing files
-(ngclient probes ``N+1.root.json`` until a 404). It records every URL, so the tests also pin the
-file names ngclient asks for.
+The device side is ``tests.harness.registry.TufFileClient``: ngclient with ``FileFetcher``,
+which reads ``file://`` URLs, answers 404 for missing files and records every URL, so the tests
+also pin the file names ngclient asks for.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import stat
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import cv2
 import numpy as np
@@ -26,68 +22,16 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tuf.api.exceptions import DownloadHTTPError
-from tuf.api.metadata import Metadata, Root
-from tuf.ngclient import FetcherInterface, Updater
 
 from agent.protocol.card import ModelCard
 from agent.update.tuf_client import TufClient
 from cloud_sync.registry.catalog import card_from_custom, list_models, parse_semver
-from cloud_sync.registry.commands import ProgressBar, add_registry_commands, parse_size
+from cloud_sync.registry.commands import ProgressBar, parse_size
 from cloud_sync.registry.keys import load_signer
 from cloud_sync.registry.metadata import DESIRED_FIELD, parse_desired_trust
 from cloud_sync.registry.publish import PublishResult, publish
 from cloud_sync.registry.repo import RegistryError, Repository
-
-
-class FileFetcher(FetcherInterface):
-    """Test-only: serves ``file://`` URLs from disk, 404 for missing files."""
-
-    def __init__(self) -> None:
-        self.urls: list[str] = []
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        self.urls.append(url)
-        path = Path(unquote(urlparse(url).path))
-        if not path.is_file():
-            raise DownloadHTTPError(f"{url} not found", 404)
-        return iter([path.read_bytes()])
-
-
-class Client:
-    """A device's ngclient state: a metadata dir seeded with a root, and its updater."""
-
-    def __init__(self, repo: Repository, where: Path, root: bytes | None = None) -> None:
-        self.repo = repo
-        self.meta = where / "meta"
-        self.targets = where / "targets"
-        self.meta.mkdir(parents=True, exist_ok=True)
-        (self.meta / "root.json").write_bytes(root or repo.trusted_root_bytes())
-        self.fetcher = FileFetcher()
-
-    def updater(self) -> Updater:
-        return Updater(
-            metadata_dir=str(self.meta),
-            metadata_base_url=f"file://{self.repo.metadata_dir}/",
-            target_dir=str(self.targets),
-            target_base_url=f"file://{self.repo.targets_dir}/",
-            fetcher=self.fetcher,
-            bootstrap=None,  # the root.json seeded above, as a provisioned device has it
-        )
-
-    def trusted_root(self) -> Root:
-        md = Metadata[Root].from_file(str(self.meta / "root.json"))
-        return md.signed
-
-    def names(self) -> list[str]:
-        return [u.rsplit("/", 1)[1] for u in self.fetcher.urls]
-
-
-def run_cli(*argv: str) -> int:
-    ap = argparse.ArgumentParser(prog="edgefleet")
-    add_registry_commands(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(list(argv))
-    return int(args.fn(args))
+from tests.harness.registry import TufFileClient, run_registry_cli
 
 
 def snapshot_tree(root: Path) -> dict[str, bytes]:
@@ -142,7 +86,7 @@ def test_init_makes_0600_keys_and_metadata_ngclient_accepts(tmp_path: Path) -> N
     assert root.consistent_snapshot is True
     assert root.roles["root"].threshold == 2 and len(root.roles["root"].keyids) == 2
 
-    client = Client(repo, tmp_path / "dev")
+    client = TufFileClient(repo, tmp_path / "dev")
     client.updater().refresh()
     # 2.root.json answers 404 (no newer root); then the consistent-snapshot names.
     assert client.names() == ["2.root.json", "timestamp.json", "1.snapshot.json", "1.targets.json"]
@@ -180,14 +124,14 @@ def test_publish_digits_int8_then_a_device_downloads_every_target(
     model = test_models["digits"] / "model.onnx"
     # The gate's unit is one held-back image in ~90 (1.1 %): 0.05 keeps the test about the
     # plumbing, test_quantize.py pins the quantizer's accuracy.
-    rc = run_cli(
+    rc = run_registry_cli(
         *("model", "publish", str(model), "--repo", str(repo.path), "--name", "digits"),
         *("--version", "1.0.0", "--calibration", str(digits_pngs), "--quantize", "int8"),
         *("--max-accuracy-drop", "0.05"),
     )
     assert rc == 0
 
-    client = Client(repo, tmp_path / "dev")
+    client = TufFileClient(repo, tmp_path / "dev")
     updater = client.updater()
     updater.refresh()
     files = ["card.json", "golden.npz", "labels.txt", "model.int8.onnx", "model.onnx"]
@@ -253,7 +197,7 @@ def test_list_models_sorted_by_name_then_semver(
         ("digits", "1.2.0", "classification", ("fp32",)),
         ("digits", "1.10.0", "classification", ("fp32",)),
     ]
-    assert run_cli("model", "list", "--repo", str(repo.path), "--json") == 0
+    assert run_registry_cli("model", "list", "--repo", str(repo.path), "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in rows] == ["0.1.0", "1.2.0-rc.1", "1.2.0", "1.10.0"]
     assert set(rows[0]["sizes"]) == {"card.json", "golden.npz", "labels.txt", "model.onnx"}
@@ -374,7 +318,7 @@ def test_refresh_timestamp_only_when_close_to_expiry(tmp_path: Path) -> None:
     # snapshot (7 days) close to expiry: snapshot and timestamp are re-signed, not targets
     assert repo.refresh_expiring(t0 + timedelta(days=6, hours=20)) == ("snapshot", "timestamp")
     assert repo.versions().snapshot == 2 and repo.versions().targets == 1
-    client = Client(repo, tmp_path / "dev")
+    client = TufFileClient(repo, tmp_path / "dev")
     client.updater().refresh()  # all of it still verifies (and is unexpired today)
     assert client.names()[1:] == ["timestamp.json", "2.snapshot.json", "1.targets.json"]
 
@@ -400,7 +344,7 @@ def test_root_key_rotation_reaches_a_device_holding_the_old_root(
     reopened = Repository(repo.path)
     reopened.add_targets({"models/x/1.0.0/card.json": test_models["digits"] / "card.json"})
 
-    client = Client(reopened, tmp_path / "dev", root=old_root)
+    client = TufFileClient(reopened, tmp_path / "dev", root=old_root)
     updater = client.updater()
     updater.refresh()
     assert client.names()[:5] == [

@@ -22,8 +22,8 @@ from cloud_sync.cli import main
 from cloud_sync.registry.keys import RegistryError, check_serving_keys, default_keys_dir
 from cloud_sync.registry.repo import Repository
 from cloud_sync.registry.serve import ChunkServer, resolve_repo_path
-from tests.agent.update.test_transfer import RawDevice
 from tests.harness.broker import Mosquitto
+from tests.harness.fetch import RawDevice
 
 ROOT = Path(__file__).resolve().parents[3]
 

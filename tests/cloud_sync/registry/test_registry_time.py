@@ -16,7 +16,7 @@ from tuf.api.exceptions import ExpiredMetadataError
 from cloud_sync.cli import metadata_keeper
 from cloud_sync.registry.publish import publish
 from cloud_sync.registry.repo import Repository
-from tests.cloud_sync.registry.test_registry import Client
+from tests.harness.registry import TufFileClient, run_registry_cli
 
 
 def _run_serve(repo: Repository, start: datetime, end: datetime, step: timedelta) -> list[str]:
@@ -40,7 +40,7 @@ def test_a_registry_left_alone_for_months_still_delivers(
     resigned = _run_serve(repo, start, now, timedelta(hours=6))
     assert resigned.count("targets") >= days // 45  # 90-day targets: at half life
     assert resigned.count("snapshot") >= days // 4
-    client = Client(Repository(repo.path), tmp_path / "device")
+    client = TufFileClient(Repository(repo.path), tmp_path / "device")
     updater = client.updater()
     updater.refresh()  # the reference client, at today's real time
     assert updater.get_targetinfo("models/digits/1.0.0/model.onnx") is not None
@@ -59,7 +59,7 @@ def test_without_the_keeper_the_fleet_stops_updating_a_week_after_the_last_publi
         repo.refresh_timestamp(t, min_remaining=timedelta(hours=12))  # the old serve tick
         t += timedelta(hours=6)
     with pytest.raises(ExpiredMetadataError, match="snapshot"):
-        Client(Repository(repo.path), tmp_path / "device").updater().refresh()
+        TufFileClient(Repository(repo.path), tmp_path / "device").updater().refresh()
 
 
 def test_a_role_whose_key_is_not_on_the_host_is_not_resigned_and_is_warned_about(
@@ -87,7 +87,7 @@ def test_root_warns_a_month_ahead_and_renew_root_extends_it(
     root = {s.role: s for s in repo.freshness(now)}["root"]
     assert root.level == "warn" and "renew-root" in root.message
 
-    client = Client(Repository(repo.path), tmp_path / "device")
+    client = TufFileClient(Repository(repo.path), tmp_path / "device")
     client.updater().refresh()  # the device holds root v1
     version = repo.renew_root(now=now)
     assert version == 2 and repo.expiries()["root"][1] > now + timedelta(days=364)
@@ -98,10 +98,8 @@ def test_root_warns_a_month_ahead_and_renew_root_extends_it(
 
 
 def test_registry_status_exit_code_says_expired(tmp_path: Path) -> None:
-    from tests.cloud_sync.registry.test_registry import run_cli
-
     start = datetime.now(timezone.utc) - timedelta(days=8)
     repo = Repository.init(tmp_path / "repo", now=start)
-    assert run_cli("registry", "status", "--repo", str(repo.path)) == 2  # snapshot expired
+    assert run_registry_cli("registry", "status", "--repo", str(repo.path)) == 2  # snapshot expired
     _run_serve(repo, datetime.now(timezone.utc), datetime.now(timezone.utc), timedelta(hours=1))
-    assert run_cli("registry", "status", "--repo", str(repo.path)) == 0
+    assert run_registry_cli("registry", "status", "--repo", str(repo.path)) == 0

@@ -1,6 +1,6 @@
 """``edgefleet rollout …`` as an operator runs it (subprocesses), against a real Mosquitto and
-a real SQLite ingest database; the devices are rows the test writes (see
-test_rollout_controller.py) following the desired states the CLI publishes."""
+a real SQLite ingest database; the devices are rows the test writes
+(``tests.harness.rollout.StoredFleet``) following the desired states the CLI publishes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from cloud_sync.ingest.store import Store, open_store
 from cloud_sync.rollout import db
 from cloud_sync.rollout.stages import selection_order
-from tests.cloud_sync.rollout.test_rollout_controller import NEW, Fleet, Watcher, make_registry
 from tests.harness.broker import Mosquitto
+from tests.harness.rollout import NEW, DesiredWatcher, StoredFleet, make_registry
 from tests.harness.util import terminate
 
 pytestmark = pytest.mark.broker
@@ -37,7 +37,7 @@ def env(tmp_path: Path, broker: Mosquitto) -> Iterator[dict[str, Any]]:
     make_registry(repo)
     url = f"sqlite:///{tmp_path / 'fleet.db'}"
     store = open_store(url)
-    watcher = Watcher(broker, repo)
+    watcher = DesiredWatcher(broker, repo)
     yield {"db": url, "repo": str(repo), "broker": broker.url, "store": store, "w": watcher}
     watcher.close()
     store.close()
@@ -54,7 +54,7 @@ def start_args(env: dict[str, Any], *extra: str) -> list[str]:
 
 
 def follow_until(
-    env: dict[str, Any], fleet: Fleet, proc: subprocess.Popen[str], fail: frozenset[str]
+    env: dict[str, Any], fleet: StoredFleet, proc: subprocess.Popen[str], fail: frozenset[str]
 ) -> None:
     """Play the devices until the process exits (at most 30 s)."""
     deadline = time.monotonic() + 30
@@ -65,7 +65,7 @@ def follow_until(
 
 def test_detach_status_pause_resume_and_the_controller(env: dict[str, Any]) -> None:
     store: Store = env["store"]
-    fleet = Fleet(store, 10)
+    fleet = StoredFleet(store, 10)
     r = run(*start_args(env, "--detach"))
     assert r.returncode == 0, r.stderr
     assert "rollout r1: det@2.0.0 to 'group:lobby' (front); stages 20%, 100%" in r.stdout
@@ -102,7 +102,7 @@ def test_detach_status_pause_resume_and_the_controller(env: dict[str, Any]) -> N
 
 
 def test_foreground_completes_with_progress(env: dict[str, Any]) -> None:
-    fleet = Fleet(env["store"], 10)
+    fleet = StoredFleet(env["store"], 10)
     proc = subprocess.Popen([EDGEFLEET, *start_args(env)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -116,7 +116,7 @@ def test_foreground_completes_with_progress(env: dict[str, Any]) -> None:
 
 
 def test_foreground_paused_by_a_gate_exits_1_with_its_numbers(env: dict[str, Any]) -> None:
-    fleet = Fleet(env["store"], 10)
+    fleet = StoredFleet(env["store"], 10)
     bad = frozenset(selection_order("r1", fleet.ids)[:1])
     proc = subprocess.Popen([EDGEFLEET, *start_args(env)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -1,135 +1,30 @@
 """The rollout controller against a real Mosquitto and a real SQLite ingest database.
 
-The "devices" are the test: it writes their birth state, reported state and telemetry into
-the ingest database directly, and reads what the controller published from the broker
-(``edgefleet/v1/devices/+/desired``), checking each signature with the agent's own verifier
-against the registry's root. Time is passed in (``tick(now)``), so soaks take no wall time.
+The "devices" are the test (``tests.harness.rollout.StoredFleet``): it writes their birth
+state, reported state and telemetry into the ingest database directly, and reads what the
+controller published from the broker (``edgefleet/v1/devices/+/desired``), checking each
+signature with the agent's own verifier against the registry's root. Time is passed in
+(``tick(now)``), so soaks take no wall time.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from agent.protocol.desired import desired_keys_from_root, verify_desired
-from agent.protocol.state import DesiredState, SignedDesired
-from agent.protocol.topics import Topics
 from cloud_sync.deploy import DesiredPublisher, last_issued
 from cloud_sync.ingest.store import Store, open_store
-from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import RolloutSpec, db, start
 from cloud_sync.rollout.controller import RolloutController
 from cloud_sync.rollout.stages import selection_order
 from tests.harness.broker import Mosquitto
-from tests.harness.util import wait_for
+from tests.harness.rollout import NEW, OLD, T0, DesiredWatcher, StoredFleet, make_registry
 
 pytestmark = pytest.mark.broker
-T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
-OLD, NEW = "1.0.0", "2.0.0"
-
-
-def make_registry(path: Path) -> Repository:
-    """A registry with det@1.0.0 and det@2.0.0 (the files' contents do not matter here)."""
-    repo = Repository.init(path)
-    files = {}
-    for v in (OLD, NEW):
-        f = path.parent / f"det-{v}.onnx"
-        f.write_bytes(f"model {v}".encode())
-        files[f"models/det/{v}/model.onnx"] = str(f)
-    repo.add_targets(files)
-    return repo
-
-
-class Watcher:
-    """Collects every desired state published, verified like a device verifies it."""
-
-    def __init__(self, broker: Mosquitto, repo_dir: Path) -> None:
-        root = json.loads((repo_dir / "root.json").read_text())["signed"]
-        self.keys, self.threshold = desired_keys_from_root(root)
-        self.got: list[DesiredState] = []
-        self.lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
-        self.c.on_message = self._on_message
-        self.c.connect(broker.host, broker.port)
-        self.c.subscribe(Topics().all_devices("desired"), qos=1)
-        self.c.loop_start()
-
-    def _on_message(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
-        env = SignedDesired.decode(bytes(msg.payload))
-        assert msg.topic == Topics().device(env.signed.device_id, "desired")
-        verify_desired(env, trusted_keys=self.keys, threshold=self.threshold,
-                       device_id=env.signed.device_id, last_revision=None)  # fmt: skip
-        with self.lock:
-            self.got.append(env.signed)
-
-    def wait(self, n: int) -> list[DesiredState]:
-        assert wait_for(lambda: len(self.got) >= n, 10), f"{len(self.got)} of {n} desired states"
-        with self.lock:
-            return list(self.got)
-
-    def devices_with(self, version: str) -> list[str]:
-        with self.lock:
-            return [d.device_id for d in self.got if d.pipelines["front"].version == version]
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
-class Fleet:
-    """N devices that exist only as rows in the ingest database."""
-
-    def __init__(self, store: Store, n: int) -> None:
-        self.store = store
-        self.ids = [f"dev-{i:02d}" for i in range(n)]
-        self.running = dict.fromkeys(self.ids, OLD)
-        for d in self.ids:
-            birth = {"device_id": d, "online": True, "pipelines": ["front"],
-                     "tags": {"site": "berlin"}, "groups": ["lobby"]}  # fmt: skip
-            store.upsert_state(birth, now=T0)
-            self.report(d, "committed", OLD, OLD)
-
-    def report(
-        self, d: str, phase: str, active: str, target: str, error: str | None = None
-    ) -> None:
-        self.store.upsert_reported({"device_id": d, "pipelines": [{
-            "name": "front", "phase": phase, "active_model": "det", "active_version": active,
-            "target_model": "det", "target_version": target, "last_error": error,
-            "updated_at": T0.isoformat()}]})  # fmt: skip
-
-    def follow(self, desired: list[DesiredState], *, fail: frozenset[str] = frozenset()) -> None:
-        """Each device takes the newest desired state it got: commits it, or rolls back."""
-        newest: dict[str, DesiredState] = {}
-        for s in desired:
-            if s.device_id not in newest or s.revision > newest[s.device_id].revision:
-                newest[s.device_id] = s
-        for d, s in newest.items():
-            want = s.pipelines["front"].version
-            if want == self.running[d]:
-                continue
-            if d in fail:
-                self.report(d, "rolled_back", self.running[d], want, "health window failed")
-            else:
-                self.running[d] = want
-                self.report(d, "committed", want, want)
-
-    def telemetry(self, start: datetime, seconds: int, p95: dict[str, float] | None = None) -> None:
-        """Every device reports every 10 s over ``[start, start + seconds]``."""
-        msgs = [
-            {"device_id": d, "ts": (start + timedelta(seconds=k)).isoformat(),
-             "pipelines": [{"name": "front", "fps_out": 10.0, "errors": 0, "model": "det",
-                            "version": self.running[d],
-                            "latency_ms": {"total": {"p95": (p95 or {}).get(d, 10.0)}}}]}
-            for k in range(0, seconds + 1, 10) for d in self.ids
-        ]  # fmt: skip
-        self.store.add_telemetry_batch(msgs, now=start)
 
 
 @pytest.fixture
@@ -137,7 +32,7 @@ def env(tmp_path: Path, broker: Mosquitto) -> Iterator[dict[str, Any]]:
     repo_dir = tmp_path / "registry"
     make_registry(repo_dir)
     store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    watcher = Watcher(broker, repo_dir)
+    watcher = DesiredWatcher(broker, repo_dir)
     ctl = RolloutController(store, repo_dir, broker.url)
     yield {"repo": repo_dir, "store": store, "watcher": watcher, "ctl": ctl, "broker": broker}
     ctl.close()
@@ -159,7 +54,7 @@ def status(store: Store, rid: str = "r1") -> str:
 
 def test_twenty_devices_ten_percent_then_all(env: dict[str, Any]) -> None:
     store, w, ctl = env["store"], env["watcher"], env["ctl"]
-    fleet = Fleet(store, 20)
+    fleet = StoredFleet(store, 20)
     record(store, gates=["failures<10%", "p95_latency<+20%"])
     canaries = selection_order("r1", fleet.ids)[:2]
 
@@ -189,7 +84,7 @@ def test_twenty_devices_ten_percent_then_all(env: dict[str, Any]) -> None:
 
 def test_bad_canary_trips_the_gate_and_rolls_back(env: dict[str, Any]) -> None:
     store, w, ctl = env["store"], env["watcher"], env["ctl"]
-    fleet = Fleet(store, 20)
+    fleet = StoredFleet(store, 20)
     record(store, gates=["p95_latency<+20%"], on_fail="rollback")
     canaries = selection_order("r1", fleet.ids)[:2]
     ctl.tick(T0)
@@ -213,7 +108,7 @@ def test_bad_canary_trips_the_gate_and_rolls_back(env: dict[str, Any]) -> None:
 
 def test_bad_canary_pauses_with_the_gates_numbers(env: dict[str, Any]) -> None:
     store, w, ctl = env["store"], env["watcher"], env["ctl"]
-    fleet = Fleet(store, 10)
+    fleet = StoredFleet(store, 10)
     record(store, gates=["failures<10%"], stages=["20%"])
     canaries = selection_order("r1", fleet.ids)[:2]
     ctl.tick(T0)
@@ -231,7 +126,7 @@ def test_restart_and_crash_resume_without_new_picks(
     env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, w, repo, broker = env["store"], env["watcher"], env["repo"], env["broker"]
-    fleet = Fleet(store, 20)
+    fleet = StoredFleet(store, 20)
     record(store, stages=["10%", "50%"])
     order = selection_order("r1", fleet.ids)
     env["ctl"].tick(T0)
@@ -272,7 +167,7 @@ def test_restart_and_crash_resume_without_new_picks(
 
 def test_abort_reverts_touched_devices(env: dict[str, Any]) -> None:
     store, w, ctl = env["store"], env["watcher"], env["ctl"]
-    fleet = Fleet(store, 20)
+    fleet = StoredFleet(store, 20)
     record(store)
     canaries = selection_order("r1", fleet.ids)[:2]
     ctl.tick(T0)

@@ -20,6 +20,7 @@ from cloud_sync.rollout import RolloutSpec, db, start
 from cloud_sync.rollout.controller import RolloutController
 from tests.harness.broker import Mosquitto
 from tests.harness.sim import SimFleet, SimProfile
+from tests.harness.sim.registry import make_sim_registry
 from tests.harness.util import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -35,7 +36,7 @@ def test_rollout_on_twenty_simulated_devices(
     broker: Mosquitto, tmp_path: Path, fleet_sim: ModuleType
 ) -> None:
     repo = tmp_path / "registry"
-    fleet_sim.make_registry(repo, tmp_path / "src", ["1.0.0", "1.1.0"], 64 << 10)
+    make_sim_registry(repo, tmp_path / "src", ["1.0.0", "1.1.0"], 64 << 10)
     store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
     server = ChunkServer(repo, broker.url, client_id="registry-1", workers=2)
     worker = IngestWorker(broker.url, store, flush_s=0.1)

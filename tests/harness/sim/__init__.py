@@ -10,6 +10,7 @@ from tests.harness.sim.engine import (
     SimPipeline,
     SimProfile,
     default_profile,
+    make_profile_fn,
     open_sim_model,
 )
 from tests.harness.sim.fleet import SimFleet
@@ -23,5 +24,6 @@ __all__ = [
     "SimPipeline",
     "SimProfile",
     "default_profile",
+    "make_profile_fn",
     "open_sim_model",
 ]

@@ -17,10 +17,8 @@ device).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import shutil
 import threading
 import time
 from collections import Counter
@@ -272,10 +270,6 @@ class SimDevice:
             if model is not None:
                 model.close()
 
-    def wipe(self) -> None:
-        """Delete the device's data dir (after ``stop``)."""
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
     # --- driven by the fleet's ticker ----------------------------------------------------------
 
     def _publish_reported(self, reported: ReportedState) -> None:
@@ -353,10 +347,3 @@ class SimDevice:
                 "stale": c.stale_responses,
             }
         return out
-
-
-def close_quietly(devices: Sequence[SimDevice]) -> None:
-    """Stop every device, logging (not raising) what fails: used on teardown paths."""
-    for d in devices:
-        with contextlib.suppress(Exception):
-            d.stop()

@@ -96,6 +96,19 @@ def default_profile(device_id: str, model: PipelineTarget | None) -> SimProfile:
     return SimProfile()
 
 
+def make_profile_fn(
+    base: SimProfile, bad_version: str | None, bad: set[str], factor: float, error_rate: float
+) -> ProfileFn:
+    """``base`` everywhere; ``bad_version`` on the ``bad`` devices: latency × ``factor``, errors."""
+
+    def fn(device_id: str, model: PipelineTarget | None) -> SimProfile:
+        if model is not None and model.version == bad_version and device_id in bad:
+            return base.degraded(factor, error_rate)
+        return base
+
+    return fn
+
+
 class SimBackend(Backend):
     """A stand-in engine for an ONNX file: real outputs, computed on demand (see module doc).
 

@@ -140,12 +140,6 @@ class SimFleet:
             with self._lock:
                 dev.start()
 
-    def stop_devices(self, ids: Iterable[str]) -> None:
-        """Stop devices cleanly (offline state published, connection closed)."""
-        for dev_id in ids:
-            with self._lock:
-                self.devices[dev_id].stop()
-
     def stop(self) -> None:
         """Stop every device, the ticker and the loops; remove the temp dir if it is ours."""
         self._stop.set()
