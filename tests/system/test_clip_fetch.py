@@ -197,8 +197,8 @@ def test_responder_drops_junk_and_answers_refusals_on_the_broker(
                                     "length": 9}).encode(), qos=1).wait_for_publish(5)  # fmt: skip
         op.publish(req, FetchRequest(id="y", path="clips/secret.txt", offset=0,
                                      length=9).encode(), qos=1).wait_for_publish(5)  # fmt: skip
-        assert wait_for(lambda: answers, timeout=10)
-        assert wait_for(lambda: device.guard.rejected >= 2, timeout=20)  # junk: no answer
+        assert wait_for(lambda: answers, timeout=30)
+        assert wait_for(lambda: device.guard.rejected >= 2, timeout=30)  # junk: no answer
         [only] = answers
         header, data = decode_response(only)
         assert (header.id, header.status, data) == ("y", "bad_request", b"")
