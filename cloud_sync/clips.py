@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from agent.common.errors import BadDataError, TransportError
-from agent.common.mqtt import parse_broker_url, service_client
+from agent.common.mqtt import connect_service, service_client
 from agent.protocol.telemetry import CLIP_ID_PATTERN
 from agent.protocol.topics import DEFAULT_ROOT, valid_device_id
 
@@ -50,14 +50,9 @@ def fetch_clip(
         raise ValueError(f"device id {device_id!r} is not topic-safe")
     if not re.fullmatch(CLIP_ID_PATTERN[1:-1], clip_id):
         raise ValueError(f"clip id {clip_id!r} is not PIPELINE.MILLISECONDS")
-    host, port, _tls = parse_broker_url(broker_url)
     client_id = f"edgefleet-clip-{device_id}-{int(time.time() * 1000) % 10**9}"
     client = service_client(client_id, broker_url)
-    try:
-        client.connect(host, port, keepalive=30)
-    except OSError as e:
-        raise TransportError(f"cannot reach broker {broker_url}: {e}") from e
-    client.loop_start()
+    connect_service(client, broker_url)
     try:
         chunks = ChunkClient(client, device_id, root=topic_root, kinds=("clips/req", "clips/resp"),
                              request_timeout_s=timeout_s, retries=3)  # fmt: skip

@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 
 from agent.common.errors import BadDataError, TransportError
 from agent.common.fsutil import atomic_write_bytes
-from agent.common.mqtt import CallbackGuard, parse_broker_url, service_client
+from agent.common.mqtt import CallbackGuard, connect_service, parse_broker_url, service_client
 from agent.protocol.desired import sign_desired, verify_desired
 from agent.protocol.state import (
     MAX_REVISION,
@@ -108,14 +108,9 @@ def deploy(
     topics = Topics(topic_root)
     desired_topic = topics.device(device_id, "desired")
     state_topic = topics.device(device_id, "state")
-    host, port, _tls = parse_broker_url(broker_url)
     client_id = f"edgefleet-deploy-{device_id}-{int(time.time() * 1000) % 10**9}"
     client = service_client(client_id, broker_url)
-    try:
-        client.connect(host, port, keepalive=30)
-    except OSError as e:
-        raise TransportError(f"cannot reach broker {broker_url}: {e}") from e
-    client.loop_start()
+    connect_service(client, broker_url)
     try:
         probe = f"{topic_root}/operators/{client_id}/probe"
         retained = _retained(client, [desired_topic, state_topic], probe, retained_wait_s)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.common.errors import BadDataError
+from agent.common.errors import BadDataError, TransportError
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 RECONNECT_MIN_DELAY_S = 0.5
@@ -274,3 +274,18 @@ def service_client(client_id: str, broker_url: str, *, clean: bool = True) -> mq
     if parse_broker_url(broker_url)[2]:
         configure_service_tls(client)
     return client
+
+
+def connect_service(client: mqtt.Client, broker_url: str, *, keepalive: int = 30) -> None:
+    """Connect ``client`` (from ``service_client``) to ``broker_url`` and start its network
+    thread; a one-shot operator command's connection.
+
+    Raises:
+        TransportError: the broker cannot be reached.
+    """
+    host, port, _tls = parse_broker_url(broker_url)
+    try:
+        client.connect(host, port, keepalive=keepalive)
+    except OSError as e:
+        raise TransportError(f"cannot reach broker {broker_url}: {e}") from e
+    client.loop_start()
