@@ -102,7 +102,7 @@ class Agent:
             segment_s=c.segment_s, loop=p.loop,
         )  # fmt: skip
 
-    def _clips(self) -> Any:
+    def clip_library(self) -> Any:
         """The clip library when any pipeline records clips (local API, cloud fetch)."""
         if not any(p.clips for p in self.cfg.pipelines):
             return None
@@ -159,7 +159,7 @@ class Agent:
             if self.cfg.api is not None:
                 from agent.api.server import ApiServer
 
-                self.api = ApiServer.from_config(self.cfg.api, self.pipelines, self._clips())
+                self.api = ApiServer.from_config(self.cfg.api, self.pipelines, self.clip_library())
                 self.api.start()
         except BaseException:
             self.stop()
@@ -249,7 +249,7 @@ class Agent:
                     self.session.topics.device(cfg.device_id, "snapshots"),
                     every_s=snap.every_s, jpeg_quality=snap.jpeg_quality, max_width=snap.max_width,
                 ))  # fmt: skip
-        library = self._clips()
+        library = self.clip_library()
         if library is not None:  # the cloud fetches event clips on clips/req
             from agent.sync.clips import ClipResponder
 

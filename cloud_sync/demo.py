@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -122,6 +124,7 @@ def _agent_config(wd: Path, broker: LocalBroker, repo_dir: Path, video: Path) ->
                 "sink": {"jsonl": str(wd / "data" / "front.jsonl")},
                 "events": {"policy": "rate", "max_per_s": 2},
                 "lines": [LINE],  # tracking comes on with it
+                **({"clips": CLIPS} if video.suffix == ".mp4" else {}),
             }
         ],
         "broker": {"url": broker.url},
@@ -191,6 +194,51 @@ def _fleet_line(store: Any) -> str:
     )
 
 
+CLIPS = {"pre_s": 2.0, "post_s": 2.0, "max_s": 10.0, "max_mb": 64}
+
+
+def _h264_copy(video: Path) -> Path | None:
+    """The camera video as H.264 in MP4 (one keyframe a second, no B-frames, as IP cameras
+    stream), made once by ffmpeg; None without ffmpeg or its H.264 encoder."""
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        return None
+    out = video.with_suffix(".mp4")
+    cmd = [exe, "-nostdin", "-y", "-loglevel", "error", "-i", str(video), "-c:v", "libx264",
+           "-preset", "veryfast", "-g", "30", "-bf", "0", "-pix_fmt", "yuv420p",
+           str(out)]  # fmt: skip
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out
+
+
+def _fetch_first_clip(agent: Agent) -> str | None:
+    """Once the device has cut a clip, fetch it the way the cloud does (``edgefleet clip get``:
+    chunk requests over MQTT to the device) and say so; its id, None while there is none, ""
+    when the fetch failed."""
+    from cloud_sync.clips import fetch_clip
+
+    clips = agent.clip_library()
+    done = clips.clips() if clips is not None else []
+    if not done or agent.cfg.broker is None:
+        return None
+    clip_id = str(done[0]["id"])
+    dest = agent.cfg.data_dir.parent / "fetched" / f"{clip_id}.mp4"
+    try:
+        size = fetch_clip(agent.cfg.broker.url, DEVICE, clip_id, dest)
+    except (EdgefleetError, OSError, ValueError) as e:
+        print(f"  clip {clip_id}: fetching it over MQTT failed: {e}", flush=True)
+        return ""  # tried once: no retries every second
+    print(
+        f"  clip {clip_id}: {size / 1e3:.0f} kB cut on the device around a line crossing, "
+        f"fetched over MQTT (`edgefleet clip get {DEVICE} {clip_id}`) to {dest}",
+        flush=True,
+    )
+    return clip_id
+
+
 def _counts_line(store: Any) -> str:
     """The demo line's counts as ``edgefleet fleet counts`` shows them, from the ingest database."""
     rows = [r for r in store.latest_counts(DEVICE) if r["kind"] == "line"]
@@ -221,6 +269,12 @@ def run_demo(
             share = None if not b.shared_subscriptions else "demo"
             _step("writing a 640x480 test video with a moving square (the camera)")
             video = write_synthetic_video(wd / "camera.avi", frames=300, fps=30.0)
+            h264 = _h264_copy(video)
+            if h264 is None:
+                _step("no ffmpeg here: the demo runs without event clips (they need H.264)")
+            else:
+                _step("the camera as H.264 too: event clips are cut from it without re-encoding")
+                video = h264
             repo_dir = _publish(wd, video)
             server = ChunkServer(repo_dir, b.url, client_id="registry-demo", share_group=share,
                                  workers=2)  # fmt: skip
@@ -269,6 +323,7 @@ def _live(
         + (f" for {duration_s:.0f} s" if duration_s else " (Ctrl-C stops)")
     )
     t_end = None if duration_s is None else time.monotonic() + duration_s
+    clip: str | None = None
     while not stop.wait(1.0):
         st = agent.status()["pipelines"][0]
         with lock:
@@ -282,6 +337,8 @@ def _live(
         )
         print(f"  {_fleet_line(store)}", flush=True)
         print(f"  {_counts_line(store)}", flush=True)
+        if clip is None and agent.cfg.pipelines[0].clips is not None:
+            clip = _fetch_first_clip(agent)
         if t_end is not None and time.monotonic() >= t_end:
             break
     final = agent.status()["pipelines"][0]
@@ -290,6 +347,7 @@ def _live(
         f"done: {final['frames_inferred']} frames inferred, {final['frames_dropped']} dropped, "
         f"{final['errors']} errors; ingest stored {counts['telemetry']} telemetry rows and "
         f"{counts['events']} events; {_counts_line(store)}"
+        + (f"; clip {clip}" if clip else "")  # "" : the fetch failed
         + (f"; everything is kept in {kept}" if kept else " (pass --workdir DIR to keep it)")
     )
     return 0

@@ -1,5 +1,6 @@
 """`edgefleet demo` counts the squares crossing its line on the device and shows the count as the
-fleet sees it: read back from the ingest database the demo fills."""
+fleet sees it (read back from the ingest database the demo fills), and fetches the event clip the
+device cut around a crossing over MQTT, as `edgefleet clip get` does."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from cloud_sync.ingest.store import open_store
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 COUNTS = re.compile(r"fleet counts: line middle blob: in (\d+) out (\d+)")
+CLIP = re.compile(r"clip (front\.\d+): \d+ kB cut on the device .* to (\S+\.mp4)")
 
 
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.video
 def test_demo_shows_the_line_count_from_the_ingest_database(tmp_path: Path) -> None:
-    """14 s of live output: the square circles once every 10 s and crosses the middle line
-    twice a lap, so at least one crossing reaches the fleet side."""
+    """20 s of live output: the square circles once every 10 s and crosses the middle line
+    twice a lap, so at least one crossing reaches the fleet side, and its clip (2 s pre and
+    post roll) is cut and fetched."""
     r = subprocess.run(
-        [EDGEFLEET, "demo", "--duration", "14", "--workdir", str(tmp_path), "--broker",
+        [EDGEFLEET, "demo", "--duration", "20", "--workdir", str(tmp_path), "--broker",
          "mosquitto"],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -45,3 +48,13 @@ def test_demo_shows_the_line_count_from_the_ingest_database(tmp_path: Path) -> N
     assert row["crossed_in"] >= seen[-1][0] and row["crossed_out"] >= seen[-1][1], (row, seen)
     done = r.stdout.strip().splitlines()[-1]
     assert done.startswith("==> done:") and "fleet counts: line middle blob" in done
+    # the clip: cut on the device from the H.264 camera stream, fetched over MQTT unchanged
+    [(clip_id, fetched)] = CLIP.findall(r.stdout)
+    on_device = tmp_path / "data" / "clips" / "front" / f"{clip_id}.mp4"
+    assert Path(fetched).read_bytes() == on_device.read_bytes()
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", fetched],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert float(probe.stdout) >= 4.0 - 1.0  # pre + post roll, within a GOP (1 s)
+    assert done.endswith(f"clip {clip_id}; everything is kept in {tmp_path}")
