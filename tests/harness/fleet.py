@@ -28,7 +28,11 @@ from tests.harness.util import wait_for
 DEVICE = "cam-01"
 # No test is about latency: a loaded CI machine's jitter must not roll a good version back
 # (the latency rule has its own tests in test_machine.py).
-TEST_UPDATE = {"health_window_s": 0.5, "health_min_frames": 5, "max_latency_ratio": 20.0}
+# These fleets test delivery, not latency (the latency rollback is tested in test_machine.py):
+# in a 0.5 s window the p95 of a 0.3 ms model is its slowest frame, and on two cores shared
+# with CPU-heavy tests one frame may take 6 ms, past 20x (a rollback seen in CI). 100 is the
+# config's maximum.
+TEST_UPDATE = {"health_window_s": 0.5, "health_min_frames": 5, "max_latency_ratio": 100.0}
 
 
 class Fleet:
