@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 
 from agent.common.errors import BadDataError, TransportError
 from agent.common.fsutil import atomic_write_bytes
-from agent.common.mqtt import CallbackGuard, connect_service, parse_broker_url, service_client
+from agent.common.mqtt import CallbackGuard, connect_service, service_client
 from agent.protocol.desired import sign_desired, verify_desired
 from agent.protocol.state import (
     MAX_REVISION,
@@ -279,15 +279,10 @@ class DesiredPublisher:
         Raises:
             TransportError: the broker cannot be reached.
         """
-        host, port, _tls = parse_broker_url(self.broker_url)
         client = service_client(self.client_id, self.broker_url)
         self.attach(client)
-        try:
-            client.connect(host, port, keepalive=30)
-        except OSError as e:
-            raise TransportError(f"cannot reach broker {self.broker_url}: {e}") from e
+        connect_service(client, self.broker_url)
         self._client = client
-        client.loop_start()
         if not self._probed.wait(self.retained_wait_s):
             self.close()
             raise TransportError(
