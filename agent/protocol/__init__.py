@@ -5,4 +5,7 @@
 # fields are optional, so 1.0 messages still validate.
 # 1.2: the id of the event clip in events (optional 'clip'), and the clip fetch topics
 # clips/req (cloud→dev, fetch requests for clips/ID.mp4) and clips/resp (dev→cloud).
-CONTRACT_VERSION = "1.2"
+# 1.3: remote configuration (desired 'config', reported 'config'), what a pipeline's update
+# waits for ('waiting') and whether its source ended ('source_ended'); signed commands on
+# cmd (cloud→dev) and their results on cmd/result (dev→cloud).
+CONTRACT_VERSION = "1.3"

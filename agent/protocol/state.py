@@ -14,6 +14,7 @@ nothing else) when it is oversized, not JSON or does not validate (``agent.proto
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Literal
@@ -68,6 +69,44 @@ def _utc(value: datetime) -> datetime:
 
 # --- desired ---------------------------------------------------------------------------------
 
+CONFIG_HASH_PATTERN = r"^[0-9a-f]{64}$"
+MAX_CONFIG_TEXT = 48 * 1024  # characters; the whole message must fit MAX_MESSAGE
+
+
+class ConfigTarget(BaseModel):
+    """A pipeline configuration the cloud wants a device to run (``DesiredState.config``).
+
+    ``document`` is JSON text ``{"pipelines": [...]}``: the ``[[pipelines]]`` tables of the
+    agent's config file. It travels as text because the signed body is canonical JSON, which
+    has no floats (thresholds are floats). The device validates it with the same pydantic
+    models as its local file (``agent.pipeline.config``) and refuses the whole configuration
+    when any table is invalid. Settings that must never be changed remotely (data dir, trust
+    root, broker credentials) have no place here. A string that holds a secret (a camera URL
+    with a password) is sealed to the device's enrolled key (``sealed:v1:…``, see
+    ``agent.protocol.sealed``) and opened only on the device.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash: str = Field(
+        pattern=CONFIG_HASH_PATTERN, description="sha256 (hex) of 'document' encoded as UTF-8"
+    )
+    document: str = Field(
+        max_length=MAX_CONFIG_TEXT,
+        description='JSON text {"pipelines": [...]}: the [[pipelines]] tables of the agent config',
+    )
+
+    @model_validator(mode="after")
+    def _hash_matches(self) -> ConfigTarget:
+        if config_hash(self.document) != self.hash:
+            raise ValueError("config hash does not match its document")
+        return self
+
+
+def config_hash(document: str) -> str:
+    """The hash a ``ConfigTarget`` carries and a device reports: sha256 of the UTF-8 text."""
+    return hashlib.sha256(document.encode("utf-8")).hexdigest()
+
 
 class PipelineTarget(BaseModel):
     """The model version one pipeline should run."""
@@ -95,6 +134,10 @@ class DesiredState(WireMessage):
         default_factory=dict,
         max_length=MAX_PIPELINES,
         description="Pipeline name → model version it should run",
+    )
+    config: ConfigTarget | None = Field(
+        None,
+        description="Pipeline configuration to run (contract 1.3); absent: keep the one running",
     )
 
     @field_validator("issued_at")
@@ -175,11 +218,63 @@ class PipelineReport(BaseModel):
         None, max_length=MAX_ERROR_TEXT, description="Why the last attempt failed (cut to fit)"
     )
     updated_at: datetime = Field(description="When this entry last changed (UTC)")
+    waiting: str | None = Field(
+        None,
+        max_length=MAX_ERROR_TEXT,
+        description="What the update waits for, in words (e.g. a maintenance window; 1.3)",
+    )
+    source_ended: bool = Field(
+        False, description="The pipeline's source has ended (a file without loop; 1.3)"
+    )
 
-    @field_validator("last_error", mode="before")
+    @field_validator("last_error", "waiting", mode="before")
     @classmethod
     def _cut_error(cls, v: object) -> object:
         # a long traceback must not make the whole report too big to send: keep its start
+        if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
+            return v[: MAX_ERROR_TEXT - 1] + "…"
+        return v
+
+    @field_validator("updated_at")
+    @classmethod
+    def _updated_utc(cls, v: datetime) -> datetime:
+        return _utc(v)
+
+
+class ConfigStatus(str, Enum):
+    """Where the device's last remote configuration attempt stands."""
+
+    APPLYING = "applying"  # applied, health window running
+    APPLIED = "applied"  # running and healthy
+    REJECTED = "rejected"  # invalid (or not openable): never applied, previous one kept
+    ROLLED_BACK = "rolled_back"  # applied, failed its health window, previous one restored
+
+
+class ConfigReport(BaseModel):
+    """Which pipeline configuration runs, and how the last remote one went (contract 1.3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash: str | None = Field(
+        None,
+        pattern=CONFIG_HASH_PATTERN,
+        description="Hash of the remote configuration running; null: the local file's",
+    )
+    revision: int | None = Field(
+        None, ge=1, le=MAX_REVISION, description="Desired revision that carried the last attempt"
+    )
+    target_hash: str | None = Field(
+        None, pattern=CONFIG_HASH_PATTERN, description="Hash of the last configuration attempted"
+    )
+    status: ConfigStatus | None = Field(None, description="Outcome of the last attempt")
+    reason: str | None = Field(
+        None, max_length=MAX_ERROR_TEXT, description="Why it was rejected or rolled back"
+    )
+    updated_at: datetime = Field(description="When this entry last changed (UTC)")
+
+    @field_validator("reason", mode="before")
+    @classmethod
+    def _cut_reason(cls, v: object) -> object:
         if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
             return v[: MAX_ERROR_TEXT - 1] + "…"
         return v
@@ -202,6 +297,9 @@ class ReportedState(WireMessage):
         default_factory=list, max_length=MAX_PIPELINES, description="One entry per pipeline"
     )
     contract: Contract = Field(CONTRACT_VERSION, description="Wire contract version")
+    config: ConfigReport | None = Field(
+        None, description="Pipeline configuration running and the last remote attempt (1.3)"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ReportedState:
@@ -256,6 +354,9 @@ def contract_major(contract: str) -> int:
 
 
 __all__ = [
+    "ConfigReport",
+    "ConfigStatus",
+    "ConfigTarget",
     "DesiredState",
     "DeviceState",
     "PipelineReport",
@@ -265,5 +366,6 @@ __all__ = [
     "SignatureEntry",
     "SignedDesired",
     "UpdatePhase",
+    "config_hash",
     "contract_major",
 ]
