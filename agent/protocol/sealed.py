@@ -7,6 +7,7 @@ associated data, from the ``cryptography`` package).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,6 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.common.errors import BadDataError
 
 SEALED_PREFIX = "sealed:v1:"
+_SEALED_RE = re.compile(re.escape(SEALED_PREFIX) + r"[A-Za-z0-9_=-]+")
+# scheme://user:password@host → the password part (RFC 3986 userinfo; no '@' or '/' inside)
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*(?=@)")
 
 
 class SealedError(BadDataError):
@@ -50,4 +54,5 @@ def unseal_tree(obj: Any, private_key: ec.EllipticCurvePrivateKey, *, device_id:
 
 def redact(text: str) -> str:
     """``text`` with sealed tokens shortened and URL passwords (``user:pw@``) masked."""
-    raise NotImplementedError
+    text = _SEALED_RE.sub(SEALED_PREFIX + "…", text)
+    return _URL_PASSWORD_RE.sub(r"\g<head>***", text)
