@@ -127,6 +127,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if broker.get("last_error"):
             link += f" ({broker['last_error']})"
     print(f"device {status['device_id']}  profile {status['profile']}  updated {when}{link}")
+    conf = status.get("config") or {}
+    if conf:  # remote configuration: which runs, how the last attempt went
+        running = f"remote {conf['hash'][:12]}" if conf.get("hash") else "local file"
+        last = f"  last {conf['status']} {(conf.get('target_hash') or '')[:12]}".rstrip()
+        print(f"  config {running}{last if conf.get('status') else ''}"
+              + (f": {conf['reason']}" if conf.get("reason") else ""))  # fmt: skip
     phases = {r["name"]: r for r in (status.get("reported") or {}).get("pipelines", [])}
     for p in status["pipelines"]:
         rep = phases.get(p["name"])

@@ -23,12 +23,11 @@ from agent.common.errors import EdgefleetError
 from agent.common.fsutil import atomic_write_json, remove_stale_temps
 from agent.config import AgentConfig, BrokerConfig, TrustConfig
 from agent.models import open_local_model, resolve_profile
-from agent.pipeline.analytics import pipeline_options
 from agent.pipeline.config import PipelineConfig
 from agent.pipeline.model import RunnableModel
 from agent.pipeline.runner import Pipeline
-from agent.pipeline.sinks import JsonlSink, Sink
-from agent.pipeline.sources import parse_source
+from agent.remoteconfig.applier import ConfigHealth, RemoteConfig
+from agent.running import CloudSinks, RunningPipelines
 from agent.testhooks import NO_HOOKS, TestHooks
 
 log = logging.getLogger(__name__)
@@ -53,9 +52,20 @@ class Agent:
         # runs devices on a simulated year through it)
         self.wall = wall
         self.profile_name, self.profile, self.profile_reason = resolve_profile(cfg.profile)
-        self.pipelines: list[Pipeline] = []
+        # the running pipelines (shared list and name → pipeline dict) and their configs;
+        # remote configuration restarts, adds and removes them
+        self.running = RunningPipelines(cfg.data_dir)
+        self.running.on_change.append(self._pipelines_changed)
+        self.pipelines: list[Pipeline] = self.running.items
         self.models: dict[str, RunnableModel] = {}
         self._stop = threading.Event()
+        up = cfg.update
+        self.remote = RemoteConfig(
+            self.running, cfg, open_model=self._model_for,
+            shared=lambda m: any(m is x for x in self.models.values()),
+            health=ConfigHealth(up.health_window_s, up.health_min_frames, up.max_error_rate),
+            clock=clock, wall=wall, stop=self._stop,
+        )  # fmt: skip
         # Test-only (agent.testhooks): stretch or break delivered models' engine builds and
         # trials, so fault tests can kill the agent mid-update. Read at each build.
         self.hooks = hooks
@@ -65,6 +75,7 @@ class Agent:
         self.outbox_sender: Any = None
         self.telemetry: Any = None
         self.metrics_server: Any = None  # the local Prometheus endpoint, when configured
+        self._metrics_snapshot: Any = None
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
         self.api: Any = None  # [api]: the local inference API server (agent.api.ApiServer)
 
@@ -89,22 +100,9 @@ class Agent:
             )
         return self.models[key]
 
-    def _clips_for(self, p: PipelineConfig) -> Any:
-        """The pipeline's clip recorder (``[pipelines.clips]``), or None."""
-        if p.clips is None:
-            return None
-        from agent.pipeline.clips import ClipRecorder
-
-        c = p.clips
-        return ClipRecorder(
-            p.name, parse_source(p.source), self.cfg.data_dir / "clips" / p.name,
-            pre_s=c.pre_s, post_s=c.post_s, max_s=c.max_s, max_mb=c.max_mb,
-            segment_s=c.segment_s, loop=p.loop,
-        )  # fmt: skip
-
     def clip_library(self) -> Any:
         """The clip library when any pipeline records clips (local API, cloud fetch)."""
-        if not any(p.clips for p in self.cfg.pipelines):
+        if not any(p.clips for p in self.running.configs.values()):
             return None
         from agent.pipeline.clips import ClipLibrary
 
@@ -133,22 +131,9 @@ class Agent:
             log.info("removed %s left by an interrupted write", stale.name)
         self.clock_problem = self._check_clock()
         try:
-            for p in self.cfg.pipelines:
-                sinks: list[Sink] = []
-                if p.sink.jsonl is not None:
-                    sinks.append(JsonlSink(p.sink.jsonl, max_bytes=p.sink.jsonl_max_mb << 20))
-                pipe = Pipeline(
-                    p.name,
-                    parse_source(p.source),
-                    self._model_for(p),
-                    sinks,
-                    loop=p.loop,
-                    pace=p.pace,
-                    open_timeout_s=p.open_timeout_s,
-                    **pipeline_options(p),  # rate control, tracking, zones and lines
-                    clips=self._clips_for(p),
-                )
-                self.pipelines.append(pipe)
+            # the stored remote configuration's pipelines when there is one, else the file's
+            for p in self.remote.startup_pipelines():
+                self.running.add(p, self._model_for(p))
             if self.cfg.broker is not None:
                 self._start_cloud()
             if self.cfg.telemetry.prometheus_port is not None:
@@ -181,6 +166,7 @@ class Agent:
         snap = TelemetrySnapshot(self.cfg.device_id, self.pipelines, self.outbox,
                                  interval_s=tel.interval_s, data_dir=self.cfg.data_dir,
                                  reader="prometheus")  # fmt: skip
+        self._metrics_snapshot = snap
         try:
             self.metrics_server = serve_device_metrics(snap, port, tel.prometheus_addr)
         except OSError as e:
@@ -233,22 +219,11 @@ class Agent:
             interval_s=tel.interval_s,
             data_dir=cfg.data_dir,
         )
-        from agent.telemetry.events import EventPolicy, MqttEventSink
-
-        events_topic = self.session.topics.device(cfg.device_id, "events")
-        for pipe, pcfg in zip(self.pipelines, cfg.pipelines, strict=True):
-            if pcfg.events.policy != "off":
-                policy = EventPolicy(pcfg.events.policy, pcfg.events.max_per_s)
-                pipe.sinks.append(MqttEventSink(cfg.device_id, self.outbox, events_topic, policy))
-            if pcfg.snapshots is not None:
-                from agent.telemetry.snapshots import SnapshotSink
-
-                snap = pcfg.snapshots
-                pipe.sinks.append(SnapshotSink(
-                    cfg.device_id, self.outbox,
-                    self.session.topics.device(cfg.device_id, "snapshots"),
-                    every_s=snap.every_s, jpeg_quality=snap.jpeg_quality, max_width=snap.max_width,
-                ))  # fmt: skip
+        topics = self.session.topics
+        self.running.attach_cloud(CloudSinks(
+            cfg.device_id, self.outbox, topics.device(cfg.device_id, "events"),
+            topics.device(cfg.device_id, "snapshots"),
+        ))  # fmt: skip
         library = self.clip_library()
         if library is not None:  # the cloud fetches event clips on clips/req
             from agent.sync.clips import ClipResponder
@@ -287,17 +262,38 @@ class Agent:
             trust_root=trust.root,
             update=cfg.update,
             profile=self.profile,
-            pipelines={p.name: p for p in self.pipelines},
+            pipelines=self.running.by_name,  # the one dict: remote configuration changes it
             open_model=open_model,
             publish_reported=self.session.publish_reported,
             wall=self.wall,
             storage=cfg.storage,
             hooks=self.hooks,
+            apply_config=self.remote.apply,
+            config_report=self.remote.report,
         ).updates
+        self.remote.publish = self.updates.report
         self.updates.recover()
         if self.clock_problem:
             self.updates.errors["clock"] = self.clock_problem  # in the reported state
         self.updates.start()
+
+    def restart_pipeline(self, name: str) -> None:
+        """Restart one pipeline with its current config, keeping the model it runs.
+
+        Raises:
+            EdgefleetError: no pipeline of that name.
+        """
+        with self.running.lock:
+            pipe = self.running.get(name)
+            self.running.restart(name, self.running.configs[name], pipe.model)
+
+    def _pipelines_changed(self) -> None:
+        """Pipelines were restarted, added or removed: the readers holding copies of the
+        list, and the config, follow."""
+        self.cfg = self.cfg.model_copy(update={"pipelines": list(self.running.configs.values())})
+        for snap in (getattr(self.telemetry, "snapshot", None), self._metrics_snapshot):
+            if snap is not None:
+                snap.pipelines = list(self.pipelines)
 
     def stop(self) -> None:
         """Stop in dependency order: the local API, updates, pipelines (they write events into
@@ -339,6 +335,7 @@ class Agent:
             }
         if self.updates is not None:
             extra["reported"] = self.updates.reported().model_dump(mode="json")
+        extra["config"] = self.remote.report().model_dump(mode="json")
         return {
             **extra,
             "device_id": self.cfg.device_id,

@@ -21,7 +21,7 @@ from agent.pipeline.tracking import Tracker, tracker_from_config
 from agent.pipeline.zones import RegionCounter
 
 if TYPE_CHECKING:
-    from agent.pipeline.config import LineConfig, PipelineConfig, ZoneConfig
+    from agent.pipeline.config import LineConfig, PipelineConfig, TrackingConfig, ZoneConfig
 
 __all__ = ["FrameAnalytics", "pipeline_options"]
 
@@ -75,6 +75,23 @@ class FrameAnalytics:
                 if "dwell_s" in o:
                     o["dwell_s"] = round(max(o["dwell_s"], 0.0), 3)
             event["objects"] = objects
+
+    def retune(
+        self,
+        tracking: TrackingConfig,
+        zones: Sequence[ZoneConfig] | None = None,
+        lines: Sequence[LineConfig] = (),
+    ) -> None:
+        """New tracker thresholds (tracks already running keep theirs, new ones take these)
+        and, when ``zones`` is given, new zones and lines (their counts start again); takes
+        effect from the next frame (remote configuration, ``agent.running``)."""
+        fresh = tracker_from_config(tracking)
+        with self._lock:
+            t = self.tracker
+            t.params, t.per_class, t.classes = fresh.params, fresh.per_class, fresh.classes
+            t.max_tracks = fresh.max_tracks
+            if zones is not None:
+                self.regions = RegionCounter(zones, lines)
 
     def status(self) -> dict[str, Any]:
         """``tracks_active``, ``tracks_started`` and the ``zones``/``lines`` count rows."""

@@ -169,7 +169,8 @@ class Pipeline:
                     if self.reader.ended.is_set():
                         break
                     continue
-                skip = self.gate.check(frame.image, frame.t) if self.gate else None
+                gate = self.gate  # read once: a remote configuration may replace it
+                skip = gate.check(frame.image, frame.t) if gate is not None else None
                 if skip is not None:
                     self.metrics.count(f"frames_skipped_{skip}")
                     continue

@@ -24,6 +24,7 @@ import numpy as np
 from agent.common.backoff import Backoff
 from agent.common.errors import SourceError
 from agent.pipeline.metrics import PipelineMetrics
+from agent.protocol.sealed import redact
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ class SourceSpec:
 
     @property
     def display(self) -> str:
-        """The source with any ``user:password@`` removed, for logs and telemetry."""
-        return re.sub(r"//[^/@]*@", "//***@", str(self.target))
+        """The source with any ``user:password@`` removed and sealed values shortened
+        (``redact``), for logs, telemetry and reports."""
+        return redact(re.sub(r"//[^/@]*@", "//***@", str(self.target)))
 
 
 def parse_source(source: str | int) -> SourceSpec:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from agent.config import StorageConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
-from agent.protocol.state import ReportedState
+from agent.protocol.state import ConfigReport, ConfigTarget, ReportedState
 from agent.testhooks import NO_HOOKS, TestHooks
 from agent.update.machine import HealthWindow
 from agent.update.manager import OpenModel, UpdateManager, utcnow
@@ -57,6 +57,8 @@ def wire_delivery(
     wall: Callable[[], datetime] | None = None,
     storage: StorageConfig | None = None,
     hooks: TestHooks = NO_HOOKS,
+    apply_config: Callable[[ConfigTarget, int], None] | None = None,
+    config_report: Callable[[], ConfigReport | None] | None = None,
 ) -> Delivery:
     """The chunk client on ``session``'s MQTT client (resubscribed on each connect), its
     fetcher under a TUF client on ``data_dir``, the model store and the update manager.
@@ -76,6 +78,8 @@ def wire_delivery(
         storage: engines kept and the storage budget (``[storage]``); none: engines are not
             pruned and there is no budget.
         hooks: test-only hooks for the update manager.
+        apply_config: applies a desired state's pipeline configuration (remote config).
+        config_report: the configuration part of the reported state.
     """
     stop_updates = threading.Event()
     chunks = ChunkClient(
@@ -107,6 +111,8 @@ def wire_delivery(
         storage_budget_mb=storage.max_mb if storage is not None else None,
         stop_event=stop_updates,
         hooks=hooks,
+        apply_config=apply_config,
+        config_report=config_report,
         health=lambda: HealthWindow(
             duration_s=update.health_window_s,
             min_frames=update.health_min_frames,

@@ -31,7 +31,15 @@ from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
 from agent.protocol.card import ModelCard
 from agent.protocol.desired import DesiredRejected, Verdict, desired_keys_from_root, verify_desired
-from agent.protocol.state import PipelineTarget, Progress, ReportedState, SignedDesired, UpdatePhase
+from agent.protocol.state import (
+    ConfigReport,
+    ConfigTarget,
+    PipelineTarget,
+    Progress,
+    ReportedState,
+    SignedDesired,
+    UpdatePhase,
+)
 from agent.protocol.wire import BadMessage
 from agent.testhooks import NO_HOOKS, TestHooks
 from agent.update.checks import check_card, check_golden
@@ -83,8 +91,13 @@ class UpdateManager:
         storage_budget_mb: int | None = None,
         stop_event: threading.Event | None = None,
         hooks: TestHooks = NO_HOOKS,
+        apply_config: Callable[[ConfigTarget, int], None] | None = None,
+        config_report: Callable[[], ConfigReport | None] | None = None,
     ) -> None:
         self.device_id = device_id
+        # remote configuration, applied before the model loop (a pipeline it adds gets models)
+        self.apply_config = apply_config
+        self.config_report = config_report
         # Test-only: hooks.trial_sleep_s makes the trial wait first, so crash tests can kill
         # the agent while a built model is on trial.
         self.hooks = hooks
@@ -269,6 +282,8 @@ class UpdateManager:
         self.errors.pop("*", None)
         self.state = self.state.model_copy(update={"accepted_revision": desired.revision})
         self._save_state()
+        if desired.config is not None and self.apply_config is not None:
+            self.apply_config(desired.config, desired.revision)
         for name, target in desired.pipelines.items():
             if name not in self.pipelines:
                 self.errors[name] = (
@@ -487,8 +502,9 @@ class UpdateManager:
 
     def reported(self) -> ReportedState:
         return reported_state(
-            self.device_id, self.pipelines, self.state, self.errors, self.progress, self.wall()
-        )
+            self.device_id, self.pipelines, self.state, self.errors, self.progress, self.wall(),
+            config=self.config_report() if self.config_report is not None else None,
+        )  # fmt: skip
 
     def report(self) -> None:
         with self._lock:

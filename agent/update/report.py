@@ -8,7 +8,13 @@ from datetime import datetime
 
 from agent.models import BuildProgress
 from agent.pipeline.runner import Pipeline
-from agent.protocol.state import PipelineReport, Progress, ReportedState, UpdatePhase
+from agent.protocol.state import (
+    ConfigReport,
+    PipelineReport,
+    Progress,
+    ReportedState,
+    UpdatePhase,
+)
 from agent.update.machine import UpdateState
 
 # A step of opening a model: the engine build's progress, or words from a stand-in build
@@ -44,10 +50,14 @@ def reported_state(
     errors: LastErrors,
     progress: Mapping[str, Progress],
     now: datetime,
+    *,
+    config: ConfigReport | None = None,
 ) -> ReportedState:
-    """What the device reports: each pipeline's attempt (or running model) and last error."""
+    """What the device reports: each pipeline's attempt (or running model) and last error,
+    and the pipeline configuration running (``config``)."""
     reports = []
-    for name, pipe in pipelines.items():
+    # a copy taken at once: remote configuration may add or remove pipelines meanwhile
+    for name, pipe in list(pipelines.items()):
         slot = state.pipelines.get(name)
         attempt = slot.attempt if slot else None
         model = pipe.model
@@ -77,6 +87,7 @@ def reported_state(
         device_id=device_id,
         desired_revision=state.applied_revision,
         pipelines=reports,
+        config=config,
     )
 
 
