@@ -47,8 +47,10 @@ from agent.protocol.topics import valid_device_id
 SEALED_PREFIX = "sealed:v1:"
 _SEALED_RE = re.compile(re.escape(SEALED_PREFIX) + r"[A-Za-z0-9_=-]+")
 # scheme://user:password@host → the password part (RFC 3986 userinfo: the password runs up to
-# the last '@' before the path; it may hold ':' and percent-escapes, never '/' or whitespace)
-_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^/\s]*(?=@)")
+# the last '@' before the path; it may hold ':' and percent-escapes, never '/' or whitespace).
+# The scheme is bounded: unbounded, every letter of a long word would start a scan to its end
+# (quadratic: 70 s for 100 kB), and reports from devices pass through here
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,31}://[^:/@\s]*:)[^/\s]*(?=@)")
 
 POINT_BYTES = 65  # X9.62 uncompressed P-256 point: 0x04 || X || Y
 NONCE_BYTES = 12

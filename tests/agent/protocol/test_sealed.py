@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +30,13 @@ from agent.protocol.sealed import (
     seal,
     unseal,
     unseal_tree,
+)
+from agent.protocol.state import (
+    MAX_ERROR_TEXT,
+    ConfigReport,
+    PipelineReport,
+    ReportedState,
+    UpdatePhase,
 )
 
 SECRET = "rtsp://admin:Tr0ub4dor-3xyz@10.0.0.7:554/stream1"
@@ -316,3 +324,35 @@ def test_log_records_are_redacted_through_a_real_handler(
     assert out.count("rtsp://admin:***@10.0.0.7:554/stream1") == 4
     assert "ValueError: cannot open rtsp://admin:***@" in out  # the traceback is kept, masked
     assert token not in out and f"{SEALED_PREFIX}…" in out
+
+
+HOSTILE = ["a://b:" + "c" * 100_000, "x" * 100_000, "a://b:@" * 20_000, "a://" * 30_000]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_redact_is_linear_on_hostile_text(text: str) -> None:
+    # quadratic before the scheme was bounded: the first case took 71 s (no timing assertion:
+    # a regression shows as a test that takes minutes)
+    assert redact(text) == text.replace(":@", ":***@")
+
+
+def test_reports_never_carry_a_password(key: ec.EllipticCurvePrivateKey) -> None:
+    """What a device reports and what ingest decodes (the fleet page shows it) is masked,
+    also when the text is cut to its limit right inside the URL."""
+    token = seal(SECRET, key.public_key(), device_id="cam-1")
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    rep = PipelineReport(
+        name="front", phase=UpdatePhase.REJECTED, updated_at=now,
+        last_error="x" * (MAX_ERROR_TEXT - 20) + f" cannot open {SECRET}",
+        waiting=f"camera {SECRET} reconnecting",
+    )  # fmt: skip
+    cfg = ConfigReport(reason=f"source {token} of {SECRET}: refused", updated_at=now)
+    wire = ReportedState(device_id="cam-1", pipelines=[rep], config=cfg).encode()
+    assert PASSWORD.encode() not in wire and token.encode() not in wire
+    # a device that does not redact (old or hostile): ingest's decode masks it anyway
+    raw_json = wire.replace(b"***", PASSWORD.encode())
+    assert PASSWORD.encode() in raw_json
+    decoded = ReportedState.decode(raw_json)
+    assert decoded.config is not None and decoded.config.reason is not None
+    assert PASSWORD not in (decoded.pipelines[0].waiting or "")
+    assert PASSWORD not in decoded.config.reason
