@@ -98,10 +98,8 @@ def _point(key: ec.EllipticCurvePublicKey) -> bytes:
     )
 
 
-def _check_p256(key: object, what: str) -> None:
-    if not isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)) or not (
-        isinstance(key.curve, ec.SECP256R1)
-    ):
+def _check_p256(key: object, kind: type, what: str) -> None:
+    if not isinstance(key, kind) or not isinstance(getattr(key, "curve", None), ec.SECP256R1):
         raise SealedError(f"{what} must be a P-256 (secp256r1) EC key", reason="key")
 
 
@@ -123,7 +121,7 @@ def seal(plaintext: str, public_key: ec.EllipticCurvePublicKey, *, device_id: st
             bad device id.
     """
     device = _check_device_id(device_id)
-    _check_p256(public_key, "the device's public key")
+    _check_p256(public_key, ec.EllipticCurvePublicKey, "the device's public key")
     if not isinstance(plaintext, str):
         raise SealedError("only text can be sealed", reason="format")
     data = plaintext.encode("utf-8")
@@ -177,7 +175,7 @@ def unseal(token: str, private_key: ec.EllipticCurvePrivateKey, *, device_id: st
         SealedError: not sealed for this device and key, tampered with, or malformed.
     """
     device = _check_device_id(device_id)
-    _check_p256(private_key, "the device's private key")
+    _check_p256(private_key, ec.EllipticCurvePrivateKey, "the device's private key")
     raw = _decode(token)
     eph_point, nonce = raw[:POINT_BYTES], raw[POINT_BYTES : POINT_BYTES + NONCE_BYTES]
     sealed_data = raw[POINT_BYTES + NONCE_BYTES :]
@@ -223,7 +221,7 @@ def unseal_tree(obj: Any, private_key: ec.EllipticCurvePrivateKey, *, device_id:
             or a tree nested deeper than 64 levels.
     """
     _check_device_id(device_id)
-    _check_p256(private_key, "the device's private key")
+    _check_p256(private_key, ec.EllipticCurvePrivateKey, "the device's private key")
 
     def walk(node: Any, path: str, depth: int) -> Any:
         if depth > _MAX_DEPTH:

@@ -184,6 +184,8 @@ def test_bad_keys_and_ids(key: ec.EllipticCurvePrivateKey) -> None:
         unseal(token, p384, device_id="cam-1")
     with pytest.raises(SealedError, match="device id"):
         seal("x", key.public_key(), device_id="bad id/+")
+    with pytest.raises(SealedError, match="P-256"):  # a private key where the public one goes
+        seal("x", key, device_id="cam-1")  # type: ignore[arg-type]
 
 
 @settings(max_examples=200, deadline=None)
