@@ -74,7 +74,7 @@ class SealedError(BadDataError):
         path: where in a tree the value sits (``pipelines[0].source``); ``""`` for one value.
     """
 
-    def __init__(self, message: str, *, reason: str, path: str = "") -> None:
+    def __init__(self, message: str, *, reason: str = "format", path: str = "") -> None:
         super().__init__(message)
         self.reason = reason
         self.path = path
