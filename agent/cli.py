@@ -35,6 +35,9 @@ def _setup_logging(verbose: bool) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    from agent.protocol.sealed import install_redaction
+
+    install_redaction()  # camera passwords and sealed tokens never reach the journal
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_sync.enroll import add_pki_commands
 
     add_pki_commands(sub)
+    from cloud_sync.sealing import add_secret_commands
+
+    add_secret_commands(sub)
     from cloud_sync.clips import add_clip_commands
 
     add_clip_commands(sub)
@@ -247,14 +250,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(duration_s=args.duration, workdir=args.workdir, broker=args.broker)
 
 
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    from agent.protocol.sealed import install_redaction
+
+    install_redaction()  # URL passwords and sealed tokens never reach a log line
+
+
 def main(argv: list[str] | None = None) -> int:
     from agent.cli import dispatch
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    _setup_logging(args.verbose)
     return dispatch("edgefleet", args)
 
 

@@ -6,6 +6,8 @@
 - ``issued.json``: every certificate issued (identity, role, serial, expiry, revoked);
 - ``crl.pem``: the revocation list Mosquitto loads (``crlfile``), rewritten on each revoke;
 - ``server/``: the broker's certificate; ``identities/NAME/``: service and operator identities;
+- ``devices/ID.crt``: a copy of each device's newest certificate (public), whose key the cloud
+  seals secrets to (``cloud_sync.sealing``);
 - ``share-groups.json`` (0600): the deployment's secret shared-subscription group per service
   role. Mosquitto 2.0 lets any client join any shared subscription (its ACL file does not check
   SUBSCRIBE), and a device in a service's group makes the broker drop that share of every
@@ -127,6 +129,10 @@ class FleetCA:
     def crl_file(self) -> Path:
         return self.dir / "crl.pem"
 
+    def device_cert_file(self, device_id: str) -> Path:
+        """Where the CA keeps its copy of a device's newest certificate."""
+        return self.dir / "devices" / f"{device_id}.crt"
+
     @classmethod
     def init(cls, directory: Path, *, name: str = "edgefleet fleet CA", days: int = 3650,
              now: datetime | None = None) -> FleetCA:  # fmt: skip
@@ -230,6 +236,9 @@ class FleetCA:
         key = _new_key()
         cert = self._sign(cn, key, server=False, days=days, now=now)
         creds = self._write_pair(out, "device" if role == "device" else "client", cert, key)
+        if role == "device":  # the cloud seals a device's secrets to this certificate's key
+            pem = cert.public_bytes(serialization.Encoding.PEM)
+            atomic_write_bytes(self.device_cert_file(cn), pem)
         if role in SHARED_ROLES:
             group = out / SHARE_GROUP_FILE
             _write_secret(group, f"{self.share_group(role)}\n".encode())

@@ -274,6 +274,7 @@ def targets(tmp: Path) -> list[Target]:
     out += [
         Target("wire:fetch_response", decode_response, _fetch_responses(_HEADER), (BadMessage,)),
         _verify_target(),
+        _sealed_target(),
         _session_target(),
         _fetcher_target(),
         _publisher_target(tmp),
@@ -323,6 +324,23 @@ def _verify_target() -> Target:
                               device_id=state.device_id, last_revision=None)  # fmt: skip
 
     return Target("desired:verify", verify, _payloads(genuine), (BadDataError,))
+
+
+def _sealed_target() -> Target:
+    """Open sealed secrets with one real device key: mutated, truncated and foreign tokens
+    must be refused with ``SealedError``, never crash or open."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.protocol.sealed import SEALED_PREFIX, SealedError, seal, unseal
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    genuine = seal("rtsp://admin:pw@10.0.0.7/s", key.public_key(), device_id=DEVICE)
+
+    def open_token(text: str) -> Any:
+        return unseal(text, key, device_id=DEVICE)
+
+    texts = st.text(max_size=300).map(lambda t: SEALED_PREFIX + t) | _mutated_text(genuine)
+    return Target("sealed:unseal", open_token, texts, (SealedError,))
 
 
 # --- the MQTT callbacks: hostile messages through paho's own dispatch ------------------------

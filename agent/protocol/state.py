@@ -30,6 +30,7 @@ from pydantic import (
 
 from agent.protocol import CONTRACT_VERSION
 from agent.protocol.card import Precision
+from agent.protocol.sealed import redact
 from agent.protocol.wire import WireMessage
 
 MAX_PIPELINES = 64
@@ -230,7 +231,11 @@ class PipelineReport(BaseModel):
     @field_validator("last_error", "waiting", mode="before")
     @classmethod
     def _cut_error(cls, v: object) -> object:
-        # a long traceback must not make the whole report too big to send: keep its start
+        # a long traceback must not make the whole report too big to send: keep its start;
+        # a camera URL's password never goes into a report (masked before the cut, which
+        # could leave a password without its '@'); ingest decodes with this model too
+        if isinstance(v, str):
+            v = redact(v)
         if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
             return v[: MAX_ERROR_TEXT - 1] + "…"
         return v
@@ -275,6 +280,8 @@ class ConfigReport(BaseModel):
     @field_validator("reason", mode="before")
     @classmethod
     def _cut_reason(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = redact(v)  # as in PipelineReport.last_error
         if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
             return v[: MAX_ERROR_TEXT - 1] + "…"
         return v
