@@ -62,6 +62,7 @@ class Fence:
     name: str
     holder: str
     token: int
+    ttl_s: float = 10.0  # the lease length: PostgreSQL ends a write frozen longer than this
 
 
 def next_lease(

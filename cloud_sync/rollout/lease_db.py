@@ -71,6 +71,19 @@ def _lease(m: Any) -> Lease:
     )  # fmt: skip
 
 
+def _frozen_holder_limit(conn: Connection, seconds: float) -> None:
+    """PostgreSQL: end this session if it sits in the transaction longer than ``seconds``.
+
+    A holder paused (SIGSTOP, a VM freeze) inside a lease or a fenced save would otherwise keep
+    the lease row locked and nobody could take over; the server ends such a session and its
+    locks go. (SQLite has no such thing: a writer frozen inside its transaction holds the file's
+    write lock, and every writer waits; README "One controller at a time".)
+    """
+    if conn.dialect.name == "postgresql":
+        ms = max(1, int(seconds * 1000))
+        conn.execute(sa.text(f"SET LOCAL idle_in_transaction_session_timeout = {ms}"))
+
+
 def _ensure(conn: Connection, name: str) -> None:
     """The lease row exists (free, token 0) — inserted once, by whoever comes first."""
     ins = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
@@ -102,6 +115,7 @@ def apply(
         StoreUnavailable: the database cannot be reached.
     """
     with guard(f"lease {name}"), store.engine.begin() as conn:
+        _frozen_holder_limit(conn, ttl_s)
         _ensure(conn, name)
         now = db_now(conn)
         renewing = sa.and_(
@@ -148,6 +162,7 @@ def check_fence(conn: Connection, fence: Fence) -> None:
     Raises:
         LeaseLost: another holder, another token, or expired.
     """
+    _frozen_holder_limit(conn, fence.ttl_s)
     now = db_now(conn)
     q = sa.select(L.holder, L.fencing, L.expires_at, now.label("db_now"))
     r = conn.execute(q.where(L.name == fence.name).with_for_update(read=True)).first()
@@ -208,7 +223,9 @@ class ControllerLease:
     @property
     def fence(self) -> Fence | None:
         """What this holder's writes carry (None: it holds no lease)."""
-        return None if self.token is None else Fence(self.name, self.holder, self.token)
+        if self.token is None:
+            return None
+        return Fence(self.name, self.holder, self.token, self.ttl_s)
 
     def _apply(self, *, take: bool) -> bool:
         sent = self.clock()
