@@ -249,7 +249,8 @@ class RolloutController:
 
     def run(self, stop: threading.Event, every_s: float = 5.0) -> None:
         """Tick every ``every_s`` seconds until ``stop`` is set; database and broker trouble
-        is logged and retried on the next tick."""
+        is logged and retried on the next tick. Takes no lease: ``edgefleet rollout
+        controller`` runs ``leader.LeasedController.run`` (one active controller)."""
         while not stop.is_set():
             try:
                 self.tick()
