@@ -67,6 +67,8 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
     _dead_letters(md, version)
     if version >= 7:
         _region_counts(md)
+    if version >= 8:
+        _leases(md)
     return md
 
 
@@ -240,6 +242,21 @@ def _region_counts(md: sa.MetaData) -> sa.Table:
     )  # fmt: skip
 
 
+def _leases(md: sa.MetaData) -> sa.Table:
+    """Since version 8: leases, so one process at a time acts as e.g. the rollout controller
+    (``cloud_sync/rollout/lease.py``). Times are seconds since the epoch on the database's
+    clock (``expires_at`` 0: free); ``fencing`` goes up by one with every new holder."""
+    return sa.Table(
+        "leases", md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("holder", sa.String(200)),  # NULL: free (released or never taken)
+        sa.Column("fencing", sa.BigInteger, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+        sa.Column("acquired_at", sa.Float),
+        sa.Column("renewed_at", sa.Float),
+    )  # fmt: skip
+
+
 SCHEMA_VERSION = sa.Table(
     "schema_version",
     sa.MetaData(),
@@ -309,10 +326,15 @@ def _migration_7(conn: Connection) -> None:
     _create_table(conn, 7, "region_counts")
 
 
+def _migration_8(conn: Connection) -> None:
+    """Leases: one active rollout controller at a time (issue 20)."""
+    _create_table(conn, 8, "leases")
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
-    _migration_7,
+    _migration_7, _migration_8,
 ]  # fmt: skip
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
@@ -320,7 +342,7 @@ DEVICES, PIPELINE_STATE = TABLES["devices"], TABLES["pipeline_state"]
 TELEMETRY, DEVICE_TELEMETRY = TABLES["telemetry"], TABLES["device_telemetry"]
 EVENTS, DEAD_LETTERS = TABLES["events"], TABLES["dead_letters"]
 SNAPSHOTS, ROLLOUTS = TABLES["snapshots"], TABLES["rollouts"]
-REGION_COUNTS = TABLES["region_counts"]
+REGION_COUNTS, LEASES = TABLES["region_counts"], TABLES["leases"]
 
 
 def schema_version(conn: Connection) -> int:

@@ -54,6 +54,7 @@ def add_rollout_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     c = rsub.add_parser("controller", help="drive every active rollout (long-running)")
     _common(c, broker=True)
     c.add_argument("--every", type=float, default=5.0, metavar="S", help="tick interval (s)")
+    _lease_arg(c)
     c.set_defaults(fn=_controller)
     st = rsub.add_parser("status", help="one rollout in detail, or all of them")
     st.add_argument("id", nargs="?", default=None, metavar="ID")
@@ -71,6 +72,12 @@ def add_rollout_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         _common(p, broker=name == "abort")
         p.add_argument("--why", default="operator", help="reason, kept in the history")
         p.set_defaults(fn=_command, command=name)
+
+
+def _lease_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lease-s", type=float, default=None, metavar="S",
+                   help="controller lease length: one controller acts at a time; another "
+                        "takes over this long after it dies (default 3 ticks)")  # fmt: skip
 
 
 def _common(p: argparse.ArgumentParser, *, broker: bool) -> None:
@@ -100,6 +107,7 @@ def _add_start(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument("--detach", action="store_true",
                    help="only record it; `edgefleet rollout controller` drives it")  # fmt: skip
     s.add_argument("--every", type=float, default=2.0, metavar="S", help="tick interval (s)")
+    _lease_arg(s)
     _common(s, broker=True)
     s.set_defaults(fn=_start)
 
@@ -167,18 +175,16 @@ def _drive(args: argparse.Namespace, store: Any, rollout_id: str) -> int:
     """Tick one rollout in the foreground until it ends or pauses; print each change."""
     from cloud_sync.ingest.db import StoreUnavailable
     from cloud_sync.rollout import db
-    from cloud_sync.rollout.controller import RolloutController
     from cloud_sync.rollout.report import progress_line
 
-    ctl = RolloutController(store, Path(args.repo), args.broker, topic_root=args.topic_root,
-                            on_log=lambda m: print(f"  {m}", flush=True))  # fmt: skip
+    leader = _leased(args, store, lambda m: print(f"  {m}", flush=True))
     stop = _stopper()
     shown, shown_at = "", 0.0
     try:
         while True:
             now = _now()
             try:
-                for res in ctl.tick(now, only=rollout_id):
+                for res in leader.tick(now):  # holding the lease, it drives every rollout
                     if res.error:
                         print(f"  retrying: {res.error}", flush=True)
                 row = db.get(store, rollout_id)
@@ -199,7 +205,7 @@ def _drive(args: argparse.Namespace, store: Any, rollout_id: str) -> int:
                       "`edgefleet rollout controller` goes on with it", flush=True)  # fmt: skip
                 return 130
     finally:
-        ctl.close()
+        leader.close()
 
 
 _SOAK = re.compile(r"; soak \d+s left")
@@ -214,20 +220,35 @@ def _final(rollout_id: str, status: str) -> int:
     return 0 if status == "completed" else 1
 
 
+def _leased(args: argparse.Namespace, store: Any, say: Any) -> Any:
+    """A ``LeasedController``: the rollout controller that acts only holding the lease."""
+    from cloud_sync.rollout.controller import RolloutController
+    from cloud_sync.rollout.leader import LeasedController
+    from cloud_sync.rollout.lease import lease_seconds
+    from cloud_sync.rollout.lease_db import ControllerLease
+
+    try:
+        ttl = lease_seconds(args.every, args.lease_s)
+    except ValueError as e:
+        raise BadDataError(str(e)) from None
+    lease = ControllerLease(store, ttl)
+    ctl = RolloutController(store, Path(args.repo), args.broker, topic_root=args.topic_root,
+                            on_log=say, lease=lease)  # fmt: skip
+    return LeasedController(ctl, lease, say=say)
+
+
 def _controller(args: argparse.Namespace) -> int:
     from cloud_sync.ingest.store import open_store
-    from cloud_sync.rollout.controller import RolloutController
 
     store = open_store(_db(args))
-    ctl = RolloutController(store, Path(args.repo), args.broker, topic_root=args.topic_root,
-                            on_log=lambda m: print(m, flush=True))  # fmt: skip
-    stop = _stopper()
-    print(f"rollout controller on {redact_url(_db(args))}, ticking every {args.every:g}s; "
-          "SIGTERM stops", flush=True)  # fmt: skip
     try:
-        ctl.run(stop, every_s=args.every)
+        leader = _leased(args, store, lambda m: print(m, flush=True))
+        stop = _stopper()
+        print(f"rollout controller {leader.lease.label} on {redact_url(_db(args))}, ticking "
+              f"every {args.every:g}s, lease {leader.lease.ttl_s:g}s; SIGTERM stops",
+              flush=True)  # fmt: skip
+        leader.run(stop, every_s=args.every)
     finally:
-        ctl.close()
         store.close()
     print("rollout controller stopped", flush=True)
     return 0
@@ -235,19 +256,22 @@ def _controller(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from cloud_sync.ingest.store import open_store
-    from cloud_sync.rollout import db
+    from cloud_sync.rollout import db, lease_db
+    from cloud_sync.rollout.lease import describe
     from cloud_sync.rollout.report import progress_line, summary
 
     store = open_store(_db(args))
     try:
         now = _now()
         rows = [db.get(store, args.id)] if args.id else db.list_rollouts(store)
+        lease, db_now = lease_db.read(store)
     finally:
         store.close()
     if args.json:
         out = [summary(r.spec, r.state, now) for r in rows]
         print(json.dumps(out[0] if args.id else out, indent=2, default=str))
         return 0
+    print(describe(lease, db_now))
     if not rows:
         print("no rollouts")
     for r in rows:

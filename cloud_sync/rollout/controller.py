@@ -34,6 +34,7 @@ from cloud_sync.registry.keys import RegistryError
 from cloud_sync.registry.repo import Repository
 from cloud_sync.rollout import db
 from cloud_sync.rollout.commands import abort, pause, promote, resume
+from cloud_sync.rollout.lease_db import ControllerLease, LeaseLost
 from cloud_sync.rollout.plan import decide, needs_metrics
 from cloud_sync.rollout.snapshot import SnapshotReader
 from cloud_sync.rollout.state import Action, Decision, Deploy, Log, Revert, RolloutState
@@ -95,6 +96,7 @@ class RolloutController:
         topic_root: str = DEFAULT_ROOT,
         lookback_s: float = 300.0,
         on_log: Callable[[str], None] | None = None,
+        lease: ControllerLease | None = None,
     ) -> None:
         """Args:
         store: the ingest store (devices, reported state, telemetry, rollouts).
@@ -103,6 +105,8 @@ class RolloutController:
         topic_root: the topic root devices use.
         lookback_s: the metrics window before a soak has started.
         on_log: also called with each ``Log`` line (e.g. the CLI prints them).
+        lease: when given, publish only after ``lease.confirm()`` and save fenced by it
+            (``leader.py`` runs ticks only while it is held).
         """
         self.store = store
         self.repo_dir = Path(repo_dir)
@@ -110,6 +114,7 @@ class RolloutController:
         self.topic_root = topic_root
         self.lookback_s = lookback_s
         self.on_log = on_log
+        self.lease = lease
         self.reader = SnapshotReader(store)
         self._publisher: DesiredPublisher | None = None
         self._rows: dict[str, db.RolloutRow] = {}  # by id: parsed once per revision
@@ -183,6 +188,7 @@ class RolloutController:
         Raises:
             TransportError: publishing failed; nothing saved.
             ConcurrentUpdate: the row changed since it was read; nothing saved.
+            LeaseLost: this controller's lease is gone; nothing published or saved.
         """
         if decision.new_state == row.state and not decision.actions:
             return TickResult(row.id, row)
@@ -191,8 +197,11 @@ class RolloutController:
             rev, _status = db.head(self.store, row.id)  # narrow the race with operator commands
             if rev != row.rev:
                 raise db.ConcurrentUpdate(row.id, row.rev, rev)
+            if self.lease is not None:
+                self.lease.confirm()  # LeaseLost: another controller may act now; send nothing
         published = self.publish(changes, now)
-        saved = db.save(self.store, row, decision.new_state, now)
+        fence = None if self.lease is None else self.lease.fence
+        saved = db.save(self.store, row, decision.new_state, now, fence=fence)
         self._emit(decision.actions)
         return TickResult(row.id, saved, published=published, saved=True)
 
@@ -211,6 +220,8 @@ class RolloutController:
                 # the version left the registry: pause rather than retry forever
                 paused = pause(row.state, now, why=f"cannot publish: {e}")
                 return self.apply(row, paused, now)
+        except LeaseLost:
+            raise  # not this rollout's trouble: the whole controller stops acting
         except (TransportError, db.ConcurrentUpdate) as e:
             log.warning("rollout %s: %s; retrying next tick", row.id, e)
             return TickResult(row.id, row, error=str(e))
@@ -220,6 +231,7 @@ class RolloutController:
 
         Raises:
             StoreUnavailable: the database cannot be read.
+            LeaseLost: the controller's lease is gone (the rest of the tick is not done).
         """
         now = now or datetime.now(timezone.utc)
         rows = db.list_rollouts(self.store, active_only=True, known=self._rows)
@@ -237,7 +249,8 @@ class RolloutController:
 
     def run(self, stop: threading.Event, every_s: float = 5.0) -> None:
         """Tick every ``every_s`` seconds until ``stop`` is set; database and broker trouble
-        is logged and retried on the next tick."""
+        is logged and retried on the next tick. Takes no lease: ``edgefleet rollout
+        controller`` runs ``leader.LeasedController.run`` (one active controller)."""
         while not stop.is_set():
             try:
                 self.tick()

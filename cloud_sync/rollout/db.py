@@ -19,6 +19,8 @@ from agent.common.errors import BadDataError, TransportError
 from cloud_sync.ingest.db import guard
 from cloud_sync.ingest.schema import ROLLOUTS
 from cloud_sync.ingest.store import Store
+from cloud_sync.rollout.lease import Fence
+from cloud_sync.rollout.lease_db import check_fence
 from cloud_sync.rollout.state import ACTIVE, RolloutSpec, RolloutState
 
 
@@ -177,14 +179,25 @@ def list_rollouts(
     return out
 
 
-def save(store: Store, row: RolloutRow, state: RolloutState, now: datetime) -> RolloutRow:
+def save(
+    store: Store,
+    row: RolloutRow,
+    state: RolloutState,
+    now: datetime,
+    *,
+    fence: Fence | None = None,
+) -> RolloutRow:
     """Store ``state`` as the rollout's new state if nobody saved since ``row`` was read.
+
+    With ``fence`` (a controller's lease), only while that lease is still the holder's,
+    checked in the same transaction (``lease_db.check_fence``).
 
     Returns:
         The row as stored (``rev`` one higher).
 
     Raises:
         ConcurrentUpdate: the stored ``rev`` is no longer ``row.rev``; nothing was written.
+        LeaseLost: ``fence`` no longer holds the lease; nothing was written.
         StoreUnavailable: the database cannot be reached.
     """
     stmt = (
@@ -198,6 +211,8 @@ def save(store: Store, row: RolloutRow, state: RolloutState, now: datetime) -> R
         )
     )
     with guard(f"save rollout {row.id}"), store.engine.begin() as conn:
+        if fence is not None:
+            check_fence(conn, fence)
         if conn.execute(stmt).rowcount != 1:
             q = sa.select(ROLLOUTS.c.rev).where(ROLLOUTS.c.id == row.id)
             actual = conn.execute(q).scalar()
