@@ -106,6 +106,7 @@ class DeviceView:
         tags: its tags (``site=berlin``).
         pipelines: pipeline name → what it runs.
         config: the pipeline configuration it reported (None: none reported).
+        contract: the wire contract version of its birth message (None: not known).
     """
 
     device_id: str
@@ -114,6 +115,7 @@ class DeviceView:
     tags: Mapping[str, str] = field(default_factory=dict)
     pipelines: Mapping[str, PipelineView] = field(default_factory=dict)
     config: ConfigView | None = None
+    contract: str | None = None
 
 
 class FleetSnapshot:

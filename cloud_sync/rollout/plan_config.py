@@ -4,8 +4,10 @@ A configuration rollout updates one thing per device — its pipeline configurat
 the single entry ``CONFIG_KEY`` of the device's record, so selection, stages, the concurrency
 cap, settling, soaks, gates and pause/resume are the model rollout's own. What differs:
 
-* **scope**: a device is eligible when the rollout can send it its document (with secrets:
-  they were sealed for it at start) and no other configuration rollout holds it;
+* **scope**: a device is eligible when its agent speaks contract 1.3 or later (an older one
+  would refuse a desired state carrying ``config`` and never answer, holding the stage up),
+  the rollout can send it its document (with secrets: they were sealed for it at start) and
+  no other configuration rollout holds it;
 * **tracking**: committed when the device reports ``config.hash`` equal to the hash of the
   document sent to it with status ``applied``; failed when it reports that hash as the target
   of an attempt ``rejected`` or ``rolled_back`` (the reason is kept for ``rollout status``);
@@ -29,11 +31,25 @@ from cloud_sync.rollout.state import DeviceRecord, PipelineRecord
 from cloud_sync.rollout.target import Target
 
 _FAILED = frozenset({ConfigStatus.REJECTED.value, ConfigStatus.ROLLED_BACK.value})
+CONFIG_CONTRACT = (1, 3)  # the first contract with desired 'config'
+
+
+def speaks_config(contract: str | None) -> bool:
+    """Whether an agent of ``contract`` takes a desired ``config`` (unknown: assumed so)."""
+    if contract is None:
+        return True
+    major, _, minor = contract.partition(".")
+    try:
+        return (int(major), int(minor or 0)) >= CONFIG_CONTRACT
+    except ValueError:
+        return False
 
 
 def scope(config: RolloutConfig, view: DeviceView, busy: AbstractSet[tuple[str, str]]) -> list[str]:
     """``[CONFIG_KEY]`` when the rollout can update ``view``'s configuration, else ``[]``."""
-    if not config.covers(view.device_id) or (view.device_id, CONFIG_KEY) in busy:
+    if not speaks_config(view.contract) or not config.covers(view.device_id):
+        return []
+    if (view.device_id, CONFIG_KEY) in busy:
         return []
     return [CONFIG_KEY]
 
@@ -120,4 +136,4 @@ def _figures(views: Iterable[DeviceView]) -> list[tuple[str, PipelineMetrics]]:
     return [(v.device_id, p.metrics) for v in views for p in v.pipelines.values() if p.metrics]
 
 
-__all__ = ["applied", "evidence", "record", "refresh", "scope"]
+__all__ = ["applied", "evidence", "record", "refresh", "scope", "speaks_config"]

@@ -254,6 +254,7 @@ def _device(
         tags=dict(d.tags or {}),
         pipelines=pipelines,
         config=config,
+        contract=d.contract,
     )
 
 

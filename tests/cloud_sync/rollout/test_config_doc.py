@@ -156,3 +156,23 @@ def test_a_rollout_is_a_model_or_a_configuration() -> None:
     for kw in bad:
         with pytest.raises(ValidationError):
             RolloutSpec(id="c1", target="*", **kw)
+
+
+def test_only_agents_of_contract_1_3_or_later_are_picked() -> None:
+    from datetime import datetime, timezone
+
+    from cloud_sync.rollout import DeviceView, FleetSnapshot, decide, start
+    from cloud_sync.rollout.plan_config import speaks_config
+    from cloud_sync.rollout.state import SetConfig
+
+    cfg = build(PLAIN, {})
+    spec = RolloutSpec(id="c1", config=cfg, target="*", soak_s=0)
+    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    fleet = FleetSnapshot([DeviceView("old", contract="1.2"), DeviceView("new", contract="1.3"),
+                           DeviceView("next", contract="2.0")])  # fmt: skip
+    d = decide(spec, start(spec, now), fleet, now)
+    sent = sorted(a.device_id for a in d.actions if isinstance(a, SetConfig))
+    assert sent == ["new", "next"] and "old" not in d.new_state.devices
+    assert all(a.hash == cfg.hash for a in d.actions if isinstance(a, SetConfig))
+    assert [speaks_config(c) for c in ("1.0", "1.2", "1.3", "1.10", None, "x")] == [
+        False, False, True, True, True, False]  # fmt: skip
