@@ -48,7 +48,7 @@ def _gate(text: str) -> str:
 
 def add_rollout_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``edgefleet rollout`` and its subcommands."""
-    ro = sub.add_parser("rollout", help="staged rollouts of a model version across the fleet")
+    ro = sub.add_parser("rollout", help="staged rollouts of a model version or a configuration")
     rsub = ro.add_subparsers(dest="rollout_cmd", required=True)
     _add_start(rsub)
     c = rsub.add_parser("controller", help="drive every active rollout (long-running)")
