@@ -2,7 +2,8 @@
 
 The new revision is one above the highest the registry has issued to that device (its record
 under ``REPO/desired/``) or that the broker still retains, so revisions only go up even when
-one of the two was lost. Pipelines not named keep their previous target.
+one of the two was lost. Pipelines not named keep their previous target, and the pipeline
+configuration (``config``) the registry last issued is carried over unchanged.
 
 ``DesiredPublisher`` does the same for many devices over one connection (the rollout
 controller's path): it merges with the state the registry last issued and needs no probe per
@@ -27,6 +28,7 @@ from agent.common.mqtt import CallbackGuard, connect_service, service_client
 from agent.protocol.desired import sign_desired, verify_desired
 from agent.protocol.state import (
     MAX_REVISION,
+    ConfigTarget,
     DesiredState,
     DeviceState,
     PipelineTarget,
@@ -145,6 +147,7 @@ def deploy(
             revision=next_revision(device_id, prev),
             issued_at=now or datetime.now(timezone.utc),
             pipelines=pipelines,
+            config=prev.config if prev else None,
         )
         envelope = sign_desired(state, [repo.desired_signer()])
         payload = envelope.encode()
@@ -340,15 +343,21 @@ class DesiredPublisher:
         return newest(last_issued(self.repo_dir, device_id), retained)
 
     def next_state(
-        self, device_id: str, changes: Mapping[str, PipelineTarget], now: datetime
+        self,
+        device_id: str,
+        changes: Mapping[str, PipelineTarget],
+        now: datetime,
+        config: ConfigTarget | None = None,
     ) -> DesiredState:
-        """The device's next desired state: the base with ``changes`` applied, revision + 1."""
+        """The device's next desired state: the base with ``changes`` applied (and ``config``
+        when given, else the base's configuration), revision + 1."""
         prev = self.base(device_id)
         return DesiredState(
             device_id=device_id,
             revision=next_revision(device_id, prev),
             issued_at=now,
             pipelines={**(prev.pipelines if prev else {}), **changes},
+            config=config or (prev.config if prev else None),
         )
 
     def publish(
@@ -356,8 +365,10 @@ class DesiredPublisher:
         changes: Mapping[str, Mapping[str, PipelineTarget]],
         *,
         now: datetime | None = None,
+        configs: Mapping[str, ConfigTarget] | None = None,
     ) -> dict[str, SignedDesired]:
-        """Publish the next desired state of each device (device → pipeline → target).
+        """Publish the next desired state of each device (device → pipeline → target; and
+        device → pipeline configuration in ``configs``).
 
         All messages go out before waiting for the acknowledgements; a device's record is
         written once the broker acknowledged its message.
@@ -376,8 +387,12 @@ class DesiredPublisher:
         check_published(repo, [t for c in changes.values() for t in c.values()])
         signer = repo.desired_signer()
         sent: list[tuple[SignedDesired, bytes, mqtt.MQTTMessageInfo]] = []
-        for device_id, pipelines in changes.items():
-            envelope = sign_desired(self.next_state(device_id, pipelines, now), [signer])
+        configs = configs or {}
+        for device_id in dict.fromkeys([*changes, *configs]):
+            state = self.next_state(
+                device_id, changes.get(device_id, {}), now, configs.get(device_id)
+            )
+            envelope = sign_desired(state, [signer])
             payload = envelope.encode()
             topic = self.topics.device(device_id, "desired")
             sent.append((envelope, payload, client.publish(topic, payload, qos=1, retain=True)))

@@ -187,7 +187,27 @@ def _row(d: dict[str, Any]) -> list[str]:
             f"fps {fps:>6}  p95 {p95:>7} ms  errors {p.get('errors', '-')}"
         )
         head = " " * len(head)
+    config = config_summary(d.get("config"))
+    if config:
+        lines.append(f"{' ' * len(head)}  config {config}")
     return lines
+
+
+def config_summary(c: dict[str, Any] | None) -> str:
+    """``1a2b3c4d5e6f applied`` / ``local file; last 9f86d081884c rejected: why``: the hash
+    running (12 hex digits) and how the last remote configuration went; '' when none reported.
+    Never the document (it may hold sealed secrets)."""
+    if not c:
+        return ""
+    running = c["hash"][:12] if c.get("hash") else "local file"
+    status, target = c.get("status"), c.get("target_hash")
+    if not status:
+        return running
+    if target and target == c.get("hash"):
+        out = f"{running} {status}"
+    else:
+        out = f"{running}; last {target[:12] if target else '-'} {status}"
+    return out + (f": {c['reason']}" if c.get("reason") else "")
 
 
 def expiry_warnings(repo: Path | None, ca: Path | None, warn_days: int) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ from cloud_sync.ingest.db import guard
 from cloud_sync.ingest.rows import COUNT_COLUMNS, utc_time
 from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
+    DEVICE_CONFIG,
     DEVICE_TELEMETRY,
     DEVICES,
     PIPELINE_STATE,
@@ -52,7 +53,9 @@ class StoreReads:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def fleet(self, tag_filter: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        """One row per device with its pipelines' model, phase and latest telemetry.
+        """One row per device with its pipelines' model, phase and latest telemetry, and the
+        pipeline configuration it reported (``config``: hashes and the last outcome, never the
+        document; None when it reported none).
 
         Args:
             tag_filter: keep only devices whose tags hold all of these key/value pairs.
@@ -73,6 +76,7 @@ class StoreReads:
             devices = conn.execute(sa.select(DEVICES).order_by(DEVICES.c.device_id)).all()
             states = conn.execute(sa.select(PIPELINE_STATE)).all()
             tele = conn.execute(tq).all()
+            configs = {c.device_id: c for c in conn.execute(sa.select(DEVICE_CONFIG))}
         state_of = {(s.device_id, s.pipeline): s for s in states}
         tele_of = {(r.device_id, r.pipeline): r for r in tele}
         out = []
@@ -86,7 +90,7 @@ class StoreReads:
             out.append({
                 "device_id": d.device_id, "online": d.online, "last_seen": d.last_seen,
                 "agent_version": d.agent_version, "profile": d.profile, "tags": tags,
-                "groups": d.groups or [],
+                "groups": d.groups or [], "config": _config_view(configs.get(d.device_id)),
                 "pipelines": [_pipeline_view(n, state_of.get((d.device_id, n)),
                                              tele_of.get((d.device_id, n))) for n in names],
             })  # fmt: skip
@@ -253,6 +257,13 @@ def _increase_query(cut: datetime, device_id: str | None) -> sa.Select[Any]:
         .having(sa.func.max(s.c.ts) >= cut)
         .order_by(*(s.c[k] for k in _KEYS))
     )  # fmt: skip
+
+
+def _config_view(c: Any) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    keys = ("hash", "revision", "target_hash", "status", "reason", "updated_at")
+    return {k: getattr(c, k) for k in keys}
 
 
 def _pipeline_view(name: str, state: Any, tele: Any) -> dict[str, Any]:

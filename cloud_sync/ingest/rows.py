@@ -132,6 +132,27 @@ def reported_rows(msgs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[di
     return list(latest), rows
 
 
+def reported_config_rows(msgs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``ReportedState`` dicts → ``device_config`` rows (per device the last message wins;
+    devices whose last message has no ``config`` get none)."""
+    latest: dict[str, Mapping[str, Any]] = {}
+    for msg in msgs:
+        latest[required(msg, "device_id", "reported")] = msg
+    rows = []
+    for device_id, msg in latest.items():
+        c = msg.get("config")
+        if not isinstance(c, Mapping):
+            continue
+        rows.append({
+            "device_id": device_id, "hash": c.get("hash"), "revision": c.get("revision"),
+            "target_hash": c.get("target_hash"), "status": c.get("status"),
+            "reason": c.get("reason"),
+            "updated_at": utc_time(required(c, "updated_at", "reported"), "reported",
+                                   "config.updated_at"),
+        })  # fmt: skip
+    return rows
+
+
 def telemetry_rows(msg: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One telemetry message → (a row per pipeline, the device row)."""
     device_id, ts = (

@@ -69,6 +69,8 @@ def _define(md: sa.MetaData, version: int) -> sa.MetaData:
         _region_counts(md)
     if version >= 8:
         _leases(md)
+    if version >= 9:
+        _device_config(md)
     return md
 
 
@@ -257,6 +259,23 @@ def _leases(md: sa.MetaData) -> sa.Table:
     )  # fmt: skip
 
 
+def _device_config(md: sa.MetaData) -> sa.Table:
+    """Since version 9: the pipeline configuration each device reports (``ReportedState.config``,
+    contract 1.3): the hash running (NULL: its local file's) and the last remote attempt. One row
+    per device that reported one, replaced by each reported state; never the document."""
+    return sa.Table(
+        "device_config", md,
+        sa.Column("device_id", sa.String(64),
+                  sa.ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("hash", sa.String(64)),
+        sa.Column("revision", sa.BigInteger),
+        sa.Column("target_hash", sa.String(64)),
+        sa.Column("status", sa.String(16)),
+        sa.Column("reason", sa.Text),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+    )  # fmt: skip
+
+
 SCHEMA_VERSION = sa.Table(
     "schema_version",
     sa.MetaData(),
@@ -331,10 +350,15 @@ def _migration_8(conn: Connection) -> None:
     _create_table(conn, 8, "leases")
 
 
+def _migration_9(conn: Connection) -> None:
+    """The pipeline configuration each device runs and how its last remote one went (1.3)."""
+    _create_table(conn, 9, "device_config")
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
-    _migration_7, _migration_8,
+    _migration_7, _migration_8, _migration_9,
 ]  # fmt: skip
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables
@@ -343,6 +367,7 @@ TELEMETRY, DEVICE_TELEMETRY = TABLES["telemetry"], TABLES["device_telemetry"]
 EVENTS, DEAD_LETTERS = TABLES["events"], TABLES["dead_letters"]
 SNAPSHOTS, ROLLOUTS = TABLES["snapshots"], TABLES["rollouts"]
 REGION_COUNTS, LEASES = TABLES["region_counts"], TABLES["leases"]
+DEVICE_CONFIG = TABLES["device_config"]
 
 
 def schema_version(conn: Connection) -> int:

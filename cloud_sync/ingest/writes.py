@@ -23,6 +23,7 @@ from cloud_sync.ingest.rows import (
     dead_letter_row,
     event_row,
     region_count_rows,
+    reported_config_rows,
     reported_rows,
     snapshot_row,
     state_row,
@@ -31,6 +32,7 @@ from cloud_sync.ingest.rows import (
 )
 from cloud_sync.ingest.schema import (
     DEAD_LETTERS,
+    DEVICE_CONFIG,
     DEVICE_TELEMETRY,
     DEVICES,
     EVENTS,
@@ -89,6 +91,7 @@ class StoreWrites:
         """
         now = now or datetime.now(timezone.utc)
         devices, rows = reported_rows(msgs)
+        configs = reported_config_rows(msgs)
         if not devices:
             return
         what = f"reported state of {devices[0]}" + (
@@ -101,6 +104,11 @@ class StoreWrites:
             )
             if rows:
                 conn.execute(sa.insert(PIPELINE_STATE), rows)
+            conn.execute(
+                sa.delete(DEVICE_CONFIG).where(DEVICE_CONFIG.c.device_id.in_(sorted(devices)))
+            )
+            if configs:
+                conn.execute(sa.insert(DEVICE_CONFIG), configs)
 
     def add_telemetry(self, msg: Mapping[str, Any], *, now: datetime | None = None) -> int:
         """Store one telemetry message; returns the pipeline rows added (0 for a redelivery)."""

@@ -1,10 +1,14 @@
-"""Pure: staged rollouts of a model version across the fleet (no I/O, ``now`` passed in).
+"""Pure: staged rollouts of a model version or a pipeline configuration across the fleet (no
+I/O, ``now`` passed in).
 
 * ``target``: ``parse_target("group:lobby & !tag:site=berlin")`` → ``Target.matches(device)``.
 * ``stages``: ``parse_stage("5%")``, deterministic, prefix-stable choice of devices.
 * ``gates``: ``parse_gate("p95_latency<+20%")``, ``evaluate`` → ``GateResult`` with numbers.
 * ``fleet``: ``FleetSnapshot`` of ``DeviceView``s, what the decision looks at.
-* ``state``: ``RolloutSpec``, ``RolloutState`` and the actions ``Deploy``, ``Revert``, ``Log``.
+* ``state``: ``RolloutSpec``, ``RolloutState`` and the actions ``Deploy``, ``Revert``,
+  ``SetConfig``, ``Log``.
+* ``configdoc``: the ``[[pipelines]]`` a configuration rollout carries (``RolloutConfig``);
+  ``plan_config``: what its decisions do differently.
 * ``plan``: ``decide(spec, state, fleet, now, busy)`` → ``Decision(actions, new_state)``.
 * ``commands``: ``start``, ``pause``, ``resume``, ``promote``, ``abort``.
 """
@@ -33,6 +37,7 @@ from cloud_sync.rollout.state import (
     RolloutEvent,
     RolloutSpec,
     RolloutState,
+    SetConfig,
 )
 from cloud_sync.rollout.target import Target, parse_target
 
@@ -55,6 +60,7 @@ __all__ = [
     "RolloutEvent",
     "RolloutSpec",
     "RolloutState",
+    "SetConfig",
     "Stage",
     "Target",
     "abort",

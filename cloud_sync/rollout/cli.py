@@ -48,7 +48,7 @@ def _gate(text: str) -> str:
 
 def add_rollout_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``edgefleet rollout`` and its subcommands."""
-    ro = sub.add_parser("rollout", help="staged rollouts of a model version across the fleet")
+    ro = sub.add_parser("rollout", help="staged rollouts of a model version or a configuration")
     rsub = ro.add_subparsers(dest="rollout_cmd", required=True)
     _add_start(rsub)
     c = rsub.add_parser("controller", help="drive every active rollout (long-running)")
@@ -90,7 +90,14 @@ def _common(p: argparse.ArgumentParser, *, broker: bool) -> None:
 
 def _add_start(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = rsub.add_parser("start", help="record a rollout and drive it (unless --detach)")
-    s.add_argument("ref", metavar="NAME@VERSION")
+    s.add_argument("ref", metavar="NAME@VERSION", nargs="?", default=None,
+                   help="model version to roll out (or --config)")  # fmt: skip
+    s.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="roll out these [[pipelines]] tables instead of a model")  # fmt: skip
+    s.add_argument("--secret", action="append", default=[], metavar="NAME=@FILE|NAME=env:VAR",
+                   help="value of ${secret:NAME} in --config, sealed per device")  # fmt: skip
+    s.add_argument("--ca", type=Path, default=None, metavar="DIR",
+                   help="fleet CA directory (enrolled keys), to seal secrets")  # fmt: skip
     s.add_argument("--target", required=True, type=_arg(_target),
                    help="devices: '*', 'cam-1', 'group:lobby & !tag:site=berlin', …")  # fmt: skip
     s.add_argument("--pipeline", default=None, help="pipeline to update (default: all)")
@@ -119,20 +126,23 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _spec(args: argparse.Namespace, now: datetime) -> Any:
+def _spec(args: argparse.Namespace, now: datetime, config: Any = None) -> Any:
     from pydantic import ValidationError
 
     from agent.protocol.wire import describe_validation_error
     from cloud_sync.deploy import parse_ref
     from cloud_sync.rollout.state import RolloutSpec
 
-    ref = parse_ref(args.ref)
-    rid = args.id or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{ref.model}-{ref.version}")[:48] + (
-        f"-{now:%Y%m%d-%H%M%S}"
-    )
+    if (args.ref is None) == (config is None):
+        raise BadDataError("give a model version NAME@VERSION or --config FILE (one of them)")
+    ref = parse_ref(args.ref) if config is None else None
+    what = f"{ref.model}-{ref.version}" if ref else f"config-{config.hash[:12]}"
+    rid = args.id or re.sub(r"[^A-Za-z0-9_.-]", "-", what)[:48] + f"-{now:%Y%m%d-%H%M%S}"
     try:
         return RolloutSpec(
-            id=rid, model=ref.model, version=ref.version, pipeline=args.pipeline,
+            id=rid, model=ref.model if ref else None, version=ref.version if ref else None,
+            config=config,
+            pipeline=args.pipeline,
             target=args.target, stages=tuple(args.stage), soak_s=args.soak,
             gates=tuple(args.gate), max_concurrent=args.max_concurrent, on_fail=args.on_fail,
         )  # fmt: skip
@@ -148,10 +158,13 @@ def _start(args: argparse.Namespace) -> int:
     from cloud_sync.rollout.commands import start
 
     now = _now()
-    spec = _spec(args, now)
-    check_published(Repository(Path(args.repo)), [spec.ref])
+    if args.config is None and (args.secret or args.ca):
+        raise BadDataError("--secret and --ca go with --config")
     store = open_store(_db(args))
     try:
+        spec = _spec(args, now, _config(args, store, now) if args.config else None)
+        if spec.config is None:
+            check_published(Repository(Path(args.repo)), [spec.ref])
         row = db.create(store, spec, start(spec, now), now)
         print(row.state.history[-1].message, flush=True)
         if args.detach:
@@ -162,6 +175,23 @@ def _start(args: argparse.Namespace) -> int:
         return _drive(args, store, spec.id)
     finally:
         store.close()
+
+
+def _config(args: argparse.Namespace, store: Any, now: datetime) -> Any:
+    """The ``--config`` file checked (and sealed), before anything is recorded or published."""
+    from cloud_sync.rollout.config_start import load_rollout_config
+
+    def skip(device_id: str, why: str) -> None:
+        print(f"  {device_id}: left out, cannot seal for it: {why}", flush=True)
+
+    config = load_rollout_config(
+        args.config, args.secret, store=store, target=args.target, ca_dir=args.ca, now=now,
+        on_skip=skip,
+    )  # fmt: skip
+    sealed = f"; secrets {list(config.secrets)} sealed for {len(config.sealed)} devices"
+    print(f"configuration {args.config.name} checked: {config.hash[:12]}"
+          f"{sealed if config.secrets else ''}", flush=True)  # fmt: skip
+    return config
 
 
 def _stopper() -> threading.Event:
@@ -276,10 +306,27 @@ def _status(args: argparse.Namespace) -> int:
         print("no rollouts")
     for r in rows:
         print(progress_line(r.spec, r.state, now))
+        if args.id and r.spec.config is not None:
+            for line in _config_devices(args, r):
+                print(f"  {line}")
         if args.id:
             for e in r.state.history[-15:]:
                 print(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.kind}: {e.message}")
     return 0
+
+
+def _config_devices(args: argparse.Namespace, row: Any) -> list[str]:
+    from cloud_sync.ingest.store import open_store
+    from cloud_sync.rollout.report import config_devices
+    from cloud_sync.rollout.snapshot import SnapshotReader
+
+    store = open_store(_db(args))
+    try:
+        now = _now()
+        fleet = SnapshotReader(store).read(now, now, metrics=False)
+    finally:
+        store.close()
+    return config_devices(row.spec, row.state, fleet)
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -28,8 +28,14 @@ def start(spec: RolloutSpec, now: datetime) -> RolloutState:
     stages = ", ".join(str(s) for s in spec.stages)
     gates = ", ".join(g.name for g in spec.gates) or "none"
     scope = spec.pipeline or "every pipeline"
+    if spec.config is not None:
+        n = len(spec.config.sealed)
+        sealed = f", secrets {list(spec.config.secrets)} sealed for {n} devices"
+        scope = f"[[pipelines]] of {spec.config.source or 'a file'}" + (
+            sealed if spec.config.secrets else ""
+        )
     msg = (
-        f"rollout {spec.id}: {spec.ref} to {spec.target!r} ({scope}); stages {stages}; "
+        f"rollout {spec.id}: {spec.what} to {spec.target!r} ({scope}); stages {stages}; "
         f"soak {spec.soak_s:g}s; gates {gates}; on failure {spec.on_fail}"
     )
     return RolloutState(history=(RolloutEvent(at=now, stage=0, kind="started", message=msg),))
@@ -94,7 +100,8 @@ def abort(spec: RolloutSpec, state: RolloutState, now: datetime, why: str = "ope
     """Stop for good and send every touched device back to its previous version.
 
     Devices that already ran the new version when selected, and devices never sent a Deploy,
-    are left alone.
+    are left alone. A configuration rollout sends nothing: each device keeps the configuration
+    it was sent (or, where that failed, the previous one it restored by itself).
 
     Raises:
         ValueError: the rollout has already ended.
@@ -104,6 +111,11 @@ def abort(spec: RolloutSpec, state: RolloutState, now: datetime, why: str = "ope
     devices, actions, lines = revert_touched(state.devices)
     events = [RolloutEvent(at=now, stage=state.stage, kind="reverted", message=m) for m in lines]
     msg = f"rollout {spec.id} aborted: {why}; {sum(isinstance(a, Revert) for a in actions)} reverts"
+    if spec.config is not None:
+        msg += (
+            f"; devices sent {spec.what} keep it (configuration rollouts do not revert: roll "
+            "out the previous file to undo)"
+        )
     events.append(RolloutEvent(at=now, stage=state.stage, kind="aborted", message=msg))
     new = state.model_copy(
         update={"status": "aborted", "devices": devices, "history": (*state.history, *events)}

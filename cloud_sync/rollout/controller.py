@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from agent.common.errors import BadDataError, EdgefleetError, TransportError
-from agent.protocol.state import PipelineTarget
+from agent.protocol.state import ConfigTarget, PipelineTarget
 from agent.protocol.topics import DEFAULT_ROOT
 from cloud_sync.deploy import DesiredPublisher
 from cloud_sync.ingest.db import StoreUnavailable
@@ -37,7 +37,16 @@ from cloud_sync.rollout.commands import abort, pause, promote, resume
 from cloud_sync.rollout.lease_db import ControllerLease, LeaseLost
 from cloud_sync.rollout.plan import decide, needs_metrics
 from cloud_sync.rollout.snapshot import SnapshotReader
-from cloud_sync.rollout.state import Action, Decision, Deploy, Log, Revert, RolloutState
+from cloud_sync.rollout.state import (
+    Action,
+    Decision,
+    Deploy,
+    Log,
+    Revert,
+    RolloutSpec,
+    RolloutState,
+    SetConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,17 @@ def changes_of(actions: Iterable[Action]) -> Changes:
             target = PipelineTarget(model=a.model, version=a.version)
             out.setdefault(a.device_id, {})[a.pipeline] = target
     return out
+
+
+def configs_of(spec: RolloutSpec, actions: Iterable[Action]) -> dict[str, ConfigTarget]:
+    """Pure: the configuration each ``SetConfig`` sends (the spec holds the documents)."""
+    if spec.config is None:
+        return {}
+    return {
+        a.device_id: spec.config.target_for(a.device_id)
+        for a in actions
+        if isinstance(a, SetConfig)
+    }
 
 
 class RolloutController:
@@ -134,18 +154,20 @@ class RolloutController:
         if pub is not None:
             pub.close()
 
-    def publish(self, changes: Changes, now: datetime) -> int:
-        """Send the desired states; returns how many.
+    def publish(
+        self, changes: Changes, now: datetime, configs: Mapping[str, ConfigTarget] | None = None
+    ) -> int:
+        """Send the desired states (model targets, configurations); returns how many.
 
         Raises:
             TransportError: the broker is unreachable or did not acknowledge (disconnects, so
                 the next call connects afresh).
             RegistryError: a target is not in the registry.
         """
-        if not changes:
+        if not changes and not configs:
             return 0
         try:
-            return len(self._connected().publish(changes, now=now))
+            return len(self._connected().publish(changes, now=now, configs=configs))
         except TransportError:
             self.close()
             raise
@@ -193,13 +215,14 @@ class RolloutController:
         if decision.new_state == row.state and not decision.actions:
             return TickResult(row.id, row)
         changes = self._publishable(decision.actions)
-        if changes:
+        configs = configs_of(row.spec, decision.actions)
+        if changes or configs:
             rev, _status = db.head(self.store, row.id)  # narrow the race with operator commands
             if rev != row.rev:
                 raise db.ConcurrentUpdate(row.id, row.rev, rev)
             if self.lease is not None:
                 self.lease.confirm()  # LeaseLost: another controller may act now; send nothing
-        published = self.publish(changes, now)
+        published = self.publish(changes, now, configs)
         fence = None if self.lease is None else self.lease.fence
         saved = db.save(self.store, row, decision.new_state, now, fence=fence)
         self._emit(decision.actions)
@@ -292,4 +315,11 @@ COMMANDS: Mapping[str, Callable[[db.RolloutRow, datetime, str], Decision]] = {
 }
 
 
-__all__ = ["COMMANDS", "RolloutController", "TickResult", "busy_pairs", "changes_of"]
+__all__ = [
+    "COMMANDS",
+    "RolloutController",
+    "TickResult",
+    "busy_pairs",
+    "changes_of",
+    "configs_of",
+]

@@ -105,8 +105,11 @@ def create(store: Store, spec: RolloutSpec, state: RolloutState, now: datetime) 
         RolloutExists: the id is taken.
         StoreUnavailable: the database cannot be reached.
     """
+    # a configuration rollout fills the (NOT NULL) model columns with "(config)" and its hash
+    model = spec.model if spec.config is None else "(config)"
+    version = spec.version if spec.config is None else spec.config.hash[:12]
     row = {
-        "id": spec.id, "model": spec.model, "version": spec.version, "pipeline": spec.pipeline,
+        "id": spec.id, "model": model, "version": version, "pipeline": spec.pipeline,
         "status": state.status, "spec": spec.model_dump(mode="json"),
         "state": state.model_dump(mode="json"), "created_at": now, "updated_at": now, "rev": 1,
     }  # fmt: skip

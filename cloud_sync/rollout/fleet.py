@@ -79,6 +79,23 @@ class PipelineView:
 
 
 @dataclass(frozen=True)
+class ConfigView:
+    """The pipeline configuration a device reported (``ReportedState.config``).
+
+    Attributes:
+        hash: hash of the remote configuration running (None: its local file's).
+        target_hash: hash of the last configuration it attempted.
+        status: outcome of that attempt: applying, applied, rejected or rolled_back.
+        reason: why it was rejected or rolled back.
+    """
+
+    hash: str | None = None
+    target_hash: str | None = None
+    status: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class DeviceView:
     """One device: whether it is connected, how it is labelled, what its pipelines run.
 
@@ -88,6 +105,8 @@ class DeviceView:
         groups: groups the operator put it in.
         tags: its tags (``site=berlin``).
         pipelines: pipeline name → what it runs.
+        config: the pipeline configuration it reported (None: none reported).
+        contract: the wire contract version of its birth message (None: not known).
     """
 
     device_id: str
@@ -95,6 +114,8 @@ class DeviceView:
     groups: frozenset[str] = frozenset()
     tags: Mapping[str, str] = field(default_factory=dict)
     pipelines: Mapping[str, PipelineView] = field(default_factory=dict)
+    config: ConfigView | None = None
+    contract: str | None = None
 
 
 class FleetSnapshot:

@@ -119,7 +119,7 @@ class Evidence:
     """What the gates of one stage are judged on.
 
     Attributes:
-        new: the version being rolled out.
+        new: the version being rolled out (a configuration's name for a config rollout).
         stage_devices: devices selected at this stage (the ``failures`` denominator).
         failed: ``device/pipeline: why`` for each of them whose update failed.
         canaries: (device, metrics) of selected pipelines, metrics on the new version.
@@ -127,7 +127,7 @@ class Evidence:
         before: (device, metrics) of the canaries on their previous version, pre-update.
     """
 
-    new: ModelRef
+    new: ModelRef | str
     stage_devices: int
     failed: Sequence[str] = ()
     canaries: Sequence[tuple[str, PipelineMetrics]] = ()

@@ -28,6 +28,9 @@ One call looks at the fleet and moves the rollout on as far as it can go *now*:
 
 A paused rollout still tracks outcomes but sends nothing. Resuming a rollout that a gate
 paused accepts that stage's failing gates (the operator's call) and moves on.
+
+A configuration rollout (``spec.config``) follows the same steps with one entry per device;
+``plan_config`` holds what differs (scope, tracking, evidence, no revert).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from datetime import datetime
 from typing import Literal
 
 from agent.protocol.state import UpdatePhase
+from cloud_sync.rollout import plan_config
+from cloud_sync.rollout.configdoc import CONFIG_KEY
 from cloud_sync.rollout.fleet import DeviceView, FleetSnapshot, ModelRef, PipelineMetrics
 from cloud_sync.rollout.gates import Evidence, GateResult, evaluate_all
 from cloud_sync.rollout.stages import rank, select, stage_sizes
@@ -55,6 +60,7 @@ from cloud_sync.rollout.state import (
     RolloutEvent,
     RolloutSpec,
     RolloutState,
+    SetConfig,
     Status,
 )
 from cloud_sync.rollout.target import Target
@@ -83,7 +89,8 @@ def check_now(now: datetime) -> None:
 def revert_touched(
     devices: dict[str, DeviceRecord],
 ) -> tuple[dict[str, DeviceRecord], list[Action], list[str]]:
-    """Revert every touched pipeline to its recorded previous version.
+    """Revert every touched pipeline to its recorded previous version (a configuration
+    rollout's entries are left alone: see ``plan_config``).
 
     Returns:
         The updated records (reverted pipelines marked ``reverted``), the ``Revert`` actions,
@@ -98,7 +105,7 @@ def revert_touched(
         pipelines = dict(rec.pipelines)
         done: list[str] = []
         for name, p in rec.pipelines.items():
-            if not p.sent or p.outcome == "reverted":
+            if not p.sent or p.outcome == "reverted" or name == CONFIG_KEY:
                 continue
             if p.previous is None:
                 lines.append(f"{device_id}/{name}: no previous version known, left as it is")
@@ -151,6 +158,8 @@ class _Step:
 
     def scope(self, view: DeviceView) -> list[str]:
         """The pipelines of ``view`` this rollout would update (busy ones left out)."""
+        if self.spec.config is not None:
+            return plan_config.scope(self.spec.config, view, self.busy)
         names = [self.spec.pipeline] if self.spec.pipeline else sorted(view.pipelines)
         return [p for p in names if p in view.pipelines and (view.device_id, p) not in self.busy]
 
@@ -205,10 +214,12 @@ class _Step:
         return "started"
 
     def record(self, view: DeviceView) -> DeviceRecord:
-        new = self.spec.ref
         pipelines = {}
         for name in self.scope(view):
-            p = view.pipelines[name]
+            if self.spec.config is not None:
+                pipelines[name] = plan_config.record(self.spec.config, view)
+                continue
+            new, p = self.spec.ref, view.pipelines[name]
             prev = p.active
             if prev == new and p.phase in (None, UpdatePhase.COMMITTED):
                 pipelines[name] = PipelineRecord(previous=prev, outcome="committed")
@@ -225,6 +236,11 @@ class _Step:
     # --- 2. tracking ---------------------------------------------------------------------
 
     def refresh(self) -> None:
+        if self.spec.config is not None:
+            self.devices, lines = plan_config.refresh(self.spec.config, self.devices, self.fleet)
+            for line in lines:
+                self.event("device_failed", line)
+            return
         new = self.spec.ref
         for device_id, rec in self.devices.items():
             view = self.fleet.get(device_id)
@@ -249,8 +265,13 @@ class _Step:
 
     # --- 3. deploy -----------------------------------------------------------------------
 
-    def deploy(self) -> None:
+    def deploy_action(self, device_id: str, name: str) -> Action:
+        if self.spec.config is not None:
+            return SetConfig(device_id, self.spec.config.hash_for(device_id))
         new = self.spec.ref
+        return Deploy(device_id, name, new.model, new.version)
+
+    def deploy(self) -> None:
         cap = self.spec.max_concurrent
         in_flight = sum(
             1 for d, r in self.devices.items() if r.outcome == "updating" and self.online(d)
@@ -267,7 +288,7 @@ class _Step:
             pipelines = dict(rec.pipelines)
             for name, p in rec.pipelines.items():
                 if p.outcome == "pending":
-                    self.actions.append(Deploy(rec.device_id, name, new.model, new.version))
+                    self.actions.append(self.deploy_action(rec.device_id, name))
                     pipelines[name] = p.model_copy(update={"outcome": "updating", "sent": True})
             self.devices[rec.device_id] = rec.model_copy(
                 update={"pipelines": pipelines, "desired_sent_at": self.now}
@@ -304,8 +325,13 @@ class _Step:
     # --- 5. gates ------------------------------------------------------------------------
 
     def evidence(self) -> Evidence:
-        new = self.spec.ref
         mine = self.in_stage()
+        if self.spec.config is not None:
+            return plan_config.evidence(
+                self.spec.config, self.spec.what, mine, self.devices, self.fleet, self.target,
+                self.busy,
+            )  # fmt: skip
+        new = self.spec.ref
         failed = [
             f"{r.device_id} ({'; '.join(f'{n}: {p.error}' for n, p in bad)})"
             for r in mine
@@ -379,7 +405,7 @@ class _Step:
         c = RolloutState(devices=self.devices).counts()
         self.event(
             "completed",
-            f"{self.spec.ref} committed on {c['committed']} devices, {c['failed']} failed, "
+            f"{self.spec.what} committed on {c['committed']} devices, {c['failed']} failed, "
             f"{c['updating'] + c['pending']} pending (offline)",
         )
 

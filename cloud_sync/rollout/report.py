@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from cloud_sync.rollout.configdoc import CONFIG_KEY, short_hash
+from cloud_sync.rollout.fleet import FleetSnapshot
 from cloud_sync.rollout.state import RolloutSpec, RolloutState
 
 
@@ -23,6 +25,7 @@ def summary(spec: RolloutSpec, state: RolloutState, now: datetime) -> dict[str, 
         "id": spec.id,
         "model": spec.model,
         "version": spec.version,
+        "config": short_hash(spec.config.hash) if spec.config else None,
         "pipeline": spec.pipeline,
         "target": spec.target,
         "status": state.status,
@@ -53,7 +56,7 @@ def progress_line(spec: RolloutSpec, state: RolloutState, now: datetime) -> str:
     done = counts["committed"] + counts["failed"]
     stage = spec.stages[min(state.stage, len(spec.stages) - 1)]
     line = (
-        f"rollout {spec.id} {spec.ref} {state.status}: stage {state.stage + 1}/"
+        f"rollout {spec.id} {spec.what} {state.status}: stage {state.stage + 1}/"
         f"{len(spec.stages)} ({stage}); devices {done}/{len(state.devices)} done "
         f"({counts['committed']} committed, {counts['failed']} failed), "
         f"{counts['updating']} updating, {counts['pending']} pending"
@@ -70,4 +73,28 @@ def progress_line(spec: RolloutSpec, state: RolloutState, now: datetime) -> str:
     return line
 
 
-__all__ = ["progress_line", "soak_remaining", "summary"]
+def config_devices(spec: RolloutSpec, state: RolloutState, fleet: FleetSnapshot) -> list[str]:
+    """One line per selected device of a configuration rollout: its outcome, the hash sent
+    to it, the hash it runs and its last attempt (12 hex digits each; never the document)."""
+    if spec.config is None:
+        return []
+    lines = []
+    for device_id in sorted(state.devices):
+        rec = state.devices[device_id]
+        view = fleet.get(device_id)
+        c = view.config if view is not None else None
+        running = "-" if c is None else short_hash(c.hash) if c.hash else "local file"
+        line = (
+            f"{device_id:<16} {rec.outcome:<9} sent {short_hash(spec.config.hash_for(device_id))}"
+            f"  running {running}"
+        )
+        if c is not None and c.status:
+            line += f"  last {short_hash(c.target_hash)} {c.status}"
+        error = rec.pipelines[CONFIG_KEY].error if CONFIG_KEY in rec.pipelines else None
+        if error:
+            line += f"  ({error})"
+        lines.append(line)
+    return lines
+
+
+__all__ = ["config_devices", "progress_line", "soak_remaining", "summary"]

@@ -1,6 +1,7 @@
 """Adapter: build the rollout's ``FleetSnapshot`` from the ingest database.
 
-Four queries, whatever the fleet size: devices, pipeline states, the telemetry rows of the
+Five queries, whatever the fleet size: devices, pipeline states, reported configurations,
+the telemetry rows of the
 window (plus one look-back interval, for the predecessors of its first rows), and top-1 label
 counts of the window's events grouped in SQL. The per-version figures are then computed here,
 per ``(device, pipeline, model@version)``:
@@ -36,9 +37,15 @@ import sqlalchemy as sa
 
 from agent.protocol.state import UpdatePhase
 from cloud_sync.ingest.db import guard
-from cloud_sync.ingest.schema import DEVICES, EVENTS, PIPELINE_STATE, TELEMETRY
+from cloud_sync.ingest.schema import DEVICE_CONFIG, DEVICES, EVENTS, PIPELINE_STATE, TELEMETRY
 from cloud_sync.ingest.store import Store
-from cloud_sync.rollout.fleet import DeviceView, FleetSnapshot, PipelineMetrics, PipelineView
+from cloud_sync.rollout.fleet import (
+    ConfigView,
+    DeviceView,
+    FleetSnapshot,
+    PipelineMetrics,
+    PipelineView,
+)
 
 Key = tuple[str, str]  # (device_id, pipeline)
 VersionKey = tuple[str, str, str, str]  # (device_id, pipeline, model, version)
@@ -157,7 +164,9 @@ class SnapshotReader:
         self.max_gap_s = max_gap_s
         self.default_interval_s = default_interval_s
 
-    def _query(self, since: datetime, until: datetime, metrics: bool) -> tuple[Any, Any, Any, Any]:
+    def _query(
+        self, since: datetime, until: datetime, metrics: bool
+    ) -> tuple[Any, Any, Any, Any, Any]:
         t, e = TELEMETRY, EVENTS
         look_back = since - timedelta(seconds=self.max_gap_s)
         tq = (
@@ -175,9 +184,10 @@ class SnapshotReader:
         with guard("fleet snapshot"), self.store.engine.connect() as conn:
             devices = conn.execute(sa.select(DEVICES).order_by(DEVICES.c.device_id)).all()
             states = conn.execute(sa.select(PIPELINE_STATE)).all()
+            configs = conn.execute(sa.select(DEVICE_CONFIG)).all()
             tele = conn.execute(tq).all() if metrics else []
             events = conn.execute(eq).all() if metrics else []
-        return devices, states, tele, events
+        return devices, states, configs, tele, events
 
     def read(self, since: datetime, until: datetime, *, metrics: bool = True) -> FleetSnapshot:
         """The fleet now, with metrics over ``[since, until]`` (none when ``metrics`` is
@@ -186,7 +196,10 @@ class SnapshotReader:
         Raises:
             StoreUnavailable: the database cannot be reached.
         """
-        devices, states, tele, events = self._query(since, until, metrics)
+        devices, states, configs, tele, events = self._query(since, until, metrics)
+        config_of = {
+            c.device_id: ConfigView(c.hash, c.target_hash, c.status, c.reason) for c in configs
+        }
         labels: dict[VersionKey, dict[str, int]] = defaultdict(dict)
         for ev in events:
             labels[(ev.device_id, ev.pipeline, ev.model, ev.version)][ev.top_label] = int(ev.n)
@@ -203,14 +216,22 @@ class SnapshotReader:
                     top = labels.get((device_id, pipeline, model, version), {})
                     metrics_of[device_id][pipeline] = _metrics(model, version, acc, top)
         views = [
-            _device(d, state_of.get(d.device_id, {}), metrics_of.get(d.device_id, {}))
+            _device(
+                d,
+                state_of.get(d.device_id, {}),
+                metrics_of.get(d.device_id, {}),
+                config_of.get(d.device_id),
+            )
             for d in devices
         ]
         return FleetSnapshot(views)
 
 
 def _device(
-    d: Any, states: Mapping[str, Any], metrics: Mapping[str, PipelineMetrics]
+    d: Any,
+    states: Mapping[str, Any],
+    metrics: Mapping[str, PipelineMetrics],
+    config: ConfigView | None = None,
 ) -> DeviceView:
     """One device's view from its ``devices`` row, pipeline states and window figures."""
     names = dict.fromkeys([*(d.pipelines or []), *sorted(states), *sorted(metrics)])
@@ -232,6 +253,8 @@ def _device(
         groups=frozenset(d.groups or []),
         tags=dict(d.tags or {}),
         pipelines=pipelines,
+        config=config,
+        contract=d.contract,
     )
 
 

@@ -4,6 +4,12 @@ the actions a decision asks the adapter to carry out.
 ``RolloutSpec`` is what the operator asked for (``edgefleet rollout start``); ``RolloutState``
 is everything the controller must remember between two decisions (JSON via pydantic, so an
 adapter can store it anywhere). Both are frozen: ``plan.decide`` returns a new state.
+
+A rollout carries **either** a model version (``model``, ``version``) **or** a pipeline
+configuration (``config``, see ``configdoc``), never both: each has its own success signal
+(committed version vs applied configuration hash) and its own abort semantics, and the two
+kinds may run at once on the same device (the publisher keeps the other's part of the
+desired state).
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol.state import ModelName, PipelineName, Version
+from cloud_sync.rollout.configdoc import RolloutConfig, short_hash
 from cloud_sync.rollout.fleet import ModelRef, PipelineMetrics
 from cloud_sync.rollout.gates import Gate, GateResult, parse_gate
 from cloud_sync.rollout.stages import Stage, normalize_stages
@@ -51,8 +58,11 @@ class RolloutSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=ROLLOUT_ID_PATTERN, description="Rollout id; seeds device choice")
-    model: ModelName = Field(description="Model to roll out")
-    version: Version = Field(description="Its version")
+    model: ModelName | None = Field(None, description="Model to roll out (or a config)")
+    version: Version | None = Field(None, description="Its version")
+    config: RolloutConfig | None = Field(
+        None, description="Pipeline configuration to roll out instead of a model version"
+    )
     pipeline: PipelineName | None = Field(
         None, description="Pipeline to update; None = every pipeline of each device"
     )
@@ -88,10 +98,44 @@ class RolloutSpec(BaseModel):
         parse_target(v)  # raises ValueError naming the bad token
         return v
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> RolloutSpec:
+        has_model = self.model is not None or self.version is not None
+        if self.config is None and (self.model is None or self.version is None):
+            raise ValueError("a rollout needs a model and a version, or a configuration")
+        if self.config is not None:
+            if has_model:
+                raise ValueError(
+                    "a rollout carries a model version or a configuration, not both; "
+                    "start two rollouts"
+                )
+            if self.pipeline is not None:
+                raise ValueError("a configuration rollout covers all pipelines; drop --pipeline")
+            if self.on_fail == "rollback":
+                raise ValueError(
+                    "a configuration rollout does not revert devices (each keeps its last good "
+                    "configuration by itself); use on_fail 'pause', and roll out the previous "
+                    "file to undo"
+                )
+        return self
+
     @property
     def ref(self) -> ModelRef:
-        """``model@version`` being rolled out."""
+        """``model@version`` being rolled out.
+
+        Raises:
+            ValueError: this is a configuration rollout.
+        """
+        if self.model is None or self.version is None:
+            raise ValueError(f"rollout {self.id} rolls out a configuration, not a model")
         return ModelRef(model=self.model, version=self.version)
+
+    @property
+    def what(self) -> str:
+        """What is rolled out, for the operator: ``det@2.0.0`` or ``config 1a2b3c4d5e6f``."""
+        if self.config is not None:
+            return f"config {short_hash(self.config.hash)}"
+        return str(self.ref)
 
     def parsed_target(self) -> Target:
         """The target expression, parsed."""
@@ -199,13 +243,21 @@ class Revert:
 
 
 @dataclass(frozen=True)
+class SetConfig:
+    """Send ``device_id`` the rollout's configuration (its document hashes to ``hash``)."""
+
+    device_id: str
+    hash: str
+
+
+@dataclass(frozen=True)
 class Log:
     """Tell the operator (one line, already in the rollout's history)."""
 
     message: str
 
 
-Action = Deploy | Revert | Log
+Action = Deploy | Revert | SetConfig | Log
 
 
 @dataclass(frozen=True)
@@ -231,5 +283,6 @@ __all__ = [
     "RolloutEvent",
     "RolloutSpec",
     "RolloutState",
+    "SetConfig",
     "Status",
 ]

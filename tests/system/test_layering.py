@@ -23,7 +23,12 @@ CLOUD_USES_DEVICE_CODE: dict[str, tuple[tuple[str, ...], str]] = {
         ("cloud_sync/cli.py",),
         "the combined CLI hands `edgefleet agent …` to the agent's own dispatch",
     ),
-    "agent.config": (("cloud_sync/demo.py",), "the demo runs a real agent from a config"),
+    "agent.config": (
+        ("cloud_sync/demo.py", "cloud_sync/rollout/configdoc.py"),
+        "the demo runs a real agent from a config; `rollout start --config` checks the "
+        "[[pipelines]] tables with the device's own models (AgentConfig, PipelineConfig and "
+        "their cross-checks) so a configuration devices would refuse is never published",
+    ),
     "agent.service": (("cloud_sync/demo.py",), "the demo runs a real agent"),
     "agent.pipeline.sinks": (("cloud_sync/demo.py",), "the demo watches the agent's events"),
     "agent.pipeline.synthetic": (("cloud_sync/demo.py",), "the demo's camera is a synthetic video"),

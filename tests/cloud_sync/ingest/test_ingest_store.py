@@ -219,13 +219,13 @@ def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 8
+    assert s.version() == LATEST == 9
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9] and s.counts()["telemetry"] == 2
     s.close()
 
 
