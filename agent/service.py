@@ -67,6 +67,12 @@ class Agent:
         self.metrics_server: Any = None  # the local Prometheus endpoint, when configured
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
         self.api: Any = None  # [api]: the local inference API server (agent.api.ApiServer)
+        # --- signed commands (issue 15): agent.sync.commands, agent.sync.command_handlers ---
+        self.config_path: Path | None = None  # the file `check` checks (set by `run`)
+        self.commands: Any = None  # CommandService, with [broker] and [trust]
+        self.uploads: Any = None  # UploadStore: DATA_DIR/uploads (log extracts, snapshots)
+        self.restart_requested = threading.Event()  # restart_agent: the supervisor exits 75
+        self.on_restart_request: list[Callable[[], None]] = []
 
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
         path = Path(p.model)
@@ -249,15 +255,19 @@ class Agent:
                     self.session.topics.device(cfg.device_id, "snapshots"),
                     every_s=snap.every_s, jpeg_quality=snap.jpeg_quality, max_width=snap.max_width,
                 ))  # fmt: skip
-        library = self.clip_library()
-        if library is not None:  # the cloud fetches event clips on clips/req
-            from agent.sync.clips import ClipResponder
+        from agent.sync.clips import ClipResponder
+        from agent.sync.uploads import UploadStore
 
-            responder = ClipResponder(self.session.client, cfg.device_id, library,
-                                      root=broker.topic_root)  # fmt: skip
-            self.session.on_connected.append(responder.subscribe)
+        # the cloud fetches event clips and command uploads (logs, snapshots) on clips/req
+        self.uploads = UploadStore(cfg.data_dir / "uploads")
+        responder = ClipResponder(self.session.client, cfg.device_id, self.clip_library(),
+                                  root=broker.topic_root, uploads=self.uploads)  # fmt: skip
+        self.session.on_connected.append(responder.subscribe)
         if trust is not None:
             self._start_delivery(broker, trust)
+            from agent.sync.commands import wire_commands
+
+            self.commands = wire_commands(self)  # signed by the keys desired states are
         self.outbox_sender.start()
         self.telemetry.start()
         self.session.start()
@@ -311,6 +321,8 @@ class Agent:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
+        if self.commands is not None:
+            self.commands.stop()
         if self.updates is not None:
             self.updates.stop()
         for pipe in self.pipelines:
@@ -328,6 +340,38 @@ class Agent:
         for m in [*self.models.values(), *(p.model for p in self.pipelines if p.model)]:
             m.close()
         self.models.clear()
+
+    def request_restart(self) -> None:
+        """Ask the supervisor to stop this agent and exit for a restart (``restart_agent``)."""
+        self.restart_requested.set()
+        for wake in self.on_restart_request:
+            wake()
+
+    def restart_pipeline(self, name: str) -> None:
+        """MINIMAL STAND-IN (issue 15 "commands" branch, for its tests): the remote-config
+        branch implements ``Agent.restart_pipeline``; keep that one when merging.
+
+        A new ``Pipeline`` for ``name`` from its config, with the running model and sinks.
+
+        Raises:
+            KeyError: no such pipeline.
+        """
+        i = next(i for i, p in enumerate(self.pipelines) if p.name == name)
+        pcfg = next(p for p in self.cfg.pipelines if p.name == name)
+        old = self.pipelines[i]
+        sinks, old.sinks = old.sinks, []  # old.stop() closes its sinks: keep them open
+        old.stop()
+        new = Pipeline(pcfg.name, parse_source(pcfg.source), old.model, sinks, loop=pcfg.loop,
+                       pace=pcfg.pace, open_timeout_s=pcfg.open_timeout_s,
+                       **pipeline_options(pcfg), clips=self._clips_for(pcfg))  # fmt: skip
+        new.observer = old.observer
+        self.pipelines[i] = new
+        if self.updates is not None:
+            self.updates.pipelines[name] = new
+        if self.telemetry is not None:
+            self.telemetry.snapshot.pipelines[i] = new
+        new.start()
+        log.info("device=%s pipeline=%s restarted", self.cfg.device_id, name)
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
