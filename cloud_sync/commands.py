@@ -95,7 +95,7 @@ def send_command(
             res = CommandResult.decode(bytes(msg.payload))
         except BadMessage:
             return  # someone else's garbage on the topic: not our answer
-        if res.id == cmd.id or (res.id is None and res.status is ResultStatus.REFUSED):
+        if res.id == cmd.id:  # a refusal of a body the device could not read still has its id
             results.put(res)
 
     client = service_client(f"edgefleet-cmd-{device_id}-{cmd.id[-6:]}", broker_url)
