@@ -81,3 +81,19 @@ def _check_pipeline(
         )
     detail = "; ".join(problems) or f"{src.kind} source {src.display}, model {p.model}"
     return {"name": p.name, "ok": not problems, "detail": detail}
+
+
+def format_check(r: dict[str, Any]) -> list[str]:
+    """The lines ``edgefleet-agent check`` prints for a ``check_report``."""
+    mark = {True: "ok  ", False: "FAIL"}
+    out = [f"edgefleet-agent {r['agent_version']}"]
+    out.append(f"[{mark[r['config']['ok']]}] config {r['config']['path']}: {r['config']['detail']}")
+    p = r["profile"]
+    out.append(f"[{mark[p['ok']]}] profile {p.get('name')}: {p['detail']}")
+    for name, b in r["backends"].items():
+        out.append(f"[{'ok  ' if b['available'] else 'no  '}] backend {name}: {b['detail']}")
+    gst = r["gstreamer"]
+    out.append(f"[{'ok  ' if gst['available'] else 'no  '}] GStreamer sources: {gst['detail']}")
+    for pipe in r.get("pipelines", []):
+        out.append(f"[{mark[pipe['ok']]}] pipeline {pipe['name']}: {pipe['detail']}")
+    return out

@@ -51,8 +51,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Test-only hooks for fault tests that run the agent as a child process: read here, once
     hooks = TestHooks.from_env(os.environ)
 
+    # the agent's own log file, so logs can be pulled remotely without journald (upload_logs)
+    from agent.telemetry.logfile import install_file_log
+
+    install_file_log(cfg.data_dir)
+
     def make_agent(c: AgentConfig) -> Agent:
-        return Agent(c, hooks=hooks)
+        agent = Agent(c, hooks=hooks)
+        agent.config_path = path  # what the 'check' command checks
+        return agent
 
     return Supervisor(path, cfg, make_agent=make_agent).run(duration_s=args.duration)
 
@@ -69,17 +76,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _print_check(r: dict[str, Any]) -> None:
-    mark = {True: "ok  ", False: "FAIL"}
-    print(f"edgefleet-agent {r['agent_version']}")
-    print(f"[{mark[r['config']['ok']]}] config {r['config']['path']}: {r['config']['detail']}")
-    p = r["profile"]
-    print(f"[{mark[p['ok']]}] profile {p.get('name')}: {p['detail']}")
-    for name, b in r["backends"].items():
-        print(f"[{'ok  ' if b['available'] else 'no  '}] backend {name}: {b['detail']}")
-    gst = r["gstreamer"]
-    print(f"[{'ok  ' if gst['available'] else 'no  '}] GStreamer sources: {gst['detail']}")
-    for pipe in r.get("pipelines", []):
-        print(f"[{mark[pipe['ok']]}] pipeline {pipe['name']}: {pipe['detail']}")
+    from agent.check import format_check
+
+    print("\n".join(format_check(r)))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -78,6 +78,12 @@ class Agent:
         self._metrics_snapshot: Any = None
         self.updates: Any = None  # UpdateManager when [broker] and [trust] are configured
         self.api: Any = None  # [api]: the local inference API server (agent.api.ApiServer)
+        # --- signed commands (issue 15): agent.sync.commands, agent.sync.command_handlers ---
+        self.config_path: Path | None = None  # the file `check` checks (set by `run`)
+        self.commands: Any = None  # CommandService, with [broker] and [trust]
+        self.uploads: Any = None  # UploadStore: DATA_DIR/uploads (log extracts, snapshots)
+        self.restart_requested = threading.Event()  # restart_agent: the supervisor exits 75
+        self.on_restart_request: list[Callable[[], None]] = []
 
     def _model_for(self, p: PipelineConfig) -> RunnableModel | None:
         path = Path(p.model)
@@ -224,15 +230,19 @@ class Agent:
             cfg.device_id, self.outbox, topics.device(cfg.device_id, "events"),
             topics.device(cfg.device_id, "snapshots"),
         ))  # fmt: skip
-        library = self.clip_library()
-        if library is not None:  # the cloud fetches event clips on clips/req
-            from agent.sync.clips import ClipResponder
+        from agent.sync.clips import ClipResponder
+        from agent.sync.uploads import UploadStore
 
-            responder = ClipResponder(self.session.client, cfg.device_id, library,
-                                      root=broker.topic_root)  # fmt: skip
-            self.session.on_connected.append(responder.subscribe)
+        # the cloud fetches event clips and command uploads (logs, snapshots) on clips/req
+        self.uploads = UploadStore(cfg.data_dir / "uploads")
+        responder = ClipResponder(self.session.client, cfg.device_id, self.clip_library(),
+                                  root=broker.topic_root, uploads=self.uploads)  # fmt: skip
+        self.session.on_connected.append(responder.subscribe)
         if trust is not None:
             self._start_delivery(broker, trust)
+            from agent.sync.commands import wire_commands
+
+            self.commands = wire_commands(self)  # signed by the keys desired states are
         self.outbox_sender.start()
         self.telemetry.start()
         self.session.start()
@@ -307,6 +317,8 @@ class Agent:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
+        if self.commands is not None:
+            self.commands.stop()
         if self.updates is not None:
             self.updates.stop()
         for pipe in self.pipelines:
@@ -324,6 +336,12 @@ class Agent:
         for m in [*self.models.values(), *(p.model for p in self.pipelines if p.model)]:
             m.close()
         self.models.clear()
+
+    def request_restart(self) -> None:
+        """Ask the supervisor to stop this agent and exit for a restart (``restart_agent``)."""
+        self.restart_requested.set()
+        for wake in self.on_restart_request:
+            wake()
 
     def status(self) -> dict[str, Any]:
         now = self.clock()

@@ -5,6 +5,8 @@
   progress or legitimately waits, so a hung inference gets the agent restarted by systemd.
 - SIGTERM/SIGINT: ``STOPPING=1``, then ``Agent.stop`` (pipelines, a last telemetry snapshot,
   the outbox drained while the broker is reachable, the session closed).
+- A ``restart_agent`` command (``Agent.request_restart``): the agent stops as on SIGTERM and
+  the process exits with ``RESTART_EXIT_CODE`` (75), which the unit restarts.
 - SIGHUP: the config file is read again; an invalid one is logged and ignored (the agent keeps
   running as it was, ``STATUS=`` says why); a valid one replaces the running agent
   (``RELOADING=1`` … ``READY=1``). If the new config's agent cannot start, the error ends
@@ -24,7 +26,7 @@ from pathlib import Path
 from agent.common.errors import ConfigError
 from agent.config import AgentConfig, load_config
 from agent.service import Agent
-from agent.systemd import Liveness, notify, watchdog_interval
+from agent.systemd import RESTART_EXIT_CODE, Liveness, notify, watchdog_interval
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Supervisor:
         self._wake = threading.Event()
         self.watchdog_s = watchdog_interval(self.env)
         self.reloads = 0
+        self.exit_code = 0  # RESTART_EXIT_CODE after a restart_agent command
         self._status_errno: int | None = None
 
     def _on_stop(self, *_: object) -> None:
@@ -86,7 +89,7 @@ class Supervisor:
         try:
             while agent is not None:
                 agent = self._serve(agent, deadline)
-            return 0
+            return self.exit_code
         finally:
             self._notify("STOPPING=1")
 
@@ -96,9 +99,14 @@ class Supervisor:
         next_ping = 0.0
         stalled: list[str] = []
         replacement: Agent | None = None
+        agent.on_restart_request.append(self._wake.set)
         try:
             while not self._stop.is_set():
                 self._write_status(agent)
+                if agent.restart_requested.is_set():  # restart_agent: the unit restarts us
+                    log.info("restart requested by command: exiting with %d", RESTART_EXIT_CODE)
+                    self.exit_code = RESTART_EXIT_CODE
+                    return None
                 if agent.pipelines and all(p.finished.is_set() for p in agent.pipelines):
                     return None
                 now = time.monotonic()

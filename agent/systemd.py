@@ -21,6 +21,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# EX_TEMPFAIL: the exit code of a restart asked for by the restart_agent command; the unit
+# (systemd/edgefleet-agent.service) has SuccessExitStatus=75 (not a failure) and
+# RestartForceExitStatus=75 (restarted all the same, whatever Restart= says)
+RESTART_EXIT_CODE = 75
+
 WAITING_SOURCE_STATES = frozenset({"connecting", "waiting", "ended", "stopped"})
 
 

@@ -7,7 +7,8 @@ requests (``clips/resp``), and read only its own desired state, chunk answers, c
 clip requests: no device can write any desired state or read another device's data or clips.
 Services get exactly the topics their job needs (``svc:ingest`` reads what devices send;
 ``svc:registry`` answers chunk requests; operators ``op:NAME`` write desired state, read
-device state, and ask devices for event clips).
+device state, ask devices for event clips and command uploads, and send signed commands on
+``cmd`` and read their results on ``cmd/result``).
 
 What the ACL cannot do, and how the config covers it (Mosquitto 2.0.x; deploy/mosquitto/README.md):
 
@@ -67,8 +68,10 @@ def _service_rules(root: str, name: str, role: str) -> list[str]:
     elif role == "operator":
         lines += [f"topic readwrite {dev}/desired", f"topic read {dev}/state",
                   f"topic read {dev}/reported", f"topic readwrite {root}/operators/#",
-                  # event clips: ask a device for a clip's windows, read its answers
-                  f"topic write {dev}/clips/req", f"topic read {dev}/clips/resp"]  # fmt: skip
+                  # event clips and command uploads: ask a device for windows, read its answers
+                  f"topic write {dev}/clips/req", f"topic read {dev}/clips/resp",
+                  # signed commands (agent.protocol.command) and their results
+                  f"topic write {dev}/cmd", f"topic read {dev}/cmd/result"]  # fmt: skip
     else:
         raise ValueError(f"no broker rules for role {role!r}")
     return lines

@@ -1,4 +1,5 @@
-"""Adapter: ``edgefleet clip get DEVICE CLIP [-o FILE]`` — fetch a device's event clip over MQTT.
+"""Adapter: ``edgefleet clip get DEVICE CLIP [-o FILE]`` — fetch a device's event clip over MQTT
+(and, for ``edgefleet device cmd``, the uploads its commands leave: ``fetch_upload``).
 
 The device keeps its clips (``agent.pipeline.clips``) and answers chunk requests for
 ``clips/ID.mp4`` on ``ROOT/devices/D/clips/req`` (``agent.sync.clips``). This command asks
@@ -14,7 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
 
 from agent.common.errors import BadDataError, TransportError
 from agent.common.mqtt import connect_service, service_client
@@ -22,6 +26,7 @@ from agent.protocol.telemetry import CLIP_ID_PATTERN
 from agent.protocol.topics import DEFAULT_ROOT, valid_device_id
 
 MAX_CLIP_BYTES = 4 << 30  # far above any clip a device's budget lets it keep
+MAX_UPLOAD_BYTES = 64 << 20  # a log extract is at most 4 MiB before gzip, a snapshot 2 MiB
 
 
 def fetch_clip(
@@ -63,6 +68,38 @@ def fetch_clip(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def fetch_upload(
+    client: mqtt.Client,
+    device_id: str,
+    upload_id: str,
+    dest: Path,
+    *,
+    topic_root: str = DEFAULT_ROOT,
+    timeout_s: float = 5.0,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Download a command's upload (``uploads/ID``: a log extract, a snapshot) over ``client``
+    (connected) with the chunk protocol, as clips are fetched; its size.
+
+    Raises:
+        RemoteNotFoundError, RequestRefusedError, ChunkProtocolError, ChunkTimeoutError: as
+            ``ChunkClient.fetch_file``.
+    """
+    from agent.update.transfer.client import ChunkClient
+
+    def on_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"fetching {upload_id}: {done}/{total} bytes")
+
+    chunks = ChunkClient(client, device_id, root=topic_root, kinds=("clips/req", "clips/resp"),
+                         request_timeout_s=timeout_s, retries=3)  # fmt: skip
+    try:
+        return chunks.fetch_file(f"uploads/{upload_id}", dest, max_length=MAX_UPLOAD_BYTES,
+                                 progress=on_progress)  # fmt: skip
+    finally:
+        chunks.close()
 
 
 def add_clip_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -131,7 +131,12 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     acl.add_argument("--topic-root", default=DEFAULT_ROOT)
     acl.set_defaults(fn=_ca_broker_config)
 
-    dev = sub.add_parser("device", help="device enrollment")
+    _add_device_commands(sub)
+
+
+def _add_device_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``edgefleet device enroll|renew|cmd``."""
+    dev = sub.add_parser("device", help="device enrollment and commands")
     dsub = dev.add_subparsers(dest="device_cmd", required=True)
     en = dsub.add_parser("enroll", help="issue a device certificate and write its config bundle")
     en.add_argument("device_id")
@@ -151,6 +156,9 @@ def add_pki_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     rn.add_argument("--ca", required=True, type=Path, help="the CA directory")
     rn.add_argument("--out", required=True, type=Path, help="writes OUT/DEVICE_ID/device.crt|key")
     rn.set_defaults(fn=_renew)
+    from cloud_sync.commands import add_cmd_command
+
+    add_cmd_command(dsub)  # edgefleet device cmd DEVICE ACTION …
 
 
 def _ca_init(args: argparse.Namespace) -> int:

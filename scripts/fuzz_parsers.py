@@ -1,7 +1,8 @@
 """Fuzz every parser of untrusted input: wire messages on every topic, chunk answers, desired
-state (decode + signature verification), model cards, agent config files, tegrastats lines,
-ingest rows, and the operator-facing syntaxes (broker URLs, durations, rollout targets, stages
-and gates); and the MQTT callbacks that receive the wire messages (``callback:*``).
+state and commands (decode + signature verification), model cards, agent config files,
+tegrastats lines, ingest rows, and the operator-facing syntaxes (broker URLs, durations,
+rollout targets, stages and gates); and the MQTT callbacks that receive the wire messages
+(``callback:*``).
 
 Each target gets ``--cases`` inputs from hypothesis (random bytes and text, random JSON,
 mutations of a real, valid example, and hostile payloads: nesting 1,500 to 5,000 levels deep,
@@ -275,6 +276,7 @@ def targets(tmp: Path) -> list[Target]:
         Target("wire:fetch_response", decode_response, _fetch_responses(_HEADER), (BadMessage,)),
         _verify_target(),
         _sealed_target(),
+        _command_target(),
         _session_target(),
         _fetcher_target(),
         _publisher_target(tmp),
@@ -341,6 +343,30 @@ def _sealed_target() -> Target:
 
     texts = st.text(max_size=300).map(lambda t: SEALED_PREFIX + t) | _mutated_text(genuine)
     return Target("sealed:unseal", open_token, texts, (SealedError,))
+
+
+def _command_target() -> Target:
+    """Decode, verify and parse commands against one real key, as the device's command worker
+    does: forged, expired, mutated envelopes must be refused with ``BadDataError``
+    (``CommandRefused``), never crash."""
+    from datetime import timedelta
+
+    from agent.protocol.command import decode_command, parse_args, sign_command, verify_command
+
+    signer = CryptoSigner.generate_ed25519()
+    keys = {signer.public_key.keyid: signer.public_key}
+    example = EXAMPLES["signed_command"]
+    cmd = example.signed  # type: ignore[attr-defined]
+    genuine = sign_command(cmd, [signer])
+    now = cmd.issued_at + timedelta(seconds=1)
+
+    def verify(payload: bytes) -> Any:
+        env = decode_command(payload)
+        verify_command(env, trusted_keys=keys, threshold=1, device_id=cmd.device_id, now=now,
+                       seen=lambda n: False)  # fmt: skip
+        return parse_args(env.signed)
+
+    return Target("command:verify", verify, _payloads(genuine), (BadDataError,))
 
 
 # --- the MQTT callbacks: hostile messages through paho's own dispatch ------------------------

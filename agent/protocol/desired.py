@@ -29,22 +29,18 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, Literal, Protocol
 
-from securesystemslib.exceptions import FormatError, UnverifiedSignatureError
-from securesystemslib.formats import encode_canonical
-
 # securesystemslib re-exports these without __all__ or "as" (mypy --strict: no implicit re-export)
 from securesystemslib.signer import (  # type: ignore[attr-defined,unused-ignore]
     Key,
-    Signature,
     Signer,
 )
 
 from agent.common.errors import BadDataError
 from agent.protocol import CONTRACT_VERSION
+from agent.protocol.signing import canonical_body, count_valid, sign_body
 from agent.protocol.state import (
     MAX_REVISION_STEP,
     DesiredState,
-    SignatureEntry,
     SignedDesired,
     contract_major,
 )
@@ -99,13 +95,7 @@ def canonical_bytes(state: DesiredState) -> bytes:
         ValueError: the body holds a value canonical JSON cannot encode (floats); the schema
             has none, so this means a programming error.
     """
-    try:
-        text = encode_canonical(state.model_dump(mode="json"))
-    except FormatError as e:
-        raise ValueError(f"desired state cannot be canonicalized: {e}") from e
-    if not isinstance(text, str):  # pragma: no cover - encode_canonical returns str w/o output fn
-        raise ValueError("encode_canonical returned no text")
-    return text.encode("utf-8")
+    return canonical_body(state)
 
 
 def sign_desired(state: DesiredState, signers: Sequence[Signer]) -> SignedDesired:
@@ -114,14 +104,7 @@ def sign_desired(state: DesiredState, signers: Sequence[Signer]) -> SignedDesire
     Raises:
         ValueError: no signers given.
     """
-    if not signers:
-        raise ValueError("sign_desired needs at least one signer")
-    payload = canonical_bytes(state)
-    entries = []
-    for signer in signers:
-        sig = signer.sign(payload)
-        entries.append(SignatureEntry(keyid=sig.keyid, sig=sig.signature))
-    return SignedDesired(signed=state, signatures=entries)
+    return SignedDesired(signed=state, signatures=sign_body(state, signers))
 
 
 def _keeping(last_revision: int | None) -> str:
@@ -130,27 +113,6 @@ def _keeping(last_revision: int | None) -> str:
         if last_revision is not None
         else "keeping the current state"
     )
-
-
-def _count_valid(
-    payload: bytes, signatures: Sequence[SignatureEntry], trusted_keys: Mapping[str, Key]
-) -> tuple[int, int]:
-    """(distinct trusted keys with a valid signature, distinct trusted keys that signed)."""
-    valid: set[str] = set()
-    trusted_signers: set[str] = set()
-    for entry in signatures:
-        key = trusted_keys.get(entry.keyid)
-        if key is None:
-            continue  # unknown keys are ignored, as in TUF
-        trusted_signers.add(entry.keyid)
-        if entry.keyid in valid:
-            continue  # a key counts once, however often it signed
-        try:
-            key.verify_signature(Signature(entry.keyid, entry.sig), payload)
-        except UnverifiedSignatureError:  # VerificationError is a subclass
-            continue
-        valid.add(entry.keyid)
-    return len(valid), len(trusted_signers)
 
 
 def verify_desired(
@@ -186,7 +148,7 @@ def verify_desired(
     def reject(reason: RejectReason, message: str) -> DesiredRejected:
         return DesiredRejected(message, reason=reason, revision=rev, last_revision=last_revision)
 
-    valid, signed_by = _count_valid(canonical_bytes(body), envelope.signatures, trusted_keys)
+    valid, signed_by = count_valid(canonical_bytes(body), envelope.signatures, trusted_keys)
     if valid == 0:
         raise reject(
             "signature",

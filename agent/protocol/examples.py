@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pydantic import BaseModel
 
 from agent.protocol.analytics import ObjectEvent
+from agent.protocol.command import Command, CommandResult, ResultStatus, SignedCommand
 from agent.protocol.fetch import FetchRequest
 from agent.protocol.state import (
     DesiredState,
@@ -149,10 +150,40 @@ EXAMPLES: dict[str, BaseModel] = {
     "fetch_request": FetchRequest(
         id="r-000123", path="targets/models/det/1.4.0/model.onnx", offset=0, length=65536
     ),
+    "signed_command": SignedCommand(
+        signed=Command(
+            device_id="cam-017",
+            id="c1768465800000-3fa9c1",
+            name="upload_logs",
+            args={"since": "2026-01-15T07:30:00Z", "max_bytes": 4194304},
+            nonce="5d41402abc4b2a76b9719d911017c592",
+            issued_at=_TS,
+            expires_at=datetime(2026, 1, 15, 8, 35, 0, tzinfo=timezone.utc),
+        ),
+        signatures=[SignatureEntry(keyid="9f2c41aa", sig="3045022100cd" + "00" * 8)],
+    ),
+    "command_result": CommandResult(
+        device_id="cam-017",
+        id="c1768465800000-3fa9c1",
+        name="upload_logs",
+        status=ResultStatus.SUCCEEDED,
+        output="2113 log lines since 2026-01-15T07:30:00+00:00: 301877 bytes, 24512 gzip'd",
+        data={"upload": "logs-1768465801204-0c9e2b.log.gz", "lines": 2113, "bytes": 301877},
+        finished_at=datetime(2026, 1, 15, 8, 30, 1, tzinfo=timezone.utc),
+    ),
 }
 """Schema name → one real message instance, shown in docs/protocol.md and checked in tests."""
 
 EXTRA_EXAMPLES: dict[str, BaseModel] = {
+    "command_result (refused)": CommandResult(
+        device_id="cam-017",
+        id="c1768465800000-3fa9c1",
+        name="upload_logs",
+        status=ResultStatus.REFUSED,
+        reason="replay: command c1768465800000-3fa9c1 (upload_logs) refused: nonce 5d41402abc4b…"
+        " was already used",
+        finished_at=datetime(2026, 1, 15, 8, 31, 0, tzinfo=timezone.utc),
+    ),
     "inference_event (classification)": InferenceEvent(
         device_id="cam-017",
         pipeline="gate",

@@ -62,7 +62,7 @@ MAX_HEADER = 4096
 MAX_REQUEST = 4096  # bytes of a request; a real one is about 250
 MAX_FILE = 1 << 40  # bytes of a registry file, and so of any offset or size on the wire
 # clips/ID.mp4: a device's event clip, asked for by the cloud on clips/req (contract 1.2)
-_PATH_PATTERN = r"^(metadata|targets|clips)/[A-Za-z0-9._/-]{1,512}$"
+_PATH_PATTERN = r"^(metadata|targets|clips|uploads)/[A-Za-z0-9._/-]{1,512}$"
 _FLOW_FIELDS = ("sent_at", "timeout_s", "busy_ok", "sticky_ok")
 _REPLICA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # topic-safe, like a device id
 
@@ -73,7 +73,10 @@ class FetchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1, max_length=64, description="Request id, echoed in the response")
-    path: str = Field(pattern=_PATH_PATTERN, description="metadata/NAME or targets/PATH")
+    path: str = Field(
+        pattern=_PATH_PATTERN,
+        description="metadata/NAME or targets/PATH (registry); clips/ID.mp4 or uploads/ID (device)",
+    )
     offset: int = Field(ge=0, le=MAX_FILE, description="First byte")
     length: int = Field(ge=1, le=MAX_CHUNK, description="Bytes wanted")
     sent_at: float | None = Field(

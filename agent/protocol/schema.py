@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from agent.common.fsutil import atomic_write_bytes
 from agent.protocol import CONTRACT_VERSION
+from agent.protocol.command import CommandResult, SignedCommand
 from agent.protocol.examples import EXAMPLES, EXTRA_EXAMPLES
 from agent.protocol.fetch import MAX_CHUNK, MAX_FILE, MAX_HEADER, MAX_REQUEST, FetchRequest
 from agent.protocol.state import (
@@ -56,6 +57,8 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "inference_event": InferenceEvent,
     "snapshot": Snapshot,
     "fetch_request": FetchRequest,
+    "signed_command": SignedCommand,
+    "command_result": CommandResult,
 }
 """Schema name → model of every JSON message on the wire."""
 
@@ -111,8 +114,22 @@ TOPICS: tuple[TopicInfo, ...] = (
     TopicInfo(
         "clips/resp", "dev→cloud", 1, False, None, "binary answers in the `fetch/resp` format"
     ),
-    TopicInfo("cmd", "cloud→dev", 1, False, None, "operator command (schema not yet defined)"),
-    TopicInfo("cmd/result", "dev→cloud", 1, False, None, "command result (schema not yet defined)"),
+    TopicInfo(
+        "cmd",
+        "cloud→dev",
+        1,
+        False,
+        "signed_command",
+        "operator command, signed like the desired state; nonce and expiry (contract 1.3)",
+    ),
+    TopicInfo(
+        "cmd/result",
+        "dev→cloud",
+        1,
+        False,
+        "command_result",
+        "accepted, then succeeded/failed; or refused with the reason (contract 1.3)",
+    ),
 )
 
 

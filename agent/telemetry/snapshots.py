@@ -9,6 +9,7 @@ outbox's bound.
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,53 @@ def encode_jpeg(image: np.ndarray, *, max_width: int, quality: int) -> tuple[byt
     if not ok:
         raise EdgefleetError(f"could not encode a {w}x{h} frame as JPEG")
     return buf.tobytes(), w, h
+
+
+def snapshot_message(
+    device_id: str, event: dict[str, Any], image: np.ndarray, *, max_width: int, quality: int
+) -> tuple[Snapshot, bytes]:
+    """The ``Snapshot`` of one inferred frame (its event names pipeline, model and frame), with
+    the JPEG bytes in it.
+
+    Raises:
+        EdgefleetError: OpenCV could not encode the frame.
+    """
+    jpeg, w, h = encode_jpeg(image, max_width=max_width, quality=quality)
+    msg = Snapshot(
+        device_id=device_id,
+        pipeline=event["pipeline"],
+        model=event.get("model"),
+        version=event.get("version"),
+        frame_seq=event["frame_seq"],
+        frame_time=event["frame_time"],
+        width=w,
+        height=h,
+        jpeg_b64=base64.b64encode(jpeg).decode("ascii"),
+    )
+    return msg, jpeg
+
+
+class FrameGrab(Sink):
+    """A one-shot sink: keeps the next inferred frame and its event (``snapshot`` command).
+
+    Added to a pipeline's sinks by replacing the list (the inference thread iterates the list
+    it read), and taken out the same way once it holds a frame.
+    """
+
+    wants_frame = True
+
+    def __init__(self) -> None:
+        self.got = threading.Event()
+        self.event: dict[str, Any] = {}
+        self.image: Any = None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Without its frame an event has nothing to snapshot."""
+
+    def emit_frame(self, event: dict[str, Any], image: Any) -> None:
+        if not self.got.is_set():
+            self.event, self.image = dict(event), image.copy()
+            self.got.set()
 
 
 class SnapshotSink(Sink):
@@ -72,17 +120,7 @@ class SnapshotSink(Sink):
         if self._next is not None and now < self._next:
             return
         self._next = now + self.every_s
-        jpeg, w, h = encode_jpeg(image, max_width=self.max_width, quality=self.jpeg_quality)
-        msg = Snapshot(
-            device_id=self.device_id,
-            pipeline=event["pipeline"],
-            model=event.get("model"),
-            version=event.get("version"),
-            frame_seq=event["frame_seq"],
-            frame_time=event["frame_time"],
-            width=w,
-            height=h,
-            jpeg_b64=base64.b64encode(jpeg).decode("ascii"),
-        )
+        msg, _ = snapshot_message(self.device_id, event, image, max_width=self.max_width,
+                                  quality=self.jpeg_quality)  # fmt: skip
         self.outbox.put(self.topic, msg.encode(), qos=1)
         self.sent += 1

@@ -33,9 +33,16 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(
-        self, source: str, *, pipeline: str = "", sections: str = "", update: str = ""
+        self,
+        source: str,
+        *,
+        pipeline: str = "",
+        sections: str = "",
+        update: str = "",
+        model: str = "digits",
     ) -> None:
-        """The agent's config: one pipeline ``front`` running the digits model on ``source``,
+        """The agent's config: one pipeline ``front`` running ``model`` (the registry's digits
+        model by default, or a local ``.onnx`` file) on ``source``,
         the fleet's broker and root, the health window given at construction; ``pipeline``,
         ``sections`` and ``update`` are TOML lines added to the pipeline, before ``[update]``
         and to it."""
@@ -47,7 +54,7 @@ class AgentProcess:
             "[[pipelines]]\n"
             'name = "front"\n'
             f'source = "{source}"\n'
-            'model = "digits"\n'
+            f'model = "{model}"\n'
             f"{pipeline}"
             "[broker]\n"
             f'url = "{fleet.broker.url}"\n'

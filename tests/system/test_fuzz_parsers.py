@@ -22,6 +22,7 @@ def test_every_parser_accepts_or_refuses_cleanly() -> None:
     results = FUZZ.main(["--cases", "150", "--json"])
     names = {r.name for r in results}
     assert {"wire:telemetry", "wire:signed_desired", "desired:verify", "config", "card",
+            "wire:signed_command", "command:verify",
             "ingest:event", "rollout:target", "wire:fetch_response", "callback:session",
             "callback:fetcher", "callback:publisher"} <= names  # fmt: skip
     failures = {r.name: r.failure for r in results if r.failure}
