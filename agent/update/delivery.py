@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.common.interrupt import Interrupt
 from agent.config import StorageConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
@@ -26,6 +27,7 @@ from agent.update.store import ModelStore
 from agent.update.transfer.client import ChunkClient
 from agent.update.transfer.tuf_fetcher import MqttFetcher
 from agent.update.tuf_client import TufClient
+from agent.update.window import parse_windows
 
 if TYPE_CHECKING:
     from agent.sync.session import DeviceSession
@@ -34,8 +36,9 @@ if TYPE_CHECKING:
 @dataclass
 class Delivery:
     """One device's delivery parts. ``updates`` is neither recovered nor started yet
-    (``recover()``, then ``start()``); ``chunks`` shares its stop event, so stopping the
-    manager also ends a running transfer (the partial download is kept)."""
+    (``recover()``, then ``start()``); ``chunks`` polls its interrupt, so stopping the
+    manager, a newer desired state or an operator's cancel ends a running transfer (the
+    partial download is kept)."""
 
     chunks: ChunkClient
     tuf: TufClient
@@ -78,6 +81,8 @@ def wire_delivery(
         hooks: test-only hooks for the update manager.
     """
     stop_updates = threading.Event()
+    # the transfer's stop flag: the agent stopping, a newer desired state, an operator's cancel
+    interrupt = Interrupt(stop_updates)
     chunks = ChunkClient(
         session.client,
         device_id,
@@ -85,7 +90,7 @@ def wire_delivery(
         chunk_size=update.chunk_kb * 1024,
         window=update.window,
         request_timeout_s=update.request_timeout_s,
-        stop_event=stop_updates,
+        stop_event=interrupt,
     )
     session.on_connected.append(chunks.resubscribe)
     fetcher = MqttFetcher(chunks, resume_dir=data_dir / "tuf" / "partial")
@@ -106,6 +111,8 @@ def wire_delivery(
         else None,
         storage_budget_mb=storage.max_mb if storage is not None else None,
         stop_event=stop_updates,
+        interrupt=interrupt,
+        windows=parse_windows(update.maintenance_window) if update.maintenance_window else (),
         hooks=hooks,
         health=lambda: HealthWindow(
             duration_s=update.health_window_s,

@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.common.backoff import Backoff
 from agent.common.errors import BadDataError, EdgefleetError, ModelError, TransportError
+from agent.common.interrupt import Interrupt, Interrupted, stop_builds_on
 from agent.models import BuildProgress
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
@@ -35,6 +36,7 @@ from agent.protocol.state import PipelineTarget, Progress, ReportedState, Signed
 from agent.protocol.wire import BadMessage
 from agent.testhooks import NO_HOOKS, TestHooks
 from agent.update.checks import check_card, check_golden
+from agent.update.control import Item, UpdateControl
 from agent.update.download import download_dir, fetch_version
 from agent.update.health import swap_and_watch
 from agent.update.machine import (
@@ -49,6 +51,7 @@ from agent.update.report import BuildStep, LastErrors, build_percent, reported_s
 from agent.update.storage import clean_storage, over_budget
 from agent.update.store import ModelStore
 from agent.update.tuf_client import MetadataExpired, TufClient
+from agent.update.window import Window
 
 log = logging.getLogger(__name__)
 P = UpdatePhase
@@ -61,8 +64,9 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class UpdateManager:
-    """Applies desired state to the pipelines, one update at a time."""
+class UpdateManager(UpdateControl):
+    """Applies desired state to the pipelines, one update at a time (superseding, the
+    operator's cancel and maintenance windows: ``agent.update.control``)."""
 
     def __init__(
         self,
@@ -83,6 +87,9 @@ class UpdateManager:
         storage_budget_mb: int | None = None,
         stop_event: threading.Event | None = None,
         hooks: TestHooks = NO_HOOKS,
+        interrupt: Interrupt | None = None,
+        windows: tuple[Window, ...] = (),
+        local_time: Callable[[], datetime] | None = None,
     ) -> None:
         self.device_id = device_id
         # Test-only: hooks.trial_sleep_s makes the trial wait first, so crash tests can kill
@@ -101,7 +108,7 @@ class UpdateManager:
         # pipeline (or "*" for the whole device) → last error in words; newest wins in reports
         self.errors = LastErrors()
         self.progress: dict[str, Progress] = {}
-        self._inbox: queue.Queue[bytes | None] = queue.Queue()
+        self._inbox: queue.Queue[Item] = queue.Queue()
         # Shared with the ChunkClient (when given), so stop() also ends a running transfer
         # instead of waiting out its request timeouts; the partial download is kept.
         self._stop = stop_event if stop_event is not None else threading.Event()
@@ -120,6 +127,8 @@ class UpdateManager:
         # Retries back off (capped, jittered) while the trouble lasts: a fleet whose registry
         # is down or whose metadata expired does not ask it all at once, every retry_s.
         self._backoff = Backoff(base_s=retry_s, cap_s=8 * retry_s, jitter=0.5)
+        # interrupt: shared with the ChunkClient as its stop flag (set when the agent stops)
+        self._init_control(interrupt, windows, local_time)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -159,61 +168,6 @@ class UpdateManager:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def submit_desired(self, payload: bytes) -> None:
-        """Called from the MQTT thread: queue and return at once."""
-        self.idle.clear()
-        self._inbox.put(payload)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                payload = self._inbox.get(timeout=self.retry_s)
-            except queue.Empty:
-                self._retry()
-                continue
-            if payload is None:
-                break
-            # Only the newest desired state matters; skip ones already superseded.
-            while True:
-                try:
-                    newer = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if newer is None:
-                    return
-                payload = newer
-            try:
-                self.handle_desired(payload)
-            except Exception as e:  # the update thread must survive anything; say what
-                log.exception("update manager failed on a desired state")
-                self.errors["*"] = f"internal error handling desired state: {e}"
-                self.report()
-            if self._inbox.empty():
-                self.idle.set()
-
-    def _retry(self) -> None:
-        """Retry what transport trouble interrupted (runs on the manager's thread), when the
-        backoff says it is time."""
-        if (self._retry_payload is None and not self._resume) or not self._backoff.ready(
-            self.clock()
-        ):
-            return
-        try:
-            if self._retry_payload is not None:
-                payload, self._retry_payload = self._retry_payload, None
-                self.handle_desired(payload)
-            for name, target in list(self._resume.items()):
-                del self._resume[name]
-                slot = self.state.pipelines.get(name)
-                attempt = slot.attempt if slot else None
-                if attempt is not None and attempt.target == target and not attempt.terminal:
-                    log.info("pipeline=%s resuming %s (%s)", name, target, attempt.phase.value)
-                    self.update_pipeline(name, target, attempt.revision, resume=True)
-        except Exception as e:  # the update thread must survive anything; say what
-            log.exception("update manager failed while retrying")
-            self.errors["*"] = f"internal error retrying an update: {e}"
-            self.report()
 
     # --- desired state -----------------------------------------------------------------------
 
@@ -328,9 +282,10 @@ class UpdateManager:
         """Take ``name`` to ``target``; on failure the running model stays.
 
         With ``resume`` the pipeline's unfinished attempt continues from ``waiting`` (its
-        partial downloads are kept by the fetcher and verified again by TUF).
+        partial downloads are kept by the fetcher and verified again by TUF). An unfinished
+        attempt for another version is recorded as superseded first.
         """
-        pipe = self.pipelines[name]
+        self._supersede_previous(name, target)
         slot = self.state.pipelines.get(name)
         previous = slot.attempt if slot else None
         if resume and previous is not None and previous.phase is P.WAITING:
@@ -338,10 +293,19 @@ class UpdateManager:
         else:
             attempt = UpdateAttempt.start(name, target, revision=revision, now=self.wall())
         self.errors.pop(name, None)
-        self._advance(attempt, P.FETCHING)
+        self._current = attempt
+        try:
+            self._advance(attempt, P.FETCHING)
+            self._fetch_and_install(name, target, attempt)
+        finally:
+            self._current = None
+
+    def _fetch_and_install(self, name: str, target: PipelineTarget, attempt: UpdateAttempt) -> None:
         try:
             files, card = self._fetch(name, target)
         except TransportError as e:
+            if self._interrupted(attempt, target):
+                return
             delay = self._backoff.failed(self.clock())
             self.errors[name] = (
                 f"{target} fetch interrupted: {e}; resuming in {delay:.0f} s, {self._keeping()}"
@@ -361,6 +325,19 @@ class UpdateManager:
         except BadDataError as e:
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
             return
+        if not self._interrupted(attempt, target):
+            self._install(name, target, attempt, files, card)
+
+    def _install(
+        self,
+        name: str,
+        target: PipelineTarget,
+        attempt: UpdateAttempt,
+        files: dict[str, Path],
+        card: ModelCard,
+    ) -> None:
+        """Verified → building → trial, then activation (or held for its window)."""
+        keep_downloads = False  # interrupted or held: a resume does not fetch them again
         try:
             check_card(card, self.profile)
             self._advance(attempt, P.VERIFIED)
@@ -368,7 +345,8 @@ class UpdateManager:
                 target.model, target.version, files, card.model_dump(mode="json"), link=True
             )
             self._advance(attempt, P.BUILDING)
-            model = self._open_version(target, lambda s: self._set_progress(name, s))
+            with stop_builds_on(self.interrupt):
+                model = self._open_version(target, lambda s: self._set_progress(name, s))
             self.progress.pop(name, None)
             self._advance(attempt, P.TRIAL)
             try:
@@ -376,6 +354,12 @@ class UpdateManager:
             except BaseException:
                 model.close()
                 raise
+        except Interrupted:
+            self.progress.pop(name, None)
+            keep_downloads = True
+            if not self._interrupted(attempt, target):  # the agent stops: resumed at start
+                self._advance(attempt, P.WAITING, "engine build stopped: the agent stops")
+            return
         except (BadDataError, ModelError) as e:
             self.progress.pop(name, None)
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
@@ -396,9 +380,15 @@ class UpdateManager:
             self._advance(attempt, P.WAITING, str(e))
             self._resume[name] = target
             return
+        else:
+            keep_downloads = self._must_hold()
         finally:
-            shutil.rmtree(download_dir(self.tuf, target), ignore_errors=True)
-        self._activate(pipe, attempt, model, trial)
+            if not keep_downloads:
+                shutil.rmtree(download_dir(self.tuf, target), ignore_errors=True)
+        if keep_downloads:
+            self._hold(attempt, model)
+            return
+        self._activate(self.pipelines[name], attempt, model, trial)
 
     def _reject(self, attempt: UpdateAttempt, message: str) -> None:
         self.errors[attempt.pipeline] = message
@@ -487,7 +477,13 @@ class UpdateManager:
 
     def reported(self) -> ReportedState:
         return reported_state(
-            self.device_id, self.pipelines, self.state, self.errors, self.progress, self.wall()
+            self.device_id,
+            self.pipelines,
+            self.state,
+            self.errors,
+            self.progress,
+            self.wall(),
+            self.waiting_texts(),
         )
 
     def report(self) -> None:

@@ -44,8 +44,10 @@ def reported_state(
     errors: LastErrors,
     progress: Mapping[str, Progress],
     now: datetime,
+    waiting: Mapping[str, str] | None = None,
 ) -> ReportedState:
-    """What the device reports: each pipeline's attempt (or running model) and last error."""
+    """What the device reports: each pipeline's attempt (or running model), last error, what
+    its update waits for (``waiting``) and whether its source has ended."""
     reports = []
     for name, pipe in pipelines.items():
         slot = state.pipelines.get(name)
@@ -71,6 +73,8 @@ def reported_state(
                 progress=progress.get(name),
                 last_error=err[:2000] if err else None,
                 updated_at=attempt.updated_at if attempt else now,
+                waiting=(waiting or {}).get(name),
+                source_ended=pipe.reader.ended.is_set(),
             )
         )
     return ReportedState(
