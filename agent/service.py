@@ -346,7 +346,9 @@ class Agent:
             "profile": self.profile_name,
             "tags": self.cfg.tags,
             "time": round(time.time(), 3),
-            "pipelines": [p.status(now) for p in self.pipelines],
+            "pipelines": [
+                {**p.status(now), "source_ended": p.reader.ended.is_set()} for p in self.pipelines
+            ],
         }
 
     def write_status(self) -> None:
