@@ -347,7 +347,7 @@ class Agent:
             "tags": self.cfg.tags,
             "time": round(time.time(), 3),
             "pipelines": [
-                {**p.status(now), "source_ended": p.reader.ended.is_set()} for p in self.pipelines
+                {**p.status(now), "source_ended": p.source_ended} for p in self.pipelines
             ],
         }
 

@@ -350,10 +350,11 @@ class UpdateControl:
 
     def waiting_texts(self) -> dict[str, str]:
         """What each pipeline's update waits for, in words (the reported ``waiting``)."""
-        out = {name: PAUSED_TEXT for name in self._paused}
-        if self._held:
+        out = {name: PAUSED_TEXT for name in list(self._paused)}  # any thread: copies
+        held = list(self._held)
+        if held:
             now = self.local_time()
             text = wait_text(self.windows, now) if until_open(self.windows, now) else None
-            for name in self._held:
+            for name in held:
                 out[name] = text or "activation due: maintenance window open"
         return out

@@ -347,6 +347,9 @@ class UpdateManager(UpdateControl):
             self._advance(attempt, P.BUILDING)
             with stop_builds_on(self.interrupt):
                 model = self._open_version(target, lambda s: self._set_progress(name, s))
+            if self.interrupt.pending() is not None:  # came as the build ended: honour it
+                model.close()
+                raise Interrupted(f"{target} built, but a stop was asked for")
             self.progress.pop(name, None)
             self._advance(attempt, P.TRIAL)
             try:

@@ -74,7 +74,7 @@ def reported_state(
                 last_error=err[:2000] if err else None,
                 updated_at=attempt.updated_at if attempt else now,
                 waiting=(waiting or {}).get(name),
-                source_ended=pipe.reader.ended.is_set(),
+                source_ended=pipe.source_ended,
             )
         )
     return ReportedState(

@@ -22,6 +22,7 @@ from tests.harness.util import terminate, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.video]
 AGENT = str(Path(sys.executable).parent / "edgefleet-agent")
+FRAMES = 15
 
 
 def test_sources_ended_is_reported_and_the_agent_keeps_serving_updates(
@@ -72,17 +73,20 @@ def _config(tmp: Path, video: Path, model: Path, broker: Mosquitto) -> Path:
     return conf
 
 
-@pytest.mark.slow  # two runs of a 90-frame file through the agent
+@pytest.mark.slow  # two agent processes
 def test_exit_when_sources_end_option(
-    tmp_path: Path, broker: Mosquitto, synthetic_video: Path, test_models: dict[str, Path]
+    tmp_path: Path, broker: Mosquitto, test_models: dict[str, Path]
 ) -> None:
-    conf = _config(tmp_path, synthetic_video, test_models["blobdet"] / "model.onnx", broker)
+    from agent.pipeline.synthetic import write_synthetic_video
+
+    video = write_synthetic_video(tmp_path / "short.avi", frames=FRAMES)
+    conf = _config(tmp_path, video, test_models["blobdet"] / "model.onnx", broker)
     done = subprocess.run([AGENT, "run", "--config", str(conf), "--exit-when-sources-end"],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "every source has ended; exiting" in done.stderr
     status = json.loads((tmp_path / "data" / "status.json").read_text())
-    assert status["pipelines"][0]["frames_inferred"] == 90  # the whole file first
+    assert status["pipelines"][0]["frames_inferred"] == FRAMES  # the whole file first
     # without the option, the same agent (it has a broker to serve) keeps running
     (tmp_path / "data" / "status.json").unlink()
     proc = subprocess.Popen([AGENT, "run", "--config", str(conf)], stderr=subprocess.DEVNULL,

@@ -78,6 +78,8 @@ def test_newer_desired_state_supersedes_a_slow_download(fleet: Fleet, tmp_path: 
     # v3 commits without waiting for v2's 8 MiB at 256 KiB/s (half a minute)
     fleet.wait_phase("committed", version="3.0.0", timeout=25)
     assert fleet.running() == "digits@3.0.0"
+    # v2 never got past its download
+    assert {ph for ph, _ in reported_v2(fleet)} <= {"fetching", "waiting", "rejected"}
     superseded = [e for ph, e in reported_v2(fleet) if ph == "rejected"]
     assert superseded and "superseded by digits@3.0.0 during fetching" in (superseded[-1] or "")
     slot = agent.updates.state.pipelines["front"]
