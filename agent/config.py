@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from agent.common.errors import ConfigError
+from agent.common.window import parse_windows
 from agent.pipeline.config import PipelineConfig
 from agent.protocol.topics import DEFAULT_ROOT
 
@@ -144,8 +145,6 @@ class UpdateConfig(_Strict):
     @classmethod
     def _window_parses(cls, v: str | None) -> str | None:
         if v is not None:
-            from agent.update.window import parse_windows
-
             parse_windows(v)  # ValueError in words: pydantic names the field
         return v
 

@@ -29,12 +29,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from agent.common.interrupt import Interrupt
+from agent.common.window import Window, inside, until_open, wait_text
 from agent.pipeline.model import RunnableModel
 from agent.protocol.state import PipelineTarget, SignedDesired, UpdatePhase
 from agent.protocol.wire import BadMessage
 from agent.update.download import download_dir
 from agent.update.machine import UpdateAttempt
-from agent.update.window import Window, inside, until_open, wait_text
 
 if TYPE_CHECKING:
     from agent.common.backoff import Backoff

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.common.interrupt import Interrupt
+from agent.common.window import parse_windows
 from agent.config import StorageConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
@@ -27,7 +28,6 @@ from agent.update.store import ModelStore
 from agent.update.transfer.client import ChunkClient
 from agent.update.transfer.tuf_fetcher import MqttFetcher
 from agent.update.tuf_client import TufClient
-from agent.update.window import parse_windows
 
 if TYPE_CHECKING:
     from agent.sync.session import DeviceSession

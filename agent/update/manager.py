@@ -26,6 +26,7 @@ from typing import Any
 from agent.common.backoff import Backoff
 from agent.common.errors import BadDataError, EdgefleetError, ModelError, TransportError
 from agent.common.interrupt import Interrupt, Interrupted, stop_builds_on
+from agent.common.window import Window
 from agent.models import BuildProgress
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
@@ -51,7 +52,6 @@ from agent.update.report import BuildStep, LastErrors, build_percent, reported_s
 from agent.update.storage import clean_storage, over_budget
 from agent.update.store import ModelStore
 from agent.update.tuf_client import MetadataExpired, TufClient
-from agent.update.window import Window
 
 log = logging.getLogger(__name__)
 P = UpdatePhase

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 import pytest
 
 from agent.common.errors import ConfigError
+from agent.common.window import Window, inside, parse_windows, until_open, wait_text
 from agent.config import parse_config
-from agent.update.window import Window, inside, parse_windows, until_open, wait_text
 
 DAY = datetime(2026, 3, 29)  # a European DST night: local times stay naive clock readings
 
