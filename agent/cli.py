@@ -61,7 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent.config_path = path  # what the 'check' command checks
         return agent
 
-    return Supervisor(path, cfg, make_agent=make_agent).run(duration_s=args.duration)
+    sup = Supervisor(path, cfg, make_agent=make_agent,
+                     exit_when_sources_end=args.exit_when_sources_end)  # fmt: skip
+    return sup.run(duration_s=args.duration)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -161,7 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the pipelines from a config file")
     r.add_argument("--config", required=True, help="agent TOML config")
-    r.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    r.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after S seconds (or when every source has ended)",
+    )
+    r.add_argument("--exit-when-sources-end", action="store_true",
+                   help="exit 0 when every source has ended (files without loop); by default "
+                   "the agent keeps serving updates and commands")  # fmt: skip
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("check", help="validate config, show the profile and available backends")

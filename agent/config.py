@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from agent.common.errors import ConfigError
+from agent.common.window import parse_windows
 from agent.pipeline.config import PipelineConfig
 from agent.protocol.topics import DEFAULT_ROOT
 
@@ -132,6 +133,20 @@ class UpdateConfig(_Strict):
     max_latency_ratio: float = Field(
         2.0, ge=1, le=100, description="p95 latency allowed vs the previous version"
     )
+    maintenance_window: str | None = Field(
+        None,
+        max_length=200,
+        description='Maintenance windows for activation, device local time: "02:00-05:00", '
+        'across midnight "22:00-02:00", several "22:00-23:00,02:00-04:00" (download, verify '
+        "and build any time; unset: activate at once)",
+    )
+
+    @field_validator("maintenance_window")
+    @classmethod
+    def _window_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_windows(v)  # ValueError in words: pydantic names the field
+        return v
 
 
 class StorageConfig(_Strict):

@@ -361,7 +361,9 @@ class Agent:
             "profile": self.profile_name,
             "tags": self.cfg.tags,
             "time": round(time.time(), 3),
-            "pipelines": [p.status(now) for p in self.pipelines],
+            "pipelines": [
+                {**p.status(now), "source_ended": p.source_ended} for p in self.pipelines
+            ],
         }
 
     def write_status(self) -> None:

@@ -42,12 +42,14 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         make_agent: Callable[[AgentConfig], Agent] = Agent,
         status_every_s: float = 2.0,
+        exit_when_sources_end: bool = False,
     ) -> None:
         self.config_path = config_path
         self.cfg = cfg
         self.env = os.environ if env is None else env
         self.make_agent = make_agent
         self.status_every_s = status_every_s
+        self.exit_when_sources_end = exit_when_sources_end
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wake = threading.Event()
@@ -55,6 +57,8 @@ class Supervisor:
         self.reloads = 0
         self.exit_code = 0  # RESTART_EXIT_CODE after a restart_agent command
         self._status_errno: int | None = None
+        self._ended: dict[int, set[str]] = {}  # per agent (by id): pipelines whose source ended
+        self._exit_at_end = exit_when_sources_end
 
     def _on_stop(self, *_: object) -> None:
         self._stop.set()
@@ -68,7 +72,10 @@ class Supervisor:
         notify(msg, self.env)
 
     def run(self, duration_s: float | None = None) -> int:
-        """Run until SIGTERM/SIGINT, ``duration_s``, or every file source has ended."""
+        """Run until SIGTERM/SIGINT or ``duration_s``. When every source has ended (files
+        without ``loop``) the agent says so and keeps serving updates and commands; it exits
+        then only with ``exit_when_sources_end``, a ``duration_s``, or nothing left to serve
+        (no ``[broker]`` and no ``[api]``)."""
         handlers = {signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop,
                     signal.SIGHUP: self._on_hup}  # fmt: skip
         old = {}
@@ -86,6 +93,7 @@ class Supervisor:
         first.start()
         self._notify(f"READY=1\nSTATUS=running {len(first.pipelines)} pipeline(s)")
         agent: Agent | None = first
+        self._exit_at_end = self.exit_when_sources_end or duration_s is not None
         try:
             while agent is not None:
                 agent = self._serve(agent, deadline)
@@ -107,7 +115,7 @@ class Supervisor:
                     log.info("restart requested by command: exiting with %d", RESTART_EXIT_CODE)
                     self.exit_code = RESTART_EXIT_CODE
                     return None
-                if agent.pipelines and all(p.finished.is_set() for p in agent.pipelines):
+                if self._sources_ended(agent):
                     return None
                 now = time.monotonic()
                 statuses = [{**p.status(now, reader="watchdog"), "finished": p.finished.is_set()}
@@ -140,6 +148,30 @@ class Supervisor:
             if replacement is None:  # done (or failing): the old agent stops here
                 self._write_status(agent)
                 agent.stop()
+
+    def _sources_ended(self, agent: Agent) -> bool:
+        """Note sources that ended (log, reported state); True when the agent should exit."""
+        ended = {p.name for p in agent.pipelines if p.finished.is_set()}
+        if ended == self._ended.get(id(agent), set()):
+            return False
+        for name in sorted(ended - self._ended.get(id(agent), set())):
+            log.info("device=%s pipeline=%s source ended", agent.cfg.device_id, name)
+        self._ended[id(agent)] = ended
+        if agent.updates is not None:
+            agent.updates.report()  # source_ended in the reported state
+        if not agent.pipelines or len(ended) < len(agent.pipelines):
+            return False
+        serving = agent.cfg.broker is not None or agent.cfg.api is not None
+        if self._exit_at_end or not serving:
+            log.info("device=%s every source has ended; exiting", agent.cfg.device_id)
+            return True
+        log.info(
+            "device=%s every source has ended; still serving updates and commands "
+            "(edgefleet-agent run --exit-when-sources-end exits instead)",
+            agent.cfg.device_id,
+        )
+        self._notify("STATUS=every source has ended; serving updates and commands")
+        return False
 
     def _write_status(self, agent: Agent) -> None:
         """status.json for ``edgefleet-agent status``; a full or read-only disk must not end

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.errors import EngineBuildError, ModelError
+from agent.common.interrupt import Interrupted, build_stop_requested
 from agent.testhooks import NO_HOOKS, TestHooks
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def run_child(
     Raises:
         EngineBuildError: the child reported an error, timed out (``"timeout"``, killed) or
             died (``"crash"``, with the exit code or signal).
+        Interrupted: ``agent.common.interrupt.stop_builds_on`` asked it to stop (killed).
         OSError: (``ENOSPC``) the child ran out of disk space.
     """
     import multiprocessing as mp
@@ -77,6 +79,10 @@ def run_child(
         proc.start()
         send.close()  # the child holds the only write end now: EOF means it is gone
         outcome = _follow(recv, deadline, progress, model)
+        if build_stop_requested():  # a newer desired state, or the operator's cancel
+            proc.kill()
+            proc.join()
+            raise Interrupted(f"{backend} build of {model} stopped on request; not cached")
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
@@ -106,7 +112,7 @@ def _follow(
     outcome: tuple[Any, ...] | None = None
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or build_stop_requested():
             return outcome
         if not recv.poll(min(remaining, 0.25)):
             continue

@@ -111,6 +111,11 @@ class Pipeline:
     def model(self) -> RunnableModel | None:
         return self._model
 
+    @property
+    def source_ended(self) -> bool:
+        """The source has ended for good (a file without ``loop``)."""
+        return self.reader.ended.is_set()
+
     def swap_model(self, model: RunnableModel | None) -> RunnableModel | None:
         """Replace the model between frames; returns the previous one (caller closes it)."""
         old, self._model = self._model, model

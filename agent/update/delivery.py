@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.common.interrupt import Interrupt
+from agent.common.window import parse_windows
 from agent.config import StorageConfig, UpdateConfig
 from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
@@ -34,8 +36,9 @@ if TYPE_CHECKING:
 @dataclass
 class Delivery:
     """One device's delivery parts. ``updates`` is neither recovered nor started yet
-    (``recover()``, then ``start()``); ``chunks`` shares its stop event, so stopping the
-    manager also ends a running transfer (the partial download is kept)."""
+    (``recover()``, then ``start()``); ``chunks`` polls its interrupt, so stopping the
+    manager, a newer desired state or an operator's cancel ends a running transfer (the
+    partial download is kept)."""
 
     chunks: ChunkClient
     tuf: TufClient
@@ -82,6 +85,8 @@ def wire_delivery(
         config_report: the configuration part of the reported state.
     """
     stop_updates = threading.Event()
+    # the transfer's stop flag: the agent stopping, a newer desired state, an operator's cancel
+    interrupt = Interrupt(stop_updates)
     chunks = ChunkClient(
         session.client,
         device_id,
@@ -89,7 +94,7 @@ def wire_delivery(
         chunk_size=update.chunk_kb * 1024,
         window=update.window,
         request_timeout_s=update.request_timeout_s,
-        stop_event=stop_updates,
+        stop_event=interrupt,
     )
     session.on_connected.append(chunks.resubscribe)
     fetcher = MqttFetcher(chunks, resume_dir=data_dir / "tuf" / "partial")
@@ -110,17 +115,24 @@ def wire_delivery(
         else None,
         storage_budget_mb=storage.max_mb if storage is not None else None,
         stop_event=stop_updates,
+        interrupt=interrupt,
+        windows=parse_windows(update.maintenance_window) if update.maintenance_window else (),
         hooks=hooks,
         apply_config=apply_config,
         config_report=config_report,
-        health=lambda: HealthWindow(
-            duration_s=update.health_window_s,
-            min_frames=update.health_min_frames,
-            max_error_rate=update.max_error_rate,
-            max_latency_ratio=update.max_latency_ratio,
-        ),
+        health=lambda: health_window(update),
     )
     return Delivery(chunks, tuf, updates)
+
+
+def health_window(update: UpdateConfig) -> HealthWindow:
+    """A new health window from ``[update]``."""
+    return HealthWindow(
+        duration_s=update.health_window_s,
+        min_frames=update.health_min_frames,
+        max_error_rate=update.max_error_rate,
+        max_latency_ratio=update.max_latency_ratio,
+    )
 
 
 def _engine_pruner(engines_dir: Path, keep: int) -> Callable[[], int]:

@@ -33,12 +33,15 @@ P = UpdatePhase
 MAX_REJECTED = 64
 
 ALLOWED: Mapping[UpdatePhase, frozenset[UpdatePhase]] = {
-    P.WAITING: frozenset({P.FETCHING}),
+    # to trial: a built model whose activation waited for its maintenance window; to
+    # rejected: cancelled by the operator or superseded while waiting (``retryable``)
+    P.WAITING: frozenset({P.FETCHING, P.TRIAL, P.REJECTED}),
     P.FETCHING: frozenset({P.VERIFIED, P.REJECTED, P.WAITING}),
     # back to waiting: the device's disk refused (full); the version is not at fault
     P.VERIFIED: frozenset({P.BUILDING, P.REJECTED, P.WAITING}),
     P.BUILDING: frozenset({P.TRIAL, P.REJECTED, P.WAITING}),
-    P.TRIAL: frozenset({P.ACTIVE, P.REJECTED}),
+    # back to waiting: built and checked, its activation waits for a maintenance window
+    P.TRIAL: frozenset({P.ACTIVE, P.REJECTED, P.WAITING}),
     P.ACTIVE: frozenset({P.COMMITTED, P.ROLLED_BACK}),
     P.COMMITTED: frozenset(),
     P.REJECTED: frozenset(),
@@ -75,6 +78,9 @@ class UpdateAttempt:
     phase: UpdatePhase = UpdatePhase.WAITING
     reason: str = ""
     tries: int = 1  # how many times this target was started (interruptions count, as boots do)
+    # A rejection that is not the version's fault (cancelled by the operator, superseded by a
+    # newer desired state): the version is not put on the never-retry list.
+    retryable: bool = False
 
     @classmethod
     def start(
@@ -202,7 +208,8 @@ def record_attempt(state: UpdateState, attempt: UpdateAttempt) -> UpdateState:
         if str(target) in slot.rejected:
             slot.rejected.remove(str(target))
     elif attempt.phase in (P.REJECTED, P.ROLLED_BACK):
-        _add_rejected(slot, target)
+        if not attempt.retryable:
+            _add_rejected(slot, target)
         slot.active = slot.committed
     return new
 

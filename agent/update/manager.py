@@ -25,6 +25,8 @@ from typing import Any
 
 from agent.common.backoff import Backoff
 from agent.common.errors import BadDataError, EdgefleetError, ModelError, TransportError
+from agent.common.interrupt import Interrupt, Interrupted, stop_builds_on
+from agent.common.window import Window
 from agent.models import BuildProgress
 from agent.pipeline.model import RunnableModel, load_golden
 from agent.pipeline.runner import Pipeline
@@ -43,6 +45,7 @@ from agent.protocol.state import (
 from agent.protocol.wire import BadMessage
 from agent.testhooks import NO_HOOKS, TestHooks
 from agent.update.checks import check_card, check_golden
+from agent.update.control import Item, UpdateControl
 from agent.update.download import download_dir, fetch_version
 from agent.update.health import swap_and_watch
 from agent.update.machine import (
@@ -54,7 +57,7 @@ from agent.update.machine import (
     should_attempt,
 )
 from agent.update.report import BuildStep, LastErrors, build_percent, reported_state
-from agent.update.storage import clean_storage, over_budget
+from agent.update.storage import collect_garbage
 from agent.update.store import ModelStore
 from agent.update.tuf_client import MetadataExpired, TufClient
 
@@ -69,8 +72,9 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class UpdateManager:
-    """Applies desired state to the pipelines, one update at a time."""
+class UpdateManager(UpdateControl):
+    """Applies desired state to the pipelines, one update at a time (superseding, the
+    operator's cancel and maintenance windows: ``agent.update.control``)."""
 
     def __init__(
         self,
@@ -93,6 +97,9 @@ class UpdateManager:
         hooks: TestHooks = NO_HOOKS,
         apply_config: Callable[[ConfigTarget, int], None] | None = None,
         config_report: Callable[[], ConfigReport | None] | None = None,
+        interrupt: Interrupt | None = None,
+        windows: tuple[Window, ...] = (),
+        local_time: Callable[[], datetime] | None = None,
     ) -> None:
         self.device_id = device_id
         # remote configuration, applied before the model loop (a pipeline it adds gets models)
@@ -114,7 +121,7 @@ class UpdateManager:
         # pipeline (or "*" for the whole device) → last error in words; newest wins in reports
         self.errors = LastErrors()
         self.progress: dict[str, Progress] = {}
-        self._inbox: queue.Queue[bytes | None] = queue.Queue()
+        self._inbox: queue.Queue[Item] = queue.Queue()
         # Shared with the ChunkClient (when given), so stop() also ends a running transfer
         # instead of waiting out its request timeouts; the partial download is kept.
         self._stop = stop_event if stop_event is not None else threading.Event()
@@ -133,6 +140,8 @@ class UpdateManager:
         # Retries back off (capped, jittered) while the trouble lasts: a fleet whose registry
         # is down or whose metadata expired does not ask it all at once, every retry_s.
         self._backoff = Backoff(base_s=retry_s, cap_s=8 * retry_s, jitter=0.5)
+        # interrupt: shared with the ChunkClient as its stop flag (set when the agent stops)
+        self._init_control(interrupt, windows, local_time)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -172,61 +181,6 @@ class UpdateManager:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def submit_desired(self, payload: bytes) -> None:
-        """Called from the MQTT thread: queue and return at once."""
-        self.idle.clear()
-        self._inbox.put(payload)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                payload = self._inbox.get(timeout=self.retry_s)
-            except queue.Empty:
-                self._retry()
-                continue
-            if payload is None:
-                break
-            # Only the newest desired state matters; skip ones already superseded.
-            while True:
-                try:
-                    newer = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if newer is None:
-                    return
-                payload = newer
-            try:
-                self.handle_desired(payload)
-            except Exception as e:  # the update thread must survive anything; say what
-                log.exception("update manager failed on a desired state")
-                self.errors["*"] = f"internal error handling desired state: {e}"
-                self.report()
-            if self._inbox.empty():
-                self.idle.set()
-
-    def _retry(self) -> None:
-        """Retry what transport trouble interrupted (runs on the manager's thread), when the
-        backoff says it is time."""
-        if (self._retry_payload is None and not self._resume) or not self._backoff.ready(
-            self.clock()
-        ):
-            return
-        try:
-            if self._retry_payload is not None:
-                payload, self._retry_payload = self._retry_payload, None
-                self.handle_desired(payload)
-            for name, target in list(self._resume.items()):
-                del self._resume[name]
-                slot = self.state.pipelines.get(name)
-                attempt = slot.attempt if slot else None
-                if attempt is not None and attempt.target == target and not attempt.terminal:
-                    log.info("pipeline=%s resuming %s (%s)", name, target, attempt.phase.value)
-                    self.update_pipeline(name, target, attempt.revision, resume=True)
-        except Exception as e:  # the update thread must survive anything; say what
-            log.exception("update manager failed while retrying")
-            self.errors["*"] = f"internal error retrying an update: {e}"
-            self.report()
 
     # --- desired state -----------------------------------------------------------------------
 
@@ -343,9 +297,10 @@ class UpdateManager:
         """Take ``name`` to ``target``; on failure the running model stays.
 
         With ``resume`` the pipeline's unfinished attempt continues from ``waiting`` (its
-        partial downloads are kept by the fetcher and verified again by TUF).
+        partial downloads are kept by the fetcher and verified again by TUF). An unfinished
+        attempt for another version is recorded as superseded first.
         """
-        pipe = self.pipelines[name]
+        self._supersede_previous(name, target)
         slot = self.state.pipelines.get(name)
         previous = slot.attempt if slot else None
         if resume and previous is not None and previous.phase is P.WAITING:
@@ -353,10 +308,19 @@ class UpdateManager:
         else:
             attempt = UpdateAttempt.start(name, target, revision=revision, now=self.wall())
         self.errors.pop(name, None)
-        self._advance(attempt, P.FETCHING)
+        self._current = attempt
+        try:
+            self._advance(attempt, P.FETCHING)
+            self._fetch_and_install(name, target, attempt)
+        finally:
+            self._current = None
+
+    def _fetch_and_install(self, name: str, target: PipelineTarget, attempt: UpdateAttempt) -> None:
         try:
             files, card = self._fetch(name, target)
         except TransportError as e:
+            if self._interrupted(attempt, target):
+                return
             delay = self._backoff.failed(self.clock())
             self.errors[name] = (
                 f"{target} fetch interrupted: {e}; resuming in {delay:.0f} s, {self._keeping()}"
@@ -376,6 +340,19 @@ class UpdateManager:
         except BadDataError as e:
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
             return
+        if not self._interrupted(attempt, target):
+            self._install(name, target, attempt, files, card)
+
+    def _install(
+        self,
+        name: str,
+        target: PipelineTarget,
+        attempt: UpdateAttempt,
+        files: dict[str, Path],
+        card: ModelCard,
+    ) -> None:
+        """Verified → building → trial, then activation (or held for its window)."""
+        keep_downloads = False  # interrupted or held: a resume does not fetch them again
         try:
             check_card(card, self.profile)
             self._advance(attempt, P.VERIFIED)
@@ -383,7 +360,11 @@ class UpdateManager:
                 target.model, target.version, files, card.model_dump(mode="json"), link=True
             )
             self._advance(attempt, P.BUILDING)
-            model = self._open_version(target, lambda s: self._set_progress(name, s))
+            with stop_builds_on(self.interrupt):
+                model = self._open_version(target, lambda s: self._set_progress(name, s))
+            if self.interrupt.pending() is not None:  # came as the build ended: honour it
+                model.close()
+                raise Interrupted(f"{target} built, but a stop was asked for")
             self.progress.pop(name, None)
             self._advance(attempt, P.TRIAL)
             try:
@@ -391,6 +372,12 @@ class UpdateManager:
             except BaseException:
                 model.close()
                 raise
+        except Interrupted:
+            self.progress.pop(name, None)
+            keep_downloads = True
+            if not self._interrupted(attempt, target):  # the agent stops: resumed at start
+                self._advance(attempt, P.WAITING, "engine build stopped: the agent stops")
+            return
         except (BadDataError, ModelError) as e:
             self.progress.pop(name, None)
             self._reject(attempt, f"{target} rejected: {e}; {self._keeping()}")
@@ -411,9 +398,15 @@ class UpdateManager:
             self._advance(attempt, P.WAITING, str(e))
             self._resume[name] = target
             return
+        else:
+            keep_downloads = self._must_hold()
         finally:
-            shutil.rmtree(download_dir(self.tuf, target), ignore_errors=True)
-        self._activate(pipe, attempt, model, trial)
+            if not keep_downloads:
+                shutil.rmtree(download_dir(self.tuf, target), ignore_errors=True)
+        if keep_downloads:
+            self._hold(attempt, model)
+            return
+        self._activate(self.pipelines[name], attempt, model, trial)
 
     def _reject(self, attempt: UpdateAttempt, message: str) -> None:
         self.errors[attempt.pipeline] = message
@@ -427,26 +420,9 @@ class UpdateManager:
         return fetch_version(self.tuf, target, set_progress, self.report)
 
     def _collect_garbage(self) -> None:
-        """Keep what can still run (committed, previous, active, in flight) and remove the
-        rest (``agent.update.storage``); then check the storage budget. Runs after each settled
-        update and before retrying on a full disk. Never raises: a failed clean-up is logged
-        and reported."""
-        try:
-            incoming = self.tuf.target_dir / "incoming"
-            result, engines = clean_storage(self.store, incoming, self.prune_engines)
-            log.info(
-                "device=%s storage: removed %d versions, %d bytes of models, %d engines",
-                self.device_id, len(result.versions), result.bytes, engines,
-            )  # fmt: skip
-            if self.storage_budget_mb is not None:
-                problem = over_budget(self.store, self.storage_budget_mb)
-                if problem is not None:
-                    self.errors["storage"] = problem
-                else:
-                    self.errors.pop("storage", None)
-        except Exception as e:  # never let clean-up take an update down
-            log.exception("storage clean-up failed")
-            self.errors["storage"] = f"storage clean-up failed: {e}"
+        """Remove what can no longer run, check the budget (``agent.update.storage``)."""
+        collect_garbage(self.store, self.tuf.target_dir / "incoming", self.prune_engines,
+                        self.storage_budget_mb, self.errors, self.device_id)  # fmt: skip
 
     def _release(self, model: RunnableModel | None) -> None:
         """Close a model no pipeline runs any more (local models can be shared)."""
@@ -503,6 +479,7 @@ class UpdateManager:
     def reported(self) -> ReportedState:
         return reported_state(
             self.device_id, self.pipelines, self.state, self.errors, self.progress, self.wall(),
+            self.waiting_texts(),
             config=self.config_report() if self.config_report is not None else None,
         )  # fmt: skip
 

@@ -50,11 +50,13 @@ def reported_state(
     errors: LastErrors,
     progress: Mapping[str, Progress],
     now: datetime,
+    waiting: Mapping[str, str] | None = None,
     *,
     config: ConfigReport | None = None,
 ) -> ReportedState:
-    """What the device reports: each pipeline's attempt (or running model) and last error,
-    and the pipeline configuration running (``config``)."""
+    """What the device reports: each pipeline's attempt (or running model), last error, what
+    its update waits for (``waiting``), whether its source has ended, and the pipeline
+    configuration running (``config``)."""
     reports = []
     # a copy taken at once: remote configuration may add or remove pipelines meanwhile
     for name, pipe in list(pipelines.items()):
@@ -81,6 +83,8 @@ def reported_state(
                 progress=progress.get(name),
                 last_error=err[:2000] if err else None,
                 updated_at=attempt.updated_at if attempt else now,
+                waiting=(waiting or {}).get(name),
+                source_ended=pipe.source_ended,
             )
         )
     return ReportedState(

@@ -3,12 +3,43 @@ and the models and engines left are measured against the ``[storage]`` budget.""
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 from agent.protocol.state import PipelineTarget
 from agent.update.store import GcResult, ModelStore
+
+log = logging.getLogger(__name__)
+
+
+def collect_garbage(
+    store: ModelStore,
+    incoming: Path,
+    prune_engines: Callable[[], int] | None,
+    budget_mb: int | None,
+    errors: MutableMapping[str, str],
+    device_id: str,
+) -> None:
+    """``clean_storage``, then the storage budget; the outcome goes into ``errors["storage"]``.
+    Runs after each settled update and before retrying on a full disk. Never raises: a failed
+    clean-up is logged and reported."""
+    try:
+        result, engines = clean_storage(store, incoming, prune_engines)
+        log.info(
+            "device=%s storage: removed %d versions, %d bytes of models, %d engines",
+            device_id, len(result.versions), result.bytes, engines,
+        )  # fmt: skip
+        if budget_mb is not None:
+            problem = over_budget(store, budget_mb)
+            if problem is not None:
+                errors["storage"] = problem
+            else:
+                errors.pop("storage", None)
+    except Exception as e:  # never let clean-up take an update down
+        log.exception("storage clean-up failed")
+        errors["storage"] = f"storage clean-up failed: {e}"
 
 
 def clean_storage(

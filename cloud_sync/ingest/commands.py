@@ -187,6 +187,9 @@ def _row(d: dict[str, Any]) -> list[str]:
             f"fps {fps:>6}  p95 {p95:>7} ms  errors {p.get('errors', '-')}"
         )
         head = " " * len(head)
+        notes = [f"waits: {p['waiting']}"] if p.get("waiting") else []
+        notes += ["source ended"] if p.get("source_ended") else []
+        lines += [f"{head}  {p.get('name', '-'):<10} {n}" for n in notes]
     config = config_summary(d.get("config"))
     if config:
         lines.append(f"{' ' * len(head)}  config {config}")

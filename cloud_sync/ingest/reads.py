@@ -273,6 +273,8 @@ def _pipeline_view(name: str, state: Any, tele: Any) -> dict[str, Any]:
         "version": (state and state.active_version) or (tele and tele.version),
         "phase": state.phase if state else None,
         "last_error": state.last_error if state else None,
+        "waiting": state.waiting if state else None,
+        "source_ended": bool(state.source_ended) if state else False,
         "fps": tele.fps_out if tele else None,
         "p95_ms": tele.p95_ms if tele else None,
         "errors": tele.errors if tele else None,

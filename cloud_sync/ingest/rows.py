@@ -27,7 +27,7 @@ FRAME_STAGES = ("preprocess", "infer", "postprocess")
 # pipeline_state columns copied as reported (None when absent)
 _REPORTED_FIELDS = (
     "active_model", "active_version", "target_model", "target_version", "backend", "precision",
-    "last_error",
+    "last_error", "waiting",
 )  # fmt: skip
 
 
@@ -123,6 +123,7 @@ def reported_rows(msgs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[di
             "phase": required(p, "phase", "reported"),
             **{k: p.get(k) for k in _REPORTED_FIELDS},
             "desired_revision": msg.get("desired_revision"),
+            "source_ended": bool(p.get("source_ended")),
             "updated_at": utc_time(required(p, "updated_at", "reported"), "reported",
                                    "updated_at"),
         }

@@ -56,7 +56,7 @@ ROW_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite rowid ne
 def _define(md: sa.MetaData, version: int) -> sa.MetaData:
     """The tables as they are at schema ``version`` (1 for migration 1, LATEST for queries)."""
     _devices(md, version)
-    _pipeline_state(md)
+    _pipeline_state(md, version)
     _telemetry(md, version)
     _device_telemetry(md)
     _events(md)
@@ -90,7 +90,12 @@ def _devices(md: sa.MetaData, version: int) -> sa.Table:
     )  # fmt: skip
 
 
-def _pipeline_state(md: sa.MetaData) -> sa.Table:
+def _pipeline_state(md: sa.MetaData, version: int) -> sa.Table:
+    v10: list[sa.Column[Any]] = (
+        [sa.Column("waiting", sa.Text), sa.Column("source_ended", sa.Boolean)]
+        if version >= 10
+        else []
+    )
     return sa.Table(
         "pipeline_state", md,
         sa.Column("device_id", sa.String(64),
@@ -106,6 +111,7 @@ def _pipeline_state(md: sa.MetaData) -> sa.Table:
         sa.Column("last_error", sa.Text),
         sa.Column("desired_revision", sa.BigInteger),
         sa.Column("updated_at", UtcDateTime, nullable=False),
+        *v10,
     )  # fmt: skip
 
 
@@ -355,10 +361,16 @@ def _migration_9(conn: Connection) -> None:
     _create_table(conn, 9, "device_config")
 
 
+def _migration_10(conn: Connection) -> None:
+    """What each pipeline's update waits for (a maintenance window …) and whether its source
+    has ended (contract 1.3), for ``fleet status`` and the fleet page."""
+    _add_columns(conn, 10, "pipeline_state", "waiting", "source_ended")
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
-    _migration_7, _migration_8, _migration_9,
+    _migration_7, _migration_8, _migration_9, _migration_10,
 ]  # fmt: skip
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables

@@ -33,6 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 from agent.common.errors import BadDataError
+from agent.common.interrupt import StopFlag
 from agent.common.mqtt import CallbackGuard
 from agent.protocol.fetch import MAX_CHUNK, FetchRequest, decode_response
 from agent.protocol.topics import DEFAULT_ROOT, Topics
@@ -79,7 +80,8 @@ class ChunkClient:
         min_timeout_s: floor of the adaptive timeout (at most ``request_timeout_s``).
         max_timeout_s: cap of the adaptive timeout (at least ``request_timeout_s``).
         max_busy_wait_s: longest wait in the registry's line (``busy``) before giving up.
-        stop_event: when set, a running transfer stops with ``FetchStoppedError``.
+        stop_event: when set, a running transfer stops with ``FetchStoppedError`` (an event,
+            or the update manager's ``agent.common.interrupt.Interrupt``).
         rng: jitter of the waits after ``busy``.
         flow_fields: send ``sent_at``/``timeout_s``/``busy_ok`` (turned off by itself when a
             registry that predates them refuses them).
@@ -119,7 +121,7 @@ class ChunkClient:
         min_timeout_s: float = 1.0,
         max_timeout_s: float = 60.0,
         max_busy_wait_s: float = 1800.0,
-        stop_event: threading.Event | None = None,
+        stop_event: StopFlag | None = None,
         rng: random.Random | None = None,
         flow_fields: bool = True,
         kinds: tuple[str, str] = ("fetch/req", "fetch/resp"),

@@ -15,13 +15,13 @@ import math
 import queue
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from agent.common.errors import BadDataError
+from agent.common.interrupt import StopFlag
 from agent.protocol.fetch import _PATH_PATTERN, FetchHeader, FetchRequest
 from agent.update.transfer import flow
 from agent.update.transfer.errors import (
@@ -80,7 +80,7 @@ class Link(Protocol):
     @property
     def clock(self) -> Callable[[], float]: ...
     @property
-    def stop_event(self) -> threading.Event | None: ...
+    def stop_event(self) -> StopFlag | None: ...
     @property
     def rng(self) -> random.Random: ...
     @property

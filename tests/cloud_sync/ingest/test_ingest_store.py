@@ -152,7 +152,8 @@ def test_fleet_view_latest_telemetry_and_tag_filter(store: Store) -> None:
     assert front["phase"] == "committed" and rear["phase"] is None and rear["model"] == "cls"
     assert fleet["cam-2"]["pipelines"] == [{
         "name": "front", "model": None, "version": None, "phase": None, "last_error": None,
-        "fps": None, "p95_ms": None, "errors": None, "telemetry_ts": None,
+        "waiting": None, "source_ended": False, "fps": None, "p95_ms": None, "errors": None,
+        "telemetry_ts": None,
     }]  # fmt: skip
     assert [d["device_id"] for d in store.fleet({"site": "berlin"})] == ["cam-1"]
     assert [d["device_id"] for d in store.fleet({"site": "berlin", "tier": "ga"})] == []
@@ -219,13 +220,13 @@ def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 9
+    assert s.version() == LATEST == 10
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] and s.counts()["telemetry"] == 2
     s.close()
 
 

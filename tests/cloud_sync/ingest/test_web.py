@@ -369,3 +369,25 @@ def test_page_shows_counts_per_device(driver: Any, tmp_path: Path) -> None:
     finally:
         server.stop()
         store.close()
+
+
+WAIT = "activation waits for maintenance window 02:00-05:00 (device local time), next opens in 3 h"
+
+
+def test_fleet_shows_what_each_device_waits_for(driver: Any, store: Store, base: str) -> None:
+    """A device's reported ``waiting`` and ``source_ended`` reach /api/fleet and the page."""
+    from selenium.webdriver.common.by import By
+
+    msg = reported("cam-1", phase="waiting")
+    msg["pipelines"][0].update(waiting=WAIT, source_ended=True)
+    store.upsert_reported(msg, now=datetime.now(timezone.utc))
+    _, _, fleet = get(f"{base}/api/fleet")
+    front = fleet[0]["pipelines"][0]
+    assert (front["waiting"], front["source_ended"]) == (WAIT, True)
+    assert fleet[1]["pipelines"][0]["waiting"] is None
+    driver.get(f"{base}/?refresh=1")
+    until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-device]")) == 2)
+    shown = text(driver, 'tr[data-device="cam-1"] [data-pipeline="front"] [data-field="waiting"]')
+    assert shown == f"waits: {WAIT} · source ended"
+    cam2 = 'tr[data-device="cam-2"] [data-field="waiting"]'
+    assert not driver.find_elements(By.CSS_SELECTOR, cam2)

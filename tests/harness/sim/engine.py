@@ -268,6 +268,7 @@ class SimPipeline:
         self.metrics = PipelineMetrics(ring_size=512)
         self.observer: Callable[[RunnableModel, bool, bool, float], None] | None = None
         self.last_error = ""
+        self.source_ended = False  # no source to end
         self._rng = rng or random.Random()
         self._model: RunnableModel | None = None
         self._profile = profile_fn(device_id, None)
