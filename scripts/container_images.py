@@ -81,10 +81,10 @@ def ensure_base(mirror: str, security_mirror: str, *, rebuild: bool = False) -> 
         subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True)
         shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
         (root / "var/lib/apt/lists/partial").mkdir(parents=True)
-        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        _run(["podman", "import", "--change", "CMD /bin/bash", "-", BASE_TAG], stdin=tar.stdout,
-             stdout=subprocess.DEVNULL)  # fmt: skip
-        if tar.wait() != 0:
+        with subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE) as tar:
+            _run(["podman", "import", "--change", "CMD /bin/bash", "-", BASE_TAG],
+                 stdin=tar.stdout, stdout=subprocess.DEVNULL)  # fmt: skip
+        if tar.returncode != 0:
             raise SystemExit(f"tar of {root} failed with exit {tar.returncode}")
     return time.monotonic() - t0
 
