@@ -148,6 +148,8 @@ def test_a_source_the_canaries_cannot_open_rolls_back_and_halts_the_rollout(
                 "--id", "bad")  # fmt: skip
     assert r.returncode == 1, r.stdout + r.stderr  # paused by the gate, not completed
     assert "rollout bad paused" in r.stdout
+    assert "abort bad` stops it (configuration rollouts do not revert)" in r.stdout
+    assert "reverts" not in r.stdout  # a configuration rollout has nothing to revert
     row = db.get(ten.store, "bad")
     assert row.state.status == "paused" and row.state.paused_by_gate
     sent = row.spec.config
