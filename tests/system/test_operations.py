@@ -198,6 +198,27 @@ def forms(pw: str) -> list[bytes]:
             base64.b64encode(f"viewer:{pw}".encode())]  # fmt: skip
 
 
+def fleet_page(fleet: OpsFleet) -> dict[str, bytes]:
+    """What the fleet page (``edgefleet ingest --http``) serves: the page and its JSON."""
+    from urllib.request import urlopen
+
+    from cloud_sync.ingest.web import serve_web
+
+    web = serve_web(fleet.store, 0)
+    try:
+        base = f"http://127.0.0.1:{web.server_port}"
+        paths = ["/", "/api/fleet", *(f"/api/devices/{d}/telemetry" for d in fleet.ids)]
+        pages = {}
+        for path in paths:
+            with urlopen(base + path, timeout=10) as resp:
+                pages[f"fleet page {path}"] = resp.read()
+    finally:
+        web.stop()
+    assert b"cam-01" in pages["fleet page /api/fleet"] and b"rejected" in pages[
+        "fleet page /api/fleet"]  # fmt: skip
+    return pages
+
+
 @pytest.fixture
 def cams(tmp_path: Path, broker: Mosquitto, models: dict[str, Path]) -> Iterator[Any]:
     """Three agents reading the password-protected camera (its old password in their local
@@ -287,6 +308,7 @@ def test_a_camera_password_rotates_and_never_leaves_the_device_in_plaintext(
         "agents' log": fleet.log.text().encode(),
         "agents' stdout/stderr (FFmpeg, OpenCV)": (captured.out + captured.err).encode(),
     }
+    places |= fleet_page(fleet)
     places |= {f"MQTT #{i} {t}": p for i, (t, p) in enumerate(fleet.spy.payloads())}
     places |= {str(f): f.read_bytes() for f in fleet.files_at_rest()}
     for d in fleet.ids:
