@@ -229,7 +229,7 @@ def _drive(args: argparse.Namespace, store: Any, rollout_id: str) -> int:
                 print(line, flush=True)
                 shown, shown_at = line, now.timestamp()
             if row.state.status != "running":
-                return _final(row.spec.id, row.state.status)
+                return _final(row.spec.id, row.state.status, config=row.spec.config is not None)
             if stop.wait(args.every):
                 print(f"stopped; rollout {rollout_id} stays {row.state.status}: "
                       "`edgefleet rollout controller` goes on with it", flush=True)  # fmt: skip
@@ -241,11 +241,13 @@ def _drive(args: argparse.Namespace, store: Any, rollout_id: str) -> int:
 _SOAK = re.compile(r"; soak \d+s left")
 
 
-def _final(rollout_id: str, status: str) -> int:
+def _final(rollout_id: str, status: str, *, config: bool = False) -> int:
     """Exit code of a foreground rollout (0 only when completed), with what to do next."""
     if status == "paused":
+        # a configuration rollout has nothing to revert: each device kept what worked for it
+        abort = "stops it (configuration rollouts do not revert)" if config else "reverts"
         print(f"rollout {rollout_id} paused: `edgefleet rollout resume {rollout_id}` goes on "
-              f"(accepting a failed gate), `edgefleet rollout abort {rollout_id}` reverts",
+              f"(accepting a failed gate), `edgefleet rollout abort {rollout_id}` {abort}",
               flush=True)  # fmt: skip
     return 0 if status == "completed" else 1
 

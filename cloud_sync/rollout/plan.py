@@ -376,7 +376,10 @@ class _Step:
         )
         if self.spec.on_fail == "pause":
             self.status, self.paused_by_gate = "paused", True
-            self.event("paused", "paused by the failing gate; resume accepts it, abort reverts")
+            # a configuration rollout has nothing to revert: each device kept what worked
+            undo = "stops it (configuration rollouts do not revert)" if self.spec.config else (
+                "reverts")  # fmt: skip
+            self.event("paused", f"paused by the failing gate; resume accepts it, abort {undo}")
             return
         self.devices, actions, lines = revert_touched(self.devices)
         self.actions.extend(actions)

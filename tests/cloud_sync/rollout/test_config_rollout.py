@@ -174,6 +174,11 @@ def test_canaries_roll_back_so_the_rollout_halts_and_nobody_else_gets_it(
     assert row.state.status == "paused" and row.state.paused_by_gate
     assert "failures 100.0% > 10%" in row.state.last_gates[0].detail
     assert f"config {h[:12]} rolled_back: health window failed" in row.state.last_gates[0].detail
+    # nothing to revert: the operator is not told that abort would
+    assert row.state.history[-1].message == (
+        "paused by the failing gate; resume accepts it, abort stops it (configuration "
+        "rollouts do not revert)"
+    )
     ctl.tick(t0 + timedelta(seconds=200))  # a paused rollout sends nothing
     others = [d for d in fleet.ids if d not in canaries]
     assert all(fleet.got(d) == [] for d in others)
