@@ -85,7 +85,9 @@ def test_newer_desired_state_supersedes_a_slow_download(fleet: Fleet, tmp_path: 
     slot = agent.updates.state.pipelines["front"]
     assert "digits@2.0.0" not in slot.rejected  # not on the never-retry list
     kept = partial_bytes(fleet)
-    assert kept >= 1 << 20, "the partial v2 download was not kept"
+    # the server had sent > 1 MiB; what arrived in order is kept (chunks in flight or out of
+    # order at the interruption are not), so ask for a quarter of that: 0 means not kept
+    assert kept >= 1 << 18, "the partial v2 download was not kept"
     # a return to v2 resumes from the partial file (over a fast link, to keep the test short)
     use_server(fleet, None)
     fleet.commit("digits@2.0.0")
