@@ -107,25 +107,21 @@ def shard_config(cfg: BenchConfig, url: str, repo: Path, work: Path) -> dict[str
     }  # fmt: skip
 
 
-class Replica:
-    """A chunk-server replica child process (``serve_replica``)."""
+class ReadyChild:
+    """A benchmark child process: touches ``OUT.ready`` once serving, writes its counters to
+    ``OUT`` (JSON) when stopped."""
 
-    def __init__(self, name: str, repo: Path, url: str, workers: int, work: Path) -> None:
+    def __init__(self, name: str, argv: list[str], out: Path) -> None:
         self.name = name
-        self.out = work / f"{name}.json"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.bench_rollout", "--serve-replica", name,
-             "--repo", str(repo), "--broker", url, "--server-workers", str(workers),
-             "--stats-out", str(self.out)],
-            cwd=ROOT,
-        )  # fmt: skip
+        self.out = out
+        self.proc = subprocess.Popen(argv, cwd=ROOT)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Raises: RuntimeError when the replica is not serving in time."""
+        """Raises: RuntimeError when the child is not serving in time."""
         deadline = time.monotonic() + timeout_s
         while not Path(str(self.out) + ".ready").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"replica {self.name} did not start")
+                raise RuntimeError(f"{self.name} did not start")
             time.sleep(0.1)
 
     def stop(self) -> dict[str, Any]:
@@ -137,6 +133,18 @@ class Replica:
             return data
         except (OSError, ValueError) as e:
             return {"error": str(e)}
+
+
+class Replica(ReadyChild):
+    """A chunk-server replica child process (``serve_replica``)."""
+
+    def __init__(self, name: str, repo: Path, url: str, workers: int, work: Path) -> None:
+        out = work / f"{name}.json"
+        super().__init__(name, [
+            sys.executable, "-m", "scripts.bench_rollout", "--serve-replica", name,
+            "--repo", str(repo), "--broker", url, "--server-workers", str(workers),
+            "--stats-out", str(out),
+        ], out)  # fmt: skip
 
 
 # --- watching desired states ------------------------------------------------------------------

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from scripts import fleet_sim as fs
+from scripts.bench_rollout import ReadyChild
 
 log = logging.getLogger("bench_scaling")
 INGEST_GROUP = "bench-ingest"
@@ -96,32 +96,12 @@ def ingest_child(name: str, url: str, db: str, out: str) -> int:
     return 0
 
 
-class Child:
+class Child(ReadyChild):
     """A ``python -m scripts.bench_scaling`` child process that writes ``out`` when done."""
 
     def __init__(self, args: list[str], out: Path) -> None:
-        from tests.harness.util import ROOT
-
-        self.out = out
-        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.bench_scaling", *args,
-                                      "--out", str(out)], cwd=ROOT)  # fmt: skip
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not Path(str(self.out) + ".ready").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.out.stem} did not start")
-            time.sleep(0.1)
-
-    def stop(self) -> dict[str, Any]:
-        from tests.harness.util import terminate
-
-        terminate(self.proc, 30)
-        try:
-            data: dict[str, Any] = json.loads(self.out.read_text())
-            return data
-        except (OSError, ValueError) as e:
-            return {"error": str(e)}
+        super().__init__(out.stem, [sys.executable, "-m", "scripts.bench_scaling", *args,
+                                    "--out", str(out)], out)  # fmt: skip
 
 
 def telemetry_payloads(n: int, senders: int) -> list[tuple[str, bytes]]:

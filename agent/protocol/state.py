@@ -62,6 +62,17 @@ Version = Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN
 Contract = Annotated[str, StringConstraints(pattern=CONTRACT_PATTERN)]
 
 
+def report_text(v: object) -> object:
+    """A reported text as it may be sent: a camera URL's password masked (before the cut,
+    which could leave a password without its '@'; ingest decodes with these models too), and a
+    long traceback cut to its start so the report stays small enough to send."""
+    if isinstance(v, str):
+        v = redact(v)
+        if len(v) > MAX_ERROR_TEXT:
+            return v[: MAX_ERROR_TEXT - 1] + "…"
+    return v
+
+
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must carry a timezone (UTC expected), got a naive one")
@@ -231,14 +242,7 @@ class PipelineReport(BaseModel):
     @field_validator("last_error", "waiting", mode="before")
     @classmethod
     def _cut_error(cls, v: object) -> object:
-        # a long traceback must not make the whole report too big to send: keep its start;
-        # a camera URL's password never goes into a report (masked before the cut, which
-        # could leave a password without its '@'); ingest decodes with this model too
-        if isinstance(v, str):
-            v = redact(v)
-        if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
-            return v[: MAX_ERROR_TEXT - 1] + "…"
-        return v
+        return report_text(v)
 
     @field_validator("updated_at")
     @classmethod
@@ -280,11 +284,7 @@ class ConfigReport(BaseModel):
     @field_validator("reason", mode="before")
     @classmethod
     def _cut_reason(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = redact(v)  # as in PipelineReport.last_error
-        if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
-            return v[: MAX_ERROR_TEXT - 1] + "…"
-        return v
+        return report_text(v)
 
     @field_validator("updated_at")
     @classmethod
