@@ -1,8 +1,8 @@
 """``edgefleet device cmd ID cancel-update`` through a real Mosquitto to a real agent process.
 
-Runs once ``UpdateManager.cancel_current`` exists (the update-control branch of issue 15);
-skipped before that merge. What cancelling does to the update itself is that branch's tests'
-business; here: the command reaches it, and its answer reaches the operator.
+What cancelling does to the update itself is tested in tests/agent/update/test_update_control.py
+(a slow download cancelled from the CLI among them); here: the command reaches the update
+manager of an agent process, and its answer reaches the operator.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from agent.protocol.command import ResultStatus
-from agent.update.manager import UpdateManager
 from cloud_sync.commands import send_command
 from tests.harness.agent_process import AgentProcess
 from tests.harness.fleet import Fleet
@@ -19,10 +18,6 @@ from tests.harness.util import wait_for
 pytestmark = [
     pytest.mark.broker,
     pytest.mark.video,
-    pytest.mark.skipif(
-        not hasattr(UpdateManager, "cancel_current"),
-        reason="UpdateManager.cancel_current comes with the update-control branch",
-    ),
 ]
 
 

@@ -140,6 +140,26 @@ def test_cancel_a_slow_download_keeps_the_model_and_the_partial(
     assert fleet.server.stats().bytes_sent < v2_bytes(fleet) - kept + (1 << 20)
 
 
+def test_the_operator_cancels_a_slow_download_from_the_cli(
+    fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # issue 15's "done when": `edgefleet device cmd ID cancel-update`, a signed command through
+    # the broker to the agent's command worker, while v2 crawls over the slow link
+    from cloud_sync.cli import main
+
+    slow_v2_downloading(fleet, tmp_path)
+    capsys.readouterr()
+    rc = main(["device", "cmd", DEVICE, "cancel-update", "--reason", "too slow",
+               "--repo", str(fleet.repo_dir), "--broker", fleet.broker.url])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "cancelled digits@2.0.0 on pipeline front (fetching)" in out
+    rep = fleet.wait_phase("rejected", version="2.0.0", timeout=15)
+    assert "cancelled by operator: too slow" in (rep.last_error or "")
+    assert fleet.running() == "digits@1.0.0"
+    assert partial_bytes(fleet) > 0  # what arrived is kept for a later return
+
+
 def test_cancel_a_slow_engine_build(fleet: Fleet) -> None:
     fleet.publish("digits", "1.0.0")
     fleet.publish("digits", "1.1.0")
