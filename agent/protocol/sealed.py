@@ -211,10 +211,17 @@ def _child_path(path: str, key: object) -> str:
     return f"{path}[{k!r}]"
 
 
-def unseal_tree(obj: Any, private_key: ec.EllipticCurvePrivateKey, *, device_id: str) -> Any:
+def unseal_tree(
+    obj: Any,
+    private_key: ec.EllipticCurvePrivateKey,
+    *,
+    device_id: str,
+    opened: list[str] | None = None,
+) -> Any:
     """A copy of a JSON-like tree (dicts, lists, scalars) with every sealed string opened.
 
-    Keys are never opened (only values). The input is not modified.
+    Keys are never opened (only values). The input is not modified. With ``opened``, each
+    plaintext is also appended to it, in tree order (what callers must mask in messages).
 
     Raises:
         SealedError: as ``unseal``, naming the path of the value (e.g. ``pipelines[0].source``),
@@ -233,10 +240,13 @@ def unseal_tree(obj: Any, private_key: ec.EllipticCurvePrivateKey, *, device_id:
             return [walk(v, _child_path(path, i), depth + 1) for i, v in enumerate(node)]
         if is_sealed(node):
             try:
-                return unseal(node, private_key, device_id=device_id)
+                plain = unseal(node, private_key, device_id=device_id)
             except SealedError as e:
                 where = path or "(root)"
                 raise SealedError(f"{where}: {e}", reason=e.reason, path=path) from e
+            if opened is not None:
+                opened.append(plain)
+            return plain
         return node
 
     return walk(obj, "", 0)

@@ -44,7 +44,6 @@ from agent.remoteconfig.plan import (
     mask_secrets,
     parse_document,
     sealed_paths,
-    sealed_values,
     validate_pipelines,
 )
 from agent.remoteconfig.store import ConfigFile
@@ -152,16 +151,13 @@ class RemoteConfig:
         """
         raw = parse_document(target.document)
         paths = sealed_paths(raw)
-        opened, secrets = raw, []
+        opened, secrets = raw, list[str]()  # secrets: opened plaintexts, masked in messages
         if paths:
             key = self._private_key(paths)
             try:
-                opened = unseal_tree(raw, key, device_id=self.local.device_id)
+                opened = unseal_tree(raw, key, device_id=self.local.device_id, opened=secrets)
             except SealedError as e:
                 raise ConfigInvalid(f"sealed value does not open on this device: {e}") from e
-            except NotImplementedError as e:
-                raise ConfigInvalid("this agent cannot open sealed values") from e
-            secrets = sealed_values(raw, opened)
         try:
             return Validated(validate_pipelines(self.local, opened), secrets)
         except ConfigInvalid as e:

@@ -41,7 +41,6 @@ __all__ = [
     "mask_secrets",
     "parse_document",
     "sealed_paths",
-    "sealed_values",
     "validate_pipelines",
 ]
 
@@ -145,18 +144,6 @@ def sealed_paths(obj: Any, path: str = "") -> list[str]:
         return [p for k, v in obj.items() for p in sealed_paths(v, f"{path}.{k}")]
     if isinstance(obj, list):
         return [p for i, v in enumerate(obj) for p in sealed_paths(v, f"{path}[{i}]")]
-    return []
-
-
-def sealed_values(sealed: Any, opened: Any) -> list[str]:
-    """The plaintexts ``opened`` holds where ``sealed`` (the same tree before opening) held
-    sealed strings: what must never appear in a log line or a report."""
-    if is_sealed(sealed):
-        return [str(opened)]
-    if isinstance(sealed, dict) and isinstance(opened, dict):
-        return [s for k, v in sealed.items() for s in sealed_values(v, opened.get(k))]
-    if isinstance(sealed, list) and isinstance(opened, list):
-        return [s for a, b in zip(sealed, opened, strict=False) for s in sealed_values(a, b)]
     return []
 
 

@@ -213,7 +213,9 @@ def test_unseal_tree_opens_every_value_and_copies(key: ec.EllipticCurvePrivateKe
             },
         ]
     }
-    out = unseal_tree(tree, key, device_id="cam-1")
+    opened: list[str] = []
+    out = unseal_tree(tree, key, device_id="cam-1", opened=opened)
+    assert opened == [SECRET, "tok"]  # every plaintext, in tree order: what callers mask
     assert out["pipelines"][0]["source"] == SECRET
     assert out["pipelines"][0]["threshold"] == 0.5
     assert out["pipelines"][1] == {"name": "back", "source": "file.mp4", "extra": [1, "tok"]}
