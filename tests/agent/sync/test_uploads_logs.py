@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,36 +24,37 @@ def stamp(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
-def test_the_file_log_has_utc_stamps_and_rotates(tmp_path: Path) -> None:
+@pytest.fixture
+def file_log(tmp_path: Path) -> Iterator[logging.Logger]:
+    """The agent's file log under ``tmp_path`` (removed after the test) and a logger into it."""
     handler = install_file_log(tmp_path)
     log = logging.getLogger("test.filelog")
     log.setLevel(logging.INFO)
-    try:
-        log.info("known line %s", "xyz")
-        handler.flush()
-        text = (tmp_path / "logs" / "agent.log").read_text()
-        assert "INFO test.filelog known line xyz" in text
-        lines, n = collect_since(log_files(tmp_path), datetime.now(timezone.utc)
-                                 - timedelta(minutes=1), 1 << 20)  # fmt: skip
-        assert b"known line xyz" in lines and n >= 1
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    yield log
+    handler.flush()
+    logging.getLogger().removeHandler(handler)
+    handler.close()
 
 
-def test_the_file_log_masks_camera_passwords(tmp_path: Path) -> None:
+def log_text(tmp_path: Path) -> str:
+    for h in logging.getLogger().handlers:
+        h.flush()
+    return (tmp_path / "logs" / "agent.log").read_text()
+
+
+def test_the_file_log_has_utc_stamps_and_rotates(file_log: logging.Logger, tmp_path: Path) -> None:
+    file_log.info("known line %s", "xyz")
+    assert "INFO test.filelog known line xyz" in log_text(tmp_path)
+    lines, n = collect_since(log_files(tmp_path), datetime.now(timezone.utc)
+                             - timedelta(minutes=1), 1 << 20)  # fmt: skip
+    assert b"known line xyz" in lines and n >= 1
+
+
+def test_the_file_log_masks_camera_passwords(file_log: logging.Logger, tmp_path: Path) -> None:
     # the file is what upload_logs sends off the device: it must get the redaction filter too
-    handler = install_file_log(tmp_path)
-    log = logging.getLogger("test.filelog")
-    log.setLevel(logging.INFO)
-    try:
-        log.info("opening %s", "rtsp://admin:hunter2pw@10.0.0.5/stream")
-        handler.flush()
-        text = (tmp_path / "logs" / "agent.log").read_text()
-        assert "rtsp://admin:***@10.0.0.5/stream" in text and "hunter2pw" not in text
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    file_log.info("opening %s", "rtsp://admin:hunter2pw@10.0.0.5/stream")
+    text = log_text(tmp_path)
+    assert "rtsp://admin:***@10.0.0.5/stream" in text and "hunter2pw" not in text
 
 
 def test_collect_since_keeps_newest_whole_lines_and_continuations(tmp_path: Path) -> None:
