@@ -163,7 +163,8 @@ class IngestWorker:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.subscribed = threading.Event()
+        self.client.on_subscribe = self._on_subscribe
+        self.subscribed = threading.Event()  # set when the broker acknowledged (SUBACK)
         self._connected_before = False
         self.persistent = persistent
 
@@ -186,9 +187,16 @@ class IngestWorker:
             subs = [(self.topics.all_devices(k), 1) for k in ("state", "reported")]
             subs += [(self.topics.shared(self.share_group, k), 1) for k in VOLUME_KINDS]
             client.subscribe(subs)
-            self.subscribed.set()
         except Exception:  # never into paho's thread: it would end the network loop
             log.exception("ingest: handling the connection failed")
+
+    def _on_subscribe(self, client: mqtt.Client, u: Any, mid: int, codes: Any, p: Any) -> None:
+        # only a SUBACK proves the broker holds the subscriptions (and so queues for the
+        # session); before it, a broker that stops at once may never have read the SUBSCRIBE
+        refused = [c for c in codes if c.is_failure]
+        if refused:
+            log.error("ingest: the broker refused %d subscription(s): %s", len(refused), refused)
+        self.subscribed.set()
 
     def _on_disconnect(
         self, client: mqtt.Client, u: Any, flags: Any, rc: Any, p: Any = None

@@ -33,7 +33,10 @@ def test_telemetry_flows_and_survives_a_broker_outage(
         assert wait_for(lambda: len(dash.messages) >= 5, 20)
         last = dash.messages[-1]
         assert last.device_id == "tele-01" and last.pipelines[0].name == "front"
-        assert last.pipelines[0].model == "blobdet" and last.pipelines[0].fps_out > 0
+        assert last.pipelines[0].model == "blobdet"
+        # fps is per 0.2 s interval: on a loaded machine one interval can see no frame, so ask
+        # for some interval with frames (a pipeline that never infers still fails this)
+        assert wait_for(lambda: any(m.pipelines[0].fps_out > 0 for m in dash.messages), 20)
         assert last.device.mem_total_mb > 0 and 0 <= last.device.cpu_percent <= 100
         broker.stop()  # outage: telemetry keeps being produced into the outbox
         assert wait_for(lambda: agent.outbox.depth() >= 10, 20)
