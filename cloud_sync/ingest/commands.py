@@ -41,6 +41,9 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
+    ing.add_argument("--volume-only", action="store_true",
+                     help="take only telemetry, events and snapshots; leave state and reported"
+                          " to the group's other workers (run one or two without it)")  # fmt: skip
     ing.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics port")
     ing.add_argument("--http", type=int, default=None, metavar="PORT",
                      help="serve the fleet web page on this port")  # fmt: skip
@@ -128,7 +131,7 @@ def _ingest(args: argparse.Namespace) -> int:
     share = args.share_group or service_share_group(SHARE_GROUP)
     worker = IngestWorker(
         args.broker, store, topic_root=args.topic_root, client_id=f"edgefleet-ingest-{args.worker}",
-        share_group=None if share == "none" else share,
+        share_group=None if share == "none" else share, control=not args.volume_only,
         max_unacked=args.max_unacked, max_unacked_bytes=int(args.max_unacked_mb * 2**20),
         dead_letter_keep=args.dead_letter_bytes,
     )  # fmt: skip

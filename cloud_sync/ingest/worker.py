@@ -88,6 +88,10 @@ class IngestWorker:
     ``share_group`` None subscribes without ``$share`` (for a broker without shared
     subscriptions, such as the demo's amqtt); then run a single worker.
 
+    ``control`` False leaves state and reported to other workers: they are plain
+    subscriptions (retained messages are not sent on shared ones), so every worker that takes
+    them writes each of them; in a group of K workers, one or two with ``control`` suffice.
+
     ``persistent`` keeps the MQTT session (``clean_session=False``) under ``client_id``, so
     the broker queues QoS 1 messages while the worker restarts or waits for the database.
     Mosquitto 2.0 keeps a *plain* subscription of a persistent session across its own restart
@@ -119,6 +123,7 @@ class IngestWorker:
         client_id: str = "edgefleet-ingest-1",
         share_group: str | None = SHARE_GROUP,
         persistent: bool = True,
+        control: bool = True,
         batch_size: int = 500,
         flush_s: float = 0.2,
         idle_s: float = 0.005,
@@ -132,6 +137,7 @@ class IngestWorker:
         self.client_id = client_id
         self.topics = Topics(topic_root)
         self.share_group = share_group
+        self.control = control
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.idle_s = idle_s
@@ -184,8 +190,9 @@ class IngestWorker:
                     self.client_id,
                 )
             self._connected_before = True
-            subs = [(self.topics.all_devices(k), 1) for k in ("state", "reported")]
-            subs += [(self.topics.shared(self.share_group, k), 1) for k in VOLUME_KINDS]
+            subs = [(self.topics.shared(self.share_group, k), 1) for k in VOLUME_KINDS]
+            if self.control:
+                subs += [(self.topics.all_devices(k), 1) for k in ("state", "reported")]
             client.subscribe(subs)
         except Exception:  # never into paho's thread: it would end the network loop
             log.exception("ingest: handling the connection failed")

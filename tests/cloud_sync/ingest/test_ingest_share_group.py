@@ -79,3 +79,47 @@ def test_two_workers_in_one_group_each_store_a_share_and_nothing_twice(
             w.stop()
         for s in stores:
             s.close()
+
+
+def test_a_volume_only_worker_leaves_state_and_reported_to_the_other(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """``control=False`` (``ingest --volume-only``): that worker writes its share of the
+    telemetry and no state or reported message; the other worker writes all of those."""
+    stores = [open_store(f"sqlite:///{tmp_path / f'w{i}.db'}") for i in (1, 2)]
+    workers = [IngestWorker(broker.url, s, share_group="ingest", client_id=f"ingest-c{i}",
+                            flush_s=0.05, control=i == 1)
+               for i, s in enumerate(stores, 1)]  # fmt: skip
+    for w in workers:
+        w.start()
+    dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="devices")
+    try:
+        assert all(w.subscribed.wait(10) for w in workers), "subscriptions not acknowledged"
+        dev.connect(broker.host, broker.port)
+        dev.loop_start()
+        for d in DEVICES:
+            for kind, example in (("state", "device_state"), ("reported", "reported_state")):
+                msg = EXAMPLES[example].model_copy(update={"device_id": d})
+                dev.publish(Topics().device(d, kind), msg.encode(), qos=1, retain=True)
+        ex = EXAMPLES["telemetry"]
+        for i in range(N):
+            d = DEVICES[i % len(DEVICES)]
+            msg = ex.model_copy(update={"device_id": d, "ts": T0 + timedelta(seconds=i)})
+            dev.publish(Topics().device(d, "telemetry"), msg.encode(), qos=1)
+        total = lambda: sum(s.counts()["device_telemetry"] for s in stores)  # noqa: E731
+        assert wait_for(lambda: total() >= N, 30), [s.counts() for s in stores]
+        assert wait_for(lambda: stores[0].counts()["devices"] == len(DEVICES), 10)
+        assert workers[0].counts["state"] == workers[0].counts["reported"] == len(DEVICES)
+        assert workers[1].counts["state"] == workers[1].counts["reported"] == 0
+        assert stores[1].counts()["pipeline_state"] == 0  # rows of reported states
+        with stores[1].engine.connect() as c:  # telemetry makes a devices row; state fills it
+            online = c.execute(sa.text("SELECT online, agent_version FROM devices")).all()
+        assert online and all(row == (None, None) for row in online), online
+        assert stores[1].counts()["device_telemetry"] > 0, "the volume-only worker got no share"
+    finally:
+        dev.loop_stop()
+        dev.disconnect()
+        for w in workers:
+            w.stop()
+        for s in stores:
+            s.close()
