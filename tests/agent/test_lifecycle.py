@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,9 +45,13 @@ def test_sources_ended_is_reported_and_the_agent_keeps_serving_updates(
     runner.start()
     try:
         assert wait_for(lambda: any(r.pipelines[0].source_ended for r in fleet.reported), 30)
-        status = json.loads((fleet.tmp / "data" / "status.json").read_text())
-        assert status["pipelines"][0]["source_ended"] is True
-        assert status["reported"]["pipelines"][0]["source_ended"] is True
+
+        def status() -> Any:
+            return json.loads((fleet.tmp / "data" / "status.json").read_text())
+
+        # the status file is rewritten every 0.2 s, on its own clock: wait for the next one
+        assert wait_for(lambda: status()["pipelines"][0]["source_ended"] is True, 10), status()
+        assert status()["reported"]["pipelines"][0]["source_ended"] is True
         assert any("every source has ended; still serving" in r.getMessage()
                    for r in caplog.records)  # fmt: skip
         assert runner.is_alive() and not result

@@ -253,7 +253,10 @@ def honest_devices(host: str, port: str, tag: str, out_dir: str, n: str) -> None
         c.connect(host, int(port))
         c.loop_start()
         clients.append(c)
-    chunks = [ChunkClient(c, f"{tag}{i}", window=32) for i, c in enumerate(clients)]
+    # the stall guard's span widened from 10 s: on a starved machine (CI, other jobs) a server
+    # can go 10 s without a turn; the limits below are what the attack must not break
+    chunks = [ChunkClient(c, f"{tag}{i}", window=32, rate_span_s=30.0)
+              for i, c in enumerate(clients)]  # fmt: skip
     times: dict[int, float] = {}
     errors: list[str] = []
     go = threading.Barrier(count)

@@ -3,12 +3,12 @@ real SQLite file and a real PostgreSQL server (same tests, both), with hand-buil
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from agent.protocol.state import UpdatePhase
 from cloud_sync.ingest.store import Store
@@ -203,8 +203,9 @@ def test_snapshot_of_an_older_version_in_the_window(store: Store) -> None:
     assert (m.frames, m.errors, m.fps, m.p95_ms, dict(m.top1)) == (220, 2, 11.0, 21.0, {"dog": 1})
 
 
-def test_snapshot_of_1000_devices_is_quick(store: Store) -> None:
-    """1,000 devices x 2 pipelines, 10 telemetry rows each (20,000 rows): four queries."""
+def test_snapshot_of_1000_devices_takes_a_few_queries(store: Store) -> None:
+    """1,000 devices x 2 pipelines, 10 telemetry rows each (20,000 rows): a few queries for the
+    whole fleet, never one per device (what keeps it quick; its time is a benchmark's job)."""
     for i in range(1000):
         state(store, f"d{i:04d}", tags={"n": str(i % 7)})
     msgs = [
@@ -216,15 +217,22 @@ def test_snapshot_of_1000_devices_is_quick(store: Store) -> None:
     ]  # fmt: skip
     for i in range(0, len(msgs), 2000):
         store.add_telemetry_batch(msgs[i : i + 2000], now=T0)
-    started = time.perf_counter()
-    fleet = SnapshotReader(store).read(T0, T0 + timedelta(seconds=100))
-    took = time.perf_counter() - started
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, sql: str, *_a: Any) -> None:
+        statements.append(sql)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        fleet = SnapshotReader(store).read(T0, T0 + timedelta(seconds=100))
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
     assert len(fleet) == 1000
     d = fleet.get("d0999")
     assert d is not None
     m = d.pipelines["rear"].metrics
     assert m is not None and (m.frames, m.errors, m.p95_ms) == (1000, 9, 20.0)
-    assert took < 5.0, f"snapshot of 1,000 devices took {took:.2f}s"
+    assert 1 <= len(statements) <= 10, statements  # 6 today; one per device would be 1,000+
 
 
 def test_spec_json_round_trip() -> None:
