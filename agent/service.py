@@ -273,6 +273,7 @@ class Agent:
             update=cfg.update,
             profile=self.profile,
             pipelines=self.running.by_name,  # the one dict: remote configuration changes it
+            pipelines_lock=self.running.lock,  # model swaps and restarts, one at a time
             open_model=open_model,
             publish_reported=self.session.publish_reported,
             wall=self.wall,
@@ -288,7 +289,8 @@ class Agent:
         self.updates.start()
 
     def restart_pipeline(self, name: str) -> None:
-        """Restart one pipeline with its current config, keeping the model it runs.
+        """Restart one pipeline with its current config, keeping the model it runs (the one
+        current when it is rebuilt: model swaps take the same lock).
 
         Raises:
             EdgefleetError: no pipeline of that name.
