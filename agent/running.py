@@ -160,6 +160,7 @@ class RunningPipelines:
             old.stop()
             new = self.build(p, model)
             new.sinks = [*new.sinks, *foreign]
+            new.observer = old.observer  # a health window watching this pipeline follows it
             self.items[self.items.index(old)] = new
             self.by_name[name] = new
             self.configs[name] = p

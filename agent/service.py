@@ -59,6 +59,7 @@ class Agent:
         self.pipelines: list[Pipeline] = self.running.items
         self.models: dict[str, RunnableModel] = {}
         self._stop = threading.Event()
+        self._started = False  # start() done: pipeline changes are remote configuration's
         up = cfg.update
         self.remote = RemoteConfig(
             self.running, cfg, open_model=self._model_for,
@@ -155,6 +156,7 @@ class Agent:
         except BaseException:
             self.stop()
             raise
+        self._started = True
         log.info(
             "device=%s profile=%s (%s) pipelines=%d started",
             self.cfg.device_id,
@@ -273,6 +275,7 @@ class Agent:
             update=cfg.update,
             profile=self.profile,
             pipelines=self.running.by_name,  # the one dict: remote configuration changes it
+            pipelines_lock=self.running.lock,  # model swaps and restarts, one at a time
             open_model=open_model,
             publish_reported=self.session.publish_reported,
             wall=self.wall,
@@ -288,7 +291,8 @@ class Agent:
         self.updates.start()
 
     def restart_pipeline(self, name: str) -> None:
-        """Restart one pipeline with its current config, keeping the model it runs.
+        """Restart one pipeline with its current config, keeping the model it runs (the one
+        current when it is rebuilt: model swaps take the same lock).
 
         Raises:
             EdgefleetError: no pipeline of that name.
@@ -298,12 +302,20 @@ class Agent:
             self.running.restart(name, self.running.configs[name], pipe.model)
 
     def _pipelines_changed(self) -> None:
-        """Pipelines were restarted, added or removed: the readers holding copies of the
-        list, and the config, follow."""
+        """Pipelines were restarted, added or removed: the config, the local API's result
+        feeds, the birth state and status.json follow (telemetry and the API read the live
+        list)."""
         self.cfg = self.cfg.model_copy(update={"pipelines": list(self.running.configs.values())})
-        for snap in (getattr(self.telemetry, "snapshot", None), self._metrics_snapshot):
-            if snap is not None:
-                snap.pipelines = list(self.pipelines)
+        if not self._started:
+            return  # start() is still adding them
+        if self.api is not None:
+            self.api.pipelines_changed()  # an added pipeline gets its result feed
+        if self.session is not None:
+            self.session.set_pipelines([p.name for p in self.pipelines])
+        try:
+            self.write_status()
+        except OSError as e:  # the supervisor writes it again every few seconds
+            log.warning("device=%s status.json not written: %s", self.cfg.device_id, e)
 
     def stop(self) -> None:
         """Stop in dependency order: the local API, updates, pipelines (they write events into

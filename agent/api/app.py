@@ -264,10 +264,13 @@ def create_app(
     stream_queue: int = 32,
     stream_heartbeat_s: float = HEARTBEAT_S,
 ) -> FastAPI:
-    """The API over ``pipelines`` (read live: swaps and deliveries show at once).
+    """The API over ``pipelines`` (read live: swaps, deliveries, pipelines added and removed
+    show at once).
 
     Args:
-        pipelines: the agent's pipelines; a request names one, or the model one runs.
+        pipelines: the agent's pipelines, the list it changes in place (never copied here);
+            a request names one, or the model one runs. After the set changes, call
+            ``app.state.streams.sync()`` so an added pipeline gets its result feed.
         token: bearer token required on ``/readyz`` and ``/v1/*`` when set.
         max_concurrent: inferences at once (the worker pool's size).
         max_queue: requests waiting beyond those before 429.
@@ -306,7 +309,7 @@ def create_app(
     authorize = _authorizer(token)
     _add_routes(app, gate, authorize)
     add_clip_routes(app, clips, authorize, _ERRORS, _SECURED)
-    add_stream_routes(app, streams, list(pipelines), authorize, errors=_ERRORS, secured=_SECURED,
+    add_stream_routes(app, streams, authorize, errors=_ERRORS, secured=_SECURED,
                       heartbeat_s=stream_heartbeat_s)  # fmt: skip
     return app
 

@@ -10,8 +10,9 @@ client or encodes JSON: the pipeline does not change an event once the sinks hav
 event loop encodes it. A slow client therefore costs at most its queue (``stream_queue``
 results) plus the transport's write buffer, and the pipeline runs at its own pace.
 
-``StreamHub`` attaches one feed to each of the API's pipelines, caps the streams open at once
-(``[api] max_streams``) and ends every stream when the API stops.
+``StreamHub`` attaches one feed to each of the API's pipelines (also to those a remote
+configuration adds later), caps the streams open at once (``[api] max_streams``) and ends
+every stream when the API stops.
 """
 
 from __future__ import annotations
@@ -185,23 +186,67 @@ class ResultFeed(Sink):
 
 
 class StreamHub:
-    """The feeds of the API's pipelines and the cap on streams open at once."""
+    """The feeds of the API's pipelines and the cap on streams open at once.
+
+    ``pipelines`` is the agent's live list: ``sync()`` (called whenever the agent's pipeline
+    set changes) gives a pipeline added since a feed and forgets the feeds of those removed
+    (their streams ended when the pipeline stopped and closed its sinks). A restarted
+    pipeline keeps its feed: the restart moves sinks it did not build to the new pipeline.
+    """
 
     def __init__(self, pipelines: Sequence[Pipeline], *, max_streams: int, queue_size: int):
         self.max_streams = max_streams
         self.queue_size = queue_size
         self.feeds: dict[str, ResultFeed] = {}
-        self._pipes: list[tuple[Pipeline, ResultFeed]] = []
-        for pipe in pipelines:
-            feed = ResultFeed(pipe.name)
-            # a new list, not append/remove: the inference thread may be iterating the old one
-            pipe.sinks = [*pipe.sinks, feed]
-            self.feeds[pipe.name] = feed
-            self._pipes.append((pipe, feed))
+        self._live = pipelines
         self._lock = threading.Lock()
         self._open: set[Subscription] = set()
         self.refused = 0
         self.closed = False
+        self.sync()
+
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        """The pipelines running now (a copy: another thread may add or remove one)."""
+        return list(self._live)
+
+    def sync(self) -> None:
+        """A feed for every running pipeline, none for pipelines that are gone."""
+        with self._lock:
+            if self.closed:
+                return
+            feeds: dict[str, ResultFeed] = {}
+            for pipe in self.pipelines:
+                feed = self.feeds.get(pipe.name)
+                # ended: that pipeline was removed (it closed its sinks), this one is new
+                if feed is None or feed.ended is not None:
+                    feed = ResultFeed(pipe.name)
+                    # a new list, not append: the inference thread may be iterating the old one
+                    pipe.sinks = [*pipe.sinks, feed]
+                feeds[pipe.name] = feed
+            self.feeds = feeds
+
+    def running(self) -> list[tuple[Pipeline, ResultFeed]]:
+        """Each pipeline running now with its feed."""
+        pipes = self.pipelines
+        if any(p.name not in self.feeds for p in pipes):
+            self.sync()  # the set changed a moment ago
+        feeds = self.feeds
+        return [(p, feeds[p.name]) for p in pipes if p.name in feeds]
+
+    def feed(self, pipe: Pipeline) -> ResultFeed:
+        """``pipe``'s feed (made now when the pipeline set changed a moment ago).
+
+        Raises:
+            ApiError: 404 when ``pipe`` is not running any more.
+        """
+        feed = self.feeds.get(pipe.name)
+        if feed is None:
+            self.sync()
+            feed = self.feeds.get(pipe.name)
+        if feed is None:
+            raise ApiError(404, f"pipeline {pipe.name!r} is not running any more")
+        return feed
 
     @property
     def open_streams(self) -> int:
@@ -218,7 +263,7 @@ class StreamHub:
         Raises:
             ApiError: 429 with ``max_streams`` open, 503 when the API is stopping.
         """
-        feed = self.feeds[pipe.name]
+        feed = self.feed(pipe)
         sub = Subscription(asyncio.get_running_loop(), self.queue_size)
         with self._lock:
             if self.closed:
@@ -245,6 +290,8 @@ class StreamHub:
         """End every stream (clients get an ``end`` event) and detach from the pipelines."""
         with self._lock:
             self.closed = True
-        for pipe, feed in self._pipes:
+            feeds = list(self.feeds.values())
+        for feed in feeds:
             feed.end("the agent's local API is stopping")
-            pipe.sinks = [s for s in pipe.sinks if s is not feed]
+        for pipe in self.pipelines:
+            pipe.sinks = [s for s in pipe.sinks if all(s is not f for f in feeds)]

@@ -68,7 +68,7 @@ class InferenceGate:
         max_queue: int,
         max_image_pixels: int,
     ) -> None:
-        self.pipelines = list(pipelines)
+        self._pipelines = pipelines  # the agent's live list: remote configuration changes it
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.max_image_pixels = max_image_pixels
@@ -78,21 +78,27 @@ class InferenceGate:
         self._latency_ms = 10.0  # moving average, for Retry-After
         self.refused = 0
 
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        """The pipelines running now (a copy: another thread may add or remove one)."""
+        return list(self._pipelines)
+
     def resolve(self, name: str) -> Pipeline:
         """The pipeline named ``name``, else the first whose current model is named ``name``.
 
         Raises:
             ApiError: 404 when nothing matches.
         """
-        for pipe in self.pipelines:
+        pipes = self.pipelines
+        for pipe in pipes:
             if pipe.name == name:
                 return pipe
-        for pipe in self.pipelines:
+        for pipe in pipes:
             model = pipe.model
             if model is not None and model.card.name == name:
                 return pipe
-        known = [p.name for p in self.pipelines]
-        models = sorted({p.model.card.name for p in self.pipelines if p.model is not None})
+        known = [p.name for p in pipes]
+        models = sorted({p.model.card.name for p in pipes if p.model is not None})
         raise ApiError(
             404, f"no pipeline or model named {name!r}; pipelines {known}, models {models}"
         )

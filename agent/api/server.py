@@ -120,6 +120,11 @@ class ApiServer:
             body_timeout_s=cfg.body_timeout_s,
         )
 
+    def pipelines_changed(self) -> None:
+        """The agent added, removed or restarted pipelines: result feeds follow (the routes
+        read the live list at each request)."""
+        self.app.state.streams.sync()
+
     @property
     def url(self) -> str:
         host = f"[{self.addr}]" if ":" in self.addr else self.addr

@@ -163,14 +163,14 @@ def latest_body(pipe: Pipeline, feed: ResultFeed, now: float) -> dict[str, Any]:
 def add_stream_routes(
     app: FastAPI,
     hub: StreamHub,
-    pipelines: list[Pipeline],
     authorize: Callable[[Request], None],
     *,
     errors: dict[int | str, dict[str, Any]],
     secured: dict[str, Any],
     heartbeat_s: float = HEARTBEAT_S,
 ) -> None:
-    """``/v1/pipelines``, ``/v1/pipelines/{name}/latest`` and ``/v1/pipelines/{name}/results``."""
+    """``/v1/pipelines``, ``/v1/pipelines/{name}/latest`` and ``/v1/pipelines/{name}/results``,
+    over the pipelines running at each request (``hub.pipelines``)."""
 
     @app.get(
         "/v1/pipelines",
@@ -184,7 +184,7 @@ def add_stream_routes(
         authorize(request)
         now = time.monotonic()
         return JSONResponse(
-            {"pipelines": [pipeline_info(p, hub.feeds[p.name], now) for p in pipelines]}
+            {"pipelines": [pipeline_info(p, feed, now) for p, feed in hub.running()]}
         )
 
     @app.get(
@@ -199,8 +199,8 @@ def add_stream_routes(
         """The pipeline's newest result: frame number and time, detections with their track
         ids, the frame's object events, and the zone/line counts as of this answer."""
         authorize(request)
-        pipe = find_pipeline(pipelines, name)
-        return JSONResponse(latest_body(pipe, hub.feeds[name], time.monotonic()))
+        pipe = find_pipeline(hub.pipelines, name)
+        return JSONResponse(latest_body(pipe, hub.feed(pipe), time.monotonic()))
 
     @app.get(
         "/v1/pipelines/{name}/results",
@@ -219,7 +219,7 @@ def add_stream_routes(
         slower than the pipeline produces loses its oldest results (``[api] stream_queue``
         are held per client) and is told how many; the pipeline never waits for it."""
         authorize(request)
-        feed, sub = hub.subscribe(find_pipeline(pipelines, name))
+        feed, sub = hub.subscribe(find_pipeline(hub.pipelines, name))
         return StreamingResponse(
             _events(hub, feed, sub, heartbeat_s),
             media_type="text/event-stream",

@@ -99,6 +99,16 @@ class DeviceSession:
             self.topics.device(device_id, "desired"), self.guard.wrap(self._on_desired)
         )
 
+    def set_pipelines(self, names: list[str]) -> None:
+        """The running pipelines changed (remote configuration): the retained birth state
+        says so at once when connected, and the last will from the next connect on."""
+        self.birth = self.birth.model_copy(update={"pipelines": names})
+        topic = self.topics.device(self.device_id, "state")
+        offline = self.birth.model_copy(update={"online": False})
+        self.client.will_set(topic, offline.encode(), qos=1, retain=True)
+        if self.connected.is_set():
+            self.client.publish(topic, self.birth.encode(), qos=1, retain=True)
+
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         self.client.connect_async(self._host, self._port, keepalive=self.cfg.keepalive_s)

@@ -55,7 +55,9 @@ class TelemetrySnapshot:
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.device_id = device_id
-        self.pipelines = list(pipelines)
+        # the agent's live list (remote configuration adds and removes pipelines), read at
+        # each snapshot: telemetry and the Prometheus endpoint carry the running set
+        self.pipelines = pipelines
         self.outbox = outbox
         self.interval_s = interval_s
         self.data_dir = data_dir
@@ -80,7 +82,7 @@ class TelemetrySnapshot:
                 interval_s=self.interval_s,
                 pipelines=[
                     pipeline_telemetry_from_status(p.status(now, reader=self.reader))
-                    for p in self.pipelines
+                    for p in list(self.pipelines)
                 ],
                 device=self.device_stats(now),
                 outbox=OutboxStats(**(self.outbox.stats() if self.outbox else OUTBOX_OFF)),

@@ -101,11 +101,7 @@ class UpdateControl:
         def _trial(self, model: RunnableModel) -> dict[str, Any]: ...
         def _reject(self, attempt: UpdateAttempt, message: str) -> None: ...
         def _activate(
-            self,
-            pipe: Pipeline,
-            attempt: UpdateAttempt,
-            model: RunnableModel,
-            trial: dict[str, Any],
+            self, attempt: UpdateAttempt, model: RunnableModel, trial: dict[str, Any]
         ) -> None: ...
 
     def _init_control(
@@ -346,7 +342,7 @@ class UpdateControl:
                 continue
             finally:
                 shutil.rmtree(download_dir(self.tuf, attempt.target), ignore_errors=True)
-            self._activate(self.pipelines[name], attempt, model, trial)
+            self._activate(attempt, model, trial)
 
     def waiting_texts(self) -> dict[str, str]:
         """What each pipeline's update waits for, in words (the reported ``waiting``)."""

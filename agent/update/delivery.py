@@ -22,6 +22,7 @@ from agent.pipeline.runner import Pipeline
 from agent.profiles import DeviceProfile
 from agent.protocol.state import ConfigReport, ConfigTarget, ReportedState
 from agent.testhooks import NO_HOOKS, TestHooks
+from agent.update.health import Lock
 from agent.update.machine import HealthWindow
 from agent.update.manager import OpenModel, UpdateManager, utcnow
 from agent.update.store import ModelStore
@@ -62,6 +63,7 @@ def wire_delivery(
     hooks: TestHooks = NO_HOOKS,
     apply_config: Callable[[ConfigTarget, int], None] | None = None,
     config_report: Callable[[], ConfigReport | None] | None = None,
+    pipelines_lock: Lock | None = None,
 ) -> Delivery:
     """The chunk client on ``session``'s MQTT client (resubscribed on each connect), its
     fetcher under a TUF client on ``data_dir``, the model store and the update manager.
@@ -78,11 +80,11 @@ def wire_delivery(
         open_model: opens a delivered ``model.onnx`` (build progress to its callback).
         publish_reported: where the reported state goes.
         wall: the wall clock for metadata expiry and update records (default: the system's).
-        storage: engines kept and the storage budget (``[storage]``); none: engines are not
-            pruned and there is no budget.
+        storage: engines kept and the storage budget (``[storage]``); none: neither.
         hooks: test-only hooks for the update manager.
         apply_config: applies a desired state's pipeline configuration (remote config).
         config_report: the configuration part of the reported state.
+        pipelines_lock: held by whoever restarts ``pipelines``; model swaps take it too.
     """
     stop_updates = threading.Event()
     # the transfer's stop flag: the agent stopping, a newer desired state, an operator's cancel
@@ -121,6 +123,7 @@ def wire_delivery(
         apply_config=apply_config,
         config_report=config_report,
         health=lambda: health_window(update),
+        pipelines_lock=pipelines_lock,
     )
     return Delivery(chunks, tuf, updates)
 

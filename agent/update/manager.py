@@ -47,7 +47,7 @@ from agent.testhooks import NO_HOOKS, TestHooks
 from agent.update.checks import check_card, check_golden
 from agent.update.control import Item, UpdateControl
 from agent.update.download import download_dir, fetch_version
-from agent.update.health import swap_and_watch
+from agent.update.health import Lock, swap_and_watch, swap_in
 from agent.update.machine import (
     HealthWindow,
     UpdateAttempt,
@@ -100,6 +100,7 @@ class UpdateManager(UpdateControl):
         interrupt: Interrupt | None = None,
         windows: tuple[Window, ...] = (),
         local_time: Callable[[], datetime] | None = None,
+        pipelines_lock: Lock | None = None,
     ) -> None:
         self.device_id = device_id
         # remote configuration, applied before the model loop (a pipeline it adds gets models)
@@ -110,6 +111,8 @@ class UpdateManager(UpdateControl):
         self.hooks = hooks
         self.profile = profile
         self.pipelines = pipelines
+        # held by whoever restarts or replaces pipelines (agent.running): swaps take it too
+        self.pipelines_lock = pipelines_lock if pipelines_lock is not None else threading.RLock()
         self.store = store
         self.tuf = tuf
         self.open_model = open_model
@@ -169,7 +172,7 @@ class UpdateManager(UpdateControl):
                         "pipeline=%s committed=%s error=%r", action.pipeline, action.model, str(e)
                     )
                     continue
-                self._release(pipe.swap_model(model))
+                self._release(swap_in(self.pipelines, action.pipeline, model, self.pipelines_lock))
         self.report()
 
     def start(self) -> None:
@@ -406,7 +409,7 @@ class UpdateManager(UpdateControl):
         if keep_downloads:
             self._hold(attempt, model)
             return
-        self._activate(self.pipelines[name], attempt, model, trial)
+        self._activate(attempt, model, trial)
 
     def _reject(self, attempt: UpdateAttempt, message: str) -> None:
         self.errors[attempt.pipeline] = message
@@ -452,11 +455,11 @@ class UpdateManager(UpdateControl):
         return check_golden(model, ins, outs)
 
     def _activate(
-        self, pipe: Pipeline, attempt: UpdateAttempt, model: RunnableModel, trial: dict[str, Any]
+        self, attempt: UpdateAttempt, model: RunnableModel, trial: dict[str, Any]
     ) -> None:
         old, verdict = swap_and_watch(
-            pipe, model, self.new_health(), clock=self.clock, stop=self._stop,
-            on_active=lambda: self._advance(attempt, P.ACTIVE),
+            self.pipelines, attempt.pipeline, model, self.new_health(), lock=self.pipelines_lock,
+            clock=self.clock, stop=self._stop, on_active=lambda: self._advance(attempt, P.ACTIVE),
         )  # fmt: skip
         if verdict is None:
             return  # agent stopping: the attempt stays active; recovery rolls it back
@@ -465,7 +468,7 @@ class UpdateManager(UpdateControl):
             self._release(old)
             self._collect_garbage()
             return
-        pipe.swap_model(old)
+        swap_in(self.pipelines, attempt.pipeline, old, self.pipelines_lock)
         model.close()
         message = f"{attempt.target} rolled back: {verdict.reason}; " + (
             f"back on {old.ref}" if old is not None else "no previous model"

@@ -1,6 +1,8 @@
 """Adapter: the fleet web page and its JSON API, a WSGI app over the ingest ``Store``.
 
-``GET /`` is a static page (``fleet.html``, vanilla JS) that polls ``GET /api/fleet`` and
+``GET /`` is a static page (``fleet.html``, vanilla JS) that polls ``GET /api/fleet`` (each
+device with its pipelines and its configuration: the running one's hash, how the last remote
+one went and why; never the document) and
 ``GET /api/counts?minutes=N`` (zone and line counts, and how much they grew in the last N
 minutes) and draws ``GET /api/devices/<id>/telemetry?minutes=N`` as SVG charts. Served by the
 standard library (``wsgiref`` with one thread per request, so a slow client does not hold up
@@ -22,6 +24,7 @@ from urllib.parse import parse_qsl
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from agent.common.errors import BadDataError
+from agent.protocol.sealed import redact
 from agent.protocol.topics import valid_device_id
 from cloud_sync.ingest.db import StoreUnavailable
 from cloud_sync.ingest.store import Store
@@ -85,6 +88,16 @@ def parse_tags(values: Iterable[str]) -> dict[str, str]:
     return tags
 
 
+def _masked(device: dict[str, Any]) -> dict[str, Any]:
+    """``device`` with its configuration's reason ``redact``-ed once more (URL passwords,
+    sealed tokens): agents mask it, but an older or faulty one must not put a secret on the
+    page."""
+    config = device.get("config")
+    if isinstance(config, dict) and isinstance(config.get("reason"), str):
+        device = {**device, "config": {**config, "reason": redact(config["reason"])}}
+    return device
+
+
 class FleetApp:
     """The WSGI application: routes, JSON encoding, and store errors mapped to statuses."""
 
@@ -128,7 +141,7 @@ class FleetApp:
         """
         if path == "/api/fleet":
             tags = parse_tags(v for k, v in query if k == "tag")
-            return self.store.fleet(tag_filter=tags or None)
+            return [_masked(d) for d in self.store.fleet(tag_filter=tags or None)]
         if path == "/api/counts":
             return self._counts(dict(query).get("minutes"))
         parts = path.split("/")  # "", "api", "devices", ID, "telemetry"

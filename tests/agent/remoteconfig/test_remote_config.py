@@ -4,19 +4,28 @@ registry's desired-state key, the digits model on a looping video (ONNX Runtime,
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from agent.common.errors import EdgefleetError
 from agent.config import AgentConfig, parse_config
 from agent.protocol.desired import sign_desired
-from agent.protocol.state import ConfigTarget, DesiredState, config_hash
-from agent.service import Agent
+from agent.protocol.state import ConfigTarget, DesiredState, DeviceState, config_hash
+from agent.protocol.topics import Topics
+from agent.service import Agent, read_status
 from tests.harness.fleet import DEVICE, Fleet
-from tests.harness.util import wait_for
+from tests.harness.util import free_port, wait_for
 
 
 def pipelines(fleet: Fleet, **changes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -178,3 +187,88 @@ def test_restart_pipeline_keeps_its_model_and_refuses_unknown_names(fleet: Fleet
     assert b.finished.is_set()  # the old one stopped
     with pytest.raises(EdgefleetError, match="no pipeline named 'nope'"):
         agent.restart_pipeline("nope")
+
+
+# --- pipelines added and removed reach the local API, /metrics, status and the birth ---------
+
+
+def http(url: str, body: bytes | None = None, ctype: str = "image/png") -> tuple[int, Any]:
+    """Status and body (JSON decoded when it is JSON) of a GET, or a POST of ``body``."""
+    req = Request(url, data=body, headers={"Content-Type": ctype} if body else {})
+    try:
+        with urlopen(req, timeout=10) as r:
+            status, raw, kind = r.status, r.read(), r.headers.get("Content-Type", "")
+    except HTTPError as e:
+        status, raw, kind = e.code, e.read(), e.headers.get("Content-Type", "")
+        e.close()
+    return status, json.loads(raw) if kind.startswith("application/json") else raw.decode()
+
+
+def metric_pipelines(base: str) -> set[str]:
+    """Pipelines the Prometheus endpoint has a model line for."""
+    _, text = http(f"{base}/metrics")
+    return set(re.findall(r'^edgefleet_pipeline_model_info\{[^}]*pipeline="([^"]+)"', text, re.M))
+
+
+@contextmanager
+def births(fleet: Fleet) -> Iterator[list[DeviceState]]:
+    """The device's retained birth states as a dashboard subscribed meanwhile gets them."""
+    got: list[DeviceState] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="birth-watch")
+    c.on_message = lambda _c, _u, m: got.append(DeviceState.decode(bytes(m.payload)))
+    c.on_connect = lambda cl, *a: cl.subscribe(Topics().device(DEVICE, "state"), qos=1)
+    c.connect(fleet.broker.host, fleet.broker.port)
+    c.loop_start()
+    try:
+        yield got
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_pipelines_added_and_removed_show_in_the_api_metrics_status_at_once(
+    fleet: Fleet,
+) -> None:
+    api, prom = free_port(), free_port()
+    cfg = agent_config(fleet, api={"port": api}, telemetry={"prometheus_port": prom})
+    agent = start(fleet, cfg)
+    a, b = agent.pipelines
+    base, metrics = f"http://127.0.0.1:{api}", f"http://127.0.0.1:{prom}"
+    image = cv2.imencode(".png", np.zeros((28, 28), np.uint8))[1].tobytes()
+    assert http(f"{base}/v1/pipelines/c/latest")[0] == 404
+    assert http(f"{base}/v1/models/c/infer", image)[0] == 404
+    with births(fleet) as seen:
+        assert wait_for(lambda: any(s.pipelines == ["a", "b"] for s in seen), 10)
+        three = [*pipelines(fleet), {**pipelines(fleet)[0], "name": "c"}]
+        settled(agent, send(fleet, 1, three), "applied")
+        # the API serves c at once: listed, its latest result, an inference on its model
+        _, listed = http(f"{base}/v1/pipelines")
+        assert [p["name"] for p in listed["pipelines"]] == ["a", "b", "c"]
+        _, models = http(f"{base}/v1/models")
+        assert [m["pipeline"] for m in models["models"]] == ["a", "b", "c"]
+        assert wait_for(lambda: http(f"{base}/v1/pipelines/c/latest")[0] == 200, 15)
+        status, latest = http(f"{base}/v1/pipelines/c/latest")
+        assert latest["pipeline"] == "c" and latest["result"]["model"] == "digits"
+        status, answer = http(f"{base}/v1/models/c/infer", image)
+        assert status == 200 and answer["pipeline"] == "c", answer
+        assert metric_pipelines(metrics) == {"a", "b", "c"}
+        assert [p["name"] for p in read_status(agent.cfg.data_dir)["pipelines"]] == ["a", "b", "c"]
+        assert [p.name for p in agent.updates.reported().pipelines] == ["a", "b", "c"]
+        assert wait_for(lambda: any(s.pipelines == ["a", "b", "c"] for s in seen), 10)
+        assert agent.telemetry.build().pipelines[-1].name == "c"
+
+        settled(agent, send(fleet, 2, pipelines(fleet)[1:]), "applied")  # a and c removed
+        _, listed = http(f"{base}/v1/pipelines")
+        assert [p["name"] for p in listed["pipelines"]] == ["b"]
+        status, body = http(f"{base}/v1/pipelines/c/latest")
+        assert status == 404 and "pipelines ['b']" in body["error"]
+        assert http(f"{base}/v1/models/a/infer", image)[0] == 404
+        assert http(f"{base}/v1/pipelines/b/latest")[0] == 200  # b untouched, still served
+        _, models = http(f"{base}/v1/models")
+        assert [m["pipeline"] for m in models["models"]] == ["b"]
+        assert metric_pipelines(metrics) == {"b"}
+        assert [p["name"] for p in read_status(agent.cfg.data_dir)["pipelines"]] == ["b"]
+        assert [p.name for p in agent.updates.reported().pipelines] == ["b"]
+        assert [p.name for p in agent.telemetry.build().pipelines] == ["b"]
+        assert wait_for(lambda: seen[-1].pipelines == ["b"], 10)
+        assert agent.pipelines == [b] and a.finished.is_set()

@@ -391,3 +391,66 @@ def test_fleet_shows_what_each_device_waits_for(driver: Any, store: Store, base:
     assert shown == f"waits: {WAIT} · source ended"
     cam2 = 'tr[data-device="cam-2"] [data-field="waiting"]'
     assert not driver.find_elements(By.CSS_SELECTOR, cam2)
+
+
+# --- the configuration column -----------------------------------------------------------------
+
+RUNNING, TRIED = "ab" * 32, "cd" * 32
+PASSWORD = "hunter2-camera-pw"
+ROLLED_BACK = (
+    f"configuration rolled back: pipeline front: source rtsp://viewer:{PASSWORD}@10.0.0.5/main"
+    " did not deliver a frame in 3 s; previous one restored"
+)
+
+
+def with_config(device: str, **config: Any) -> dict[str, Any]:
+    """A reported state carrying the contract 1.3 ``config`` part."""
+    msg = reported(device)
+    msg["config"] = {"updated_at": "2026-11-23T11:59:00Z", **config}
+    return msg
+
+
+def test_fleet_shows_each_devices_configuration(driver: Any, store: Store, base: str) -> None:
+    """Running hash (short), status, reason on hover; never the document or a password."""
+    from selenium.webdriver.common.by import By
+
+    at = datetime.now(timezone.utc)
+    cam1_cfg = with_config("cam-1", hash=RUNNING, revision=4, target_hash=TRIED,
+                           status="rolled_back", reason=ROLLED_BACK)  # fmt: skip
+    cam2_cfg = with_config("cam-2", hash=TRIED, revision=4, target_hash=TRIED,
+                           status="applied", reason="restart front (source)")  # fmt: skip
+    store.upsert_reported(cam1_cfg, now=at)
+    store.upsert_reported(cam2_cfg, now=at)
+    store.upsert_state(state("cam-3"), now=at)  # never reported a configuration
+    status, _, fleet = get(f"{base}/api/fleet")
+    assert status == 200
+    by_id = {d["device_id"]: d["config"] for d in fleet}
+    assert by_id["cam-1"]["hash"] == RUNNING and by_id["cam-1"]["status"] == "rolled_back"
+    assert "rtsp://viewer:***@10.0.0.5/main" in by_id["cam-1"]["reason"]  # masked again here
+    assert by_id["cam-3"] is None
+    raw = urlopen(f"{base}/api/fleet", timeout=10).read().decode()
+    assert PASSWORD not in raw and "document" not in raw
+
+    driver.get(f"{base}/?refresh=1")
+    until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-device]")) == 3)
+    cam1, cam2 = 'tr[data-device="cam-1"]', 'tr[data-device="cam-2"]'
+    assert text(driver, f'{cam1} [data-field="config_hash"]') == RUNNING[:12]
+    assert text(driver, f'{cam1} [data-field="config_status"]') == "rolled_back"
+    hover = driver.find_element(By.CSS_SELECTOR, f'{cam1} td[data-field="config"]')
+    title = hover.get_attribute("title")
+    assert title.startswith("configuration rolled back: pipeline front: source rtsp://viewer:***@")
+    assert f"last tried {TRIED[:12]}" in title and "desired revision 4" in title
+    assert text(driver, f'{cam2} [data-field="config_hash"]') == TRIED[:12]
+    assert text(driver, f'{cam2} [data-field="config_status"]') == "applied"
+    cam2_title = driver.find_element(By.CSS_SELECTOR, f'{cam2} td[data-field="config"]')
+    assert "last tried" not in cam2_title.get_attribute("title")  # it runs what it tried
+    assert text(driver, 'tr[data-device="cam-3"] [data-field="config_hash"]') == "–"
+    assert PASSWORD not in driver.page_source
+
+    # a new attempt shows at the next refresh: the running hash stays until it is applied
+    applying = with_config("cam-2", hash=TRIED, revision=5, target_hash=RUNNING,
+                           status="applying", reason="add rear")  # fmt: skip
+    store.upsert_reported(applying, now=at)
+    assert until(driver, lambda d: text(d, f'{cam2} [data-field="config_status"]') == "applying")
+    assert text(driver, f'{cam2} [data-field="config_hash"]') == TRIED[:12]
+    assert not driver.find_element(By.ID, "error").is_displayed()
