@@ -84,9 +84,7 @@ class StoreReads:
             tags = d.tags or {}
             if tag_filter and any(tags.get(k) != v for k, v in tag_filter.items()):
                 continue
-            names = dict.fromkeys(d.pipelines or [])
-            names.update(dict.fromkeys(sorted(p for dev, p in state_of if dev == d.device_id)))
-            names.update(dict.fromkeys(sorted(p for dev, p in tele_of if dev == d.device_id)))
+            names = _pipeline_names(d, state_of, tele_of)
             out.append({
                 "device_id": d.device_id, "online": d.online, "last_seen": d.last_seen,
                 "agent_version": d.agent_version, "profile": d.profile, "tags": tags,
@@ -257,6 +255,29 @@ def _increase_query(cut: datetime, device_id: str | None) -> sa.Select[Any]:
         .having(sa.func.max(s.c.ts) >= cut)
         .order_by(*(s.c[k] for k in _KEYS))
     )  # fmt: skip
+
+
+def _pipeline_names(
+    d: Any, state_of: Mapping[tuple[str, str], Any], tele_of: Mapping[tuple[str, str], Any]
+) -> list[str]:
+    """The pipelines to show for device row ``d``. A contract 1.3 agent republishes its birth
+    state when a remote configuration adds or removes a pipeline, so its list is the running
+    set (rows a removed pipeline left behind stay hidden); for older agents, whose list was
+    fixed at start, also every pipeline they reported or sent telemetry for."""
+    names = dict.fromkeys(d.pipelines or [])
+    if names and _contract_at_least(d.contract, (1, 3)):
+        return list(names)
+    names.update(dict.fromkeys(sorted(p for dev, p in state_of if dev == d.device_id)))
+    names.update(dict.fromkeys(sorted(p for dev, p in tele_of if dev == d.device_id)))
+    return list(names)
+
+
+def _contract_at_least(contract: str | None, want: tuple[int, int]) -> bool:
+    try:
+        major, minor = (int(x) for x in (contract or "").split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= want
 
 
 def _config_view(c: Any) -> dict[str, Any] | None:

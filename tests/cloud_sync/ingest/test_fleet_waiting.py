@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cloud_sync.ingest.commands import _row
 from cloud_sync.ingest.store import open_store
-from tests.harness.ingest_messages import T0, reported, state
+from tests.harness.ingest_messages import T0, reported, state, telemetry
 
 WAIT = "activation waits for maintenance window 02:00-05:00 (device local time), next opens in 3 h"
 
@@ -30,5 +30,23 @@ def test_fleet_status_lines_say_what_a_device_waits_for(tmp_path: Path) -> None:
         # a later report without waiting clears it
         store.upsert_reported(reported("cam-1"), now=T0)
         assert store.fleet()[0]["pipelines"][0]["waiting"] is None
+    finally:
+        store.close()
+
+
+def test_fleet_shows_the_pipelines_a_1_3_agent_runs_now(tmp_path: Path) -> None:
+    """A contract 1.3 agent republishes its birth state when a remote configuration removes a
+    pipeline: the rows that pipeline left behind are not shown; an older agent's are."""
+    store = open_store(f"sqlite:///{tmp_path / 'ingest.db'}")
+    try:
+        for dev, contract in (("cam-new", "1.3"), ("cam-old", "1.0")):
+            store.upsert_state({**state(dev), "contract": contract}, now=T0)
+            store.add_telemetry_batch([telemetry(dev)], now=T0)  # pipelines front and rear
+        new, old = store.fleet()
+        assert [p["name"] for p in new["pipelines"]] == ["front"]  # its state lists front only
+        assert [p["name"] for p in old["pipelines"]] == ["front", "rear"]
+        store.upsert_state({**state("cam-new"), "contract": "1.3",
+                            "pipelines": ["front", "rear"]}, now=T0)  # fmt: skip
+        assert [p["name"] for p in store.fleet()[0]["pipelines"]] == ["front", "rear"]
     finally:
         store.close()
