@@ -47,6 +47,7 @@ def default_partition(table: str) -> str:
 
 
 def utc_day(t: datetime) -> date:
+    """The UTC day of ``t`` (aware)."""
     return t.astimezone(timezone.utc).date()
 
 
@@ -80,8 +81,9 @@ def day_partitions(conn: Connection, table: str) -> dict[date, str]:
     out = {}
     for name in names:
         m = _DAY.search(name)
-        if m and name == day_partition(table, datetime.strptime(m[1], "%Y%m%d").date()):
-            out[datetime.strptime(m[1], "%Y%m%d").date()] = name
+        day = datetime.strptime(m[1], "%Y%m%d").date() if m else None
+        if day is not None and name == day_partition(table, day):
+            out[day] = name
     return out
 
 

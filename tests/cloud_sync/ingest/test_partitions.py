@@ -4,6 +4,8 @@ dropping days, and partition pruning. SQLite stays one table each (last test).""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -22,8 +24,10 @@ from cloud_sync.ingest.partitions import (
 )
 from cloud_sync.ingest.schema import LATEST, migrate
 from cloud_sync.ingest.store import Store, open_store
+from tests.harness.broker import Mosquitto
 from tests.harness.ingest_messages import counts_msg, event, line, telemetry
 from tests.harness.postgres import Postgres
+from tests.harness.util import terminate, wait_for
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 TODAY = NOW.date()
@@ -217,6 +221,32 @@ def test_a_one_day_query_reads_only_that_days_partition(pg: Store) -> None:
     assert day_partition("telemetry", TODAY) in plan
     others = children(pg, "telemetry") - {day_partition("telemetry", TODAY)}
     assert len(others) == DAYS_AHEAD + 1 and not [p for p in others if p in plan], plan
+
+
+@pytest.mark.broker
+def test_ingest_makes_the_days_ahead_and_drops_old_days(pg_url: str, broker: Mosquitto) -> None:
+    """``edgefleet ingest --keep`` on PostgreSQL: the week ahead at start, old days dropped."""
+    s = open_store(pg_url)
+    try:
+        s.maintain_partitions(noon(days_ago(40)))
+        fill(s, noon(days_ago(40)), 1)
+    finally:
+        s.close()
+    cmd = [str(Path(sys.executable).parent / "edgefleet"), "ingest", "--broker", broker.url,
+           "--db", pg_url, "--keep", "30d"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    want = {day_partition("telemetry", TODAY + timedelta(days=i)) for i in range(DAYS_AHEAD)}
+    s = open_store(pg_url)
+    try:
+        assert wait_for(lambda: want <= children(s, "telemetry") and not s.counts()["events"], 60)
+        assert day_partition("telemetry", days_ago(40)) not in children(s, "telemetry")
+    finally:
+        s.close()
+        terminate(proc)
+        if proc.stdout:
+            out = proc.stdout.read()
+            proc.stdout.close()
+    assert "retention: deleted rows older than" in out and "'telemetry': 3" in out
 
 
 def test_sqlite_stays_unpartitioned(tmp_path: Path) -> None:
