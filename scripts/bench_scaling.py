@@ -164,14 +164,16 @@ def database(kind: str, work: Path) -> Iterator[tuple[str, int | None]]:
 
 
 def pg_bytes(store: Any) -> int:
-    """Bytes of the telemetry tables in PostgreSQL, indexes and TOAST included."""
+    """Bytes of the telemetry tables in PostgreSQL, indexes and TOAST included (of every day
+    partition: a partitioned table itself has no storage)."""
     import sqlalchemy as sa
 
+    one = (
+        "COALESCE((SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('{t}')),"
+        " pg_total_relation_size('{t}'))"
+    )
     with store.engine.connect() as conn:
-        q = (
-            "SELECT pg_total_relation_size('telemetry')"
-            " + pg_total_relation_size('device_telemetry')"
-        )
+        q = f"SELECT {one.format(t='telemetry')} + {one.format(t='device_telemetry')}"
         return int(conn.execute(sa.text(q)).scalar() or 0)
 
 

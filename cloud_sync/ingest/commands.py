@@ -15,6 +15,7 @@ from cloud_sync.secrets import redact_url, resolve_db_url
 from cloud_sync.units import argparse_type, parse_duration
 
 DEFAULT_DB = "sqlite:///edgefleet.db"
+PARTITIONS_EVERY_S = 3600.0  # ingest checks the days ahead have partitions this often
 DURATION = argparse_type(parse_duration)
 DB_HELP = (
     "sqlite:///file or postgresql+psycopg://…; default: the systemd credential db-url, else "
@@ -50,7 +51,8 @@ def add_ingest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ing.add_argument("--http-addr", default="127.0.0.1", help="address for the web page")
     ing.add_argument("--keep", type=DURATION, default=None, metavar="DURATION",
                      help="retention: delete telemetry, events and dead letters older than this "
-                          "(e.g. 30d), checked every --retention-every")  # fmt: skip
+                          "(e.g. 30d), checked every --retention-every; on PostgreSQL by whole "
+                          "days (day partitions dropped)")  # fmt: skip
     ing.add_argument("--retention-every", type=DURATION, default=3600.0, metavar="DURATION",
                      help="how often to apply --keep (default 1h)")  # fmt: skip
     ing.add_argument("--max-unacked", type=int, default=10_000, metavar="N",
@@ -154,8 +156,14 @@ def _ingest(args: argparse.Namespace) -> int:
 
             web = serve_web(store, args.http, args.http_addr)
             print(f"fleet page on http://{args.http_addr}:{args.http}/", flush=True)
-        next_retention = time.monotonic()
+        next_retention = next_partitions = time.monotonic()
         while True:
+            if time.monotonic() >= next_partitions:  # PostgreSQL: the days ahead exist
+                next_partitions = time.monotonic() + PARTITIONS_EVERY_S
+                try:
+                    store.maintain_partitions()
+                except TransportError as e:
+                    print(f"partition maintenance postponed: {e}", flush=True)
             if args.keep is not None and time.monotonic() >= next_retention:
                 try:
                     apply_retention(store, args.keep)

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from agent.common.errors import BadDataError
+from cloud_sync.ingest import partitions
 from cloud_sync.ingest.db import guard
 
 log = logging.getLogger(__name__)
@@ -367,10 +368,23 @@ def _migration_10(conn: Connection) -> None:
     _add_columns(conn, 10, "pipeline_state", "waiting", "source_ended")
 
 
+def _migration_11(conn: Connection) -> None:
+    """PostgreSQL: the time series with the volume (telemetry, device telemetry, events, zone
+    and line counts) partitioned by day, so retention drops days instead of deleting rows
+    (``partitions.py``; docs/scaling.md). SQLite: nothing changes."""
+    if conn.dialect.name != "postgresql":
+        return
+    now = conn.execute(sa.select(sa.func.now())).scalar_one()  # the server's clock
+    md = _define(sa.MetaData(), 11)
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(partitions.PG_PARTITION_LOCK)))
+    for name in partitions.PARTITIONED:
+        partitions.convert(conn, md.tables[name], now)
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
-    _migration_7, _migration_8, _migration_9, _migration_10,
+    _migration_7, _migration_8, _migration_9, _migration_10, _migration_11,
 ]  # fmt: skip
 LATEST = len(MIGRATIONS)
 TABLES = _define(sa.MetaData(), LATEST).tables

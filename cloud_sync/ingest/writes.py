@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, time, timezone
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from cloud_sync.ingest.db import guard
+from cloud_sync.ingest.partitions import drop_before, ensure, utc_day
 from cloud_sync.ingest.rows import (
     DEAD_LETTER_KEEP,
     dead_letter_row,
@@ -220,21 +221,50 @@ class StoreWrites:
             log.warning("dead letter topic=%s bytes=%s sha256=%s reason=%s", r["topic"],
                         r["payload_bytes"], r["payload_sha256"], r["reason"][:200])  # fmt: skip
 
-    def retention(self, older_than: datetime) -> dict[str, int]:
-        """Delete time series rows and dead letters older than ``older_than``; returns counts.
+    def retention(self, older_than: datetime, *, exact: bool = False) -> dict[str, int]:
+        """Delete time series rows and dead letters older than ``older_than``; returns counts
+        (rows per table).
 
-        Devices and pipeline state are current state, not history: they stay.
+        Devices and pipeline state are current state, not history: they stay. On PostgreSQL
+        the day-partitioned tables (``partitions.py``) lose whole days by ``DROP TABLE``, and
+        rows of the day ``older_than`` falls in stay until that day is wholly past (keep is at
+        most a day longer): deleting the part of a day hour by hour would delete every row
+        one by one before its partition is dropped. ``exact`` deletes those rows too, and
+        ``DELETE`` is what SQLite always does.
         """
         cut = utc_time(older_than, "retention", "older_than")
+        counts: dict[str, int] = {}
+        plain: tuple[sa.Table, ...]
+        if self._dialect is sqlite:
+            plain = (TELEMETRY, DEVICE_TELEMETRY, EVENTS, SNAPSHOTS, REGION_COUNTS)
+        else:
+            plain = (SNAPSHOTS,)
+            counts = self._retention_by_day(cut, exact)
         with guard("retention"), self.engine.begin() as conn:
-            counts = {
-                tbl.name: conn.execute(sa.delete(tbl).where(tbl.c.ts < cut)).rowcount
-                for tbl in (TELEMETRY, DEVICE_TELEMETRY, EVENTS, SNAPSHOTS, REGION_COUNTS)
-            }
+            for tbl in plain:
+                counts[tbl.name] = conn.execute(sa.delete(tbl).where(tbl.c.ts < cut)).rowcount
             dl = sa.delete(DEAD_LETTERS).where(DEAD_LETTERS.c.received_at < cut)
             counts["dead_letters"] = conn.execute(dl).rowcount
         log.info("retention before %s deleted %s", cut.isoformat(), counts)
         return counts
+
+    def _retention_by_day(self, cut: datetime, exact: bool) -> dict[str, int]:
+        """PostgreSQL's partitioned tables: drop the days before ``cut``, then delete what is
+        older than the day ``cut`` falls in (``exact``: than ``cut``) — the default partition's
+        rows. Two transactions a table: the drops hold the table's lock for a moment only."""
+        day_cut = cut if exact else datetime.combine(utc_day(cut), time(), timezone.utc)
+        counts = {}
+        for tbl in (TELEMETRY, DEVICE_TELEMETRY, EVENTS, REGION_COUNTS):
+            with guard(f"retention of {tbl.name}"), self.engine.begin() as conn:
+                counts[tbl.name] = drop_before(conn, tbl.name, cut)
+            with guard(f"retention of {tbl.name}"), self.engine.begin() as conn:
+                counts[tbl.name] += conn.execute(sa.delete(tbl).where(tbl.c.ts < day_cut)).rowcount
+        return counts
+
+    def maintain_partitions(self, now: datetime | None = None) -> list[str]:
+        """PostgreSQL: create the day partitions from today to ``DAYS_AHEAD`` days ahead
+        where missing (``partitions.ensure``); returns their names. SQLite: nothing to do."""
+        return ensure(self.engine, now)
 
 
 def _insert_new(conn: Connection, ins: Any, rows: list[dict[str, Any]]) -> int:

@@ -197,7 +197,7 @@ def test_upgrade_from_v6_keeps_the_data(db_url: str) -> None:
     engine.dispose()
     s = open_store(db_url)
     try:
-        assert s.version() == LATEST == 10
+        assert s.version() == LATEST == 11
         with s.engine.connect() as c:
             cols = {col["name"] for col in sa.inspect(c).get_columns("region_counts")}
             assert c.execute(sa.text("SELECT fps_out FROM telemetry")).scalar() == 5.0

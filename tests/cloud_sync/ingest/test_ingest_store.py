@@ -220,13 +220,13 @@ def test_snapshots_round_trip_latest_and_bad_base64(store: Store) -> None:
 
 def test_migrations_fresh_and_reopen(db_url: str) -> None:
     s = open_store(db_url)
-    assert s.version() == LATEST == 10
+    assert s.version() == LATEST == 11
     s.add_telemetry(telemetry())
     s.close()
     s = open_store(db_url)  # reopen: nothing applied twice
     with s.engine.connect() as c:
         rows = c.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).all()
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] and s.counts()["telemetry"] == 2
+    assert [r[0] for r in rows] == list(range(1, 12)) and s.counts()["telemetry"] == 2
     s.close()
 
 
