@@ -282,9 +282,9 @@ def box_healthy() -> bool:
 def inferring_on(status: dict[str, Any] | None, ref: str, since: float) -> bool:
     """``status`` was written after ``since`` and pipeline front runs ``ref`` on ONNX Runtime
     with frames inferred."""
-    if status is None or status["time"] <= since:
+    if status is None or status["time"] <= since or len(status["pipelines"]) != 1:
         return False
-    (front,) = status["pipelines"]
+    front = status["pipelines"][0]
     return bool(
         front["model"] == ref and front["backend"] == "onnxruntime" and front["frames_inferred"] > 0
     )
