@@ -14,7 +14,9 @@ installed from the wheel built here from this checkout), ``mosquitto`` (the conf
 podman runs with ``deploy/containers/containers.conf`` (runc, cgroupfs, no default ulimits:
 what podman needs on these machines) through ``CONTAINERS_CONF``, and builds with
 ``--network host`` so apt and pip reach their mirrors. Images are tagged
-``localhost/edgefleet-NAME:VERSION`` and ``:latest``. ``docs/containers.md`` is the walkthrough.
+``localhost/edgefleet-NAME:VERSION`` and ``:latest``, or only ``:TAG`` with ``--tag TAG`` (the
+container test's own tag, so a concurrent run's images are not touched).
+``docs/containers.md`` is the walkthrough.
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ def requirements() -> str:
     return "\n".join([*project["dependencies"], *project["optional-dependencies"]["postgres"]])
 
 
-def build_images(names: list[str], version: str) -> dict[str, float]:
-    """Build ``names`` (of ``ALL_IMAGES``); seconds per image."""
+def build_images(names: list[str], tags: list[str]) -> dict[str, float]:
+    """Build ``names`` (of ``ALL_IMAGES``), each tagged ``localhost/edgefleet-NAME:TAG`` for
+    each of ``tags``; seconds per image."""
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-ctx-") as tmp:
         ctx = Path(tmp)
@@ -154,9 +157,9 @@ def build_images(names: list[str], version: str) -> dict[str, float]:
         for name in names:
             t0 = time.monotonic()
             common = ["podman", "build", "--network", "host", "--format", "docker",
-                      "--build-arg", f"BASE={BASE_TAG}",
-                      "-t", f"localhost/edgefleet-{name}:{version}",
-                      "-t", f"localhost/edgefleet-{name}:latest"]  # fmt: skip
+                      "--build-arg", f"BASE={BASE_TAG}"]  # fmt: skip
+            for tag in tags:
+                common += ["-t", f"localhost/edgefleet-{name}:{tag}"]
             if name in PYTHON_TARGETS:
                 _run([*common, "--target", name, "-f", str(ctx / "Containerfile.python"), str(ctx)])
             else:
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild-base", action="store_true", help="debootstrap the base again")
     ap.add_argument("--mirror", default=os.environ.get("EDGEFLEET_DEBIAN_MIRROR", MIRROR))
     ap.add_argument("--security-mirror", default=SECURITY_MIRROR)
+    ap.add_argument("--tag", help="tag the images NAME:TAG only (default: VERSION and latest)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(ALL_IMAGES))
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("podman is not installed: apt-get install podman runc")
     t0 = time.monotonic()
     times = {"base": ensure_base(args.mirror, args.security_mirror, rebuild=args.rebuild_base)}
-    times.update(build_images(names, project_version()))
+    tags = [args.tag] if args.tag else [project_version(), "latest"]
+    times.update(build_images(names, tags))
     total = time.monotonic() - t0
     each = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
     print(f"seconds: {each}; total {total:.1f}")

@@ -28,6 +28,13 @@ case "${1:-help}" in
       --every "$EDGEFLEET_EVERY" "$@" ;;
   agent)
     shift
+    [ -r "$EDGEFLEET_AGENT_CONFIG" ] || { echo "edgefleet container: $EDGEFLEET_AGENT_CONFIG" \
+      "missing or unreadable by uid $(id -u): mount the device's bundle at /etc/edgefleet" >&2; exit 66; }
+    if [ -n "${EDGEFLEET_DATA_DIR:-}" ] && [ ! -w "$EDGEFLEET_DATA_DIR" ]; then
+      echo "edgefleet container: $EDGEFLEET_DATA_DIR is not writable by uid $(id -u): mount a" \
+        "volume there (a new named volume takes the image's owner; chown a bind mount)" >&2
+      exit 73
+    fi
     exec edgefleet-agent run --config "$EDGEFLEET_AGENT_CONFIG" "$@" ;;
   health)
     case "${2:-}" in
@@ -45,7 +52,14 @@ sys.exit(0 if up and up[0].split()[-1] in ('1', '1.0') else 1)" ;;
                   --keys-dir "$EDGEFLEET_KEYS_DIR" >/dev/null || rc=$?
                 [ "$rc" -lt 2 ] || exit 1; exit 0 ;;
       controller) exec edgefleet rollout status --json >/dev/null ;;
-      agent) exec edgefleet-agent status --config "$EDGEFLEET_AGENT_CONFIG" >/dev/null ;;
+      # status.json is rewritten every 2 s while the supervisor runs: a stale one is a hang
+      agent) edgefleet-agent status --json --config "$EDGEFLEET_AGENT_CONFIG" | python3 -c "
+import json, sys, time
+try:
+    age = time.time() - json.load(sys.stdin)['time']
+except (ValueError, KeyError, TypeError):
+    sys.exit(1)
+sys.exit(0 if age < float(sys.argv[1]) else 1)" "${EDGEFLEET_HEALTH_MAX_AGE_S:-30}" ;;
       *) echo "health: ingest|registry|controller|agent" >&2; exit 64 ;;
     esac ;;
   edgefleet|edgefleet-agent|sh|python3) exec "$@" ;;
