@@ -39,6 +39,15 @@ def keys(store: Store) -> list[tuple[str, datetime]]:
                 for d, ts in rows]  # fmt: skip
 
 
+def close_all(dev: mqtt.Client, workers: list[IngestWorker], stores: list[Store]) -> None:
+    dev.loop_stop()
+    dev.disconnect()
+    for w in workers:
+        w.stop()
+    for s in stores:
+        s.close()
+
+
 def test_two_workers_in_one_group_each_store_a_share_and_nothing_twice(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
@@ -73,12 +82,7 @@ def test_two_workers_in_one_group_each_store_a_share_and_nothing_twice(
         assert [w.counts["telemetry"] for w in workers] == [len(g) for g in got]
         assert all(s.counts()["dead_letters"] == 0 for s in stores)
     finally:
-        dev.loop_stop()
-        dev.disconnect()
-        for w in workers:
-            w.stop()
-        for s in stores:
-            s.close()
+        close_all(dev, workers, stores)
 
 
 def test_a_volume_only_worker_leaves_state_and_reported_to_the_other(
@@ -117,9 +121,4 @@ def test_a_volume_only_worker_leaves_state_and_reported_to_the_other(
         assert online and all(row == (None, None) for row in online), online
         assert stores[1].counts()["device_telemetry"] > 0, "the volume-only worker got no share"
     finally:
-        dev.loop_stop()
-        dev.disconnect()
-        for w in workers:
-            w.stop()
-        for s in stores:
-            s.close()
+        close_all(dev, workers, stores)
