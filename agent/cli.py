@@ -213,7 +213,15 @@ def dispatch(prog: str, args: argparse.Namespace) -> int:
         return 130
 
 
+def no_vendor_telemetry() -> None:
+    """Turn off ONNX Runtime's usage telemetry (1.2x writes a device id under
+    ``$XDG_CACHE_HOME/Microsoft`` and sends usage events) unless the environment says otherwise;
+    before any import of onnxruntime, and inherited by the engine build children."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    no_vendor_telemetry()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return dispatch("edgefleet-agent", args)

@@ -261,8 +261,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent.cli import dispatch
+    from agent.cli import dispatch, no_vendor_telemetry
 
+    no_vendor_telemetry()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return dispatch("edgefleet", args)

@@ -19,13 +19,18 @@ BIN = Path(sys.executable).parent
 
 
 def _run(
-    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    *args: str, timeout: float = 300, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """``env`` adds variables to the test's environment; a None value removes one."""
     e = {
         **os.environ,
         "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", "/tmp/edgefleet-test-cache"),
     }
-    e.update(env or {})
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=e, check=False)
 
 
@@ -53,8 +58,11 @@ def test_run_processes_the_file_and_status_reports_it(
     tmp_path: Path, test_models: dict[str, Path], synthetic_video: Path
 ) -> None:
     cfg = _config(tmp_path, str(synthetic_video), test_models["blobdet"] / "model.onnx")
-    r = _run(str(BIN / "edgefleet-agent"), "run", "--config", str(cfg), "--duration", "120")
+    cache = tmp_path / "xdg-cache"  # where ONNX Runtime's telemetry would write its device id
+    r = _run(str(BIN / "edgefleet-agent"), "run", "--config", str(cfg), "--duration", "120",
+             env={"XDG_CACHE_HOME": str(cache), "ORT_DISABLE_TELEMETRY": None})  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert not (cache / "Microsoft").exists(), "ONNX Runtime's usage telemetry was on"
     lines = (tmp_path / "data" / "front.jsonl").read_text().splitlines()
     assert len(lines) == 90  # every frame of the 90-frame video, pace = "none"
     first = json.loads(lines[0])
