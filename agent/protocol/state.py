@@ -350,6 +350,16 @@ class DeviceState(WireMessage):
         return v
 
 
+def contract_at_least(contract: str, want: tuple[int, int]) -> bool:
+    """Whether contract ``"MAJOR.MINOR"`` is ``want`` or later (``"1"`` is 1.0; anything
+    else that is not MAJOR.MINOR: False)."""
+    major, _, minor = contract.partition(".")
+    try:
+        return (int(major), int(minor or 0)) >= want
+    except ValueError:
+        return False
+
+
 def contract_major(contract: str) -> int:
     """``"1.3"`` → 1.
 
@@ -374,5 +384,6 @@ __all__ = [
     "SignedDesired",
     "UpdatePhase",
     "config_hash",
+    "contract_at_least",
     "contract_major",
 ]

@@ -51,15 +51,15 @@ def utc_day(t: datetime) -> date:
     return t.astimezone(timezone.utc).date()
 
 
-def _bounds(day: date) -> str:
-    """``FROM ('…+00') TO ('…+00')``: explicit offsets, whatever the session's TimeZone."""
-    lo = datetime.combine(day, time(), timezone.utc)
-    return f"FROM ('{lo.isoformat(' ')}') TO ('{(lo + timedelta(days=1)).isoformat(' ')}')"
-
-
 def _range(day: date) -> dict[str, datetime]:
     lo = datetime.combine(day, time(), timezone.utc)
     return {"lo": lo, "hi": lo + timedelta(days=1)}
+
+
+def _bounds(day: date) -> str:
+    """``FROM ('…+00') TO ('…+00')``: explicit offsets, whatever the session's TimeZone."""
+    r = _range(day)
+    return f"FROM ('{r['lo'].isoformat(' ')}') TO ('{r['hi'].isoformat(' ')}')"
 
 
 def is_partitioned(conn: Connection, table: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from agent.protocol.state import contract_at_least
 from cloud_sync.ingest.db import guard
 from cloud_sync.ingest.rows import COUNT_COLUMNS, utc_time
 from cloud_sync.ingest.schema import (
@@ -265,19 +266,11 @@ def _pipeline_names(
     set (rows a removed pipeline left behind stay hidden); for older agents, whose list was
     fixed at start, also every pipeline they reported or sent telemetry for."""
     names = dict.fromkeys(d.pipelines or [])
-    if names and _contract_at_least(d.contract, (1, 3)):
+    if names and d.contract is not None and contract_at_least(d.contract, (1, 3)):
         return list(names)
     names.update(dict.fromkeys(sorted(p for dev, p in state_of if dev == d.device_id)))
     names.update(dict.fromkeys(sorted(p for dev, p in tele_of if dev == d.device_id)))
     return list(names)
-
-
-def _contract_at_least(contract: str | None, want: tuple[int, int]) -> bool:
-    try:
-        major, minor = (int(x) for x in (contract or "").split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= want
 
 
 def _config_view(c: Any) -> dict[str, Any] | None:

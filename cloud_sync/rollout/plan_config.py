@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 
-from agent.protocol.state import ConfigStatus
+from agent.protocol.state import ConfigStatus, contract_at_least
 from cloud_sync.rollout.configdoc import CONFIG_KEY, RolloutConfig, short_hash
 from cloud_sync.rollout.fleet import DeviceView, FleetSnapshot, PipelineMetrics
 from cloud_sync.rollout.gates import Evidence
@@ -36,13 +36,7 @@ CONFIG_CONTRACT = (1, 3)  # the first contract with desired 'config'
 
 def speaks_config(contract: str | None) -> bool:
     """Whether an agent of ``contract`` takes a desired ``config`` (unknown: assumed so)."""
-    if contract is None:
-        return True
-    major, _, minor = contract.partition(".")
-    try:
-        return (int(major), int(minor or 0)) >= CONFIG_CONTRACT
-    except ValueError:
-        return False
+    return contract is None or contract_at_least(contract, CONFIG_CONTRACT)
 
 
 def scope(config: RolloutConfig, view: DeviceView, busy: AbstractSet[tuple[str, str]]) -> list[str]:
